@@ -1,0 +1,347 @@
+"""Typed, strict configs: one dataclass per action, loaded from ISDM-style flat JSON files.
+
+Keys keep ISDM's (and guided-diffusion's) names. Every default lives here. A key that is unknown, of the wrong
+type or out of range raises a one-line `ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .data import canonical_dataset_mode
+from .errors import ConfigError
+from .unet import UNetSpec
+
+ACTIONS = ("train", "finetune", "sample")
+
+# ISDM/SDM keys that have no effect here; accepted so old configs keep working, and reported in the log.
+IGNORED_LEGACY_KEYS = {
+    "is_train": "the action on the command line decides",
+    "fp16_scale_growth": "mixed precision uses bf16 autocast, which needs no loss scaling",
+    "schedule_sampler": "timesteps are sampled uniformly",
+    "use_kl": "the hybrid loss (MSE + VB) is always used",
+    "predict_xstart": "the model predicts eps",
+    "rescale_learned_sigmas": "the VB term is not rescaled (guided-diffusion's default)",
+    "results_path": "outputs go to a fresh run folder under root_log_dir",
+    "log_dir": "outputs go to a fresh run folder under root_log_dir",
+}
+ALIASES = {"weights_decay": "weight_decay"}
+MODEL_KEYS = ("image_size", "num_classes", "num_channels", "num_res_blocks", "channel_mult",
+              "attention_resolutions", "num_heads", "num_head_channels", "num_heads_upsample", "resblock_updown",
+              "use_scale_shift_norm", "learn_sigma", "dropout", "use_new_attention_order", "noise_schedule")
+
+
+def _parse_int_list(value: str | list[int] | list[float], key: str, number=int) -> tuple:
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        try:
+            return tuple(number(p) for p in parts)
+        except ValueError:
+            raise ConfigError(f"key '{key}': expected comma-separated numbers, got {value!r}") from None
+    return tuple(number(v) for v in value)
+
+
+def default_channel_mult(image_size: int) -> tuple[float, ...]:
+    """guided-diffusion's channel multipliers per resolution; small images get a short UNet."""
+    table = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
+    if image_size in table:
+        return table[image_size]
+    return (1, 2, 2) if image_size <= 32 else (1, 2, 2, 4)
+
+
+@dataclass
+class CommonConfig:
+    """Keys shared by every action: data, model shape, diffusion, run folder."""
+
+    data_dir: str = ""
+    dataset_mode: str = "multi-class"
+    num_classes: int | None = None
+    image_size: int = 256
+    resize_mode: Literal["resize", "crop"] = "resize"
+    val_fraction: float = 0.2
+    seed: int = 0
+    batch_size: int = 8
+    num_workers: int = 0
+    device: str = "auto"
+    root_log_dir: str = "Results"
+    # model (names as in guided-diffusion / SDM / ISDM)
+    num_channels: int = 256
+    num_res_blocks: int = 2
+    channel_mult: str | list[float] = ""
+    attention_resolutions: str | list[int] = "32,16,8"
+    num_heads: int = 1
+    num_head_channels: int = 64
+    num_heads_upsample: int = -1
+    resblock_updown: bool = True
+    use_scale_shift_norm: bool = True
+    learn_sigma: bool = True
+    dropout: float = 0.0
+    use_checkpoint: bool = False
+    use_fp16: bool = False
+    use_new_attention_order: bool = False
+    no_instance: bool = True
+    class_cond: bool = True
+    # diffusion
+    noise_schedule: Literal["linear", "cosine"] = "linear"
+    diffusion_steps: int = 1000
+    rescale_timesteps: bool = True
+
+    def unet_spec(self) -> UNetSpec:
+        mult = (_parse_int_list(self.channel_mult, "channel_mult", float) if self.channel_mult
+                else default_channel_mult(self.image_size))
+        mult = tuple(int(m) if float(m).is_integer() else m for m in mult)
+        resolutions = _parse_int_list(self.attention_resolutions, "attention_resolutions")
+        return UNetSpec(
+            image_size=self.image_size, num_classes=self.num_classes, model_channels=self.num_channels,
+            num_res_blocks=self.num_res_blocks, channel_mult=mult,
+            attention_ds=tuple(self.image_size // r for r in resolutions if r > 0),
+            num_heads=self.num_heads, num_head_channels=self.num_head_channels,
+            num_heads_upsample=self.num_heads_upsample, resblock_updown=self.resblock_updown,
+            use_scale_shift_norm=self.use_scale_shift_norm, learn_sigma=self.learn_sigma, dropout=self.dropout,
+            use_checkpoint=self.use_checkpoint, use_new_attention_order=self.use_new_attention_order)
+
+    def model_keys(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in MODEL_KEYS}
+
+    def validate(self) -> None:
+        require(bool(self.data_dir), "data_dir", "is required: the folder with train/ and test/")
+        self.dataset_mode = canonical_dataset_mode(self.dataset_mode)
+        if self.num_classes is not None:
+            require(self.num_classes >= 2, "num_classes", f"must be at least 2 (background + 1 class), got {self.num_classes}")
+            if self.dataset_mode == "binary":
+                require(self.num_classes == 2, "num_classes", f"must be 2 for dataset_mode binary, got {self.num_classes}")
+        require(self.image_size >= 8, "image_size", f"must be at least 8, got {self.image_size}")
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(self.num_channels >= 32 and self.num_channels % 32 == 0, "num_channels",
+                f"must be a positive multiple of 32 (GroupNorm uses 32 groups), got {self.num_channels}")
+        require(self.num_res_blocks >= 1, "num_res_blocks", f"must be at least 1, got {self.num_res_blocks}")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.no_instance, "no_instance", "must be true: instance edge maps are not supported")
+        require(self.class_cond, "class_cond", "must be true: the model is always conditioned on the mask")
+        require(self.diffusion_steps >= 1, "diffusion_steps", f"must be at least 1, got {self.diffusion_steps}")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        spec = self.unet_spec()
+        require(all(m > 0 and float(m * self.num_channels).is_integer() for m in spec.channel_mult), "channel_mult",
+                f"must be positive multipliers, got {self.channel_mult!r}")
+        for m in spec.channel_mult:
+            require(int(m * self.num_channels) % 32 == 0, "channel_mult",
+                    f"num_channels x {m} = {m * self.num_channels} is not a multiple of 32")
+        require(self.image_size % spec.downsampling == 0, "image_size",
+                f"must be a multiple of {spec.downsampling} (the UNet downsamples {len(spec.channel_mult) - 1} "
+                f"times with channel_mult {list(spec.channel_mult)}), got {self.image_size}")
+        resolutions = _parse_int_list(self.attention_resolutions, "attention_resolutions")
+        for r in resolutions:
+            require(r > 0 and self.image_size % r == 0 and (self.image_size // r) & (self.image_size // r - 1) == 0,
+                    "attention_resolutions", f"{r} is not image_size / 2^k for image_size {self.image_size}")
+        if self.num_head_channels != -1:
+            for m in spec.channel_mult:
+                ch = int(m * self.num_channels)
+                require(self.num_head_channels > 0 and ch % self.num_head_channels == 0, "num_head_channels",
+                        f"{self.num_head_channels} does not divide the {ch} channels of a level")
+        else:
+            require(self.num_heads >= 1, "num_heads", f"must be at least 1, got {self.num_heads}")
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    """`main.py train`: epoch-based training; the best epoch (lowest mean loss) is kept."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_rate: float = 0.9999
+    max_epochs: int = 100
+    max_steps: int = 0
+    patience: int = 0
+    patience_unit: Literal["epochs", "steps"] = "epochs"
+    save_interval: int = 1000
+    log_interval: int = 10
+    resume_checkpoint: str = ""
+    auto_resume: bool = False
+    drop_rate: float = 0.0
+    random_flip: bool = True
+    lr_anneal_steps: int = 0
+    microbatch: int = -1
+    compile: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        require(self.num_classes is not None, "num_classes", "is required for training")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(0.0 <= self.ema_rate < 1.0, "ema_rate", f"must be in [0, 1), got {self.ema_rate}")
+        require(self.max_epochs >= 1, "max_epochs", f"must be at least 1, got {self.max_epochs}")
+        require(self.max_steps >= 0, "max_steps", f"must be >= 0 (0 = no limit), got {self.max_steps}")
+        require(self.patience >= 0, "patience", f"must be >= 0 (0 = off), got {self.patience}")
+        require(self.save_interval >= 1, "save_interval", f"must be at least 1, got {self.save_interval}")
+        require(self.log_interval >= 1, "log_interval", f"must be at least 1, got {self.log_interval}")
+        require(0.0 <= self.drop_rate < 1.0, "drop_rate", f"must be in [0, 1), got {self.drop_rate}")
+        require(self.lr_anneal_steps >= 0, "lr_anneal_steps", f"must be >= 0, got {self.lr_anneal_steps}")
+        require(self.microbatch == -1 or 1 <= self.microbatch, "microbatch",
+                f"must be -1 (off) or a positive size, got {self.microbatch}")
+        require(self.diffusion_steps >= 2, "diffusion_steps", "must be at least 2 for training")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """`main.py finetune`: training initialised from a checkpoint, with null-label dropout for guidance."""
+
+    lr: float = 2e-5
+    drop_rate: float = 0.2
+
+    def validate(self) -> None:
+        super().validate()
+        require(bool(self.resume_checkpoint), "resume_checkpoint",
+                "is required: the checkpoint (or train run folder) to finetune")
+
+
+@dataclass
+class SampleConfig(CommonConfig):
+    """`main.py sample`: synthesise images for masks from the dataset with a trained model."""
+
+    model_path: str = ""
+    num_samples: int = 16
+    s: float = 1.5
+    diffusion_steps: int = 300
+    timestep_respacing: str = ""
+    use_ddim: bool = False
+    ddim_eta: float = 0.0
+    clip_denoised: bool = True
+    mask_split: Literal["train", "val", "test", "all"] = "val"
+    use_ema: bool = True
+    balance_args: dict | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        require(bool(self.model_path), "model_path", "is required: a checkpoint file or a train/finetune run folder")
+        require(self.num_samples >= 1, "num_samples", f"must be at least 1, got {self.num_samples}")
+        require(self.s >= 1.0, "s", f"is the guidance scale and must be >= 1 (1 = no guidance), got {self.s}")
+        require(0.0 <= self.ddim_eta <= 1.0, "ddim_eta", f"must be in [0, 1], got {self.ddim_eta}")
+        require(self.balance_args is None, "balance_args",
+                "class-balanced mask selection is not available in this version; remove the key")
+
+
+CONFIG_CLASSES = {"train": TrainConfig, "finetune": FinetuneConfig, "sample": SampleConfig}
+
+
+class _KeyError(Exception):
+    """Raised by `require`; turned into a ConfigError that names the file."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"key '{key}' {message}")
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise _KeyError(key, message)
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is dict:
+        return isinstance(value, dict)
+    return isinstance(value, annotation)
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(annotation)[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "an object",
+            type(None): "null"}.get(annotation, str(annotation))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is read as JSON, else taken as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.strip(), raw
+
+
+def config_from_dict(action: str, values: dict[str, Any], source: str = "config") -> tuple[CommonConfig, list[str]]:
+    """Build and validate the action's config; returns it and notes about ignored legacy keys."""
+    cls = CONFIG_CLASSES[action]
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs, notes = {}, []
+    for key, value in values.items():
+        if key.startswith("_") or key.startswith("#"):
+            continue  # comment keys
+        name = ALIASES.get(key, key)
+        if name in IGNORED_LEGACY_KEYS and name not in names:
+            notes.append(f"{source}: key '{key}' is ignored ({IGNORED_LEGACY_KEYS[name]})")
+            continue
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{key}' for {action}{hint}")
+        if name in kwargs:
+            raise ConfigError(f"{source}: key '{name}' is given twice (as '{key}' and an alias)")
+        if not _type_ok(value, hints[name]):
+            raise ConfigError(f"{source}: key '{key}' must be {_describe(hints[name])}, got {json.dumps(value)}")
+        kwargs[name] = float(value) if hints[name] is float else value
+    config = cls(**kwargs)
+    try:
+        config.validate()
+    except _KeyError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return config, notes
+
+
+def load_config(path: str | Path, action: str, overrides: list[str] = ()) -> tuple[CommonConfig, list[str]]:
+    """Read a JSON config file for `action`, apply `--set key=value` overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object of key: value pairs")
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return config_from_dict(action, values, str(path))
+
+
+def config_to_dict(config: CommonConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def with_values(config: CommonConfig, **changes: Any) -> CommonConfig:
+    return dataclasses.replace(config, **changes)
