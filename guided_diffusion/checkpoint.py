@@ -261,3 +261,55 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         count = min(len(cuda_states), torch.cuda.device_count())
         for device, device_state in enumerate(cuda_states[:count]):
             torch.cuda.set_rng_state(device_state.to("cpu", torch.uint8), device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Finding checkpoints: a file, a run folder, or a folder of runs
+# --------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FILES = {"best": ("best.pt", "latest.pt"), "latest": ("latest.pt", "best.pt")}
+_RUN_NAME = re.compile(r"^(train|finetune)_(\d+)$")
+
+
+def _run_checkpoint(run_dir: Path, prefer: str) -> Path | None:
+    for name in CHECKPOINT_FILES[prefer]:
+        candidate = run_dir / "checkpoints" / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve_checkpoint(path: str | Path, key: str, prefer: str = "best",
+                       actions: tuple[str, ...] = ("finetune", "train")) -> Path:
+    """The checkpoint file meant by `path`, a config value named `key`.
+
+    `path` may be a checkpoint file (ours or a plain SDM/ISDM state dict); a run folder (its
+    checkpoints/best.pt, or latest.pt, as `prefer` says); or a folder of runs such as `Results/demo`, where the
+    run of one of `actions` whose checkpoint was written last is taken.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise CheckpointError(f"{key} {str(path)!r}: no such file or folder")
+    found = _run_checkpoint(path, prefer)
+    if found:
+        return found
+    runs = [(child, _run_checkpoint(child, prefer)) for child in path.iterdir()
+            if child.is_dir() and (m := _RUN_NAME.match(child.name)) and m.group(1) in actions]
+    runs = [(run, file) for run, file in runs if file is not None]
+    if not runs:
+        raise CheckpointError(f"{key} {str(path)!r}: no checkpoint there (expected a .pt file, a run folder with "
+                              f"checkpoints/, or a folder of {' or '.join(actions)} runs)")
+    return max(runs, key=lambda item: item[1].stat().st_mtime)[1]
+
+
+def find_resumable(root: str | Path, action: str) -> Path | None:
+    """For auto_resume: the newest `latest.pt` of an earlier `action` run under `root`, if any."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    candidates = [child / "checkpoints" / "latest.pt" for child in root.iterdir()
+                  if child.is_dir() and child.name.startswith(f"{action}_")]
+    candidates = [c for c in candidates if c.is_file()]
+    return max(candidates, key=lambda c: c.stat().st_mtime) if candidates else None

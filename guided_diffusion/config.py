@@ -11,9 +11,9 @@ import difflib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from .data import canonical_dataset_mode
 from .errors import ConfigError
@@ -68,7 +68,6 @@ class CommonConfig:
     val_fraction: float = 0.2
     seed: int = 0
     batch_size: int = 8
-    num_workers: int = 0
     device: str = "auto"
     root_log_dir: str = "Results"
     # model (names as in guided-diffusion / SDM / ISDM)
@@ -120,7 +119,6 @@ class CommonConfig:
         require(self.image_size >= 8, "image_size", f"must be at least 8, got {self.image_size}")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
-        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         require(self.num_channels >= 32 and self.num_channels % 32 == 0, "num_channels",
                 f"must be a positive multiple of 32 (GroupNorm uses 32 groups), got {self.num_channels}")
         require(self.num_res_blocks >= 1, "num_res_blocks", f"must be at least 1, got {self.num_res_blocks}")
@@ -128,6 +126,11 @@ class CommonConfig:
         require(self.no_instance, "no_instance", "must be true: instance edge maps are not supported")
         require(self.class_cond, "class_cond", "must be true: the model is always conditioned on the mask")
         require(self.diffusion_steps >= 1, "diffusion_steps", f"must be at least 1, got {self.diffusion_steps}")
+        if self.noise_schedule == "linear" and not getattr(self, "timestep_respacing", ""):
+            # The linear schedule scaled to N steps ends at beta = 0.02 * 1000 / N, which must stay below 1.
+            require(self.diffusion_steps >= 21, "diffusion_steps",
+                    f"must be at least 21 with the linear schedule (its last beta is 20 / diffusion_steps), got "
+                    f"{self.diffusion_steps}; for fewer sampling steps set timestep_respacing (e.g. \"ddim10\")")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
         spec = self.unet_spec()
@@ -159,6 +162,7 @@ class TrainConfig(CommonConfig):
     lr: float = 1e-4
     weight_decay: float = 0.0
     ema_rate: float = 0.9999
+    ema_warmup: bool = True
     max_epochs: int = 100
     max_steps: int = 0
     patience: int = 0
@@ -322,7 +326,13 @@ def config_from_dict(action: str, values: dict[str, Any], source: str = "config"
     return config, notes
 
 
-def load_config(path: str | Path, action: str, overrides: list[str] = ()) -> tuple[CommonConfig, list[str]]:
+class LoadedConfig(NamedTuple):
+    config: CommonConfig
+    notes: list[str]  # ignored legacy keys
+    given: set[str]  # the keys the file (or --set) gave explicitly, by their canonical names
+
+
+def load_config(path: str | Path, action: str, overrides: list[str] = ()) -> LoadedConfig:
     """Read a JSON config file for `action`, apply `--set key=value` overrides, and validate it."""
     path = Path(path)
     if not path.is_file():
@@ -336,7 +346,8 @@ def load_config(path: str | Path, action: str, overrides: list[str] = ()) -> tup
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value
-    return config_from_dict(action, values, str(path))
+    config, notes = config_from_dict(action, values, str(path))
+    return LoadedConfig(config, notes, {ALIASES.get(k, k) for k in values})
 
 
 def config_to_dict(config: CommonConfig) -> dict[str, Any]:

@@ -1,0 +1,74 @@
+"""Single entry point: `python main.py train|finetune|sample -c configs/config_<action>.json`.
+
+Thin on purpose: parse the action and config, make a fresh run folder, call one stage. A mistake in the user's
+input (config, dataset, checkpoint) prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from guided_diffusion.config import ACTIONS, config_to_dict, load_config
+from guided_diffusion.errors import UserError
+
+DEFAULT_CONFIGS = {action: f"configs/config_{action}.json" for action in ACTIONS}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Semantic Diffusion Model: train, finetune, sample.")
+    parser.add_argument("action", choices=ACTIONS)
+    parser.add_argument("-c", "--config", help="JSON config (default: configs/config_<action>.json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (value read as JSON), e.g. --set batch_size=4")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    from guided_diffusion import checkpoint as ckpt
+
+    path = args.config or DEFAULT_CONFIGS[args.action]
+    loaded = load_config(path, args.action, args.overrides)
+    config = loaded.config
+    for note in loaded.notes:
+        print(f"note: {note}")
+    if args.dry_run:
+        print(json.dumps(config_to_dict(config), indent=2))
+        return
+    if args.action == "sample":
+        from guided_diffusion.sample import run_sampling
+        run_sampling(config, loaded.given, str(path))
+        return
+
+    from guided_diffusion.train import Trainer
+    start = None
+    if config.resume_checkpoint:
+        prefer = "latest" if args.action == "train" else "best"
+        start = ckpt.resolve_checkpoint(config.resume_checkpoint, key="resume_checkpoint", prefer=prefer,
+                                        actions=("train",) if args.action == "finetune" else (args.action,))
+    elif config.auto_resume:
+        start = ckpt.find_resumable(config.root_log_dir, args.action)
+    trainer = Trainer(config, args.action)
+    if start is not None:
+        print(trainer.start_from(start))
+    trainer.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

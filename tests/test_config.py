@@ -1,0 +1,123 @@
+"""Configs: ISDM key names, strict typing, one error line naming the file and the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY_MODEL, write_config
+from guided_diffusion.config import config_from_dict, load_config, parse_override
+from guided_diffusion.errors import ConfigError
+
+BASE = {"data_dir": "datasets/demo", "num_classes": 4, **TINY_MODEL}
+
+
+def error_for(action: str, values: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(action, values, "configs/x.json")
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_key_names_the_file_and_suggests_the_close_key():
+    message = error_for("train", {**BASE, "num_clases": 3})
+    assert message == "configs/x.json: unknown key 'num_clases' for train (did you mean 'num_classes'?)"
+
+
+def test_wrong_type_names_the_key_and_the_expected_type():
+    message = error_for("train", {**BASE, "batch_size": "8"})
+    assert "key 'batch_size' must be an integer" in message and '"8"' in message
+
+
+def test_booleans_are_not_numbers():
+    assert "key 'lr'" in error_for("train", {**BASE, "lr": True})
+
+
+def test_guidance_scale_below_one_is_refused():
+    message = error_for("sample", {**BASE, "model_path": "m.pt", "s": 0.5})
+    assert "key 's'" in message and ">= 1" in message
+
+
+def test_image_size_must_fit_the_unet_downsampling():
+    message = error_for("train", {**BASE, "image_size": 34})
+    assert "key 'image_size'" in message and "multiple of 4" in message
+
+
+def test_attention_resolution_must_exist_in_the_unet():
+    message = error_for("train", {**BASE, "attention_resolutions": "12"})
+    assert "key 'attention_resolutions'" in message
+
+
+def test_num_channels_must_suit_group_norm():
+    assert "key 'num_channels'" in error_for("train", {**BASE, "num_channels": 48})
+
+
+def test_binary_datasets_have_two_classes():
+    message = error_for("train", {**BASE, "dataset_mode": "binary", "num_classes": 3})
+    assert "key 'num_classes'" in message and "binary" in message
+
+
+def test_isdm_dataset_mode_names_are_aliases():
+    config, _ = config_from_dict("train", {**BASE, "dataset_mode": "lemon-binary", "num_classes": 2})
+    assert config.dataset_mode == "binary"
+    config, _ = config_from_dict("train", {**BASE, "dataset_mode": "lemon-multi-class"})
+    assert config.dataset_mode == "multi-class"
+
+
+def test_unknown_dataset_mode_is_a_config_error():
+    assert "dataset_mode" in error_for("train", {**BASE, "dataset_mode": "rgb"})
+
+
+def test_isdm_weights_decay_spelling_is_accepted():
+    config, _ = config_from_dict("train", {**BASE, "weights_decay": 0.01})
+    assert config.weight_decay == 0.01
+
+
+def test_legacy_keys_without_effect_are_reported_not_refused():
+    config, notes = config_from_dict("train", {**BASE, "fp16_scale_growth": 0.001, "is_train": True})
+    assert len(notes) == 2 and any("fp16_scale_growth" in n for n in notes)
+
+
+def test_comma_separated_and_list_forms_build_the_same_model():
+    a, _ = config_from_dict("train", {**BASE, "channel_mult": "1,2,2", "attention_resolutions": "16,8"})
+    b, _ = config_from_dict("train", {**BASE, "channel_mult": [1, 2, 2], "attention_resolutions": [16, 8]})
+    assert a.unet_spec() == b.unet_spec()
+
+
+def test_finetune_needs_a_checkpoint_and_defaults_to_null_label_dropout():
+    assert "key 'resume_checkpoint'" in error_for("finetune", BASE)
+    config, _ = config_from_dict("finetune", {**BASE, "resume_checkpoint": "Results"})
+    assert config.drop_rate == 0.2
+
+
+def test_sample_defaults_to_isdm_300_step_guided_sampling():
+    config, _ = config_from_dict("sample", {"data_dir": "d", "model_path": "m.pt"})
+    assert (config.diffusion_steps, config.s, config.use_ddim, config.rescale_timesteps) == (300, 1.5, False, True)
+
+
+def test_drop_rate_out_of_range_is_refused():
+    assert "key 'drop_rate'" in error_for("finetune", {**BASE, "resume_checkpoint": "x", "drop_rate": 1.0})
+
+
+def test_load_config_reports_invalid_json_with_its_position(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"data_dir": "d",,}')
+    with pytest.raises(ConfigError, match=r"bad.json: not valid JSON \(line 1, column"):
+        load_config(path, "train")
+
+
+def test_load_config_reports_a_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.json", "train")
+
+
+def test_set_overrides_are_read_as_json_and_recorded_as_given(tmp_path):
+    path = write_config(tmp_path / "c.json", BASE)
+    loaded = load_config(path, "train", ["batch_size=2", "data_dir=other/folder"])
+    assert loaded.config.batch_size == 2 and loaded.config.data_dir == "other/folder"
+    assert {"batch_size", "data_dir", "num_classes"} <= loaded.given
+    assert parse_override("s=1.5") == ("s", 1.5)
+
+
+def test_balance_args_are_refused_until_supported():
+    assert "key 'balance_args'" in error_for("sample", {**BASE, "model_path": "m", "balance_args": {}})

@@ -1,0 +1,104 @@
+"""Sampling: ISDM's output layout, per-image seeds, checkpoint/config agreement, the rescaled schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_train_config
+from guided_diffusion.config import config_from_dict
+from guided_diffusion.errors import CheckpointError, ConfigError
+from guided_diffusion.sample import run_sampling, sampling_diffusion
+from guided_diffusion.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    config, _ = config_from_dict("train", tiny_train_config(demo_dir, root, max_steps=2))
+    return Trainer(config, "train", log=lambda *_: None).run().run_dir
+
+
+def sample(demo_dir: Path, model_path: Path, root: Path, **changes) -> Path:
+    values = {"data_dir": str(demo_dir), "model_path": str(model_path), "root_log_dir": str(root),
+              "num_samples": 3, "batch_size": 3, "timestep_respacing": "5", **changes}
+    config, _ = config_from_dict("sample", values)
+    return Path(run_sampling(config, given=set(values), log=lambda *_: None)["run_dir"])
+
+
+def pngs(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+def test_sample_writes_isdm_layout_with_matching_stems(demo_dir, trained_run, tmp_path):
+    run_dir = sample(demo_dir, trained_run, tmp_path)
+    names = {sub: sorted(pngs(run_dir / sub)) for sub in ("images", "labels", "colored_labels", "samples")}
+    assert len(names["samples"]) == 3
+    assert names["images"] == names["labels"] == names["colored_labels"] == names["samples"]
+    assert (run_dir / "grid.png").is_file()
+    assert json.loads((run_dir / "config.json").read_text())["num_classes"] == 4  # taken from the checkpoint
+    sample_image = pngs(run_dir / "samples")[names["samples"][0]]
+    assert sample_image.shape == (32, 32, 3) and sample_image.dtype == np.uint8
+    label = pngs(run_dir / "labels")[names["labels"][0]]
+    assert label.shape == (32, 32) and label.max() < 4
+
+
+def test_image_i_is_the_same_whatever_the_batch_size(demo_dir, trained_run, tmp_path):
+    one_by_one = pngs(sample(demo_dir, trained_run, tmp_path / "a", batch_size=1, s=1.5) / "samples")
+    all_at_once = pngs(sample(demo_dir, trained_run, tmp_path / "b", batch_size=3, s=1.5) / "samples")
+    assert one_by_one.keys() == all_at_once.keys()
+    for name in one_by_one:
+        difference = np.abs(one_by_one[name].astype(int) - all_at_once[name].astype(int))
+        assert difference.max() <= 1, name  # float rounding may flip a uint8 level, nothing more
+
+
+def test_different_seeds_give_different_images(demo_dir, trained_run, tmp_path):
+    a = pngs(sample(demo_dir, trained_run, tmp_path / "a", seed=1) / "samples")
+    b = pngs(sample(demo_dir, trained_run, tmp_path / "b", seed=2) / "samples")
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_num_classes_different_from_the_checkpoint_is_a_config_error(demo_dir, trained_run, tmp_path):
+    with pytest.raises(ConfigError, match="key 'num_classes' is 5 but the checkpoint was trained with 4"):
+        sample(demo_dir, trained_run, tmp_path, num_classes=5)
+
+
+def test_model_path_without_a_checkpoint_is_a_clear_error(demo_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="model_path .*no checkpoint there"):
+        sample(demo_dir, tmp_path, tmp_path)
+
+
+def test_masks_cycle_when_more_samples_than_masks_are_asked(demo_dir, trained_run, tmp_path):
+    run_dir = sample(demo_dir, trained_run, tmp_path, num_samples=5, batch_size=5, mask_split="val")
+    stems = sorted(p.stem for p in (run_dir / "samples").glob("*.png"))
+    sources = [s.split("_", 1)[1] for s in stems]
+    assert len(stems) == 5 and len(set(sources)) == 2  # the 2 held-out masks of the 12-image demo, cycled
+
+
+def test_ddim_on_a_respaced_process(demo_dir, trained_run, tmp_path):
+    run_dir = sample(demo_dir, trained_run, tmp_path, use_ddim=True, timestep_respacing="ddim5")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sampler"] == "ddim" and summary["steps"] == 5
+
+
+def test_the_rescaled_schedule_samples_finite_images(demo_dir, trained_run, tmp_path):
+    run_dir = sample(demo_dir, trained_run, tmp_path, timestep_respacing="", diffusion_steps=21, num_samples=1)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 21
+    assert len(pngs(run_dir / "samples")) == 1
+
+
+def test_too_few_rescaled_linear_steps_are_refused():
+    with pytest.raises(ConfigError, match="key 'diffusion_steps' must be at least 21 with the linear schedule"):
+        config_from_dict("sample", {"data_dir": "d", "model_path": "m", "diffusion_steps": 10})
+
+
+def test_default_sampling_is_the_rescaled_300_step_schedule():
+    config, _ = config_from_dict("sample", {"data_dir": "d", "model_path": "m"})
+    diffusion = sampling_diffusion(config)
+    assert diffusion.num_timesteps == 300
+    assert diffusion.model_timesteps(torch.tensor([299])).item() == pytest.approx(299 * 1000 / 300)

@@ -1,0 +1,113 @@
+"""The training loop: best-epoch checkpointing, exact resume, null-label finetuning, what checkpoints carry."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_train_config
+from guided_diffusion.checkpoint import load_checkpoint
+from guided_diffusion.config import config_from_dict
+from guided_diffusion.errors import CheckpointError
+from guided_diffusion.train import Trainer
+
+
+def make_trainer(demo_dir: Path, root: Path, action: str = "train", **changes) -> Trainer:
+    config, _ = config_from_dict(action, tiny_train_config(demo_dir, root, **changes))
+    return Trainer(config, action, log=lambda *_: None)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {**{f"model.{k}": v for k, v in trainer.model.state_dict().items()},
+            **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()}}
+
+
+def test_resume_continues_exactly(demo_dir, tmp_path):
+    # 12 demo images, val_fraction 0.2 -> 10 training images, batches of 4 -> 3 steps per epoch.
+    straight = make_trainer(demo_dir, tmp_path / "a", max_steps=5, save_interval=2)
+    straight.run()
+
+    first = make_trainer(demo_dir, tmp_path / "b", max_steps=2, save_interval=2)
+    first.run()
+    resumed = make_trainer(demo_dir, tmp_path / "b", max_steps=5, save_interval=2)
+    message = resumed.start_from(first.checkpoint_dir / "latest.pt")
+    assert message.startswith("resuming exactly") and "step 2" in message
+    resumed.run()
+
+    assert resumed.state.step == straight.state.step == 5
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert resumed.state.best_loss == straight.state.best_loss
+
+
+def test_best_checkpoint_holds_the_epoch_with_the_lowest_mean_loss(demo_dir, tmp_path):
+    trainer = make_trainer(demo_dir, tmp_path, max_epochs=3)
+    result = trainer.run()
+    epochs = read_csv(result.run_dir / "epochs.csv")
+    assert [int(e["epoch"]) for e in epochs] == [0, 1, 2]
+    losses = [float(e["loss"]) for e in epochs]
+    best = load_checkpoint(result.best_checkpoint)
+    assert best["train_state"]["best_epoch"] == losses.index(min(losses))
+    assert best["train_state"]["best_loss"] == pytest.approx(min(losses))
+    assert [int(e["is_best"]) for e in epochs][0] == 1
+
+
+def test_epoch_loss_is_the_mean_of_the_losses_already_computed(demo_dir, tmp_path):
+    trainer = make_trainer(demo_dir, tmp_path, max_epochs=1, log_interval=1)
+    calls = []
+    model = trainer.forward
+    trainer.forward = lambda *args: calls.append(args[0].shape[0]) or model(*args)
+    result = trainer.run()
+    steps = read_csv(result.run_dir / "log.csv")
+    assert len(calls) == len(steps) == 3  # one forward per step, none extra for logging
+    sizes = [4, 4, 2]
+    mean = sum(float(s["loss"]) * n for s, n in zip(steps, sizes)) / sum(sizes)
+    assert float(read_csv(result.run_dir / "epochs.csv")[0]["loss"]) == pytest.approx(mean, rel=1e-5)
+
+
+def test_checkpoints_carry_config_weights_optimizer_progress_and_rng(demo_dir, tmp_path):
+    result = make_trainer(demo_dir, tmp_path, max_steps=2).run()
+    latest = load_checkpoint(result.latest_checkpoint)
+    assert {"config", "model", "ema", "optimizer", "train_state", "generator", "rng"} <= latest.keys()
+    assert latest["config"]["num_classes"] == 4 and latest["action"] == "train"
+    assert latest["train_state"]["step"] == 2
+    assert "optimizer" not in load_checkpoint(result.best_checkpoint)
+
+
+def test_patience_stops_training_without_improvement(demo_dir, tmp_path):
+    trainer = make_trainer(demo_dir, tmp_path, max_epochs=50, patience=1, lr=1e-9, ema_warmup=False)
+    result = trainer.run()
+    assert result.stop_reason == "no improvement for 1 epochs" or result.state.epoch < 50
+    assert result.state.epoch < 50
+
+
+def test_finetune_replaces_masks_by_the_null_label_with_drop_rate(demo_dir, tmp_path):
+    trained = make_trainer(demo_dir, tmp_path, max_steps=1).run()
+    finetune = make_trainer(demo_dir, tmp_path, "finetune", resume_checkpoint=str(trained.best_checkpoint),
+                            drop_rate=0.5, max_epochs=4)
+    assert finetune.start_from(trained.best_checkpoint).startswith("initialised weights")
+    assert finetune.state.step == 0
+    seen = []
+    model = finetune.forward
+    finetune.forward = lambda x, t, y: seen.extend(y.flatten(1).sum(1).tolist()) or model(x, t, y)
+    finetune.run()
+    null = sum(1 for total in seen if total == 0)
+    assert 0.25 < null / len(seen) < 0.75  # 40 samples, each dropped with probability 0.5
+    assert all(total in (0, 32 * 32) for total in seen)  # a kept one-hot has one class per pixel
+
+
+def test_a_checkpoint_of_another_model_shape_is_a_clear_error(demo_dir, tmp_path):
+    trained = make_trainer(demo_dir, tmp_path, max_steps=1).run()
+    wider = make_trainer(demo_dir, tmp_path, num_channels=64, max_steps=1)
+    with pytest.raises(CheckpointError, match="weights do not fit the config's model"):
+        wider.start_from(trained.best_checkpoint)
