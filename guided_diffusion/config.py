@@ -216,7 +216,7 @@ class SampleConfig(CommonConfig):
     num_samples: int = 16
     s: float = 1.5
     diffusion_steps: int = 300
-    timestep_respacing: str = ""
+    timestep_respacing: str | int = ""
     use_ddim: bool = False
     ddim_eta: float = 0.0
     clip_denoised: bool = True

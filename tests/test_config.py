@@ -121,3 +121,11 @@ def test_set_overrides_are_read_as_json_and_recorded_as_given(tmp_path):
 
 def test_balance_args_are_refused_until_supported():
     assert "key 'balance_args'" in error_for("sample", {**BASE, "model_path": "m", "balance_args": {}})
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for action in ("train", "finetune", "sample"):
+        for path in (configs / f"config_{action}.json", configs / "demo" / f"config_{action}.json"):
+            assert load_config(path, action).config.data_dir == "datasets/demo", path
