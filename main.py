@@ -44,13 +44,11 @@ def run(args: argparse.Namespace) -> None:
         return
 
     from guided_diffusion.train import Trainer
-    start = None
-    if config.resume_checkpoint:
+    start = ckpt.find_resumable(config.root_log_dir, args.action) if config.auto_resume else None
+    if start is None and config.resume_checkpoint:
         prefer = "latest" if args.action == "train" else "best"
         start = ckpt.resolve_checkpoint(config.resume_checkpoint, key="resume_checkpoint", prefer=prefer,
                                         actions=("train",) if args.action == "finetune" else (args.action,))
-    elif config.auto_resume:
-        start = ckpt.find_resumable(config.root_log_dir, args.action)
     trainer = Trainer(config, args.action)
     if start is not None:
         print(trainer.start_from(start))

@@ -139,17 +139,13 @@ class _Checkpointed(nn.Module):
         return self._forward(*args)
 
 
-class ResBlock(_Checkpointed):
-    """guided-diffusion's residual block (encoder side): GroupNorm, timestep scale-shift, optional up/down."""
+class _ResidualBlock(_Checkpointed):
+    """What guided-diffusion's ResBlock and SDM's SDMResBlock share: resampling and the timestep projection."""
 
-    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
-                 use_scale_shift_norm: bool = False, use_checkpoint: bool = False, up: bool = False,
-                 down: bool = False):
-        super().__init__()
-        out_channels = out_channels or channels
+    def _init_shared(self, channels: int, out_channels: int, emb_channels: int, use_scale_shift_norm: bool,
+                     use_checkpoint: bool, up: bool, down: bool) -> None:
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -157,6 +153,18 @@ class ResBlock(_Checkpointed):
             self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+
+
+class ResBlock(_ResidualBlock):
+    """guided-diffusion's residual block (encoder side): GroupNorm, timestep scale-shift, optional up/down."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
+                 use_scale_shift_norm: bool = False, use_checkpoint: bool = False, up: bool = False,
+                 down: bool = False):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self._init_shared(channels, out_channels, emb_channels, use_scale_shift_norm, use_checkpoint, up, down)
         self.out_layers = nn.Sequential(
             normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
@@ -179,7 +187,7 @@ class ResBlock(_Checkpointed):
         return self.skip_connection(x) + h
 
 
-class SDMResBlock(_Checkpointed):
+class SDMResBlock(_ResidualBlock):
     """SDM's decoder residual block: both normalisations are SPADE layers driven by the one-hot mask."""
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, label_channels: int,
@@ -187,17 +195,9 @@ class SDMResBlock(_Checkpointed):
                  use_checkpoint: bool = False, up: bool = False, down: bool = False):
         super().__init__()
         out_channels = out_channels or channels
-        self.use_scale_shift_norm = use_scale_shift_norm
-        self.use_checkpoint = use_checkpoint
         self.in_norm = SPADEGroupNorm(channels, label_channels)
         self.in_layers = nn.Sequential(nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.updown = up or down
-        if up:
-            self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
-        elif down:
-            self.h_upd, self.x_upd = Downsample(channels, False), Downsample(channels, False)
-        self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self._init_shared(channels, out_channels, emb_channels, use_scale_shift_norm, use_checkpoint, up, down)
         self.out_norm = SPADEGroupNorm(out_channels, label_channels)
         self.out_layers = nn.Sequential(
             nn.SiLU(), nn.Dropout(p=dropout), zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))

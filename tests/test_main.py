@@ -102,3 +102,14 @@ def test_missing_model_path_exits_2_before_making_a_run_folder(tmp_path):
                                       "root_log_dir": str(tmp_path / "R")})
     assert_one_line_error(result, "model_path", "nope.pt")
     assert not (tmp_path / "R").exists()
+
+
+def test_auto_resume_continues_the_newest_run_of_the_action(demo_dir, tmp_path, capsys):
+    root = tmp_path / "Results"
+    values = {"data_dir": str(demo_dir), "num_classes": 4, "root_log_dir": str(root), "batch_size": 2,
+              "save_interval": 1, "auto_resume": True, **TINY_MODEL}
+    assert run_main(tmp_path, "train", {**values, "max_steps": 2}) == 0
+    assert run_main(tmp_path, "train", {**values, "max_steps": 3}) == 0
+    assert "resuming exactly from" in capsys.readouterr().out
+    from guided_diffusion.checkpoint import load_checkpoint
+    assert load_checkpoint(root / "train_002" / "checkpoints" / "latest.pt")["train_state"]["step"] == 3
