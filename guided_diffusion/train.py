@@ -130,6 +130,9 @@ class Trainer:
         if not same_action:
             return f"initialised weights from {path}"
         self.optimizer.load_state_dict(payload["optimizer"])
+        earlier_best = Path(path).parent / "best.pt"
+        if earlier_best.is_file():  # the best epoch so far may be in the earlier run: carry it over
+            ckpt.save_checkpoint(self.checkpoint_dir / "best.pt", ckpt.load_checkpoint(earlier_best))
         self.state = TrainState(**payload["train_state"])
         self.generator.set_state(payload["generator"])
         ckpt.set_rng_state(payload["rng"])

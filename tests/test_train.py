@@ -48,6 +48,11 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert resumed.state.best_loss == straight.state.best_loss
+    best_straight = load_checkpoint(straight.checkpoint_dir / "best.pt")
+    best_resumed = load_checkpoint(resumed.checkpoint_dir / "best.pt")
+    assert best_straight["train_state"]["best_epoch"] == best_resumed["train_state"]["best_epoch"]
+    for name, tensor in best_straight["ema"].items():
+        assert torch.equal(tensor, best_resumed["ema"][name]), name
 
 
 def test_best_checkpoint_holds_the_epoch_with_the_lowest_mean_loss(demo_dir, tmp_path):
