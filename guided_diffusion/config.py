@@ -38,7 +38,7 @@ MODEL_KEYS = ("image_size", "num_classes", "num_channels", "num_res_blocks", "ch
               "use_scale_shift_norm", "learn_sigma", "dropout", "use_new_attention_order", "noise_schedule")
 
 
-def _parse_int_list(value: str | list[int] | list[float], key: str, number=int) -> tuple:
+def parse_number_list(value: str | list[int] | list[float], key: str, number=int) -> tuple:
     if isinstance(value, str):
         parts = [p.strip() for p in value.split(",") if p.strip()]
         try:
@@ -93,10 +93,10 @@ class CommonConfig:
     rescale_timesteps: bool = True
 
     def unet_spec(self) -> UNetSpec:
-        mult = (_parse_int_list(self.channel_mult, "channel_mult", float) if self.channel_mult
+        mult = (parse_number_list(self.channel_mult, "channel_mult", float) if self.channel_mult
                 else default_channel_mult(self.image_size))
         mult = tuple(int(m) if float(m).is_integer() else m for m in mult)
-        resolutions = _parse_int_list(self.attention_resolutions, "attention_resolutions")
+        resolutions = parse_number_list(self.attention_resolutions, "attention_resolutions")
         return UNetSpec(
             image_size=self.image_size, num_classes=self.num_classes, model_channels=self.num_channels,
             num_res_blocks=self.num_res_blocks, channel_mult=mult,
@@ -142,7 +142,7 @@ class CommonConfig:
         require(self.image_size % spec.downsampling == 0, "image_size",
                 f"must be a multiple of {spec.downsampling} (the UNet downsamples {len(spec.channel_mult) - 1} "
                 f"times with channel_mult {list(spec.channel_mult)}), got {self.image_size}")
-        resolutions = _parse_int_list(self.attention_resolutions, "attention_resolutions")
+        resolutions = parse_number_list(self.attention_resolutions, "attention_resolutions")
         for r in resolutions:
             require(r > 0 and self.image_size % r == 0 and (self.image_size // r) & (self.image_size // r - 1) == 0,
                     "attention_resolutions", f"{r} is not image_size / 2^k for image_size {self.image_size}")

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import MODEL_KEYS, SampleConfig, config_from_dict, config_to_dict
+from .config import MODEL_KEYS, SampleConfig, parse_number_list, config_from_dict, config_to_dict
 from .data import Pair, SegmentationDataset, index_dataset, one_hot, split_train_val
 from .diffusion import GaussianDiffusion, make_betas
 from .errors import CheckpointError, ConfigError
@@ -52,6 +52,13 @@ def sampling_diffusion(config: SampleConfig, trained: TrainedWith = TrainedWith(
                              learn_sigma=config.learn_sigma, rescale_timesteps=config.rescale_timesteps)
 
 
+def _normalized(key: str, value: Any) -> Any:
+    """A model key's value in one form, so that "1,2,2" and [1, 2, 2] compare equal."""
+    if key in ("channel_mult", "attention_resolutions") and value not in ("", None):
+        return tuple(float(v) for v in parse_number_list(value, key, float))
+    return value
+
+
 def merge_checkpoint_config(config: SampleConfig, given: set[str], payload: dict,
                             source: str) -> tuple[SampleConfig, TrainedWith]:
     """Take the model's shape from the checkpoint; keys the user also gave must agree with it."""
@@ -62,7 +69,7 @@ def merge_checkpoint_config(config: SampleConfig, given: set[str], payload: dict
     for key in MODEL_KEYS + ("dataset_mode",):
         if key not in trained:
             continue
-        if key in given and values[key] != trained[key] and str(values[key]) != str(trained[key]):
+        if key in given and _normalized(key, values[key]) != _normalized(key, trained[key]):
             raise ConfigError(f"{source}: key '{key}' is {values[key]!r} but the checkpoint was trained with "
                               f"{trained[key]!r}; remove the key or use the matching checkpoint")
         values[key] = trained[key]
@@ -76,7 +83,7 @@ def select_masks(config: SampleConfig, pairs_by_split: dict[str, list[Pair]]) ->
     pairs = pairs_by_split[config.mask_split]
     if not pairs:
         raise ConfigError(f"key 'mask_split' is {config.mask_split!r} but that split has no masks "
-                          f"(val_fraction={config.val_fraction}); choose 'train', 'test' or 'all'")
+                          f"(the model was trained with val_fraction 0); choose 'train', 'test' or 'all'")
     return [pairs[i % len(pairs)] for i in range(config.num_samples)]
 
 

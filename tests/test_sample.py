@@ -68,6 +68,11 @@ def test_num_classes_different_from_the_checkpoint_is_a_config_error(demo_dir, t
         sample(demo_dir, trained_run, tmp_path, num_classes=5)
 
 
+def test_model_keys_matching_the_checkpoint_in_another_form_are_accepted(demo_dir, trained_run, tmp_path):
+    run_dir = sample(demo_dir, trained_run, tmp_path, channel_mult=[1, 2, 2], num_classes=4, num_samples=1)
+    assert len(pngs(run_dir / "samples")) == 1
+
+
 def test_model_path_without_a_checkpoint_is_a_clear_error(demo_dir, tmp_path):
     with pytest.raises(CheckpointError, match="model_path .*no checkpoint there"):
         sample(demo_dir, tmp_path, tmp_path)
