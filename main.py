@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from guided_diffusion.config import ACTIONS, config_to_dict, load_config
 from guided_diffusion.errors import UserError

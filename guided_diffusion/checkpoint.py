@@ -263,6 +263,18 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state(device_state.to("cpu", torch.uint8), device)
 
 
+def load_weights(net: torch.nn.Module, weights: Mapping[str, torch.Tensor], path: Path | str, model_name: str) -> None:
+    """Load `weights` into `net` strictly; a mismatch is one CheckpointError line naming the file and the first
+    differing tensor (`model_name` says which model the config describes)."""
+    try:
+        net.load_state_dict(weights, strict=True)
+    except RuntimeError as error:
+        lines = str(error).strip().splitlines()
+        detail = (lines[1] if len(lines) > 1 else lines[0]).strip()[:_MAX_REASON_CHARS]
+        raise CheckpointError(f"checkpoint {path}: weights do not fit {model_name} (check num_classes, "
+                              f"num_channels, channel_mult, attention_resolutions): {detail}") from None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Finding checkpoints: a file, a run folder, or a folder of runs
 # --------------------------------------------------------------------------------------------------------------

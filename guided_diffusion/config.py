@@ -352,7 +352,3 @@ def load_config(path: str | Path, action: str, overrides: list[str] = ()) -> Loa
 
 def config_to_dict(config: CommonConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
-
-
-def with_values(config: CommonConfig, **changes: Any) -> CommonConfig:
-    return dataclasses.replace(config, **changes)

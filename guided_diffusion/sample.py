@@ -9,11 +9,9 @@ Outputs follow ISDM's layout: images/ labels/ colored_labels/ samples/ with the 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -21,7 +19,7 @@ from . import checkpoint as ckpt
 from .config import MODEL_KEYS, SampleConfig, parse_number_list, config_from_dict, config_to_dict
 from .data import Pair, SegmentationDataset, index_dataset, one_hot, split_train_val
 from .diffusion import GaussianDiffusion, make_betas
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 from .guidance import conditional_denoiser
 from .results import SampleWriter, new_run_dir, to_uint8_image, write_grid, write_json
 from .samplers import PerImageNoise, image_seed, sample_ancestral, sample_ddim
@@ -95,13 +93,7 @@ def load_sampling_model(config: SampleConfig, given: set[str], source: str, devi
         raise ConfigError(f"{source}: key 'num_classes' is required: checkpoint {path} does not record it")
     model = build_model(config)
     weights = ckpt.extract_state_dict(payload, prefer_ema=config.use_ema)
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        lines = str(e).strip().splitlines()
-        raise CheckpointError(f"checkpoint {path}: weights do not fit the model described by {source} "
-                              f"(check num_classes, num_channels, channel_mult, attention_resolutions): "
-                              f"{(lines[1] if len(lines) > 1 else lines[0]).strip()[:200]}") from None
+    ckpt.load_weights(model, weights, path, f"the model described by {source}")
     return config, trained, model.to(device).eval(), path
 
 

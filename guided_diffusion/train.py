@@ -28,7 +28,6 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_dict
 from .data import SegmentationDataset, index_dataset, one_hot, split_train_val
 from .diffusion import GaussianDiffusion
-from .errors import CheckpointError
 from .results import CsvLog, new_run_dir, write_json
 from .unet import SDMUNet
 
@@ -120,13 +119,7 @@ class Trainer:
         state_dict = ckpt.extract_state_dict(payload, prefer_ema=False)
         ema_dict = ckpt.extract_state_dict(payload, prefer_ema=True)
         for net, weights in ((self.model, state_dict), (self.ema, ema_dict)):
-            try:
-                net.load_state_dict(weights, strict=True)
-            except RuntimeError as e:
-                first = str(e).strip().splitlines()
-                detail = first[1].strip() if len(first) > 1 else first[0]
-                raise CheckpointError(f"checkpoint {path}: weights do not fit the config's model "
-                                      f"(num_classes, num_channels, channel_mult, ...): {detail[:200]}") from None
+            ckpt.load_weights(net, weights, path, "the config's model")
         if not same_action:
             return f"initialised weights from {path}"
         self.optimizer.load_state_dict(payload["optimizer"])
