@@ -16,15 +16,23 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance_scale: float = 1.0,
-                         image_channels: int = 3) -> Denoiser:
-    """The model conditioned on `one_hot`, with classifier-free guidance when guidance_scale > 1."""
+                         image_channels: int = 3, batched: bool = True) -> Denoiser:
+    """The model conditioned on `one_hot`, with classifier-free guidance when guidance_scale > 1.
+
+    `batched` runs the conditional and null passes as one forward of twice the batch (faster on every device we
+    measured); False runs two forwards of the batch (SDM/ISDM's way, half the activation memory)."""
     if guidance_scale <= 1.0:
         return lambda x, t: model(x, t, one_hot)
-    both_masks = torch.cat([one_hot, torch.zeros_like(one_hot)])
+    null_mask = torch.zeros_like(one_hot)
+    both_masks = torch.cat([one_hot, null_mask])
 
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        cond, null = model(torch.cat([x, x]), torch.cat([t, t]), both_masks).chunk(2)
+    def combine(cond: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
         eps = null[:, :image_channels] + guidance_scale * (cond[:, :image_channels] - null[:, :image_channels])
         return torch.cat([eps, cond[:, image_channels:]], dim=1)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if batched:
+            return combine(*model(torch.cat([x, x]), torch.cat([t, t]), both_masks).chunk(2))
+        return combine(model(x, t, one_hot), model(x, t, null_mask))
 
     return guided

@@ -1,0 +1,170 @@
+"""Samplers: DPM-Solver++(2M) against a closed-form ODE, its step grid, convergence on a tiny SDM, guidance in one
+batched forward, and the `sampler` / `steps` config keys end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from guided_diffusion.config import config_from_dict
+from guided_diffusion.diffusion import GaussianDiffusion, space_timesteps
+from guided_diffusion.errors import ConfigError
+from guided_diffusion.guidance import conditional_denoiser
+from guided_diffusion.sample import DEFAULT_SOLVER_STEPS, sampling_diffusion
+from guided_diffusion.samplers import PerImageNoise, log_snr_timesteps, run_sampler
+from guided_diffusion.unet import SDMUNet
+
+PROCESS = GaussianDiffusion.create(1000, "linear", learn_sigma=False)
+
+
+def gaussian_data_denoiser(variance: float):
+    """The exact eps-prediction when the data are N(0, variance): eps = sqrt(1 - a) x / (a variance + 1 - a)."""
+    alpha_bar = PROCESS.alphas_cumprod
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = alpha_bar[t.long()].reshape(-1, 1, 1, 1)
+        return torch.sqrt(1 - a) * x / (a * variance + 1 - a)
+
+    return denoise
+
+
+def exact_ode_result(x_T: torch.Tensor, variance: float) -> torch.Tensor:
+    """Probability-flow ODE from step 999 to step 0 for Gaussian data (x / std(x_t) is constant along it),
+    followed by the x0 prediction at step 0, which is what the samplers return."""
+    a0, aT = float(PROCESS.alphas_cumprod[0]), float(PROCESS.alphas_cumprod[999])
+    x_0 = x_T * math.sqrt(a0 * variance + 1 - a0) / math.sqrt(aT * variance + 1 - aT)
+    eps = gaussian_data_denoiser(variance)(x_0, torch.zeros(len(x_T)))
+    return (x_0 - math.sqrt(1 - a0) * eps) / math.sqrt(a0)
+
+
+def solve(sampler: str, steps: int, x_T: torch.Tensor, denoise, grid=None) -> torch.Tensor:
+    kept = grid(steps) if grid else log_snr_timesteps(PROCESS, steps)
+    return run_sampler(sampler, PROCESS.respaced(kept), denoise, x_T, noise=None, clip_denoised=False)
+
+
+@pytest.mark.parametrize("variance", [0.25, 0.01])
+def test_dpm_solver_converges_to_the_exact_ode_solution_faster_than_ddim(variance):
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact, denoise = exact_ode_result(x_T, variance), gaussian_data_denoiser(variance)
+    error = {(name, k): (solve(name, k, x_T, denoise) - exact).abs().max().item()
+             for name in ("ddim", "dpm++2m") for k in (10, 25, 100)}
+    for k in (10, 25, 100):
+        assert error["dpm++2m", k] < 0.5 * error["ddim", k]
+    assert error["dpm++2m", 100] < error["dpm++2m", 25] < error["dpm++2m", 10]
+    assert error["dpm++2m", 100] < 2e-3
+
+
+def test_log_snr_grid_beats_time_uniform_steps_at_few_steps():
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact, denoise = exact_ode_result(x_T, 0.01), gaussian_data_denoiser(0.01)
+    for k in (10, 15, 25):
+        log_snr = (solve("dpm++2m", k, x_T, denoise) - exact).abs().max().item()
+        uniform = (solve("dpm++2m", k, x_T, denoise, lambda n: space_timesteps(1000, str(n))) - exact).abs().max()
+        assert log_snr < uniform.item()
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 20, 250, 1000])
+def test_log_snr_grid_has_distinct_steps_from_last_to_first(steps):
+    grid = log_snr_timesteps(PROCESS, steps)
+    assert len(grid) == steps == len(set(grid)) and grid == sorted(grid)
+    assert grid[-1] == 999 and (steps == 1 or grid[0] == 0)
+
+
+def test_log_snr_grid_refuses_more_steps_than_the_process_has():
+    with pytest.raises(ValueError, match="steps must be in 1..1000"):
+        log_snr_timesteps(PROCESS, 1001)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    config, _ = config_from_dict("train", {"data_dir": "unused", "num_classes": 3, **TINY_MODEL})
+    model = SDMUNet(config.unet_spec()).eval()
+    for p in model.parameters():  # zero-initialised output layers would make every sampler trivially agree
+        p.data.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def masks_for(batch: int, classes: int = 3) -> torch.Tensor:
+    labels = torch.randint(0, classes, (batch, 32, 32), generator=torch.Generator().manual_seed(2))
+    return torch.nn.functional.one_hot(labels, classes).permute(0, 3, 1, 2).float()
+
+
+def test_guidance_in_one_batched_forward_equals_two_forwards(tiny_model):
+    one_hot, x = masks_for(2), torch.randn(2, 3, 32, 32)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        batched = conditional_denoiser(tiny_model, one_hot, 3.0, batched=True)(x, t)
+        separate = conditional_denoiser(tiny_model, one_hot, 3.0, batched=False)(x, t)
+    assert batched.shape == (2, 6, 32, 32)
+    assert torch.allclose(batched, separate, atol=1e-5)
+
+
+def test_dpm_solver_converges_on_a_tiny_sdm(tiny_model):
+    """Against its own 150-step solution (the ODE's, to about 1e-3 on the Gaussian case above)."""
+    model_process = GaussianDiffusion.create(1000, "linear", rescale_timesteps=True)
+    noise = PerImageNoise([3], (3, 32, 32))
+    x_T = noise()
+
+    def solve_tiny(k: int) -> torch.Tensor:
+        diffusion = model_process.respaced(log_snr_timesteps(model_process, k))
+        return run_sampler("dpm++2m", diffusion, denoise, x_T, noise, clip_denoised=False)
+
+    with torch.no_grad():
+        denoise = conditional_denoiser(tiny_model, masks_for(1), 1.5)
+        reference = solve_tiny(150)
+        errors = [(solve_tiny(k) - reference).abs().mean().item() for k in (5, 15, 40)]
+    assert errors[2] < errors[1] < errors[0]
+
+
+def sample_config(**changes):
+    return config_from_dict("sample", {"data_dir": "d", "model_path": "m", **changes})[0]
+
+
+def test_dpm_solver_samples_its_default_steps_of_the_model_process():
+    diffusion = sampling_diffusion(sample_config(sampler="dpm++2m"))
+    assert diffusion.num_timesteps == DEFAULT_SOLVER_STEPS
+    assert diffusion.timestep_map[0] == 0 and diffusion.timestep_map[-1] == 999
+
+
+def test_steps_respace_the_model_process_for_every_sampler():
+    for sampler in ("ancestral", "ddim", "dpm++2m"):
+        assert sampling_diffusion(sample_config(sampler=sampler, steps=12)).num_timesteps == 12
+
+
+def test_use_ddim_is_isdms_spelling_of_the_ddim_sampler():
+    assert sample_config(use_ddim=True).sampler == "ddim"
+    with pytest.raises(ConfigError, match="key 'use_ddim' is true but 'sampler' is 'dpm\\+\\+2m'"):
+        sample_config(use_ddim=True, sampler="dpm++2m")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"sampler": "euler"}, "key 'sampler' must be one of 'ancestral', 'ddim', 'dpm\\+\\+2m'"),
+    ({"steps": -1}, "key 'steps' must be >= 0"),
+    ({"steps": 10, "timestep_respacing": "10"}, "key 'steps' and 'timestep_respacing' both choose"),
+])
+def test_bad_sampler_keys_are_one_line_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        sample_config(**changes)
+
+
+def test_more_steps_than_the_model_was_trained_with_is_refused():
+    with pytest.raises(ConfigError, match="key 'steps' is 1200 but the model was trained with 1000"):
+        sampling_diffusion(sample_config(sampler="dpm++2m", steps=1200))
+
+
+def test_dpm_solver_end_to_end_writes_samples(demo_dir, tmp_path):
+    from test_sample import pngs, sample
+    from conftest import tiny_train_config
+    from guided_diffusion.train import Trainer
+    config, _ = config_from_dict("train", tiny_train_config(demo_dir, tmp_path / "train", max_steps=1))
+    run = Trainer(config, "train", log=lambda *_: None).run().run_dir
+    run_dir = sample(demo_dir, run, tmp_path, sampler="dpm++2m", steps=4, timestep_respacing="")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["sampler"], summary["steps"]) == ("dpm++2m", 4)
+    assert len(pngs(run_dir / "samples")) == 3
