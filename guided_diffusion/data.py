@@ -182,6 +182,46 @@ def load_mask(path: str | os.PathLike, dataset_mode: str) -> np.ndarray:
     return ids
 
 
+CLASSES_FILE = "classes.json"
+"""The file beside train/ and test/ that names the classes: {"classes": ["background", "crack", ...]}."""
+
+
+def read_class_names(data_dir: str | os.PathLike, num_classes: int | None = None) -> list[str]:
+    """The class names of a dataset (index = class id) for logs, plots and colour legends.
+
+    Read from `<data_dir>/classes.json` (or from `data_dir` itself when it names a .json file), a JSON object whose
+    "classes" list names class 0, 1, ... (other keys are ignored, so the file may also hold statistics). Without
+    the file every class is called `class_<i>`, which needs `num_classes`. When both the file and `num_classes`
+    are there they must agree, because a name list of the wrong length would label the wrong class in a legend.
+    """
+    import json  # local: the only JSON this module reads
+
+    path = Path(data_dir)
+    if path.suffix.lower() != ".json":
+        path = path / CLASSES_FILE
+    if not path.is_file():
+        if num_classes is None:
+            raise ValueError(f"read_class_names: {path} is missing and num_classes was not given")
+        return [f"class_{i}" for i in range(num_classes)]
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError(f"{path}: cannot be read ({_describe_read_error(error)})") from None
+    names = content.get("classes") if isinstance(content, dict) else None
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise DatasetError(f'{path}: expected a JSON object with a "classes" list of non-empty names, '
+                           f'e.g. {{"classes": ["background", "crack"]}}')
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise DatasetError(f"{path}: class names {repeated} appear more than once; give each class its own name")
+    if num_classes is not None and len(names) != num_classes:
+        raise DatasetError(f"{path}: lists {len(names)} class names but num_classes is {num_classes}; "
+                           "name every class once, background (class 0) first")
+    return names
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Indexing and validation
 
