@@ -235,6 +235,8 @@ class AttentionBlock(_Checkpointed):
         self.norm = normalization(channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
+        # (q, k, v) -> attention, each batch x heads x length x channels; replaceable per block for benchmarks
+        self.attention = F.scaled_dot_product_attention
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
@@ -245,7 +247,7 @@ class AttentionBlock(_Checkpointed):
             q, k, v = qkv.reshape(b, self.num_heads, 3 * head_channels, length).split(head_channels, dim=2)
         else:
             q, k, v = (part.reshape(b, self.num_heads, head_channels, length) for part in qkv.chunk(3, dim=1))
-        attended = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        attended = self.attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         h = attended.transpose(-1, -2).reshape(b, c, length)
         return (x + self.proj_out(h)).reshape(b, c, *spatial)
 

@@ -1,0 +1,257 @@
+"""Training and sampling speed of the SDM, printed as a table (issue 7's benchmark).
+
+    python benchmarks/speed.py                         # tiny 32 px config on CPU, about a minute
+    python benchmarks/speed.py --compare-naive         # + the straightforward fp32 path, as ratios
+    python benchmarks/speed.py --config full --device cuda --dtype bf16 --batch-size 8   # ISDM's 256 px model
+
+Columns: config, device, dtype, batch, train images/s, peak memory, sampler, steps, s/image, model FLOP/s and
+its share of the device's peak (known GPUs only). FLOPs are counted by torch.utils.flop_counter on one forward
+at batch 1; a training step counts 3 forwards (forward + backward), a guided sampling step 2 (cond + null).
+Sampling runs with classifier-free guidance s = 1.5. Runs longer than --max-sample-steps are timed over that
+many steps and scaled to the full count (marked "~"). The first step of everything is an untimed warm-up.
+
+"naive" = what the reference code does: fp32, attention as explicit softmax(q k^T / sqrt(d)) v instead of PyTorch's
+fused SDPA kernel, and guidance as two separate forwards per step, with ISDM's 300 ancestral steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guided_diffusion.config import config_from_dict  # noqa: E402
+from guided_diffusion.data import one_hot  # noqa: E402
+from guided_diffusion.diffusion import GaussianDiffusion, space_timesteps  # noqa: E402
+from guided_diffusion.guidance import conditional_denoiser  # noqa: E402
+from guided_diffusion.samplers import PerImageNoise, log_snr_timesteps, run_sampler  # noqa: E402
+from guided_diffusion.unet import AttentionBlock, SDMUNet  # noqa: E402
+
+CONFIGS = {
+    "tiny": {"num_classes": 6, "image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2,2",
+             "attention_resolutions": "16", "num_head_channels": 32},
+    # ISDM's default model: 256 px, 256 channels, 6 classes (652 M parameters)
+    "full": {"num_classes": 6, "image_size": 256, "num_channels": 256, "num_res_blocks": 2,
+             "attention_resolutions": "32,16,8", "num_head_channels": 64},
+}
+# Dense peak FLOP/s by device name and dtype (vendor data sheets, without sparsity).
+DEVICE_PEAKS = {"H100": {"bf16": 989e12, "fp32": 67e12}, "H200": {"bf16": 989e12, "fp32": 67e12},
+                "A100": {"bf16": 312e12, "fp32": 19.5e12}, "L40S": {"bf16": 362e12, "fp32": 91.6e12}}
+
+
+@dataclass
+class Row:
+    config: str
+    device: str
+    dtype: str
+    batch: int
+    path: str
+    train_ips: float | None = None
+    peak_mib: float | None = None
+    sampler: str = ""
+    steps: int = 0
+    s_per_image: float | None = None
+    estimated: bool = False
+    flops_per_s: float | None = None
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return weights @ v
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # whole process, kB on Linux
+
+
+def forward_flops(model: SDMUNet, size: int, classes: int, device: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.zeros(1, 3, size, size, device=device)
+    labels = torch.zeros(1, classes, size, size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, torch.zeros(1, device=device), labels)
+    return float(counter.get_total_flops())
+
+
+def time_training(model, diffusion, images, labels, steps: int, autocast: bool, device) -> float:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        t = torch.randint(0, 1000, (len(images),), generator=generator).to(device)
+        noise = torch.randn(images.shape, generator=generator).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = diffusion.training_losses(lambda x, ts: model(x, ts, labels).float(), images, t,
+                                             noise)["loss"].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return steps * len(images) / (time.perf_counter() - start)
+
+
+def time_sampling(model, labels, sampler: str, steps: int, max_steps: int, batched: bool, autocast: bool,
+                  device) -> tuple[float, bool]:
+    """Seconds per image for `steps` guided steps of `sampler` (timed over at most max_steps)."""
+    model_process = GaussianDiffusion.create(1000, "linear", rescale_timesteps=True)
+    timed = min(steps, max_steps)
+    grid = log_snr_timesteps(model_process, timed) if sampler == "dpm++2m" else space_timesteps(1000, str(timed))
+    diffusion = model_process.respaced(grid)
+    size = labels.shape[-1]
+    noise = PerImageNoise(list(range(len(labels))), (3, size, size), device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        denoise = conditional_denoiser(model, labels, 1.5, batched=batched)
+        denoise(noise(), torch.zeros(len(labels), device=device))  # warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        run_sampler(sampler, diffusion, denoise, noise(), noise)
+        synchronize(device)
+    seconds = time.perf_counter() - start
+    return seconds / timed * steps / len(labels), timed < steps
+
+
+def measure(args, path: str, sampler_runs: list[tuple[str, int]]) -> list[Row]:
+    device = torch.device(args.device)
+    naive = path == "naive"
+    dtype = "fp32" if naive else args.dtype
+    autocast = dtype == "bf16"
+    torch.manual_seed(0)
+    config, _ = config_from_dict("train", {"data_dir": "unused", **CONFIGS[args.config],
+                                           "use_checkpoint": args.checkpointing})
+    model = SDMUNet(config.unet_spec()).to(device)
+    if naive:
+        for block in model.modules():
+            if isinstance(block, AttentionBlock):
+                block.attention = naive_attention
+    if args.channels_last and not naive:
+        model = model.to(memory_format=torch.channels_last)
+    flops = forward_flops(model, config.image_size, config.num_classes, device)
+    forward = torch.compile(model) if args.compile and not naive else model
+    b, size = args.batch_size, config.image_size
+    generator = torch.Generator().manual_seed(1)
+    images = (torch.rand(b, 3, size, size, generator=generator) * 2 - 1).to(device)
+    labels = one_hot(torch.randint(0, config.num_classes, (b, size, size), generator=generator),
+                     config.num_classes).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    diffusion = GaussianDiffusion.create(1000, "linear")
+    rows = []
+    if args.train_steps:
+        ips = time_training(forward, diffusion, images, labels, args.train_steps, autocast, device)
+        rows.append(Row(args.config, str(device), dtype, b, path, train_ips=ips, peak_mib=peak_memory_mib(device),
+                        flops_per_s=3 * flops * ips))
+    forward.eval()
+    for sampler, steps in sampler_runs:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, estimated = time_sampling(forward, labels, sampler, steps, args.max_sample_steps,
+                                           batched=not naive, autocast=autocast, device=device)
+        rows.append(Row(args.config, str(device), dtype, b, path, peak_mib=peak_memory_mib(device),
+                        sampler=sampler, steps=steps, s_per_image=seconds, estimated=estimated,
+                        flops_per_s=2 * flops * steps / seconds))
+    print(f"# {path}: {args.config} config, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"{flops / 1e12:.3f} TFLOP per forward at batch 1, {torch.get_num_threads()} CPU threads", flush=True)
+    return rows
+
+
+def device_peak(device: str, dtype: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peaks[dtype] for key, peaks in DEVICE_PEAKS.items() if key in name), None)
+
+
+def print_table(rows: list[Row]) -> None:
+    def fmt(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    header = ("config", "device", "path", "dtype", "batch", "train img/s", "peak MiB", "sampler", "steps",
+              "s/image", "model TFLOP/s", "% peak")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        peak = device_peak(r.device, r.dtype)
+        share = None if peak is None or r.flops_per_s is None else 100 * r.flops_per_s / peak
+        s_image = None if r.s_per_image is None else ("~" if r.estimated else "") + format(r.s_per_image, ".3f")
+        cells = (r.config, r.device, r.path, r.dtype, str(r.batch), fmt(r.train_ips, ".2f"), fmt(r.peak_mib, ".0f"),
+                 r.sampler or "—", str(r.steps or "—"), s_image or "—", fmt(r.flops_per_s and r.flops_per_s / 1e12,
+                                                                          ".3f"), fmt(share, ".1f"))
+        print("| " + " | ".join(cells) + " |")
+
+
+def parse_sampler_runs(text: str) -> list[tuple[str, int]]:
+    runs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, steps = item.partition(":")
+        runs.append((name, int(steps)))
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                        help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 on CUDA, 4 on CPU")
+    parser.add_argument("--train-steps", type=int, default=None, help="timed training steps (0 = skip); "
+                        "default: 20 on CUDA, 5 on CPU")
+    parser.add_argument("--samplers", default="ancestral:300,ddim:50,dpm++2m:20",
+                        help="comma-separated sampler:steps runs")
+    parser.add_argument("--max-sample-steps", type=int, default=None,
+                        help="time at most this many steps of a run and scale to its full length; default: 60 "
+                             "on CUDA, 10 on CPU")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compare-naive", action="store_true",
+                        help="also time the straightforward fp32 path (no SDPA, two-forward guidance, 300 "
+                             "ancestral steps) and print the speed-up of each run over it")
+    args = parser.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.batch_size = args.batch_size or (8 if cuda else 4)
+    args.train_steps = (20 if cuda else 5) if args.train_steps is None else args.train_steps
+    args.max_sample_steps = args.max_sample_steps or (60 if cuda else 10)
+    rows = measure(args, "ours", parse_sampler_runs(args.samplers))
+    if args.compare_naive:
+        naive_rows = measure(args, "naive", [("ancestral", 300)])
+        rows += naive_rows
+    print_table(rows)
+    if args.compare_naive:
+        naive_train = next((r.train_ips for r in naive_rows if r.train_ips), None)
+        naive_sample = next(r.s_per_image for r in naive_rows if r.s_per_image)
+        print("\nspeed-up over the naive path:")
+        for r in rows:
+            if r.path != "ours":
+                continue
+            if r.train_ips and naive_train:
+                print(f"  training: {r.train_ips / naive_train:.2f}x images/s")
+            if r.s_per_image:
+                print(f"  sampling {r.sampler} {r.steps} steps: {naive_sample / r.s_per_image:.2f}x less time "
+                      f"per image than naive ancestral 300")
+
+
+if __name__ == "__main__":
+    main()
