@@ -1,0 +1,238 @@
+"""Real and synthetic (image, mask) sets in memory, at the evaluation's common size.
+
+Real pairs come from a dataset folder, checked by `guided_diffusion.data.index_dataset`. Synthetic pairs come
+from a sample run folder written by `main.py sample`: `samples/<stem>.png` is the synthetic image and
+`labels/<stem>.png` the class-id mask that conditioned it. A sample folder is checked as a whole before anything
+is trained, and every problem is reported in one line: missing folders, unmatched names, a number of classes
+that differs from the dataset's, label ids outside the dataset's classes, sample/label size mismatches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from guided_diffusion.data import Pair, index_dataset, load_image, load_mask, resize_pair
+from guided_diffusion.errors import ConfigError, DatasetError
+from guided_diffusion.results import latest_run_dir
+
+_MAX_LISTED = 4
+
+
+def _listed(items: Sequence[str]) -> str:
+    """'a, b, c' capped at a few items, then 'and N more'."""
+    text = ", ".join(items[:_MAX_LISTED])
+    return text + (f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else "")
+
+
+def _workers() -> int:
+    return min(8, (os.cpu_count() or 1) + 2)
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images (uint8 N x S x S x 3) and class-id masks (N x S x S) of one source, in stem order."""
+
+    name: str
+    stems: tuple[str, ...]
+    images: np.ndarray
+    masks: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def take(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The images and masks at `indices`."""
+        index = np.asarray(indices, dtype=np.int64)
+        return self.images[index], self.masks[index]
+
+
+def concatenate(sets: Sequence[ImageSet], name: str) -> ImageSet:
+    """One set holding the pairs of several (stems prefixed with their set's name so they stay unique)."""
+    if not sets:
+        raise ValueError("no image sets to concatenate")
+    stems = tuple(f"{s.name}/{stem}" for s in sets for stem in s.stems)
+    return ImageSet(name, stems, np.concatenate([s.images for s in sets]), np.concatenate([s.masks for s in sets]))
+
+
+def _compact(mask: np.ndarray) -> np.ndarray:
+    """uint8 class ids when they fit (a quarter of the memory of int64 masks kept for a whole run)."""
+    return mask.astype(np.uint8) if mask.size == 0 or int(mask.max()) < 256 else mask.astype(np.int32)
+
+
+def load_pairs(pairs: Sequence[Pair], dataset_mode: str, image_size: int, resize_mode: str, name: str) -> ImageSet:
+    """Load and resize pairs of (image file, mask file) into an ImageSet (masks read per `dataset_mode`)."""
+
+    def load(pair: Pair) -> tuple[np.ndarray, np.ndarray]:
+        image, mask = resize_pair(load_image(pair.image), load_mask(pair.mask, dataset_mode), image_size, resize_mode)
+        return image, _compact(mask)
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        loaded = list(pool.map(load, pairs))
+    images = np.stack([image for image, _ in loaded]) if loaded else np.empty((0, image_size, image_size, 3), np.uint8)
+    masks = np.stack([mask for _, mask in loaded]) if loaded else np.empty((0, image_size, image_size), np.uint8)
+    return ImageSet(name, tuple(pair.stem for pair in pairs), images, masks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real dataset
+
+
+def class_names(data_dir: str | os.PathLike, num_classes: int) -> list[str]:
+    """Class names from `<data_dir>/classes.json` ("classes": [...]), else class_0, class_1, ...
+
+    Names are made safe for CSV column names (letters, digits, '_' and '-'). A classes.json that lists another
+    number of classes than `num_classes` is an error: one of the two is wrong.
+    """
+    path = Path(data_dir) / "classes.json"
+    if not path.is_file():
+        return [f"class_{i}" for i in range(num_classes)]
+    try:
+        names = json.loads(path.read_text(encoding="utf-8")).get("classes")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        raise DatasetError(f"{path}: not a JSON object with a \"classes\" list of names") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DatasetError(f"{path}: \"classes\" must be a list of class names")
+    if len(names) != num_classes:
+        raise ConfigError(f"key 'num_classes' is {num_classes} but {path} names {len(names)} classes")
+    safe = [re.sub(r"[^A-Za-z0-9_-]+", "_", n).strip("_") or f"class_{i}" for i, n in enumerate(names)]
+    return [name if safe.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(safe)]
+
+
+def num_classes_from_classes_json(data_dir: str | os.PathLike) -> int | None:
+    """The length of the "classes" list in `<data_dir>/classes.json`, or None when there is no usable file."""
+    path = Path(data_dir) / "classes.json"
+    try:
+        names = json.loads(path.read_text(encoding="utf-8")).get("classes")
+    except (OSError, json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+        return None
+    return len(names) if isinstance(names, list) and len(names) >= 2 else None
+
+
+def load_real_dataset(
+    data_dir: str | os.PathLike, dataset_mode: str, num_classes: int, image_size: int, resize_mode: str
+) -> tuple[ImageSet, ImageSet]:
+    """The checked train and test splits of a dataset folder, resized to image_size (masks as class ids)."""
+    index = index_dataset(data_dir, dataset_mode, num_classes, require_test=True)
+    train = load_pairs(index.train, dataset_mode, image_size, resize_mode, "train")
+    test = load_pairs(index.test, dataset_mode, image_size, resize_mode, "test")
+    return train, test
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sample run folders
+
+
+@dataclass(frozen=True)
+class SampleFolder:
+    """A sample run folder's synthetic pairs: Pair.image = samples/<stem>.png, Pair.mask = labels/<stem>.png."""
+
+    path: Path
+    pairs: tuple[Pair, ...]
+    num_classes: int | None  # from its config.json, when it has one
+    data_dir: str | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def resolve_sample_dir(path: str | os.PathLike) -> Path:
+    """A sample run folder as given, or the newest `sample_NNN` inside a folder of runs (e.g. Results/demo)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DatasetError(f"sample folder {path}: not found")
+    if (folder / "samples").is_dir() or (folder / "labels").is_dir():
+        return folder
+    newest = latest_run_dir(folder, "sample")
+    if newest is None:
+        raise DatasetError(f"sample folder {path}: has no samples/ and labels/ (expected a run folder written by "
+                           "`main.py sample`, or a folder holding sample_NNN runs)")
+    return newest
+
+
+def _read_sample_config(folder: Path) -> dict:
+    """A sample folder's config.json as a dict ({} when it has none)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DatasetError(f"{path}: not valid JSON") from None
+    return config if isinstance(config, dict) else {}
+
+
+def recorded_num_classes(folder: Path) -> int | None:
+    """The num_classes a sample folder's config.json records, or None."""
+    value = _read_sample_config(folder).get("num_classes")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _pngs(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() == ".png" and not p.name.startswith(".")}
+
+
+def index_sample_folder(path: str | os.PathLike, num_classes: int) -> SampleFolder:
+    """List and pair a sample folder's samples/ and labels/, and check its config.json against the dataset."""
+    folder = resolve_sample_dir(path)
+    where = f"sample folder {folder}"
+    missing = [name for name in ("samples", "labels") if not (folder / name).is_dir()]
+    if missing:
+        raise DatasetError(f"{where}: {' and '.join(missing)}/ missing (expected the output of `main.py sample`)")
+    sampled_classes = recorded_num_classes(folder)
+    if sampled_classes is not None and sampled_classes != num_classes:
+        raise DatasetError(f"{where}: sampled with num_classes {sampled_classes} (its config.json) but the dataset "
+                           f"has {num_classes} classes; evaluate samples with the dataset their model learned")
+
+    samples, labels = _pngs(folder / "samples"), _pngs(folder / "labels")
+    problems = []
+    if not samples:
+        problems.append("samples/ holds no .png files")
+    lonely_samples = sorted(set(samples) - set(labels))
+    lonely_labels = sorted(set(labels) - set(samples))
+    if lonely_samples:
+        problems.append(f"{len(lonely_samples)} samples without a label ({_listed(lonely_samples)})")
+    if lonely_labels:
+        problems.append(f"{len(lonely_labels)} labels without a sample ({_listed(lonely_labels)})")
+    if problems:
+        raise DatasetError(f"{where}: " + "; ".join(problems))
+    pairs = tuple(Pair(stem, samples[stem], labels[stem]) for stem in sorted(samples))
+    data_dir = _read_sample_config(folder).get("data_dir")
+    return SampleFolder(folder, pairs, sampled_classes, data_dir if isinstance(data_dir, str) else None)
+
+
+def load_sample_folder(folder: SampleFolder, num_classes: int, image_size: int, resize_mode: str) -> ImageSet:
+    """Decode every synthetic pair, check label ids and sizes (all problems in one error), resize to image_size."""
+    where = f"sample folder {folder.path}"
+
+    def load(pair: Pair) -> tuple[np.ndarray, np.ndarray] | str:
+        try:
+            image = load_image(pair.image)
+            mask = load_mask(pair.mask, "multi-class")  # labels/ holds class ids in every dataset mode
+        except DatasetError as error:
+            return str(error).replace(str(folder.path) + os.sep, "")
+        if image.shape[:2] != mask.shape:
+            return (f"{pair.stem}: sample {image.shape[1]}x{image.shape[0]} but label "
+                    f"{mask.shape[1]}x{mask.shape[0]}")
+        bad = sorted(int(v) for v in np.unique(mask) if v >= num_classes)
+        if bad:
+            return f"labels/{pair.mask.name}: class ids {bad[:8]} outside the dataset's 0..{num_classes - 1}"
+        resized_image, resized_mask = resize_pair(image, mask, image_size, resize_mode)
+        return resized_image, _compact(resized_mask)
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        loaded = list(pool.map(load, folder.pairs))
+    problems = [item for item in loaded if isinstance(item, str)]
+    if problems:
+        raise DatasetError(f"{where}: {len(problems)} unusable pairs: {_listed(problems)}")
+    images = np.stack([image for image, _ in loaded])
+    masks = np.stack([mask for _, mask in loaded])
+    return ImageSet(folder.name, tuple(pair.stem for pair in folder.pairs), images, masks)

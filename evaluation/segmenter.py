@@ -1,0 +1,266 @@
+"""Segmenters from segmentation_models_pytorch: build, train on in-memory (image, mask) arrays, predict.
+
+Training is a fixed number of optimizer steps, not epochs, so that every mix of an experiment gets the same
+budget: with epochs, a mix of 100 real + 300 synthetic images would get four times the updates of 100 real
+images alone, and a gain could come from the extra updates rather than from the synthetic data. Batches are
+drawn from successive seeded permutations of the training set (every image once per pass).
+
+Determinism: the weights' initialisation, dropout, batch order and flips all come from `TrainSettings.seed`.
+For a seed, every mix starts from the same initial weights, so mixes are compared in pairs. On CPU a run is
+repeatable bit for bit; on CUDA some kernels are not deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+from segmentation_models_pytorch.losses import DiceLoss
+from torch import nn
+from tqdm import tqdm
+
+from guided_diffusion.errors import CheckpointError, ConfigError
+
+from .config import canonical_architecture
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "unetplusplus": smp.UnetPlusPlus,
+    "fpn": smp.FPN,
+    "deeplabv3plus": smp.DeepLabV3Plus,
+    "unet": smp.Unet,
+}
+"""The smp class behind each architecture name of config.ARCHITECTURE_NAMES."""
+
+# ImageNet statistics: what smp encoders expect when they start from pretrained weights; harmless from scratch
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """What to build: architecture, encoder and number of classes; `encoder_weights` is a local file or None."""
+
+    architecture: str
+    num_classes: int
+    encoder: str = "resnet18"
+    encoder_weights: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How to train: optimizer steps, batch size, AdamW with cosine decay, flips, seed and the ignored label."""
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    augment: bool = True
+    seed: int = 0
+    ignore_index: int | None = None
+
+
+def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a weights file: a plain state dict, or a dict holding one under 'state_dict' or 'model'."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"encoder_weights {path}: file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a corrupt or foreign file is a user mistake
+        raise CheckpointError(f"encoder_weights {path}: cannot be read as PyTorch weights ({type(error).__name__})")
+    for key in ("state_dict", "model"):
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+    if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise CheckpointError(f"encoder_weights {path}: not a state dict of tensors")
+    return payload
+
+
+def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local encoder state dict (torchvision/timm naming as smp's encoder has it) into `model.encoder`."""
+    state = _read_state_dict(path)
+    encoder = model.encoder
+    own = encoder.state_dict()
+    if not any(key in own for key in state) and any(f"model.{key}" in own for key in state):
+        state = {f"model.{key}": value for key, value in state.items()}  # timm weights for a 'tu-' encoder
+    # the classifier head of an ImageNet checkpoint has no place in an encoder
+    heads = ("fc", "classifier", "head")
+    state = {key: value for key, value in state.items() if key in own or key.split(".")[0] not in heads}
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    wrong = [key for key in own if key in state and tuple(state[key].shape) != tuple(own[key].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
+        raise CheckpointError(f"encoder_weights {path}: does not fit encoder {type(encoder).__name__}: "
+                              + ", ".join(parts))
+    encoder.load_state_dict(state)
+
+
+def build_segmenter(spec: SegmenterSpec, seed: int = 0) -> nn.Module:
+    """A fresh smp model; random init from `seed`, then the encoder weights file when one is given."""
+    architecture = canonical_architecture(spec.architecture)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = ARCHITECTURES[architecture](encoder_name=spec.encoder, encoder_weights=None, in_channels=3,
+                                               classes=spec.num_classes)
+        except (KeyError, ValueError) as error:
+            text = str(error).strip("'\"").splitlines()[0][:160]
+            raise ConfigError(f"key 'encoder': {spec.encoder!r} cannot be used with {architecture} ({text})") from None
+    if spec.encoder_weights:
+        load_encoder_weights(model, spec.encoder_weights)
+    return model
+
+
+def images_to_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images to the float (N, 3, H, W) input the encoders expect (ImageNet normalised)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(_STD, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _stack(images: Sequence[np.ndarray] | np.ndarray, masks: Sequence[np.ndarray] | np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Check that images are uint8 (N, H, W, 3) and masks (N, H, W) of one size, and return them as arrays."""
+    if len(images) != len(masks):
+        raise ValueError(f"{len(images)} images for {len(masks)} masks")
+    if len(images) == 0:
+        raise ValueError("no training images")
+    images = images if isinstance(images, np.ndarray) else np.stack(list(images))
+    masks = masks if isinstance(masks, np.ndarray) else np.stack(list(masks))
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    if masks.shape != images.shape[:3]:
+        raise ValueError(f"masks must be (N, H, W) = {images.shape[:3]}, got {masks.shape}")
+    return images, masks
+
+
+def batch_order(num_items: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarray]:
+    """Indices of each step's batch: successive seeded permutations, cut into batches across pass boundaries,
+    so every batch is full even when the set is smaller than a batch."""
+    rng = np.random.default_rng(seed)
+    pending = np.empty(0, dtype=np.int64)
+    for _ in range(steps):
+        while len(pending) < batch_size:
+            pending = np.concatenate([pending, rng.permutation(num_items)])
+        yield pending[:batch_size]
+        pending = pending[batch_size:]
+
+
+def _flip(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random horizontal and vertical flips per image (defect images have no preferred orientation)."""
+    images, masks = images.copy(), masks.copy()
+    for i in range(len(images)):
+        if rng.random() < 0.5:
+            images[i], masks[i] = images[i, :, ::-1], masks[i, :, ::-1]
+        if rng.random() < 0.5:
+            images[i], masks[i] = images[i, ::-1], masks[i, ::-1]
+    return images, masks
+
+
+def segmentation_loss(num_classes: int, ignore_index: int | None = None) -> nn.Module:
+    """Dice (smp) + cross-entropy, both skipping pixels labelled `ignore_index`."""
+
+    class DiceCrossEntropy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dice = DiceLoss(mode="multiclass", from_logits=True, ignore_index=ignore_index)
+            self.cross_entropy = nn.CrossEntropyLoss(ignore_index=-100 if ignore_index is None else ignore_index)
+
+        def forward(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+            return self.dice(logits, masks) + self.cross_entropy(logits, masks)
+
+    return DiceCrossEntropy()
+
+
+def _check_labels(masks: np.ndarray, num_classes: int, ignore_index: int | None) -> None:
+    """Refuse label values that are neither a class id nor the ignored label (they would crash the loss)."""
+    values = np.unique(masks)
+    bad = [int(v) for v in values if not (0 <= v < num_classes) and v != ignore_index]
+    if bad:
+        raise ValueError(f"mask values {bad[:8]} are not class ids 0..{num_classes - 1}"
+                         + (f" nor the ignored label {ignore_index}" if ignore_index is not None else ""))
+
+
+def train_segmenter(
+    images: Sequence[np.ndarray] | np.ndarray,
+    masks: Sequence[np.ndarray] | np.ndarray,
+    spec: SegmenterSpec,
+    settings: TrainSettings,
+    device: torch.device | str = "cpu",
+    desc: str = "segmenter",
+    progress: bool = True,
+) -> tuple[nn.Module, float]:
+    """Train a fresh segmenter on uint8 (H, W, 3) images and (H, W) class-id masks of one size.
+
+    Returns the model (in eval mode, on `device`) and the mean loss of the last tenth of the steps.
+    """
+    images, masks = _stack(images, masks)
+    _check_labels(masks, spec.num_classes, settings.ignore_index)
+    if settings.steps < 1 or settings.batch_size < 2:
+        raise ValueError(f"need steps >= 1 and batch_size >= 2, got {settings.steps} and {settings.batch_size}")
+    device = torch.device(device)
+    model = build_segmenter(spec, settings.seed).to(device)
+    loss_fn = segmentation_loss(spec.num_classes, settings.ignore_index)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.steps)
+    flips = np.random.default_rng([settings.seed, 1])
+    tail = max(1, math.ceil(settings.steps / 10))
+    recent: list[float] = []
+    devices = [device.index or 0] if device.type == "cuda" else []
+    model.train()
+    with torch.random.fork_rng(devices=devices), tqdm(total=settings.steps, desc=desc, unit="step",
+                                                       dynamic_ncols=True, disable=not progress) as bar:
+        torch.manual_seed(settings.seed)  # dropout
+        for step, index in enumerate(batch_order(len(images), settings.batch_size, settings.steps, settings.seed)):
+            batch_images, batch_masks = images[index], masks[index]
+            if settings.augment:
+                batch_images, batch_masks = _flip(batch_images, batch_masks, flips)
+            x = images_to_tensor(batch_images, device)
+            y = torch.from_numpy(np.ascontiguousarray(batch_masks)).to(device).long()
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            value = float(loss.detach())
+            if step >= settings.steps - tail:
+                recent.append(value)
+            bar.update(1)
+            if step % 10 == 0 or step == settings.steps - 1:
+                bar.set_postfix(loss=f"{value:.3f}")
+    model.eval()
+    return model, float(np.mean(recent))
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, images: Sequence[np.ndarray] | np.ndarray, device: torch.device | str = "cpu",
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Class ids (N, H, W, uint8 up to 256 classes) predicted for uint8 (N, H, W, 3) images of one size."""
+    images = images if isinstance(images, np.ndarray) else np.stack(list(images))
+    device = torch.device(device)
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        logits = model(images_to_tensor(images[start : start + batch_size], device))
+        outputs.append(logits.argmax(dim=1).cpu().numpy())
+    predicted = np.concatenate(outputs) if outputs else np.empty((0, *images.shape[1:3]), dtype=np.int64)
+    return predicted.astype(np.uint8 if model_num_classes(model) <= 256 else np.int64)
+
+
+def model_num_classes(model: nn.Module) -> int:
+    """Number of output classes of an smp model (its segmentation head's last conv)."""
+    convs = [m for m in model.segmentation_head.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
