@@ -19,3 +19,7 @@ class DatasetError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint file is missing, unreadable, or does not fit the config."""
+
+
+class LaunchError(UserError):
+    """The launcher's environment variables (torchrun, Slurm, Open MPI) are missing, half set or inconsistent."""

@@ -9,6 +9,17 @@ Every random draw of a step (batch order, flips, timesteps, noise, null labels) 
 state is in the checkpoint, so N steps + resume + M steps gives the weights of N + M steps. The epoch loss is
 the mean of the per-sample losses already computed for the epoch's batches; the checkpoint of the best epoch
 (lowest loss) is kept as `checkpoints/best.pt`, the full state every `save_interval` steps as `latest.pt`.
+
+With N processes (see distributed.py) the model is wrapped in DistributedDataParallel and `batch_size` is the
+batch of one process: a step takes a global batch of batch_size x N items of the epoch's order, and each rank
+loads and trains on its own contiguous slice of it. Every rank draws the step's random quantities (flips,
+timesteps, noise, null labels) for the whole global batch from the same generator and keeps its slice, so N
+processes compute what one process with the global batch computes, up to float rounding. Rank 0 alone writes
+logs and checkpoints; the epoch loss is the all-reduced sum of the losses every rank already computed.
+
+SIGTERM (Slurm's preemption or requeue) and SIGUSR1 (`sbatch --signal=USR1@...` before the time limit) end the
+loop after the current step with `latest.pt` saved; `main.py` then exits with status 75 and the sbatch
+templates requeue the job, which resumes from that checkpoint (`auto_resume`).
 """
 
 from __future__ import annotations
@@ -17,14 +28,17 @@ import copy
 import dataclasses
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import TrainConfig, config_to_dict
 from .data import SegmentationDataset, index_dataset, one_hot, split_train_val
 from .diffusion import GaussianDiffusion
@@ -36,11 +50,15 @@ EPOCH_FIELDS = ["epoch", "step", "loss", "mse", "vb", "best_loss", "is_best", "i
 
 
 def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device for key 'device'. With several processes, 'auto' and 'cuda' mean this process's GPU (the
+    current device, set to LOCAL_RANK when the process group was set up)."""
     if name.startswith("cuda") and not torch.cuda.is_available():
         from .errors import ConfigError
         raise ConfigError(f"key 'device' is {name!r} but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if name in ("auto", "cuda") and torch.cuda.is_available() and distributed.current_world().size > 1:
+        return torch.device("cuda", torch.cuda.current_device())
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
@@ -82,14 +100,28 @@ class TrainResult:
     latest_checkpoint: Path
     state: TrainState
     stop_reason: str
+    stop_signal: str | None = None  # "SIGTERM"/"SIGUSR1" when a signal ended the run (latest.pt was saved)
+
+
+class _NoLog:
+    """Stands in for the CSV logs on ranks other than 0, which write nothing."""
+
+    def write(self, _row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Trainer:
     """Holds the objects built once for a run; `run()` executes the loop."""
 
     def __init__(self, config: TrainConfig, action: str, log=print):
-        """Validate the data and build everything; only then make the run's fresh folder under root_log_dir."""
-        self.config, self.action, self.log = config, action, log
+        """Validate the data and build everything; only then make the run's fresh folder under root_log_dir
+        (rank 0 makes it; the other ranks learn its path and write nothing)."""
+        self.world = distributed.current_world()
+        self.config, self.action = config, action
+        self.log = log if self.world.is_main else (lambda *_: None)
         self.device = select_device(config.device)
         torch.manual_seed(config.seed)
         index = index_dataset(config.data_dir, config.dataset_mode, config.num_classes, require_test=False)
@@ -102,14 +134,21 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed + 1)
         self.state = TrainState()
-        self.running = torch.zeros(3, dtype=torch.float64, device=self.device)  # this epoch's loss/mse/vb sums
-        self.forward = torch.compile(self.model) if config.compile else self.model
+        # This rank's sums of loss/mse/vb over the epoch so far (rank 0's also hold what a resume carried over).
+        self.running = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.ddp: DistributedDataParallel | None = None
+        if self.world.size > 1:  # broadcasts rank 0's weights; averages gradients in backward
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DistributedDataParallel(self.model, device_ids=device_ids)
+        network = self.ddp if self.ddp is not None else self.model
+        self.forward = torch.compile(network) if config.compile else network
         self.autocast = config.use_fp16 and self.device.type == "cuda"
-        self.run_dir = new_run_dir(config.root_log_dir, action)
+        self.run_dir = distributed.made_by_main(lambda: new_run_dir(config.root_log_dir, action))
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        self.checkpoint_dir.mkdir()
-        write_json(self.run_dir / "config.json", config_to_dict(config))
-        log(f"run folder: {self.run_dir}")
+        if self.world.is_main:
+            self.checkpoint_dir.mkdir()
+            write_json(self.run_dir / "config.json", config_to_dict(config))
+        self.log(f"run folder: {self.run_dir}")
 
     # --- starting point ---------------------------------------------------------------------------------
     def start_from(self, path: Path) -> str:
@@ -124,7 +163,7 @@ class Trainer:
             return f"initialised weights from {path}"
         self.optimizer.load_state_dict(payload["optimizer"])
         earlier_best = Path(path).parent / "best.pt"
-        if earlier_best.is_file():  # the best epoch so far may be in the earlier run: carry it over
+        if earlier_best.is_file() and self.world.is_main:  # the best epoch so far may be in the earlier run
             ckpt.save_checkpoint(self.checkpoint_dir / "best.pt", ckpt.load_checkpoint(earlier_best))
         self.state = TrainState(**payload["train_state"])
         self.generator.set_state(payload["generator"])
@@ -142,8 +181,10 @@ class Trainer:
         return payload
 
     def save_latest(self) -> None:
-        self.state.epoch_sums = self.running.tolist()
-        ckpt.save_checkpoint(self.checkpoint_dir / "latest.pt", self._payload(full=True))
+        """Rank 0 saves the full state; a collective with several processes (all ranks call it together)."""
+        self.state.epoch_sums = distributed.all_reduce_sum(self.running).tolist()
+        if self.world.is_main:
+            ckpt.save_checkpoint(self.checkpoint_dir / "latest.pt", self._payload(full=True))
 
     # --- one step -----------------------------------------------------------------------------------------
     def _draws(self, batch_size: int) -> dict[str, torch.Tensor]:
@@ -160,9 +201,19 @@ class Trainer:
             return self.config.lr * max(0.0, 1 - self.state.step / self.config.lr_anneal_steps)
         return self.config.lr
 
-    def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """One optimiser step on a batch; returns the per-sample [loss, mse, vb] (detached)."""
-        draws = self._draws(images.shape[0])
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor, rows: slice | None = None,
+                   batch_count: int | None = None, padding: bool = False) -> torch.Tensor:
+        """One optimiser step; returns the per-sample [loss, mse, vb] of `images` (detached).
+
+        `images`/`masks` are rows `rows` of a global batch of `batch_count` items (one process: all of them).
+        The draws are made for the whole global batch and sliced, so every rank draws what one process would.
+        A rank's loss is its sum divided by batch_count / world size: DDP's average over ranks then is the
+        gradient of the global batch's mean loss, even when a last partial batch splits unevenly. A `padding`
+        rank (a last batch with fewer items than ranks) trains on one borrowed item with weight 0, because
+        every rank must take part in DDP's gradient all-reduce."""
+        batch_count = images.shape[0] if batch_count is None else batch_count
+        rows = slice(0, batch_count) if rows is None else rows
+        draws = {name: value[rows] for name, value in self._draws(batch_count).items()}
         flip = draws["flip"]
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         masks = torch.where(flip[:, None, None], masks.flip(-1), masks)
@@ -173,13 +224,18 @@ class Trainer:
             group["lr"] = self._lr()
         self.optimizer.zero_grad(set_to_none=True)
         chunk = self.config.microbatch if self.config.microbatch > 0 else images.shape[0]
+        starts = range(0, images.shape[0], chunk)
+        divisor = batch_count / self.world.size
         per_sample = []
-        for start in range(0, images.shape[0], chunk):
+        for start in starts:
             sl = slice(start, start + chunk)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                terms = self.diffusion.training_losses(lambda x, ts: self.forward(x, ts, labels[sl]), images[sl],
-                                                       t[sl], noise[sl])
-            (terms["loss"].sum() / images.shape[0]).backward()
+            accumulate = self.ddp is not None and start != starts[-1]  # all-reduce once, after the last chunk
+            with self.ddp.no_sync() if accumulate else nullcontext():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    terms = self.diffusion.training_losses(lambda x, ts: self.forward(x, ts, labels[sl]),
+                                                           images[sl], t[sl], noise[sl])
+                loss = terms["loss"].sum() / divisor
+                (loss * 0.0 if padding else loss).backward()
             per_sample.append(torch.stack([terms["loss"], terms["mse"], terms["vb"]], dim=1).detach().float())
         self.optimizer.step()
         self._update_ema()
@@ -196,83 +252,123 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        cfg, state = self.config, self.state
-        step_log = CsvLog(self.run_dir / "log.csv", STEP_FIELDS)
-        epoch_log = CsvLog(self.run_dir / "epochs.csv", EPOCH_FIELDS)
+        cfg, state, world = self.config, self.state, self.world
+        logs = (CsvLog(self.run_dir / "log.csv", STEP_FIELDS), CsvLog(self.run_dir / "epochs.csv", EPOCH_FIELDS)) \
+            if world.is_main else (_NoLog(), _NoLog())
+        step_log, epoch_log = logs
         num_items = len(self.dataset)
-        batches_per_epoch = math.ceil(num_items / cfg.batch_size)
+        global_batch = cfg.batch_size * world.size
+        batches_per_epoch = math.ceil(num_items / global_batch)
         total = cfg.max_epochs * batches_per_epoch
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
-        self.log(f"training on {num_items} images ({len(self.val_pairs)} held out for validation), "
-                 f"{batches_per_epoch} batches of {cfg.batch_size} per epoch, device {self.device}")
-        stop_reason = "max_epochs reached"
-        bar = tqdm(total=total, initial=min(state.step, total), desc=self.action, unit="step", dynamic_ncols=True)
+        if world.size == 1:
+            self.log(f"training on {num_items} images ({len(self.val_pairs)} held out for validation), "
+                     f"{batches_per_epoch} batches of {cfg.batch_size} per epoch, device {self.device}")
+        else:
+            self.log(f"training on {num_items} images ({len(self.val_pairs)} held out for validation) with "
+                     f"{world.size} processes: global batch {global_batch} = batch_size {cfg.batch_size} per process "
+                     f"x {world.size} processes, {batches_per_epoch} batches per epoch, rank 0 on {self.device}")
+        stop_reason, stop_signal = "max_epochs reached", None
+        bar = tqdm(total=total, initial=min(state.step, total), desc=self.action, unit="step", dynamic_ncols=True,
+                   disable=not world.is_main)
         window_images, window_start = 0, time.perf_counter()
         epoch_start = time.perf_counter()
-        try:
-            while state.epoch < cfg.max_epochs:
-                order = epoch_order(num_items, cfg.seed, state.epoch)
-                self.running = torch.tensor(state.epoch_sums, dtype=torch.float64, device=self.device)
-                for b in range(state.batch_in_epoch, batches_per_epoch):
-                    if cfg.max_steps and state.step >= cfg.max_steps:
-                        stop_reason = "max_steps reached"
+        # Stop signals are recorded, not fatal, until the run has written its files and every rank is done.
+        with distributed.StopSignals() as signals:
+            try:
+                while state.epoch < cfg.max_epochs and stop_signal is None:
+                    order = epoch_order(num_items, cfg.seed, state.epoch)
+                    carried = state.epoch_sums if world.is_main else [0.0, 0.0, 0.0]  # counted once, on rank 0
+                    self.running = torch.tensor(carried, dtype=torch.float64, device=self.device)
+                    for b in range(state.batch_in_epoch, batches_per_epoch):
+                        if cfg.max_steps and state.step >= cfg.max_steps:
+                            stop_reason = "max_steps reached"
+                            break
+                        indices = order[b * global_batch:(b + 1) * global_batch]
+                        per_sample = self._step_on(indices)
+                        self.running += per_sample.sum(0).double()
+                        state.step += 1
+                        state.batch_in_epoch = b + 1
+                        state.epoch_count += len(indices)
+                        window_images += len(indices)
+                        bar.update(1)
+                        if state.step % cfg.log_interval == 0:
+                            means = self._mean_over_ranks(per_sample)
+                            elapsed = time.perf_counter() - window_start
+                            speed = window_images / elapsed if elapsed > 0 else 0.0
+                            step_log.write({"step": state.step, "epoch": state.epoch, "loss": means[0],
+                                            "mse": means[1], "vb": means[2], "lr": self._lr(),
+                                            "images_per_s": round(speed, 3)})
+                            bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{speed:.1f}")
+                            window_images, window_start = 0, time.perf_counter()
+                        if cfg.patience_unit == "steps":
+                            state.steps_without_improvement += 1
+                        if state.step % cfg.save_interval == 0:
+                            self.save_latest()
+                        if distributed.any_rank(signals.received is not None, self.device):
+                            stop_signal = signals.received or "a stop signal on another rank"
+                            stop_reason = (f"stopped by {stop_signal} after step {state.step}: latest.pt saved; "
+                                           "rerun with auto_resume (or resume_checkpoint) to continue")
+                            break
+                        if cfg.patience and cfg.patience_unit == "steps" and \
+                                state.steps_without_improvement >= cfg.patience:
+                            stop_reason = f"no improvement for {cfg.patience} steps"
+                            break
+                    if state.batch_in_epoch < batches_per_epoch:
+                        break  # stopped inside the epoch (max_steps, step patience or a signal)
+                    self._end_epoch(epoch_log, time.perf_counter() - epoch_start)
+                    epoch_start = time.perf_counter()
+                    if cfg.patience and cfg.patience_unit == "epochs" and \
+                            state.epochs_without_improvement >= cfg.patience:
+                        stop_reason = f"no improvement for {cfg.patience} epochs"
                         break
-                    indices = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                    items = [self.dataset[i] for i in indices]
-                    images = torch.stack([it["image"] for it in items])
-                    masks = torch.stack([it["mask"] for it in items])
-                    per_sample = self.train_step(images, masks)
-                    self.running += per_sample.sum(0).double()
-                    state.step += 1
-                    state.batch_in_epoch = b + 1
-                    state.epoch_count += len(indices)
-                    window_images += len(indices)
-                    bar.update(1)
-                    if state.step % cfg.log_interval == 0:
-                        means = (per_sample.mean(0)).tolist()
-                        elapsed = time.perf_counter() - window_start
-                        speed = window_images / elapsed if elapsed > 0 else 0.0
-                        step_log.write({"step": state.step, "epoch": state.epoch, "loss": means[0], "mse": means[1],
-                                        "vb": means[2], "lr": self._lr(), "images_per_s": round(speed, 3)})
-                        bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{speed:.1f}")
-                        window_images, window_start = 0, time.perf_counter()
-                    if cfg.patience_unit == "steps":
-                        state.steps_without_improvement += 1
-                    if state.step % cfg.save_interval == 0:
-                        self.save_latest()
-                    if cfg.patience and cfg.patience_unit == "steps" and state.steps_without_improvement >= cfg.patience:
-                        stop_reason = f"no improvement for {cfg.patience} steps"
-                        break
-                if state.batch_in_epoch < batches_per_epoch:
-                    break  # stopped inside the epoch (max_steps or step patience)
-                self._end_epoch(epoch_log, time.perf_counter() - epoch_start)
-                epoch_start = time.perf_counter()
-                if cfg.patience and cfg.patience_unit == "epochs" and state.epochs_without_improvement >= cfg.patience:
-                    stop_reason = f"no improvement for {cfg.patience} epochs"
-                    break
-            self.save_latest()
-        except KeyboardInterrupt:
-            self.save_latest()
-            self.log(f"interrupted: saved {self.checkpoint_dir / 'latest.pt'}")
-            raise
-        finally:
-            bar.close()
-            step_log.close()
-            epoch_log.close()
-        best = self.checkpoint_dir / "best.pt"
-        if not best.exists():  # stopped before the first epoch ended: the latest weights are all we have
-            ckpt.save_checkpoint(best, self._payload(full=False))
-        summary = {"stop_reason": stop_reason, "steps": state.step, "epochs_completed": state.epoch,
-                   "best_epoch": state.best_epoch, "best_loss": state.best_loss if math.isfinite(state.best_loss) else None}
-        write_json(self.run_dir / "summary.json", summary)
+                self.save_latest()
+            except KeyboardInterrupt:
+                if world.size == 1:  # with several ranks the others may not be here: no collective save
+                    self.save_latest()
+                    self.log(f"interrupted: saved {self.checkpoint_dir / 'latest.pt'}")
+                raise
+            finally:
+                bar.close()
+                step_log.close()
+                epoch_log.close()
+            best = self.checkpoint_dir / "best.pt"
+            if world.is_main:
+                if not best.exists():  # stopped before the first epoch ended: the latest weights are all we have
+                    ckpt.save_checkpoint(best, self._payload(full=False))
+                summary = {"stop_reason": stop_reason, "steps": state.step, "epochs_completed": state.epoch,
+                           "best_epoch": state.best_epoch,
+                           "best_loss": state.best_loss if math.isfinite(state.best_loss) else None,
+                           "processes": world.size, "global_batch": global_batch}
+                write_json(self.run_dir / "summary.json", summary)
+            distributed.barrier()  # no rank exits (and ends an srun step) before rank 0 wrote its files
         self.log(f"{stop_reason}; best epoch {state.best_epoch} (loss {state.best_loss:.5f}); "
                  f"checkpoints in {self.checkpoint_dir}")
-        return TrainResult(self.run_dir, best, self.checkpoint_dir / "latest.pt", state, stop_reason)
+        return TrainResult(self.run_dir, best, self.checkpoint_dir / "latest.pt", state, stop_reason, stop_signal)
 
-    def _end_epoch(self, epoch_log: CsvLog, seconds: float) -> None:
+    def _step_on(self, indices: list[int]) -> torch.Tensor:
+        """Load this rank's slice of the global batch `indices` and train one step; its per-sample terms."""
+        start, stop = distributed.shard_bounds(len(indices), self.world)
+        padding = start == stop
+        rows = slice(0, 1) if padding else slice(start, stop)
+        items = [self.dataset[i] for i in indices[rows]]
+        images = torch.stack([it["image"] for it in items])
+        masks = torch.stack([it["mask"] for it in items])
+        per_sample = self.train_step(images, masks, rows, len(indices), padding)
+        return per_sample[:0] if padding else per_sample
+
+    def _mean_over_ranks(self, per_sample: torch.Tensor) -> list[float]:
+        """The step's mean [loss, mse, vb] over the global batch (all-reduced from every rank's terms)."""
+        if self.world.size == 1:
+            return per_sample.mean(0).tolist()
+        count = torch.tensor([per_sample.shape[0]], dtype=torch.float64, device=per_sample.device)
+        totals = distributed.all_reduce_sum(torch.cat([per_sample.sum(0).double(), count]))
+        return (totals[:3] / totals[3]).tolist()
+
+    def _end_epoch(self, epoch_log: CsvLog | _NoLog, seconds: float) -> None:
         state = self.state
-        state.epoch_sums = self.running.tolist()
+        state.epoch_sums = distributed.all_reduce_sum(self.running).tolist()
         loss, mse, vb = (s / max(state.epoch_count, 1) for s in state.epoch_sums)
         is_best = loss < state.best_loss
         if is_best:
@@ -287,5 +383,5 @@ class Trainer:
         state.epoch += 1
         state.batch_in_epoch, state.epoch_sums, state.epoch_count = 0, [0.0, 0.0, 0.0], 0
         self.running = torch.zeros(3, dtype=torch.float64, device=self.device)
-        if is_best:
+        if is_best and self.world.is_main:
             ckpt.save_checkpoint(self.checkpoint_dir / "best.pt", self._payload(full=False))
