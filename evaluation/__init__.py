@@ -11,5 +11,7 @@ The pieces are importable for other stages (this file imports nothing, so `--hel
   `ignore_index` (e.g. 255) that the loss and the metrics both skip;
 - evaluation.alignment: `label_alignment_score`;
 - evaluation.image_sets: `load_pairs`, `load_real_dataset`, `index_sample_folder`, `load_sample_folder`;
-- evaluation.pipeline: `run_evaluation` (the whole script), evaluation.cli: `main`.
+- evaluation.pipeline: `run_evaluation` (the whole script), evaluation.cli: `main`;
+- evaluation.freemask: FreeMask's filter of badly synthesised pixels and mask hardness (`load_or_train_scorer`,
+  `filter_sample_folder`, `real_mask_hardness`); evaluation.filter: `main` of `evaluation/filter.sh`.
 """

@@ -23,7 +23,7 @@ _OPTIONS: dict[str, str] = {
     "encoder": "encoder", "encoder_weights": "encoder_weights", "dataset_mode": "dataset_mode",
     "num_classes": "num_classes", "image_size": "image_size", "resize_mode": "resize_mode",
     "batch_size": "batch_size", "steps": "steps", "lr": "lr", "device": "device", "root_log_dir": "root_log_dir",
-    "inception_weights": "inception_weights",
+    "inception_weights": "inception_weights", "synthetic_labels": "synthetic_labels",
 }
 
 
@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--root-log-dir", help="where the evaluate_NNN run folder is made (default Results)")
     parser.add_argument("--inception-weights", metavar="FILE", help="local Inception-v3 weights: adds FID/KID")
+    parser.add_argument("--synthetic-labels", choices=["raw", "filtered"],
+                        help="train on labels/ (raw, default) or on labels_filtered/ of evaluation/filter.sh "
+                             "(255 = ignored pixels, dropped images left out)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set label_alignment=false")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")

@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guided_diffusion.config import parse_override  # noqa: F401 (the evaluation CLI's --set)
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError
 
 from .mixes import parse_mixes
+
+SYNTHETIC_LABELS = ("raw", "filtered")
+"""Which labels of the sample folders train the segmenters: labels/ as sampled, or labels_filtered/ (255 =
+ignored pixels) less the images the filter dropped."""
 
 ARCHITECTURE_NAMES = ("unetplusplus", "fpn", "deeplabv3plus", "unet")
 """Segmenters accepted in `models` (segmentation_models_pytorch's Unet++, FPN, DeepLabV3+ and U-Net)."""
@@ -56,6 +61,7 @@ class EvaluateConfig:
     root_log_dir: str = "Results"
     label_alignment: bool = True
     inception_weights: str | None = None
+    synthetic_labels: str = "raw"
 
 
 # what each key accepts, for the type check and its message
@@ -80,6 +86,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "root_log_dir": ((str,), "a folder path"),
     "label_alignment": ((bool,), "true or false"),
     "inception_weights": ((str, type(None)), "a weights file path or null"),
+    "synthetic_labels": ((str,), "\"raw\" (labels/) or \"filtered\" (labels_filtered/ of evaluation/filter.sh)"),
 }
 
 
@@ -123,6 +130,9 @@ def _check(config: EvaluateConfig) -> None:
     if not config.lr > 0 or config.weight_decay < 0:
         raise ConfigError(f"keys 'lr' and 'weight_decay' must be > 0 and >= 0, got {config.lr} and "
                           f"{config.weight_decay}")
+    if config.synthetic_labels not in SYNTHETIC_LABELS:
+        raise ConfigError(f"key 'synthetic_labels' must be {_TYPES['synthetic_labels'][1]}, got "
+                          f"{config.synthetic_labels!r}")
     if config.device != "auto" and config.device != "cpu" and not config.device.startswith("cuda"):
         raise ConfigError(f"key 'device' must be {_TYPES['device'][1]}, got {config.device!r}")
 
@@ -166,17 +176,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object of key: value pairs")
     return values
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` from `--set`; the value is read as JSON, else taken as a string."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value")
-    key, raw = text.split("=", 1)
-    try:
-        return key.strip(), json.loads(raw)
-    except json.JSONDecodeError:
-        return key.strip(), raw
 
 
 def config_to_dict(config: EvaluateConfig) -> dict[str, Any]:

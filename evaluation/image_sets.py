@@ -25,6 +25,12 @@ from guided_diffusion.results import latest_run_dir
 
 _MAX_LISTED = 4
 
+IGNORE_INDEX = 255
+"""The label value of 'ignore' in filtered synthetic labels: the losses and metrics skip such pixels."""
+FILTERED_LABELS, FILTER_REPORT = "labels_filtered", "filter.json"
+"""Written into a sample run folder by evaluation/filter.sh (evaluation/freemask.py): the labels with ignored
+pixels, and the report that lists the images to drop."""
+
 
 def _listed(items: Sequence[str]) -> str:
     """'a, b, c' capped at a few items, then 'and N more'."""
@@ -138,6 +144,8 @@ class SampleFolder:
     pairs: tuple[Pair, ...]
     num_classes: int | None  # from its config.json, when it has one
     data_dir: str | None
+    ignore_index: int | None = None  # IGNORE_INDEX for filtered labels
+    dropped: int = 0  # images the filter dropped (filtered labels only)
 
     @property
     def name(self) -> str:
@@ -180,8 +188,11 @@ def _pngs(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() == ".png" and not p.name.startswith(".")}
 
 
-def index_sample_folder(path: str | os.PathLike, num_classes: int) -> SampleFolder:
-    """List and pair a sample folder's samples/ and labels/, and check its config.json against the dataset."""
+def index_sample_folder(path: str | os.PathLike, num_classes: int, synthetic_labels: str = "raw") -> SampleFolder:
+    """List and pair a sample folder's samples/ and labels/, and check its config.json against the dataset.
+
+    With synthetic_labels "filtered" the masks are labels_filtered/ (255 = ignore) and the images filter.json drops are
+    left out."""
     folder = resolve_sample_dir(path)
     where = f"sample folder {folder}"
     missing = [name for name in ("samples", "labels") if not (folder / name).is_dir()]
@@ -204,9 +215,39 @@ def index_sample_folder(path: str | os.PathLike, num_classes: int) -> SampleFold
         problems.append(f"{len(lonely_labels)} labels without a sample ({_listed(lonely_labels)})")
     if problems:
         raise DatasetError(f"{where}: " + "; ".join(problems))
-    pairs = tuple(Pair(stem, samples[stem], labels[stem]) for stem in sorted(samples))
     data_dir = _read_sample_config(folder).get("data_dir")
-    return SampleFolder(folder, pairs, sampled_classes, data_dir if isinstance(data_dir, str) else None)
+    data_dir = data_dir if isinstance(data_dir, str) else None
+    if synthetic_labels == "filtered":
+        return _filtered_folder(folder, sorted(samples), samples, sampled_classes, data_dir)
+    pairs = tuple(Pair(stem, samples[stem], labels[stem]) for stem in sorted(samples))
+    return SampleFolder(folder, pairs, sampled_classes, data_dir)
+
+
+def _filtered_folder(folder: Path, stems: list[str], samples: dict[str, Path], sampled_classes: int | None,
+                     data_dir: str | None) -> SampleFolder:
+    """The pairs of a filtered sample folder: labels_filtered/ masks, less the images filter.json drops."""
+    where = f"sample folder {folder}"
+    report_path, labels_dir = folder / FILTER_REPORT, folder / FILTERED_LABELS
+    if not report_path.is_file() or not labels_dir.is_dir():
+        raise DatasetError(f"{where}: no {FILTERED_LABELS}/ and {FILTER_REPORT} (synthetic_labels is 'filtered'); "
+                           f"filter it first: evaluation/filter.sh --data-dir <dataset> --samples {folder}")
+    try:
+        dropped = json.loads(report_path.read_text(encoding="utf-8"))["dropped"]
+    except (ValueError, KeyError, TypeError):
+        raise DatasetError(f"{report_path}: not a filter report with a \"dropped\" list") from None
+    if not isinstance(dropped, list):
+        raise DatasetError(f"{report_path}: \"dropped\" must be a list of sample stems")
+    filtered = _pngs(labels_dir)
+    dropped_stems = set(dropped)
+    kept = [stem for stem in stems if stem not in dropped_stems]
+    missing = [stem for stem in kept if stem not in filtered]
+    if missing:
+        raise DatasetError(f"{where}: {len(missing)} samples without a filtered label in {FILTERED_LABELS}/ "
+                           f"({_listed(missing)}); filter the folder again")
+    if not kept:
+        raise DatasetError(f"{where}: the filter dropped all {len(stems)} images; nothing is left to train on")
+    pairs = tuple(Pair(stem, samples[stem], filtered[stem]) for stem in kept)
+    return SampleFolder(folder, pairs, sampled_classes, data_dir, IGNORE_INDEX, len(stems) - len(kept))
 
 
 def load_sample_folder(folder: SampleFolder, num_classes: int, image_size: int, resize_mode: str) -> ImageSet:
@@ -222,9 +263,10 @@ def load_sample_folder(folder: SampleFolder, num_classes: int, image_size: int, 
         if image.shape[:2] != mask.shape:
             return (f"{pair.stem}: sample {image.shape[1]}x{image.shape[0]} but label "
                     f"{mask.shape[1]}x{mask.shape[0]}")
-        bad = sorted(int(v) for v in np.unique(mask) if v >= num_classes)
+        bad = sorted(int(v) for v in np.unique(mask) if v >= num_classes and v != folder.ignore_index)
         if bad:
-            return f"labels/{pair.mask.name}: class ids {bad[:8]} outside the dataset's 0..{num_classes - 1}"
+            return (f"{pair.mask.parent.name}/{pair.mask.name}: class ids {bad[:8]} outside the dataset's "
+                    f"0..{num_classes - 1}")
         resized_image, resized_mask = resize_pair(image, mask, image_size, resize_mode)
         return resized_image, _compact(resized_mask)
 

@@ -36,6 +36,7 @@ from .alignment import label_alignment_score
 from .config import EvaluateConfig, canonical_architecture, config_to_dict
 from .fid import SKIPPED_NO_WEIGHTS, image_distance, inception_features, load_inception
 from .image_sets import (
+    IGNORE_INDEX,
     ImageSet,
     SampleFolder,
     class_names,
@@ -98,7 +99,7 @@ def prepare(config: EvaluateConfig, log: Callable[[str], None] = print) -> Input
     mixes = parse_mixes(config.mixes)
     notes: list[str] = []
     num_classes = resolve_num_classes(config)
-    folders = [index_sample_folder(path, num_classes) for path in config.sample_dirs]
+    folders = [index_sample_folder(path, num_classes, config.synthetic_labels) for path in config.sample_dirs]
     names = class_names(config.data_dir, num_classes)
 
     needs_synthetic = [mix.name for mix in mixes if mix.uses_synthetic]
@@ -111,6 +112,10 @@ def prepare(config: EvaluateConfig, log: Callable[[str], None] = print) -> Input
         mixes = [Mix(None, 0)] + mixes
         notes.append("mix RALLF000 added: the label-alignment score uses segmenters trained on all real images")
     counts = {mix: mix.counts(len(index.train), num_synthetic) for mix in mixes}
+    for folder in folders:
+        if folder.ignore_index is not None:
+            notes.append(f"sample folder {folder.path}: filtered labels ({folder.dropped} images dropped, "
+                         f"{folder.ignore_index} = ignored pixels)")
     for folder in folders:
         if folder.data_dir and Path(folder.data_dir).name != Path(config.data_dir).name:
             notes.append(f"sample folder {folder.path} was sampled from data_dir {folder.data_dir}, evaluated on "
@@ -140,6 +145,11 @@ def _training_set(inputs: Inputs, mix: Mix, seed: int) -> tuple[np.ndarray, np.n
         fake_images, fake_masks = inputs.pool.take(chosen_indices(num_synthetic, len(inputs.pool), seed, "synthetic"))
         images, masks = np.concatenate([images, fake_images]), np.concatenate([masks, fake_masks])
     return images, masks
+
+
+def _ignore_index(config: EvaluateConfig) -> int | None:
+    """The label value the losses and metrics skip: 255 with filtered synthetic labels, else none."""
+    return IGNORE_INDEX if config.synthetic_labels == "filtered" else None
 
 
 def run_evaluation(config: EvaluateConfig, command: str = "", log: Callable[[str], None] = print,
@@ -185,7 +195,7 @@ def run_evaluation(config: EvaluateConfig, command: str = "", log: Callable[[str
                     number += 1
                     images, masks = _training_set(inputs, mix, seed)
                     settings = TrainSettings(config.steps, config.batch_size, config.lr, config.weight_decay,
-                                             config.augment, seed)
+                                             config.augment, seed, _ignore_index(config))
                     run_started = time.perf_counter()
                     model, final_loss = train_segmenter(images, masks, spec, settings, device,
                                                         desc=f"[{number}/{total}] {architecture} {mix.name} "
@@ -204,7 +214,7 @@ def run_evaluation(config: EvaluateConfig, command: str = "", log: Callable[[str
                     if config.label_alignment and mix.is_all_real_only:
                         for synthetic in inputs.synthetic:
                             score = label_alignment_score(model, synthetic.images, synthetic.masks,
-                                                          inputs.num_classes, device)
+                                                          inputs.num_classes, device, _ignore_index(config))
                             aligned = {"sample_folder": synthetic.name, "model": architecture,
                                        "encoder": config.encoder, "seed": seed, "images": len(synthetic),
                                        "real_test_miou": metrics.miou, "real_test_miou_no_bg": metrics.miou_no_bg,
@@ -276,7 +286,7 @@ def _write_summaries(run_dir: Path, config: EvaluateConfig, inputs: Inputs, rows
         f"({len(inputs.test)} images of {config.data_dir}) at {config.image_size} px; mean ± std over seeds {seeds}.",
         "",
         f"- command: `{command}`" if command else "- command: (called from Python)",
-        f"- real train images: {len(inputs.train)}; sample folders: "
+        f"- real train images: {len(inputs.train)}; synthetic labels: {config.synthetic_labels}; sample folders: "
         + (", ".join(f"{s.name} ({len(s)} images)" for s in inputs.synthetic) or "none"),
         f"- segmenters: {', '.join(dict.fromkeys(r['model'] for r in rows))} with encoder {config.encoder} "
         f"({'weights ' + config.encoder_weights if config.encoder_weights else 'random init'}), {config.steps} steps "
