@@ -1,4 +1,4 @@
-"""Single entry point: `python main.py train|finetune|sample -c configs/config_<action>.json`.
+"""Single entry point: `python main.py train|finetune|sample|export|import -c configs/config_<action>.json`.
 
 Thin on purpose: parse the action and config, make a fresh run folder, call one stage. A mistake in the user's
 input (config, dataset, checkpoint) prints one line and exits with status 2.
@@ -11,6 +11,7 @@ import json
 import sys
 
 from guided_diffusion.config import ACTIONS, config_to_dict, load_config
+from guided_diffusion.distributed import REQUEUE_EXIT_STATUS, current_world, ignore_stop_signals, process_group
 from guided_diffusion.errors import UserError
 
 DEFAULT_CONFIGS = {action: f"configs/config_{action}.json" for action in ACTIONS}
@@ -22,11 +23,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-c", "--config", help="JSON config (default: configs/config_<action>.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (value read as JSON), e.g. --set batch_size=4")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and exit (sample with balance_args: also choose the masks "
+                             "and write the class-share report into a new run folder, without sampling)")
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int | None:
     from guided_diffusion import checkpoint as ckpt
 
     path = args.config or DEFAULT_CONFIGS[args.action]
@@ -34,12 +37,25 @@ def run(args: argparse.Namespace) -> None:
     config = loaded.config
     for note in loaded.notes:
         print(f"note: {note}")
+    if (args.dry_run or args.action in ("export", "import")) and not current_world().is_main:
+        return None  # single-process work under a launcher: rank 0 does it, once
     if args.dry_run:
         print(json.dumps(config_to_dict(config), indent=2))
+        if args.action == "sample" and config.balance_args is not None:
+            from guided_diffusion.sample import preview_mask_selection
+            preview_mask_selection(config, loaded.given, str(path))
         return
     if args.action == "sample":
         from guided_diffusion.sample import run_sampling
         run_sampling(config, loaded.given, str(path))
+        return
+    if args.action == "export":
+        from guided_diffusion.export import run_export
+        run_export(config)
+        return
+    if args.action == "import":
+        from guided_diffusion.convert import run_import
+        run_import(config)
         return
 
     from guided_diffusion.train import Trainer
@@ -50,21 +66,25 @@ def run(args: argparse.Namespace) -> None:
                                         actions=("train",) if args.action == "finetune" else (args.action,))
     trainer = Trainer(config, args.action)
     if start is not None:
-        print(trainer.start_from(start))
-    trainer.run()
+        trainer.log(trainer.start_from(start))
+    if trainer.run().stop_signal:  # SIGTERM/SIGUSR1: latest.pt is saved; the sbatch templates requeue the job
+        ignore_stop_signals()  # exit in order even when srun ends the step on another rank's exit
+        return REQUEUE_EXIT_STATUS
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        with process_group():  # torchrun / srun / mpirun: one process group around the action; one process: none
+            status = run(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .data import canonical_dataset_mode
 from .errors import ConfigError
 from .unet import UNetSpec
 
-ACTIONS = ("train", "finetune", "sample")
+ACTIONS = ("train", "finetune", "sample", "export", "import")
 
 # ISDM/SDM keys that have no effect here; accepted so old configs keep working, and reported in the log.
 IGNORED_LEGACY_KEYS = {
@@ -217,12 +217,24 @@ class SampleConfig(CommonConfig):
     s: float = 1.5
     diffusion_steps: int = 300
     timestep_respacing: str | int = ""
+    sampler: Literal["ancestral", "ddim", "dpm++2m"] = "ancestral"
+    steps: int = 0
     use_ddim: bool = False
     ddim_eta: float = 0.0
     clip_denoised: bool = True
     mask_split: Literal["train", "val", "test", "all"] = "val"
     use_ema: bool = True
     balance_args: dict | None = None
+    hardness_args: dict | None = None  # hardness-aware mask selection (hardness.py)
+    # variations and inpainting (inpaint.py)
+    mode: Literal["noise", "variation", "inpaint"] = "noise"
+    strength: float = 1.0
+    inpaint_margin: int = 2
+    resample_steps: int = 2
+    background_dir: str = ""
+    pairing: Literal["random", "round-robin"] = "random"
+    mask_flip: bool = False
+    mask_placement: Literal["keep", "random"] = "keep"
 
     def validate(self) -> None:
         super().validate()
@@ -230,11 +242,103 @@ class SampleConfig(CommonConfig):
         require(self.num_samples >= 1, "num_samples", f"must be at least 1, got {self.num_samples}")
         require(self.s >= 1.0, "s", f"is the guidance scale and must be >= 1 (1 = no guidance), got {self.s}")
         require(0.0 <= self.ddim_eta <= 1.0, "ddim_eta", f"must be in [0, 1], got {self.ddim_eta}")
-        require(self.balance_args is None, "balance_args",
-                "class-balanced mask selection is not available in this version; remove the key")
+        require(self.steps >= 0, "steps", f"must be >= 0 (0 = the sampler's default), got {self.steps}")
+        require(not (self.steps and self.timestep_respacing), "steps",
+                "and 'timestep_respacing' both choose the sampling steps; give only one")
+        if self.use_ddim:  # ISDM's spelling of sampler "ddim"
+            require(self.sampler in ("ancestral", "ddim"), "use_ddim",
+                    f"is true but 'sampler' is {self.sampler!r}; remove use_ddim or set sampler to 'ddim'")
+            self.sampler = "ddim"
+        require(0.0 < self.strength <= 1.0, "strength",
+                f"must be in (0, 1] (1 = start from noise), got {self.strength}")
+        require(self.mode != "noise" or self.strength == 1.0, "strength",
+                "applies to mode 'variation' or 'inpaint', but mode is 'noise'; remove it or set mode")
+        require(self.inpaint_margin >= 0, "inpaint_margin", f"must be >= 0 pixels, got {self.inpaint_margin}")
+        require(self.resample_steps >= 0, "resample_steps", f"must be >= 0 (0 = no jumps), got {self.resample_steps}")
+        require(self.mode == "inpaint" or not self.background_dir, "background_dir",
+                f"is only used with mode 'inpaint', but mode is {self.mode!r}")
+        if self.balance_args is not None:  # checked strictly, stored resolved (defaults filled in)
+            from .balance import BalanceArgs  # here, not at the top: balance.py needs this module's types
+            known = self.num_classes if self.num_classes is not None or self.dataset_mode != "binary" else 2
+            self.balance_args = BalanceArgs.from_dict(self.balance_args, known).to_dict()
+        if self.hardness_args is not None:  # checked strictly, stored resolved (defaults filled in)
+            from .hardness import HardnessArgs  # here: it imports the scorer's package (smp) only when used
+            self.hardness_args = HardnessArgs.from_dict(self.hardness_args).to_dict()
 
 
-CONFIG_CLASSES = {"train": TrainConfig, "finetune": FinetuneConfig, "sample": SampleConfig}
+EXPORT_FORMATS = ("coco", "yolo-seg", "yolo-det", "semantic")
+IMPORT_FORMATS = ("coco", "palette", "id-map")
+
+
+@dataclass
+class ExportConfig:
+    """`main.py export`: a sample run (or a dataset folder) as COCO JSON, YOLO txt and semantic masks.
+
+    Not a CommonConfig: exporting builds no model and reads no fixed image size, so those keys would only be
+    noise here."""
+
+    source: str = ""
+    output_dir: str = ""
+    root_log_dir: str = "Results"
+    formats: list[str] = dataclasses.field(default_factory=lambda: list(EXPORT_FORMATS))
+    min_area: int = 4
+    segmentation: Literal["auto", "polygon", "rle"] = "auto"
+    connectivity: Literal[4, 8] = 8
+    dataset_mode: str = "multi-class"
+    num_classes: int | None = None
+    classes_file: str = ""
+    max_images: int = 0
+    contact_sheet: int = 16
+
+    def validate(self) -> None:
+        require(bool(self.source), "source", "is required: a sample run folder, a dataset folder or one split")
+        require(bool(self.formats), "formats", f"must list at least one of {', '.join(EXPORT_FORMATS)}")
+        for name in self.formats:
+            require(name in EXPORT_FORMATS, "formats", f"has unknown format {name!r}; use {', '.join(EXPORT_FORMATS)}")
+        require(len(set(self.formats)) == len(self.formats), "formats", f"lists a format twice: {self.formats}")
+        require(self.min_area >= 0, "min_area", f"must be >= 0 pixels, got {self.min_area}")
+        self.dataset_mode = canonical_dataset_mode(self.dataset_mode)
+        if self.num_classes is not None:
+            require(2 <= self.num_classes <= 256, "num_classes", f"must be in 2..256, got {self.num_classes}")
+        require(self.max_images >= 0, "max_images", f"must be >= 0 (0 = all), got {self.max_images}")
+        require(self.contact_sheet >= 0, "contact_sheet", f"must be >= 0 images (0 = none), got {self.contact_sheet}")
+
+
+@dataclass
+class ImportConfig:
+    """`main.py import`: COCO JSON, colour masks or id maps converted into <output_dir>/{train,test}/{images,masks}."""
+
+    format: str = ""
+    output_dir: str = ""
+    train_images: str = ""
+    train_labels: str = ""
+    test_images: str = ""
+    test_labels: str = ""
+    palette: str = ""
+    id_mapping: str = ""
+    overlap: Literal["smaller-wins", "later-wins"] = "smaller-wins"
+    ignore_label: Literal[0, 255] = 0
+    image_suffix: str = ""
+    label_suffix: str = ""
+
+    def validate(self) -> None:
+        require(self.format in IMPORT_FORMATS, "format",
+                f"must be one of {', '.join(IMPORT_FORMATS)}, got {self.format!r}")
+        require(bool(self.output_dir), "output_dir", "is required: a new or empty folder for the dataset")
+        require(bool(self.train_images), "train_images", "is required: the folder of training images")
+        labels = {"coco": "the COCO JSON file", "palette": "the folder of colour masks",
+                  "id-map": "the folder of id maps"}
+        require(bool(self.train_labels), "train_labels", f"is required: {labels[self.format]}")
+        missing, given = ("test_labels", "test_images") if self.test_images else ("test_images", "test_labels")
+        require(bool(self.test_images) == bool(self.test_labels), missing, f"is required when {given} is given")
+        require(self.format != "palette" or bool(self.palette), "palette",
+                "is required for format palette: a JSON file mapping colours to classes")
+        require(self.format != "id-map" or bool(self.id_mapping), "id_mapping",
+                "is required for format id-map: a JSON file mapping label ids to class ids")
+
+
+CONFIG_CLASSES = {"train": TrainConfig, "finetune": FinetuneConfig, "sample": SampleConfig,
+                  "export": ExportConfig, "import": ImportConfig}
 
 
 class _KeyError(Exception):
@@ -253,8 +357,8 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if origin is Literal:
-        return value in typing.get_args(annotation)
+    if origin is Literal:  # by type too: true == 1 must not pass for Literal[0, 1]
+        return any(value == a and type(value) is type(a) for a in typing.get_args(annotation))
     if origin is list:
         (item,) = typing.get_args(annotation)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)

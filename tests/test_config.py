@@ -119,8 +119,54 @@ def test_set_overrides_are_read_as_json_and_recorded_as_given(tmp_path):
     assert parse_override("s=1.5") == ("s", 1.5)
 
 
-def test_balance_args_are_refused_until_supported():
-    assert "key 'balance_args'" in error_for("sample", {**BASE, "model_path": "m", "balance_args": {}})
+SAMPLE = {**BASE, "model_path": "m.pt"}
+
+
+def balance_error(balance_args: dict, **changes) -> str:
+    return error_for("sample", {**SAMPLE, **changes, "balance_args": balance_args})
+
+
+def test_balance_args_are_stored_with_their_defaults_filled_in():
+    config, _ = config_from_dict("sample", {**SAMPLE, "balance_args": {"based_on_pixel_count": False}})
+    assert config.balance_args == {"max_class_dif": 0.1, "based_on_generated_data_only": False,
+                                   "based_on_pixel_count": False, "ejection_classes": [0],
+                                   "use_mask_augmentation": False}
+    again, _ = config_from_dict("sample", {**SAMPLE, "balance_args": config.balance_args})
+    assert again.balance_args == config.balance_args
+
+
+def test_unknown_balance_sub_key_is_named_with_a_suggestion():
+    message = balance_error({"max_class_diff": 0.2})
+    assert message.startswith("configs/x.json: key 'balance_args.max_class_diff' is unknown (did you mean "
+                              "'max_class_dif'?)")
+
+
+def test_negative_max_class_dif_is_refused():
+    assert "key 'balance_args.max_class_dif' must be >= 0" in balance_error({"max_class_dif": -0.1})
+
+
+def test_balance_sub_keys_have_strict_types():
+    assert "key 'balance_args.max_class_dif' must be a number" in balance_error({"max_class_dif": "0.1"})
+    assert "key 'balance_args.based_on_pixel_count' must be true/false" in balance_error({"based_on_pixel_count": 1})
+    assert "key 'balance_args.ejection_classes' must be a list" in balance_error({"ejection_classes": 0})
+    assert "key 'balance_args.ejection_classes' must be a list" in balance_error({"ejection_classes": [True]})
+
+
+def test_ejection_class_outside_the_classes_is_refused():
+    message = balance_error({"ejection_classes": [0, 7]})
+    assert "key 'balance_args.ejection_classes' holds class id 7, outside 0..3 (num_classes 4)" in message
+    assert "class id -1" in balance_error({"ejection_classes": [-1]})
+
+
+def test_ejection_classes_are_checked_against_the_checkpoint_later_when_num_classes_is_not_given():
+    values = {"data_dir": "d", "model_path": "m.pt", "balance_args": {"ejection_classes": [7]}}
+    config, _ = config_from_dict("sample", values)
+    assert config.balance_args["ejection_classes"] == [7]
+    assert "outside 0..1" in error_for("sample", {**values, "dataset_mode": "binary"})  # binary: 2 classes
+
+
+def test_ejecting_every_class_is_refused():
+    assert "ejects all 4 classes" in balance_error({"ejection_classes": [0, 1, 2, 3]})
 
 
 def test_shipped_configs_load():

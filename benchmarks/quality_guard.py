@@ -1,0 +1,124 @@
+"""Quality guard for few-step sampling: are DPM-Solver++ samples as good as ISDM's 300 ancestral steps?
+
+    python benchmarks/quality_guard.py --model <train/finetune run or .pt> --data-dir <dataset> [--num-images 16]
+
+Every run samples the same masks (the checkpoint's held-out val split) from the same starting noise x_T (per-image
+seeds) with guidance scale s. Printed per sampler and step count:
+- `dist ancestral300`: mean absolute pixel difference (0..255) to the 300-step ancestral images. Ancestral
+  sampling draws fresh noise at every step, so even another 300-step ancestral run from the same x_T differs;
+  that run ("ancestral 300, other step noise") is printed as the floor of what "the same quality" can mean.
+- `dist ode`: difference to DPM-Solver++ at 100 steps (the converged deterministic result from that x_T);
+  shows how far each run is from converged.
+- `label alignment mIoU`: a segmenter (evaluation/, Unet++ resnet18 from scratch) trained on the real training
+  split segments each run's images; mIoU against the masks that conditioned them (SDM's measure of whether the
+  samples follow their masks). The same segmenter on the real val images gives the ceiling.
+- `s/image`: wall time per image on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guided_diffusion.config import config_from_dict  # noqa: E402
+from guided_diffusion.data import SegmentationDataset, index_dataset, one_hot, split_train_val  # noqa: E402
+from guided_diffusion.guidance import conditional_denoiser  # noqa: E402
+from guided_diffusion.results import to_uint8_image  # noqa: E402
+from guided_diffusion.sample import load_sampling_model, sampling_diffusion  # noqa: E402
+from guided_diffusion.samplers import PerImageNoise, image_seed, run_sampler  # noqa: E402
+
+
+def sample_run(model, config, trained, masks: torch.Tensor, sampler: str, steps: int, seed: int,
+               step_noise_seed: int, batch_size: int) -> tuple[np.ndarray, float]:
+    """uint8 images (N, H, W, 3) for `masks` and the seconds per image. x_T comes from the per-image seeds of
+    `seed`; the noise drawn during sampling from those of `step_noise_seed` (equal seeds: one stream)."""
+    run_config, _ = config_from_dict("sample", {**vars(config), "sampler": sampler, "steps": steps,
+                                                "use_ddim": False, "timestep_respacing": "", "balance_args": None})
+    diffusion = sampling_diffusion(run_config, trained)
+    size, outputs, start = config.image_size, [], time.perf_counter()
+    for first in range(0, len(masks), batch_size):
+        ids = list(range(first, min(first + batch_size, len(masks))))
+        start_noise = PerImageNoise([image_seed(seed, i) for i in ids], (3, size, size))
+        step_noise = (start_noise if step_noise_seed == seed else
+                      PerImageNoise([image_seed(step_noise_seed, i) for i in ids], (3, size, size)))
+        x_T = start_noise()
+        with torch.no_grad():
+            denoise = conditional_denoiser(model, one_hot(masks[ids], config.num_classes), config.s)
+            images = run_sampler(sampler, diffusion, denoise, x_T, step_noise, clip_denoised=True)
+        outputs += [to_uint8_image(image) for image in images]
+    return np.stack(outputs), (time.perf_counter() - start) / len(masks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint, or a train/finetune run folder")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--num-images", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--s", type=float, default=1.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--solver-steps", default="10,15,25")
+    parser.add_argument("--segmenter-steps", type=int, default=400, help="0 = skip the label-alignment score")
+    args = parser.parse_args()
+
+    base, _ = config_from_dict("sample", {"data_dir": args.data_dir, "model_path": args.model, "s": args.s,
+                                          "seed": args.seed, "device": "cpu"})
+    config, trained, model, path = load_sampling_model(base, set(), "quality_guard", torch.device("cpu"))
+    index = index_dataset(config.data_dir, config.dataset_mode, config.num_classes, require_test=False)
+    train_pairs, val_pairs = split_train_val(index.train, trained.val_fraction, trained.seed)
+    chosen = [val_pairs[i % len(val_pairs)] for i in range(args.num_images)]
+    val = SegmentationDataset(chosen, config.image_size, config.dataset_mode, config.resize_mode)
+    items = [val[i] for i in range(len(val))]
+    masks = torch.stack([item["mask"] for item in items])
+    print(f"model {path}; {len(masks)} val masks at {config.image_size} px, guidance s={config.s}", flush=True)
+
+    runs = [("ancestral", 0, args.seed), ("ancestral", 0, args.seed + 1), ("dpm++2m", 100, args.seed),
+            ("ddim", 50, args.seed), ("ancestral", 50, args.seed)]
+    runs += [("dpm++2m", int(k), args.seed) for k in args.solver_steps.split(",")]
+    results = {}
+    for sampler, steps, noise_seed in runs:
+        images, seconds = sample_run(model, config, trained, masks, sampler, steps, args.seed, noise_seed,
+                                     args.batch_size)
+        results[sampler, steps, noise_seed] = (images, seconds)
+        print(f"  sampled {sampler} {steps or 300} steps (step noise seed {noise_seed}): {seconds:.2f} s/image",
+              flush=True)
+
+    alignment = {}
+    if args.segmenter_steps:
+        from evaluation.alignment import label_alignment_score
+        from evaluation.segmenter import SegmenterSpec, TrainSettings, train_segmenter
+        train = SegmentationDataset(train_pairs, config.image_size, config.dataset_mode, config.resize_mode)
+        real_images = np.stack([to_uint8_image(train[i]["image"]) for i in range(len(train))])
+        real_masks = np.stack([train[i]["mask"].numpy() for i in range(len(train))])
+        segmenter, _ = train_segmenter(real_images, real_masks, SegmenterSpec("unetplusplus", config.num_classes),
+                                       TrainSettings(steps=args.segmenter_steps, batch_size=16), progress=False)
+        val_images = np.stack([to_uint8_image(item["image"]) for item in items])
+        alignment["real val images (ceiling)"] = label_alignment_score(
+            segmenter, val_images, masks.numpy(), config.num_classes).miou
+        for key, (images, _) in results.items():
+            alignment[key] = label_alignment_score(segmenter, images, masks.numpy(), config.num_classes).miou
+
+    reference = results["ancestral", 0, args.seed][0].astype(np.float64)
+    ode = results["dpm++2m", 100, args.seed][0].astype(np.float64)
+    print("\n| sampler | steps | dist ancestral300 | dist ode | label alignment mIoU | s/image |")
+    print("|---|---|---|---|---|---|")
+    if alignment:
+        print(f"| real val images (ceiling) | — | — | — | {alignment['real val images (ceiling)']:.3f} | — |")
+    for (sampler, steps, noise_seed), (images, seconds) in results.items():
+        name = sampler + (", other step noise" if noise_seed != args.seed else "")
+        key = (sampler, steps, noise_seed)
+        dist_ref = np.abs(images - reference).mean()
+        dist_ode = np.abs(images - ode).mean()
+        score = f"{alignment[key]:.3f}" if key in alignment else "—"
+        print(f"| {name} | {steps or 300} | {dist_ref:.2f} | {dist_ode:.2f} | {score} | {seconds:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
