@@ -24,8 +24,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (value read as JSON), e.g. --set batch_size=4")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config and exit (sample with balance_args: also choose the masks "
-                             "and write the class-share report into a new run folder, without sampling)")
+                        help="print the resolved config and exit (sample with balance_args or hardness_args: also "
+                             "choose the masks and write the reports into a new run folder, without sampling)")
     return parser.parse_args(argv)
 
 
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int | None:
         return None  # single-process work under a launcher: rank 0 does it, once
     if args.dry_run:
         print(json.dumps(config_to_dict(config), indent=2))
-        if args.action == "sample" and config.balance_args is not None:
+        if args.action == "sample" and (config.balance_args is not None or config.hardness_args is not None):
             from guided_diffusion.sample import preview_mask_selection
             preview_mask_selection(config, loaded.given, str(path))
         return

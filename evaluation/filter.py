@@ -64,21 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _num_classes(args: argparse.Namespace) -> int:
-    from .image_sets import num_classes_from_classes_json, recorded_num_classes, resolve_sample_dir
+    from .image_sets import infer_num_classes
 
-    if args.num_classes is not None:
-        return args.num_classes
-    if canonical_dataset_mode(args.dataset_mode) == "binary":
-        return 2
-    from_json = num_classes_from_classes_json(args.data_dir)
-    if from_json is not None:
-        return from_json
-    for path in args.samples:
-        recorded = recorded_num_classes(resolve_sample_dir(path))
-        if recorded is not None:
-            return recorded
-    raise ConfigError("--num-classes is required: the dataset has no classes.json and no sample folder's "
-                      "config.json records it")
+    return infer_num_classes(args.num_classes, args.dataset_mode, args.data_dir, args.samples, "--num-classes")
 
 
 def run(args: argparse.Namespace) -> None:

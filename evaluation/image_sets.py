@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guided_diffusion.data import Pair, index_dataset, load_image, load_mask, resize_pair
+from guided_diffusion.data import Pair, canonical_dataset_mode, index_dataset, load_image, load_mask, resize_pair
 from guided_diffusion.errors import ConfigError, DatasetError
 from guided_diffusion.results import latest_run_dir
 
@@ -120,6 +120,25 @@ def num_classes_from_classes_json(data_dir: str | os.PathLike) -> int | None:
     except (OSError, json.JSONDecodeError, AttributeError, UnicodeDecodeError):
         return None
     return len(names) if isinstance(names, list) and len(names) >= 2 else None
+
+
+def infer_num_classes(num_classes: int | None, dataset_mode: str, data_dir: str | os.PathLike,
+                      sample_dirs: Sequence[str | os.PathLike], name: str) -> int:
+    """`num_classes` when given, else binary -> 2, else the dataset's classes.json, else the first sample folder's
+    config.json; `name` is how the user sets it (a config key or an option) for the error message."""
+    if num_classes is not None:
+        return num_classes
+    if canonical_dataset_mode(dataset_mode) == "binary":
+        return 2
+    from_json = num_classes_from_classes_json(data_dir)
+    if from_json is not None:
+        return from_json
+    for path in sample_dirs:
+        recorded = recorded_num_classes(resolve_sample_dir(path))
+        if recorded is not None:
+            return recorded
+    raise ConfigError(f"{name} is required: the dataset has no classes.json and no sample folder's config.json "
+                      f"records it")
 
 
 def load_real_dataset(

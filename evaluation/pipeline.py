@@ -43,10 +43,8 @@ from .image_sets import (
     concatenate,
     index_sample_folder,
     load_pairs,
+    infer_num_classes,
     load_sample_folder,
-    num_classes_from_classes_json,
-    recorded_num_classes,
-    resolve_sample_dir,
 )
 from .metrics import SUMMARY_METRICS, metric_columns, segmentation_metrics
 from .mixes import Mix, chosen_indices, parse_mixes
@@ -72,19 +70,8 @@ class Inputs:
 
 def resolve_num_classes(config: EvaluateConfig) -> int:
     """num_classes from the config, else binary -> 2, else classes.json, else the first sample folder's config.json."""
-    if config.num_classes is not None:
-        return config.num_classes
-    if canonical_dataset_mode(config.dataset_mode) == "binary":
-        return 2
-    from_json = num_classes_from_classes_json(config.data_dir)
-    if from_json is not None:
-        return from_json
-    for path in config.sample_dirs:
-        recorded = recorded_num_classes(resolve_sample_dir(path))
-        if recorded is not None:
-            return recorded
-    raise ConfigError("key 'num_classes' is required: the dataset has no classes.json and no sample folder's "
-                      "config.json records it")
+    return infer_num_classes(config.num_classes, config.dataset_mode, config.data_dir, config.sample_dirs,
+                             "key 'num_classes'")
 
 
 def _unique_names(folders: list[SampleFolder]) -> list[str]:

@@ -157,8 +157,9 @@ def resolve_sampling_config(config: SampleConfig, given: set[str], source: str):
 
 def preview_mask_selection(config: SampleConfig, given: set[str] = frozenset(), source: str = "config",
                            log=print) -> Path:
-    """`main.py sample --dry-run` with balance_args: choose the masks and write the report (balance.json,
-    balance.png, config.json) into a fresh sample run folder, without building the model or sampling."""
+    """`main.py sample --dry-run` with balance_args or hardness_args: choose the masks and write the reports
+    (balance.json/png, hardness.json/png, config.json) into a fresh sample run folder, without building the model
+    or sampling."""
     config, trained, path, _ = resolve_sampling_config(config, set(given), source)
     splits, real_pairs = mask_splits(config, trained)
     splits, _ = defect_candidates(config, splits)
