@@ -343,8 +343,9 @@ class Trainer:
                            "processes": world.size, "global_batch": global_batch}
                 write_json(self.run_dir / "summary.json", summary)
             distributed.barrier()  # no rank exits (and ends an srun step) before rank 0 wrote its files
-        self.log(f"{stop_reason}; best epoch {state.best_epoch} (loss {state.best_loss:.5f}); "
-                 f"checkpoints in {self.checkpoint_dir}")
+        best_text = (f"best epoch {state.best_epoch} (loss {state.best_loss:.5f})" if state.best_epoch >= 0 else
+                     "no epoch completed, so best.pt holds the last weights")
+        self.log(f"{stop_reason}; {best_text}; checkpoints in {self.checkpoint_dir}")
         return TrainResult(self.run_dir, best, self.checkpoint_dir / "latest.pt", state, stop_reason, stop_signal)
 
     def _step_on(self, indices: list[int]) -> torch.Tensor:
