@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from guided_diffusion.data import Pair, canonical_dataset_mode, index_dataset, load_image, load_mask, resize_pair
+from guided_diffusion.data import (Pair, canonical_dataset_mode, index_dataset, load_image, load_mask,
+                                   read_class_names, resize_pair)
 from guided_diffusion.errors import ConfigError, DatasetError
 from guided_diffusion.results import latest_run_dir
 
@@ -92,22 +93,10 @@ def load_pairs(pairs: Sequence[Pair], dataset_mode: str, image_size: int, resize
 
 
 def class_names(data_dir: str | os.PathLike, num_classes: int) -> list[str]:
-    """Class names from `<data_dir>/classes.json` ("classes": [...]), else class_0, class_1, ...
-
-    Names are made safe for CSV column names (letters, digits, '_' and '-'). A classes.json that lists another
-    number of classes than `num_classes` is an error: one of the two is wrong.
-    """
-    path = Path(data_dir) / "classes.json"
-    if not path.is_file():
-        return [f"class_{i}" for i in range(num_classes)]
-    try:
-        names = json.loads(path.read_text(encoding="utf-8")).get("classes")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-        raise DatasetError(f"{path}: not a JSON object with a \"classes\" list of names") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise DatasetError(f"{path}: \"classes\" must be a list of class names")
-    if len(names) != num_classes:
-        raise ConfigError(f"key 'num_classes' is {num_classes} but {path} names {len(names)} classes")
+    """Class names from `<data_dir>/classes.json` (data.read_class_names), else class_0, class_1, ..., made safe
+    for CSV column names (letters, digits, '_' and '-'). A classes.json that lists another number of classes
+    than `num_classes` is an error: one of the two is wrong."""
+    names = read_class_names(data_dir, num_classes)
     safe = [re.sub(r"[^A-Za-z0-9_-]+", "_", n).strip("_") or f"class_{i}" for i, n in enumerate(names)]
     return [name if safe.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(safe)]
 

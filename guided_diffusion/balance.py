@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from .data import Pair, load_mask, resize_pair
+from .data import Pair, load_mask, read_class_names, resize_pair
 from .errors import ConfigError
 from .results import write_json
 
@@ -597,19 +597,6 @@ class ChosenMask:
     stem: str  # the source pair's stem; "augNNNN-<kind>_<source stem>" for an augmented mask
     pair: Pair | None  # the real pair (its resized image goes to images/); None for an augmented mask
     mask: np.ndarray | None = None  # the augmented mask (class ids at image_size); None: the pair's own mask
-
-
-def read_class_names(data_dir: str | Path, num_classes: int) -> list[str]:
-    """Class names from `<data_dir>/classes.json` ({"classes": [...]}) when it names every class; else
-    "class <id>". Only the report uses them, so a missing or different file is no error."""
-    path = Path(data_dir) / "classes.json"
-    try:
-        names = json.loads(path.read_text())["classes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        names = None
-    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
-        return names
-    return [f"class {c}" for c in range(num_classes)]
 
 
 def choose_masks(config: SampleConfig, candidates: list[Pair], real_pairs: list[Pair],

@@ -347,6 +347,23 @@ def write_grid(
     _atomic_write_bytes(Path(path), _png_bytes(grid))
 
 
+def write_legend(path: Path | str, class_names: Sequence[str], swatch: int = 14) -> None:
+    """Write the colour legend of a run's masks: one row per class, its palette colour then "<id> <name>"."""
+    from PIL import ImageDraw
+
+    colours = palette(len(class_names))
+    rows = [f"{i} {name}" for i, name in enumerate(class_names)]
+    width = swatch + 12 + 6 * max(len(row) for row in rows)  # PIL's default bitmap font: about 6 px a character
+    image = Image.new("RGB", (width, len(rows) * (swatch + 4) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    for i, row in enumerate(rows):
+        top = 4 + i * (swatch + 4)
+        draw.rectangle((4, top, 4 + swatch - 1, top + swatch - 1), fill=tuple(int(c) for c in colours[i]),
+                       outline=(128, 128, 128))
+        draw.text((swatch + 10, top + 1), row, fill=(0, 0, 0))
+    _atomic_write_bytes(Path(path), _png_bytes(np.asarray(image)))
+
+
 class CsvLog:
     """Append-only CSV log (one row per call), header written once; flushes every row; reopening an existing
     file for resume appends without repeating the header.

@@ -23,14 +23,14 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .balance import ChosenMask, choose_masks
 from .config import MODEL_KEYS, SampleConfig, parse_number_list, config_from_dict, config_to_dict
-from .data import Pair, SegmentationDataset, index_dataset, one_hot, split_train_val
+from .data import Pair, SegmentationDataset, index_dataset, one_hot, read_class_names, split_train_val
 from .diffusion import GaussianDiffusion, make_betas, space_timesteps
 from .distributed import current_world, gather_to_main, made_by_main
 from .errors import ConfigError
 from .guidance import conditional_denoiser
 from .hardness import draw_by_hardness, measure_hardness, uses_of, write_selection_reports
 from .inpaint import defect_candidates, plan_modes
-from .results import SampleWriter, new_run_dir, to_uint8_image, write_grid, write_json
+from .results import SampleWriter, new_run_dir, to_uint8_image, write_grid, write_json, write_legend
 from .samplers import PerImageNoise, image_seed, log_snr_timesteps, run_sampler
 from .train import build_model, select_device
 
@@ -192,6 +192,7 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
     log = log if world.is_main else (lambda *_: None)
     device = select_device(config.device)
     config, trained, model, checkpoint_path = load_sampling_model(config, set(given), source, device)
+    class_names = read_class_names(config.data_dir, config.num_classes)  # a bad classes.json fails before any work
     splits, real_pairs = mask_splits(config, trained)
     splits, without_defects = defect_candidates(config, splits)
     sources, balance_report = select_masks(config, splits, real_pairs, log)
@@ -252,6 +253,7 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
     seconds = time.perf_counter() - started
     if world.is_main:
         write_grid(run_dir / "grid.png", grid_rows, config.num_classes)
+        write_legend(run_dir / "legend.png", class_names)
     summary = {"num_samples": config.num_samples, "checkpoint": str(checkpoint_path), "sampler": sampler,
                "steps": diffusion.num_timesteps, "guidance_scale": config.s, "mask_split": config.mask_split,
                "seconds": round(seconds, 3), "seconds_per_image": round(seconds / config.num_samples, 4),

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig, config_to_dict
-from .data import SegmentationDataset, index_dataset, one_hot, split_train_val
+from .data import SegmentationDataset, index_dataset, one_hot, read_class_names, split_train_val
 from .diffusion import GaussianDiffusion
 from .results import CsvLog, new_run_dir, write_json
 from .unet import SDMUNet
@@ -125,6 +125,7 @@ class Trainer:
         self.device = select_device(config.device)
         torch.manual_seed(config.seed)
         index = index_dataset(config.data_dir, config.dataset_mode, config.num_classes, require_test=False)
+        self.class_names = read_class_names(config.data_dir, config.num_classes)
         self.train_pairs, self.val_pairs = split_train_val(index.train, config.val_fraction, config.seed)
         self.dataset = SegmentationDataset(self.train_pairs, config.image_size, config.dataset_mode,
                                            config.resize_mode)
@@ -269,6 +270,7 @@ class Trainer:
             self.log(f"training on {num_items} images ({len(self.val_pairs)} held out for validation) with "
                      f"{world.size} processes: global batch {global_batch} = batch_size {cfg.batch_size} per process "
                      f"x {world.size} processes, {batches_per_epoch} batches per epoch, rank 0 on {self.device}")
+        self.log("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(self.class_names)))
         stop_reason, stop_signal = "max_epochs reached", None
         bar = tqdm(total=total, initial=min(state.step, total), desc=self.action, unit="step", dynamic_ncols=True,
                    disable=not world.is_main)

@@ -318,3 +318,14 @@ def test_csv_log_rejects_unknown_keys(tmp_path: Path) -> None:
     with CsvLog(tmp_path / "log.csv", ["epoch"]) as log:
         with pytest.raises(ValueError, match="no columns"):
             log.write({"epoch": 1, "extra": 2})
+
+
+def test_legend_shows_each_class_colour_once_per_row(tmp_path):
+    from guided_diffusion.results import palette, write_legend
+    names = ["background", "blowhole", "break", "crack"]
+    write_legend(tmp_path / "legend.png", names, swatch=10)
+    image = np.asarray(Image.open(tmp_path / "legend.png").convert("RGB"))
+    assert image.shape[0] == len(names) * 14 + 4
+    for i, colour in enumerate(palette(len(names))):
+        centre = image[4 + i * 14 + 5, 4 + 5]  # middle of row i's swatch
+        assert tuple(centre) == tuple(int(c) for c in colour)

@@ -40,7 +40,7 @@ def test_sample_writes_isdm_layout_with_matching_stems(demo_dir, trained_run, tm
     names = {sub: sorted(pngs(run_dir / sub)) for sub in ("images", "labels", "colored_labels", "samples")}
     assert len(names["samples"]) == 3
     assert names["images"] == names["labels"] == names["colored_labels"] == names["samples"]
-    assert (run_dir / "grid.png").is_file()
+    assert (run_dir / "grid.png").is_file() and (run_dir / "legend.png").is_file()
     assert json.loads((run_dir / "config.json").read_text())["num_classes"] == 4  # taken from the checkpoint
     sample_image = pngs(run_dir / "samples")[names["samples"][0]]
     assert sample_image.shape == (32, 32, 3) and sample_image.dtype == np.uint8
