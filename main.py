@@ -12,7 +12,7 @@ import sys
 
 from guided_diffusion.config import ACTIONS, config_to_dict, load_config
 from guided_diffusion.distributed import REQUEUE_EXIT_STATUS, current_world, ignore_stop_signals, process_group
-from guided_diffusion.errors import UserError
+from guided_diffusion.errors import exit_status
 
 DEFAULT_CONFIGS = {action: f"configs/config_{action}.json" for action in ACTIONS}
 
@@ -75,16 +75,12 @@ def run(args: argparse.Namespace) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def action() -> int | None:
         with process_group():  # torchrun / srun / mpirun: one process group around the action; one process: none
-            status = run(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return status or 0
+            return run(args)
+
+    return exit_status(action)
 
 
 if __name__ == "__main__":

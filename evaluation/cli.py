@@ -11,9 +11,10 @@ import shlex
 import sys
 from typing import Any
 
-from guided_diffusion.errors import UserError
+from guided_diffusion.config import parse_override
+from guided_diffusion.errors import exit_status
 
-from .config import config_from_dict, config_to_dict, parse_override, read_config_file
+from .config import config_from_dict, config_to_dict, read_config_file
 
 PROG = "evaluation/evaluate.sh"
 
@@ -79,19 +80,15 @@ def resolve_values(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    try:
+
+    def action() -> None:
         values, source = resolve_values(args)
         config = config_from_dict(values, source)
         if args.dry_run:
             print(json.dumps(config_to_dict(config), indent=2))
-            return 0
+            return
         from .pipeline import run_evaluation  # noqa: PLC0415 - keeps --help and --dry-run fast
 
         run_evaluation(config, command=shlex.join([PROG, *argv]))
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return exit_status(action)

@@ -7,13 +7,12 @@ out of range raises a one-line `ConfigError` naming the source and the key.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guided_diffusion.config import parse_override  # noqa: F401 (the evaluation CLI's --set)
+from guided_diffusion.config import did_you_mean
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError
 
@@ -145,9 +144,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Evaluate
         if key.startswith(("_", "#")):
             continue
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{key}' for evaluate{hint}")
+            raise ConfigError(f"{source}: unknown key '{key}' for evaluate{did_you_mean(key, names)}")
         if key == "sample_dirs" and isinstance(value, str):
             value = [value]  # one folder given as a plain string
         types, described = _TYPES[key]

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from guided_diffusion.data import canonical_dataset_mode
-from guided_diffusion.errors import ConfigError, UserError
+from guided_diffusion.errors import ConfigError, exit_status
 
 PROG = "evaluation/filter.sh"
 DEFAULT_SCORER_DIR = "Results/scorers"
@@ -99,15 +99,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        run(args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ unseen images but still ranks them: rare classes, small or faint defects stay ha
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -48,6 +47,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
+from guided_diffusion.config import refuse_unknown_sub_keys
 from guided_diffusion.data import RESIZE_MODES, Pair, index_dataset, load_image, load_mask, resize_pair
 from guided_diffusion.errors import CheckpointError, ConfigError, DatasetError
 from guided_diffusion.results import write_json
@@ -70,11 +70,8 @@ def _strict_fields(cls: type, values: dict[str, Any], where: str) -> dict[str, A
     """The defaults of dataclass `cls` updated with `values`; ConfigError for an unknown key or a wrong type."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     merged = {name: f.default for name, f in fields.items()}
+    refuse_unknown_sub_keys(values, list(fields), where)
     for key, value in values.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"key '{where}.{key}' is unknown{hint}; {where} takes {', '.join(fields)}")
         default = fields[key].default
         if isinstance(default, bool):
             ok = isinstance(value, bool)

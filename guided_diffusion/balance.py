@@ -27,7 +27,6 @@ one warning line, never with an error or an endless loop.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import time
@@ -41,6 +40,7 @@ import cv2
 import numpy as np
 
 from .data import Pair, load_mask, read_class_names, resize_pair
+from .config import refuse_unknown_sub_keys
 from .errors import ConfigError
 from .results import write_json
 
@@ -87,13 +87,7 @@ class BalanceArgs:
 
         Class ids in ejection_classes are checked against num_classes when it is known (a sample config takes
         it from the checkpoint, and is validated again once it is merged)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"key 'balance_args.{key}' is unknown{hint}; balance_args takes "
-                                  f"{', '.join(names)}")
+        refuse_unknown_sub_keys(values, [f.name for f in dataclasses.fields(cls)], "balance_args")
         merged = {**{f.name: f.default for f in dataclasses.fields(cls)}, **values}
         tolerance = merged["max_class_dif"]
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not np.isfinite(tolerance):

@@ -348,6 +348,20 @@ class _KeyError(Exception):
         super().__init__(f"key '{key}' {message}")
 
 
+def did_you_mean(key: object, names: list[str] | set[str]) -> str:
+    """' (did you mean 'x'?)' for the known name closest to a mistyped key, else ''."""
+    close = difflib.get_close_matches(str(key), sorted(names), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def refuse_unknown_sub_keys(values: dict[str, Any], names: list[str], where: str) -> None:
+    """ConfigError for the first key of a nested object (e.g. balance_args) that is not one of `names`."""
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"key '{where}.{key}' is unknown{did_you_mean(key, names)}; {where} takes "
+                              f"{', '.join(names)}")
+
+
 def require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise _KeyError(key, message)
@@ -412,9 +426,7 @@ def config_from_dict(action: str, values: dict[str, Any], source: str = "config"
             notes.append(f"{source}: key '{key}' is ignored ({IGNORED_LEGACY_KEYS[name]})")
             continue
         if name not in names:
-            close = difflib.get_close_matches(name, sorted(names), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{key}' for {action}{hint}")
+            raise ConfigError(f"{source}: unknown key '{key}' for {action}{did_you_mean(name, names)}")
         if name in kwargs:
             raise ConfigError(f"{source}: key '{name}' is given twice (as '{key}' and an alias)")
         if not _type_ok(value, hints[name]):

@@ -4,6 +4,11 @@
 Programming errors are ordinary exceptions and keep their traceback.
 """
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
 
 class UserError(Exception):
     """A mistake in a file, folder or setting the user gave us; the message names it and says the fix."""
@@ -23,3 +28,17 @@ class CheckpointError(UserError):
 
 class LaunchError(UserError):
     """The launcher's environment variables (torchrun, Slurm, Open MPI) are missing, half set or inconsistent."""
+
+
+def exit_status(action: Callable[[], int | None]) -> int:
+    """Run a command-line action and return its exit status: a UserError prints one line `error: ...` on stderr
+    and gives 2, Ctrl-C gives 130, otherwise the action's own status (None = 0). Shared by main.py,
+    evaluate.sh and filter.sh so that every entry point reports user mistakes the same way."""
+    try:
+        return action() or 0
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

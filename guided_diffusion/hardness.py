@@ -21,7 +21,6 @@ and every rank then loads it from the cache.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ import numpy as np
 
 from .balance import write_report
 from .data import Pair
+from .config import refuse_unknown_sub_keys
 from .errors import CheckpointError, ConfigError, UserError
 from .results import write_json
 
@@ -61,13 +61,7 @@ class HardnessArgs:
         """Check a `hardness_args` object strictly; one-line ConfigError naming 'hardness_args.<key>'."""
         from evaluation.freemask import ScorerSettings  # here: smp is imported only when hardness is asked for
 
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in values:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"key 'hardness_args.{key}' is unknown{hint}; hardness_args takes "
-                                  f"{', '.join(names)}")
+        refuse_unknown_sub_keys(values, [f.name for f in dataclasses.fields(cls)], "hardness_args")
         exponent = values.get("exponent", cls.exponent)
         if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not math.isfinite(exponent) \
                 or exponent < 0:
