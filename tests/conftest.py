@@ -27,6 +27,16 @@ def demo_dir(tmp_path_factory) -> Path:
     return make_demo_dataset(tmp_path_factory.mktemp("demo") / "demo", num_train=12, num_test=4, image_size=32)
 
 
+@pytest.fixture(scope="session")
+def trained_run(demo_dir, tmp_path_factory) -> Path:
+    """A tiny model trained for 2 steps on the demo dataset: enough for sampling tests, which only read it."""
+    from guided_diffusion.config import config_from_dict
+    from guided_diffusion.train import Trainer
+    root = tmp_path_factory.mktemp("trained")
+    config, _ = config_from_dict("train", tiny_train_config(demo_dir, root, max_steps=2))
+    return Trainer(config, "train", log=lambda *_: None).run().run_dir
+
+
 def tiny_train_config(data_dir: Path, root: Path, **changes) -> dict:
     """A train config dict for a tiny model: a few steps on CPU take seconds."""
     return {"data_dir": str(data_dir), "num_classes": 4, "root_log_dir": str(root), "batch_size": 4,

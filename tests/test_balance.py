@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import main
-from conftest import MAGNETIC_TILE, MAGNETIC_TILE_BINARY, TINY_MODEL, tiny_train_config, write_config
+from conftest import MAGNETIC_TILE, MAGNETIC_TILE_BINARY, TINY_MODEL, write_config
 from guided_diffusion.balance import (DIHEDRAL, Augmentation, BalanceArgs, balance, choose_masks, components,
                                       count_all, count_classes, dihedral, greedy_selection, load_masks,
                                       make_augmented, paste_components, relative_difference, shares, warp)
@@ -18,7 +18,6 @@ from guided_diffusion.config import config_from_dict
 from guided_diffusion.data import SegmentationDataset, index_dataset, split_train_val
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.sample import TrainedWith, mask_splits, preview_mask_selection, run_sampling, select_masks
-from guided_diffusion.train import Trainer
 
 needs_real_data = pytest.mark.skipif(not MAGNETIC_TILE.is_dir(), reason="../shared/datasets is not present")
 
@@ -308,13 +307,6 @@ def test_binary_dataset_balancing_is_a_no_op_said_in_the_log(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sampling with balance_args: the sampler gets exactly the chosen masks
-
-
-@pytest.fixture(scope="module")
-def trained_run(demo_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    config, _ = config_from_dict("train", tiny_train_config(demo_dir, root, max_steps=2))
-    return Trainer(config, "train", log=lambda *_: None).run().run_dir
 
 
 def sample_values(demo_dir: Path, model_path: Path, root: Path, **changes) -> dict:

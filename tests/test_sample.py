@@ -10,18 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_train_config
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.errors import CheckpointError, ConfigError
 from guided_diffusion.sample import run_sampling, sampling_diffusion
-from guided_diffusion.train import Trainer
-
-
-@pytest.fixture(scope="module")
-def trained_run(demo_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    config, _ = config_from_dict("train", tiny_train_config(demo_dir, root, max_steps=2))
-    return Trainer(config, "train", log=lambda *_: None).run().run_dir
 
 
 def sample(demo_dir: Path, model_path: Path, root: Path, **changes) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -158,13 +157,9 @@ def test_more_steps_than_the_model_was_trained_with_is_refused():
         sampling_diffusion(sample_config(sampler="dpm++2m", steps=1200))
 
 
-def test_dpm_solver_end_to_end_writes_samples(demo_dir, tmp_path):
+def test_dpm_solver_end_to_end_writes_samples(demo_dir, trained_run, tmp_path):
     from test_sample import pngs, sample
-    from conftest import tiny_train_config
-    from guided_diffusion.train import Trainer
-    config, _ = config_from_dict("train", tiny_train_config(demo_dir, tmp_path / "train", max_steps=1))
-    run = Trainer(config, "train", log=lambda *_: None).run().run_dir
-    run_dir = sample(demo_dir, run, tmp_path, sampler="dpm++2m", steps=4, timestep_respacing="")
+    run_dir = sample(demo_dir, trained_run, tmp_path, sampler="dpm++2m", steps=4, timestep_respacing="")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["sampler"], summary["steps"]) == ("dpm++2m", 4)
     assert len(pngs(run_dir / "samples")) == 3
