@@ -30,8 +30,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int | None:
-    from guided_diffusion import checkpoint as ckpt
-
     path = args.config or DEFAULT_CONFIGS[args.action]
     loaded = load_config(path, args.action, args.overrides)
     config = loaded.config
@@ -58,16 +56,8 @@ def run(args: argparse.Namespace) -> int | None:
         run_import(config)
         return
 
-    from guided_diffusion.train import Trainer
-    start = ckpt.find_resumable(config.root_log_dir, args.action) if config.auto_resume else None
-    if start is None and config.resume_checkpoint:
-        prefer = "latest" if args.action == "train" else "best"
-        start = ckpt.resolve_checkpoint(config.resume_checkpoint, key="resume_checkpoint", prefer=prefer,
-                                        actions=("train",) if args.action == "finetune" else (args.action,))
-    trainer = Trainer(config, args.action)
-    if start is not None:
-        trainer.log(trainer.start_from(start))
-    if trainer.run().stop_signal:  # SIGTERM/SIGUSR1: latest.pt is saved; the sbatch templates requeue the job
+    from guided_diffusion.train import run_training
+    if run_training(config, args.action).stop_signal:  # SIGTERM/SIGUSR1: latest.pt is saved; sbatch requeues
         ignore_stop_signals()  # exit in order even when srun ends the step on another rank's exit
         return REQUEUE_EXIT_STATUS
     return None

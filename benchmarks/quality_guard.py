@@ -37,17 +37,18 @@ from guided_diffusion.samplers import PerImageNoise, image_seed, run_sampler  # 
 
 def sample_run(model, config, trained, masks: torch.Tensor, sampler: str, steps: int, seed: int,
                step_noise_seed: int, batch_size: int) -> tuple[np.ndarray, float]:
-    """uint8 images (N, H, W, 3) for `masks` and the seconds per image. x_T comes from the per-image seeds of
-    `seed`; the noise drawn during sampling from those of `step_noise_seed` (equal seeds: one stream)."""
+    """uint8 images (N, H, W, 3) for `masks` (a grey model's repeated to RGB) and the seconds per image. x_T comes
+    from the per-image seeds of `seed`; the noise drawn during sampling from those of `step_noise_seed` (equal
+    seeds: one stream)."""
     run_config, _ = config_from_dict("sample", {**vars(config), "sampler": sampler, "steps": steps,
                                                 "use_ddim": False, "timestep_respacing": "", "balance_args": None})
     diffusion = sampling_diffusion(run_config, trained)
-    size, outputs, start = config.image_size, [], time.perf_counter()
+    size, channels, outputs, start = config.image_size, config.image_channels, [], time.perf_counter()
     for first in range(0, len(masks), batch_size):
         ids = list(range(first, min(first + batch_size, len(masks))))
-        start_noise = PerImageNoise([image_seed(seed, i) for i in ids], (3, size, size))
+        start_noise = PerImageNoise([image_seed(seed, i) for i in ids], (channels, size, size))
         step_noise = (start_noise if step_noise_seed == seed else
-                      PerImageNoise([image_seed(step_noise_seed, i) for i in ids], (3, size, size)))
+                      PerImageNoise([image_seed(step_noise_seed, i) for i in ids], (channels, size, size)))
         x_T = start_noise()
         with torch.no_grad():
             denoise = conditional_denoiser(model, one_hot(masks[ids], config.num_classes), config.s)
@@ -74,7 +75,8 @@ def main() -> None:
     index = index_dataset(config.data_dir, config.dataset_mode, config.num_classes, require_test=False)
     train_pairs, val_pairs = split_train_val(index.train, trained.val_fraction, trained.seed)
     chosen = [val_pairs[i % len(val_pairs)] for i in range(args.num_images)]
-    val = SegmentationDataset(chosen, config.image_size, config.dataset_mode, config.resize_mode)
+    val = SegmentationDataset(chosen, config.image_size, config.dataset_mode, config.resize_mode,
+                              image_channels=config.image_channels)
     items = [val[i] for i in range(len(val))]
     masks = torch.stack([item["mask"] for item in items])
     print(f"model {path}; {len(masks)} val masks at {config.image_size} px, guidance s={config.s}", flush=True)
@@ -94,7 +96,8 @@ def main() -> None:
     if args.segmenter_steps:
         from evaluation.alignment import label_alignment_score
         from evaluation.segmenter import SegmenterSpec, TrainSettings, train_segmenter
-        train = SegmentationDataset(train_pairs, config.image_size, config.dataset_mode, config.resize_mode)
+        train = SegmentationDataset(train_pairs, config.image_size, config.dataset_mode, config.resize_mode,
+                                    image_channels=config.image_channels)
         real_images = np.stack([to_uint8_image(train[i]["image"]) for i in range(len(train))])
         real_masks = np.stack([train[i]["mask"].numpy() for i in range(len(train))])
         segmenter, _ = train_segmenter(real_images, real_masks, SegmenterSpec("unetplusplus", config.num_classes),

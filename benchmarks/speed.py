@@ -81,7 +81,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 def forward_flops(model: SDMUNet, size: int, classes: int, device: torch.device) -> float:
     from torch.utils.flop_counter import FlopCounterMode
-    x = torch.zeros(1, 3, size, size, device=device)
+    x = torch.zeros(1, model.spec.in_channels, size, size, device=device)
     labels = torch.zeros(1, classes, size, size, device=device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, torch.zeros(1, device=device), labels)
@@ -112,14 +112,14 @@ def time_training(model, diffusion, images, labels, steps: int, autocast: bool, 
 
 
 def time_sampling(model, labels, sampler: str, steps: int, max_steps: int, batched: bool, autocast: bool,
-                  device) -> tuple[float, bool]:
+                  device, channels: int = 3) -> tuple[float, bool]:
     """Seconds per image for `steps` guided steps of `sampler` (timed over at most max_steps)."""
     model_process = GaussianDiffusion.create(1000, "linear", rescale_timesteps=True)
     timed = min(steps, max_steps)
     grid = log_snr_timesteps(model_process, timed) if sampler == "dpm++2m" else space_timesteps(1000, str(timed))
     diffusion = model_process.respaced(grid)
     size = labels.shape[-1]
-    noise = PerImageNoise(list(range(len(labels))), (3, size, size), device)
+    noise = PerImageNoise(list(range(len(labels))), (channels, size, size), device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         denoise = conditional_denoiser(model, labels, 1.5, batched=batched)
         denoise(noise(), torch.zeros(len(labels), device=device))  # warm-up
@@ -150,7 +150,8 @@ def measure(args, path: str, sampler_runs: list[tuple[str, int]]) -> list[Row]:
     forward = torch.compile(model) if args.compile and not naive else model
     b, size = args.batch_size, config.image_size
     generator = torch.Generator().manual_seed(1)
-    images = (torch.rand(b, 3, size, size, generator=generator) * 2 - 1).to(device)
+    channels = model.spec.in_channels
+    images = (torch.rand(b, channels, size, size, generator=generator) * 2 - 1).to(device)
     labels = one_hot(torch.randint(0, config.num_classes, (b, size, size), generator=generator),
                      config.num_classes).to(device)
     if device.type == "cuda":
@@ -166,7 +167,7 @@ def measure(args, path: str, sampler_runs: list[tuple[str, int]]) -> list[Row]:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seconds, estimated = time_sampling(forward, labels, sampler, steps, args.max_sample_steps,
-                                           batched=not naive, autocast=autocast, device=device)
+                                           batched=not naive, autocast=autocast, device=device, channels=channels)
         rows.append(Row(args.config, str(device), dtype, b, path, peak_mib=peak_memory_mib(device),
                         sampler=sampler, steps=steps, s_per_image=seconds, estimated=estimated,
                         flops_per_s=2 * flops * steps / seconds))

@@ -263,6 +263,17 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state(device_state.to("cpu", torch.uint8), device)
 
 
+INPUT_CONV = "input_blocks.0.0.weight"
+"""The UNet's first convolution (guided-diffusion's name): its input channels are the image channels."""
+
+
+def image_channels_of(weights: Mapping[str, torch.Tensor]) -> int | None:
+    """The image channels a UNet state dict takes (3 for every ISDM/SDM model), or None when it has no
+    `input_blocks.0.0.weight` of 4 dimensions."""
+    conv = weights.get(INPUT_CONV)
+    return int(conv.shape[1]) if isinstance(conv, torch.Tensor) and conv.dim() == 4 else None
+
+
 def load_weights(net: torch.nn.Module, weights: Mapping[str, torch.Tensor], path: Path | str, model_name: str) -> None:
     """Load `weights` into `net` strictly; a mismatch is one CheckpointError line naming the file and the first
     differing tensor (`model_name` says which model the config describes)."""
@@ -272,7 +283,7 @@ def load_weights(net: torch.nn.Module, weights: Mapping[str, torch.Tensor], path
         lines = str(error).strip().splitlines()
         detail = (lines[1] if len(lines) > 1 else lines[0]).strip()[:_MAX_REASON_CHARS]
         raise CheckpointError(f"checkpoint {path}: weights do not fit {model_name} (check num_classes, "
-                              f"num_channels, channel_mult, attention_resolutions): {detail}") from None
+                              f"num_channels, channel_mult, attention_resolutions, image_channels): {detail}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ IGNORED_LEGACY_KEYS = {
 ALIASES = {"weights_decay": "weight_decay"}
 MODEL_KEYS = ("image_size", "num_classes", "num_channels", "num_res_blocks", "channel_mult",
               "attention_resolutions", "num_heads", "num_head_channels", "num_heads_upsample", "resblock_updown",
-              "use_scale_shift_norm", "learn_sigma", "dropout", "use_new_attention_order", "noise_schedule")
+              "use_scale_shift_norm", "learn_sigma", "dropout", "use_new_attention_order", "noise_schedule",
+              "image_channels")
 
 
 def parse_number_list(value: str | list[int] | list[float], key: str, number=int) -> tuple:
@@ -83,8 +85,12 @@ class CommonConfig:
     learn_sigma: bool = True
     dropout: float = 0.0
     use_checkpoint: bool = False
-    use_fp16: bool = False
+    use_fp16: bool = False  # ISDM's spelling of precision "auto" (bf16 where it is native and faster)
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # bf16 autocast; see train.bf16_autocast
     use_new_attention_order: bool = False
+    # 1 = grayscale, 3 = RGB; "auto": training takes 1 when every train/ image is grayscale, else 3, and stores the
+    # number in config.json and the checkpoint; sampling takes the checkpoint's (3 when it records none: ISDM/SDM)
+    image_channels: Literal["auto", 1, 3] = "auto"
     no_instance: bool = True
     class_cond: bool = True
     # diffusion
@@ -104,7 +110,9 @@ class CommonConfig:
             num_heads=self.num_heads, num_head_channels=self.num_head_channels,
             num_heads_upsample=self.num_heads_upsample, resblock_updown=self.resblock_updown,
             use_scale_shift_norm=self.use_scale_shift_norm, learn_sigma=self.learn_sigma, dropout=self.dropout,
-            use_checkpoint=self.use_checkpoint, use_new_attention_order=self.use_new_attention_order)
+            use_checkpoint=self.use_checkpoint, use_new_attention_order=self.use_new_attention_order,
+            # "auto" not yet resolved (training resolves it from the data, sampling from the checkpoint): ISDM's 3
+            in_channels=self.image_channels if isinstance(self.image_channels, int) else 3)
 
     def model_keys(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in MODEL_KEYS}
@@ -133,6 +141,10 @@ class CommonConfig:
                     f"{self.diffusion_steps}; for fewer sampling steps set timestep_respacing (e.g. \"ddim10\")")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.use_fp16 and self.precision == "fp32":
+            # ISDM's spelling of reduced precision: bf16 autocast (no fp16 loss scaler) where the device runs it
+            # natively; "auto" rather than "bf16" so that a CPU that only emulates bf16 (2x slower) stays fp32
+            self.precision = "auto"
         spec = self.unet_spec()
         require(all(m > 0 and float(m * self.num_channels).is_integer() for m in spec.channel_mult), "channel_mult",
                 f"must be positive multipliers, got {self.channel_mult!r}")
@@ -176,6 +188,11 @@ class TrainConfig(CommonConfig):
     lr_anneal_steps: int = 0
     microbatch: int = -1
     compile: bool = False
+    # levers for small models on a small budget (0 = off)
+    crop_size: int = 0  # train on random crop_size x crop_size crops of the image_size images
+    min_snr_gamma: float = 0.0  # Min-SNR-gamma weight min(SNR, gamma) / SNR of the MSE term
+    lr_warmup_steps: int = 0  # linear lr warm-up over the first N steps
+    offset_noise: float = 0.0  # noise += offset_noise x a per-image, per-channel N(0, 1) constant
 
     def validate(self) -> None:
         super().validate()
@@ -193,6 +210,16 @@ class TrainConfig(CommonConfig):
         require(self.microbatch == -1 or 1 <= self.microbatch, "microbatch",
                 f"must be -1 (off) or a positive size, got {self.microbatch}")
         require(self.diffusion_steps >= 2, "diffusion_steps", "must be at least 2 for training")
+        if self.crop_size:
+            factor = self.unet_spec().downsampling
+            require(0 < self.crop_size <= self.image_size and self.crop_size % factor == 0, "crop_size",
+                    f"must be 0 (off) or a multiple of {factor} (the UNet's downsampling) up to image_size "
+                    f"{self.image_size}, got {self.crop_size}")
+        require(math.isfinite(self.min_snr_gamma) and self.min_snr_gamma >= 0, "min_snr_gamma",
+                f"must be >= 0 (0 = off; the paper uses 5), got {self.min_snr_gamma}")
+        require(self.lr_warmup_steps >= 0, "lr_warmup_steps", f"must be >= 0 (0 = off), got {self.lr_warmup_steps}")
+        require(math.isfinite(self.offset_noise) and self.offset_noise >= 0, "offset_noise",
+                f"must be >= 0 (0 = off; 0.1 is usual), got {self.offset_noise}")
 
 
 @dataclass
@@ -226,8 +253,8 @@ class SampleConfig(CommonConfig):
     use_ema: bool = True
     balance_args: dict | None = None
     hardness_args: dict | None = None  # hardness-aware mask selection (hardness.py)
-    # variations and inpainting (inpaint.py)
-    mode: Literal["noise", "variation", "inpaint"] = "noise"
+    # variations and inpainting (inpaint.py); copy-paste without a model (paste.py)
+    mode: Literal["noise", "variation", "inpaint", "paste"] = "noise"
     strength: float = 1.0
     inpaint_margin: int = 2
     resample_steps: int = 2
@@ -238,7 +265,8 @@ class SampleConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
-        require(bool(self.model_path), "model_path", "is required: a checkpoint file or a train/finetune run folder")
+        require(bool(self.model_path) or self.mode == "paste", "model_path",
+                "is required: a checkpoint file or a train/finetune run folder (only mode 'paste' needs none)")
         require(self.num_samples >= 1, "num_samples", f"must be at least 1, got {self.num_samples}")
         require(self.s >= 1.0, "s", f"is the guidance scale and must be >= 1 (1 = no guidance), got {self.s}")
         require(0.0 <= self.ddim_eta <= 1.0, "ddim_eta", f"must be in [0, 1], got {self.ddim_eta}")
@@ -251,12 +279,12 @@ class SampleConfig(CommonConfig):
             self.sampler = "ddim"
         require(0.0 < self.strength <= 1.0, "strength",
                 f"must be in (0, 1] (1 = start from noise), got {self.strength}")
-        require(self.mode != "noise" or self.strength == 1.0, "strength",
-                "applies to mode 'variation' or 'inpaint', but mode is 'noise'; remove it or set mode")
+        require(self.mode in ("variation", "inpaint") or self.strength == 1.0, "strength",
+                f"applies to mode 'variation' or 'inpaint', but mode is {self.mode!r}; remove it or set mode")
         require(self.inpaint_margin >= 0, "inpaint_margin", f"must be >= 0 pixels, got {self.inpaint_margin}")
         require(self.resample_steps >= 0, "resample_steps", f"must be >= 0 (0 = no jumps), got {self.resample_steps}")
-        require(self.mode == "inpaint" or not self.background_dir, "background_dir",
-                f"is only used with mode 'inpaint', but mode is {self.mode!r}")
+        require(self.mode in ("inpaint", "paste") or not self.background_dir, "background_dir",
+                f"is only used with mode 'inpaint' or 'paste', but mode is {self.mode!r}")
         if self.balance_args is not None:  # checked strictly, stored resolved (defaults filled in)
             from .balance import BalanceArgs  # here, not at the top: balance.py needs this module's types
             known = self.num_classes if self.num_classes is not None or self.dataset_mode != "binary" else 2

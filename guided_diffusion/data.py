@@ -119,6 +119,51 @@ def _image_to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).copy()
 
 
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+"""PIL modes that hold one grey value per pixel (LA's alpha is dropped on loading, as for RGBA)."""
+
+
+def _image_to_gray(image: Image.Image) -> np.ndarray:
+    """Convert any PIL image to a uint8 HxW array: grey images keep their values (16-bit scaled to 8-bit as
+    `_image_to_rgb` does), colour images become their luma (ITU-R 601, PIL's "L"), which equals the value of
+    an RGB image whose three channels are equal."""
+    if image.mode == "L":
+        return np.asarray(image, dtype=np.uint8).copy()
+    return np.asarray(Image.fromarray(_image_to_rgb(image)).convert("L"), dtype=np.uint8).copy()
+
+
+def is_grayscale(image: Image.Image) -> bool:
+    """Whether a decoded image is grey: a grey PIL mode, or a colour mode whose R, G and B are equal everywhere."""
+    if image.mode in GRAYSCALE_MODES:
+        return True
+    rgb = _image_to_rgb(image)
+    return bool(np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2]))
+
+
+def _is_grayscale_file(path: Path) -> bool:
+    """`is_grayscale` of an image file; a grey mode is read from the header alone, without decoding pixels."""
+    with Image.open(path) as image:
+        if image.mode in GRAYSCALE_MODES:
+            return True
+        image.load()
+        return is_grayscale(image)
+
+
+def first_colour_image(paths: list[Path]) -> Path | None:
+    """The first of `paths` (in order) that is not grayscale (see `is_grayscale`), or None when all are grey.
+
+    Cheap on grey datasets stored in a grey mode (headers only) and on colour datasets (it stops at the first
+    colour file found); only grey images stored as RGB are decoded in full. Files must be readable (indexed)."""
+    paths = list(paths)
+    with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 4)) as pool:
+        for start in range(0, len(paths), 64):  # in chunks, so a colour dataset stops after its first chunk
+            chunk = paths[start:start + 64]
+            for path, grey in zip(chunk, pool.map(_is_grayscale_file, chunk)):
+                if not grey:
+                    return path
+    return None
+
+
 def _mask_ids(image: Image.Image) -> np.ndarray:
     """Raw class ids of a decoded mask as an integer HxW array (values not yet checked or mapped).
 
@@ -159,12 +204,16 @@ def _bad_values(values: list[int], dataset_mode: str, num_classes: int) -> list[
     return [v for v in values if v < 0 or v >= num_classes]
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Load an image file as uint8 HxWx3 RGB (gray, 16-bit, RGBA and palette images are converted).
+def load_image(path: str | os.PathLike, channels: int = 3) -> np.ndarray:
+    """Load an image file as uint8 HxWx3 RGB, or with `channels` 1 as uint8 HxW grey (gray, 16-bit, RGBA and
+    palette images are converted; a colour image becomes its luma).
 
     EXIF orientation is ignored on purpose: masks are drawn on the stored pixel grid.
     """
-    return _image_to_rgb(_read(Path(path)))
+    if channels not in (1, 3):
+        raise ValueError(f"load_image: channels must be 1 or 3, got {channels!r}")
+    image = _read(Path(path))
+    return _image_to_gray(image) if channels == 1 else _image_to_rgb(image)
 
 
 def load_mask(path: str | os.PathLike, dataset_mode: str) -> np.ndarray:
@@ -279,7 +328,7 @@ class _FileCheck:
     bad_values: tuple[int, ...]
 
 
-def _check_pair(pair: Pair, dataset_mode: str, num_classes: int) -> _FileCheck:
+def _check_pair(pair: Pair, dataset_mode: str, num_classes: int, ignore_value: int | None = None) -> _FileCheck:
     """Decode the image and mask of a pair completely and record every problem found."""
     unreadable: list[tuple[Path, str]] = []
     image_hash = image_size = mask_size = None
@@ -297,7 +346,8 @@ def _check_pair(pair: Pair, dataset_mode: str, num_classes: int) -> _FileCheck:
         unreadable.append((pair.mask, _describe_read_error(error)))
     else:
         try:
-            bad = _bad_values(_distinct_values(_mask_ids(mask)), dataset_mode, num_classes)
+            bad = [v for v in _bad_values(_distinct_values(_mask_ids(mask)), dataset_mode, num_classes)
+                   if v != ignore_value]
         except ValueError as error:  # not a class-id mask; the message says why
             unreadable.append((pair.mask, str(error)))
     return _FileCheck(pair, image_hash, image_size, mask_size, tuple(unreadable), tuple(bad))
@@ -411,14 +461,16 @@ def _check_num_classes(dataset_mode: str, num_classes: int) -> None:
 
 
 def index_dataset(
-    data_dir: str | os.PathLike, dataset_mode: str, num_classes: int, require_test: bool = True
+    data_dir: str | os.PathLike, dataset_mode: str, num_classes: int, require_test: bool = True,
+    ignore_value: int | None = None,
 ) -> DatasetIndex:
     """Pair and validate every file of a dataset folder; raise one DatasetError listing all problems.
 
     Checks folders, image/mask name matching, duplicate names, that every file decodes completely, mask values
     (multi-class: 0..num_classes-1; binary: 0 and 255), image/mask sizes, and that no image is in both train and
     test. Hidden files and non-image files are ignored. Without `require_test` a missing test folder is allowed
-    and gives an empty test list.
+    and gives an empty test list. `ignore_value` (evaluation's ignore_index, e.g. 255 = void) is accepted in
+    multi-class masks besides the class ids.
     """
     mode = canonical_dataset_mode(dataset_mode)
     _check_num_classes(mode, num_classes)
@@ -436,7 +488,7 @@ def index_dataset(
 
     jobs = [(split, pair) for split in SPLITS for pair in pairs[split]]
     with ThreadPoolExecutor(max_workers=min(16, (os.cpu_count() or 1) + 4)) as pool:
-        results = list(pool.map(lambda job: _check_pair(job[1], mode, num_classes), jobs))
+        results = list(pool.map(lambda job: _check_pair(job[1], mode, num_classes, ignore_value), jobs))
     checks: dict[str, list[_FileCheck]] = {split: [] for split in SPLITS}
     for (split, _), check in zip(jobs, results):
         checks[split].append(check)
@@ -518,7 +570,7 @@ def _nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
 def resize_pair(
     image: np.ndarray, mask: np.ndarray, image_size: int, resize_mode: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Bring an HxWx3 uint8 image and its HxW mask to image_size x image_size.
+    """Bring an HxWx3 (or HxW grey) uint8 image and its HxW mask to image_size x image_size.
 
     'resize' stretches to the square; 'crop' keeps the aspect ratio: it takes the centred square of the short
     side (the same as resizing the short side to image_size and centre-cropping). The image is resampled
@@ -526,8 +578,8 @@ def resize_pair(
     """
     if resize_mode not in RESIZE_MODES:
         raise ConfigError(f"resize_mode: unknown value {resize_mode!r}; use one of {', '.join(RESIZE_MODES)}")
-    if image.ndim != 3 or image.shape[2] != 3 or mask.shape != image.shape[:2]:
-        raise ValueError(f"resize_pair expects HxWx3 image and HxW mask, got {image.shape} and {mask.shape}")
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)) or mask.shape != image.shape[:2]:
+        raise ValueError(f"resize_pair expects HxWx3 or HxW image and HxW mask, got {image.shape} and {mask.shape}")
     if resize_mode == "crop":
         height, width = mask.shape
         side = min(height, width)
@@ -556,8 +608,9 @@ def _compact(mask: np.ndarray) -> np.ndarray:
 class SegmentationDataset(torch.utils.data.Dataset):
     """Image/mask pairs as tensors at image_size x image_size, with no randomness (flips belong to training).
 
-    Items: {"image": float32 3xSxS in [-1, 1], "mask": int64 SxS class ids, "index": int}. With `cache` the
-    resized uint8 image and compact mask of each pair are kept in memory after their first load.
+    Items: {"image": float32 CxSxS in [-1, 1], "mask": int64 SxS class ids, "index": int}, C being
+    `image_channels` (1: the images loaded as grey, see `load_image`). With `cache` the resized uint8 image and
+    compact mask of each pair are kept in memory after their first load.
     """
 
     def __init__(
@@ -567,7 +620,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         dataset_mode: str,
         resize_mode: str = "resize",
         cache: bool = True,
+        image_channels: int = 3,
     ) -> None:
+        if image_channels not in (1, 3):
+            raise ValueError(f"SegmentationDataset: image_channels must be 1 or 3, got {image_channels!r}")
         if resize_mode not in RESIZE_MODES:
             raise ConfigError(f"resize_mode: unknown value {resize_mode!r}; use one of {', '.join(RESIZE_MODES)}")
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -577,6 +633,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.dataset_mode = canonical_dataset_mode(dataset_mode)
         self.resize_mode = resize_mode
         self.cache = cache
+        self.image_channels = image_channels
         self._cached: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self.pairs)
 
     def __len__(self) -> int:
@@ -588,7 +645,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if arrays is None:
             pair = self.pairs[index]
             image, mask = resize_pair(
-                load_image(pair.image), load_mask(pair.mask, self.dataset_mode), self.image_size, self.resize_mode
+                load_image(pair.image, self.image_channels), load_mask(pair.mask, self.dataset_mode),
+                self.image_size, self.resize_mode,
             )
             arrays = (image, _compact(mask))
             if self.cache:
@@ -597,6 +655,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image, mask = self._arrays(index)
+        if image.ndim == 2:  # grey: one channel
+            image = image[:, :, None]
         image_tensor = torch.from_numpy(image).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
         mask_tensor = torch.from_numpy(mask.astype(np.int64))
         return {"image": image_tensor.contiguous(), "mask": mask_tensor, "index": index}

@@ -217,11 +217,12 @@ class GaussianDiffusion:
 
     # --- training -----------------------------------------------------------------------------------------
     def training_losses(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_start: torch.Tensor,
-                        t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+                        t: torch.Tensor, noise: torch.Tensor, min_snr_gamma: float = 0.0) -> dict[str, torch.Tensor]:
         """The hybrid loss per sample: MSE on eps + the variational bound for the learned variance.
 
         `model(x_t, model_timesteps)` returns the raw output. As in improved DDPM, the VB term sees the
-        predicted mean detached, so it trains the variance only.
+        predicted mean detached, so it trains the variance only. With `min_snr_gamma` > 0 the loss takes the MSE
+        weighted by `min_snr_weights` (the VB term unchanged); terms["mse"] stays the unweighted MSE.
         """
         x_t = self.q_sample(x_start, t, noise)
         model_output = model(x_t, self.model_timesteps(t))
@@ -233,8 +234,18 @@ class GaussianDiffusion:
         else:
             eps = model_output
         terms["mse"] = mean_flat((noise - eps) ** 2)
-        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        mse = terms["mse"] * self.min_snr_weights(t, min_snr_gamma).to(terms["mse"]) if min_snr_gamma else terms["mse"]
+        terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         return terms
+
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al., ICCV 2023) for an eps-predicting model: min(SNR(t), gamma) / SNR(t) per
+        sample, float64, with SNR(t) = alpha_bar_t / (1 - alpha_bar_t). It is 1 where SNR <= gamma (noisy steps) and
+        gamma / SNR below that, so the nearly clean steps, whose eps is hard to predict and matters little for the
+        image, stop dominating the gradient."""
+        alpha_bar = self.alphas_cumprod.to(t.device)[t]
+        snr = alpha_bar / (1.0 - alpha_bar)
+        return snr.clamp(max=gamma) / snr
 
     def vb_terms_bpd(self, model_output, x_start, x_t, t) -> torch.Tensor:
         """The variational bound term in bits per dimension: KL(q || p) for t > 0, the decoder NLL at t = 0."""

@@ -9,6 +9,8 @@
   step is taken 1 + `resample_steps` times with a one-step jump back up in between, so that the painted region
   is denoised again seeing the pasted surroundings. The final image is composited in uint8 pixel space: outside
   the painted region it is the resized background byte for byte.
+- `paste` (paste.py): no model at all; the mask's real defect pixels are copied onto a background. It uses the
+  backgrounds, pairing and placement of this module (`place_defects`).
 
 Every random choice of image i (which background, flips, placement) comes from a generator seeded by (seed, i),
 and every noise draw (start, pasted known region, jumps) from its `PerImageNoise` generator, so image i is the
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -33,7 +35,7 @@ from .diffusion import GaussianDiffusion
 from .errors import ConfigError, DatasetError
 from .samplers import NoiseSource, StepHook
 
-MODES = ("noise", "variation", "inpaint")
+MODES = ("noise", "variation", "inpaint", "paste")
 PAIRINGS = ("random", "round-robin")
 MAX_ENLARGEMENT = 4.0
 """A background_dir image enlarged more than this to reach image_size is refused: its known region would be a
@@ -78,7 +80,7 @@ def known_region_hook(diffusion: GaussianDiffusion, background: torch.Tensor, ke
 def composite(sample: np.ndarray, background: np.ndarray, painted: np.ndarray) -> np.ndarray:
     """The final inpainted image in uint8 pixel space: the sample inside the painted region, the background's
     own bytes elsewhere (so the known region is exact, whatever the float rounding of the sampler)."""
-    return np.where(painted[:, :, None], sample, background)
+    return np.where(painted[:, :, None] if sample.ndim == 3 else painted, sample, background)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,7 +108,8 @@ def noised_start(diffusion: GaussianDiffusion, image: torch.Tensor, step: int, e
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 -> float 3xHxW in [-1, 1], as the dataset makes it."""
+    """uint8 HxWx3 -> float 3xHxW in [-1, 1] (HxW grey -> 1xHxW), as the dataset makes it."""
+    image = image[:, :, None] if image.ndim == 2 else image
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
@@ -128,9 +131,10 @@ def defect_free_pairs(pairs: Sequence[Pair], dataset_mode: str) -> list[Pair]:
     return [pair for pair in pairs if not load_mask(pair.mask, dataset_mode).any()]
 
 
-def list_backgrounds(background_dir: str, real_pairs: Sequence[Pair], dataset_mode: str) -> list[Background]:
+def list_backgrounds(background_dir: str, real_pairs: Sequence[Pair], dataset_mode: str,
+                     mode: str = "inpaint") -> list[Background]:
     """The images of `background_dir` (sorted by name), or without it the dataset's train/ images whose mask is
-    all background."""
+    all background. `mode` is the sample mode that needs them, named in the error when there are none."""
     if background_dir:
         folder = Path(background_dir)
         if not folder.is_dir():
@@ -142,8 +146,9 @@ def list_backgrounds(background_dir: str, real_pairs: Sequence[Pair], dataset_mo
         return [Background(p.name, p, False) for p in files]
     free = defect_free_pairs(real_pairs, dataset_mode)
     if not free:
-        raise ConfigError("key 'background_dir' is not set and no train/ image of the dataset has an all-background "
-                          "mask; set background_dir to a folder of defect-free images")
+        raise ConfigError(f"key 'mode' is {mode!r}, which needs defect-free images, but key 'background_dir' is not "
+                          f"set and no train/ image of the dataset has an all-background mask; set background_dir "
+                          f"to a folder of defect-free images")
     return [Background(pair.image.name, pair.image, True) for pair in free]
 
 
@@ -176,9 +181,10 @@ def check_backgrounds(backgrounds: Sequence[Background], image_size: int) -> Non
         raise DatasetError(f"background_dir {backgrounds[0].path.parent}: {len(problems)} unusable images: {shown}")
 
 
-def load_background(background: Background, image_size: int, resize_mode: str) -> np.ndarray:
-    """The background as uint8 image_size x image_size x 3, resized exactly as the dataset's images are."""
-    image = load_image(background.path)
+def load_background(background: Background, image_size: int, resize_mode: str, channels: int = 3) -> np.ndarray:
+    """The background as uint8 image_size x image_size x 3 (`channels` 1: image_size x image_size grey), resized
+    exactly as the dataset's images are."""
+    image = load_image(background.path, channels)
     resized, _ = resize_pair(image, np.zeros(image.shape[:2], np.uint8), image_size, resize_mode)
     return resized
 
@@ -232,8 +238,8 @@ def choose_placement(mask: np.ndarray, background: int, rng: np.random.Generator
 
 
 def place_mask(mask: np.ndarray, placement: Placement) -> np.ndarray:
-    """The mask flipped and shifted as `placement` says. The shift keeps the defects inside the image, so the
-    pixels rolled around the edge are background (0) and rolling equals moving."""
+    """The mask (or an HxWxC image, the same way) flipped and shifted as `placement` says. The shift keeps the
+    defects inside the image, so the pixels rolled around the edge are background (0) and rolling equals moving."""
     moved = _flipped(mask, placement.flip_horizontal, placement.flip_vertical)
     return np.ascontiguousarray(np.roll(moved, placement.shift, axis=(0, 1)))
 
@@ -243,17 +249,74 @@ def place_mask(mask: np.ndarray, placement: Placement) -> np.ndarray:
 
 
 def defect_candidates(config: SampleConfig, splits: dict[str, list[Pair]]) -> tuple[dict[str, list[Pair]], int]:
-    """For mode inpaint: the `mask_split` pairs reduced to those with defect pixels at image_size (a mask
-    without them has nothing to paint), and how many were left out. Other modes: the splits as they are."""
-    if config.mode != "inpaint":
+    """For modes inpaint and paste: the `mask_split` pairs reduced to those with defect pixels at image_size (a
+    mask without them has nothing to paint or paste), and how many were left out. Other modes: the splits as
+    they are."""
+    if config.mode not in ("inpaint", "paste"):
         return splits, 0
     pairs = splits[config.mask_split]
     masks = load_masks(pairs, config.image_size, config.dataset_mode, config.resize_mode)
     kept = [pair for pair, mask in zip(pairs, masks) if mask.any()]
     if pairs and not kept:
         raise ConfigError(f"key 'mask_split' is {config.mask_split!r} but none of its {len(pairs)} masks has defect "
-                          f"pixels at image_size {config.image_size}; inpainting needs defect masks")
+                          f"pixels at image_size {config.image_size}; mode {config.mode!r} needs defect masks")
     return {**splits, config.mask_split: kept}, len(pairs) - len(kept)
+
+
+class PlacedDefects(NamedTuple):
+    """The masks of a run that puts defects onto backgrounds (inpaint, paste): the kept masks, the backgrounds
+    and, per kept mask, its background, flips and shift; and the skip counts for summary.json."""
+
+    sources: list[ChosenMask]
+    backgrounds: list[Background]
+    placements: list[Placement]
+    skipped: dict[str, int]
+
+
+def place_defects(config: SampleConfig, sources: Sequence[ChosenMask], real_pairs: Sequence[Pair],
+                  excluded: int = 0, log: Callable[[str], None] = print) -> PlacedDefects:
+    """Drop the chosen masks without defect pixels at image_size (counted with the `excluded` split masks that
+    `defect_candidates` left out), list the backgrounds (see `list_backgrounds`), pair each kept mask with one
+    (`pairing`) and choose its flips and shift (`mask_flip`, `mask_placement`) with image i's own generator.
+    The backgrounds used are checked here, before anything is written."""
+    mode = config.mode
+    unique = list(dict.fromkeys(chosen.pair for chosen in sources if chosen.pair is not None))
+    mask_of = dict(zip(unique, load_masks(unique, config.image_size, config.dataset_mode, config.resize_mode)))
+    masks = [chosen.mask if chosen.mask is not None else mask_of[chosen.pair] for chosen in sources]
+    kept = [(chosen, mask) for chosen, mask in zip(sources, masks) if np.any(mask)]
+    skipped = {"skipped_masks_without_defects": excluded + len(sources) - len(kept)}
+    if skipped["skipped_masks_without_defects"]:
+        log(f"{mode}: skipped {skipped['skipped_masks_without_defects']} masks without defect pixels at "
+            f"image_size {config.image_size}: {excluded} of split '{config.mask_split}' before the selection, "
+            f"{len(sources) - len(kept)} chosen augmented masks")
+    if not kept:
+        raise ConfigError(f"mode {mode!r}: none of the chosen masks has defect pixels; nothing to "
+                          f"{'paint' if mode == 'inpaint' else mode}")
+    backgrounds = list_backgrounds(config.background_dir, real_pairs, config.dataset_mode, mode)
+    chosen_backgrounds = pair_backgrounds(len(kept), len(backgrounds), config.pairing, config.seed)
+    placements = []
+    for i, ((_, mask), background) in enumerate(zip(kept, chosen_backgrounds)):
+        rng = np.random.default_rng([config.seed, i, _PLACEMENT_STREAM])
+        placements.append(choose_placement(np.asarray(mask), background, rng, config.mask_flip,
+                                           config.mask_placement == "random"))
+    check_backgrounds([backgrounds[i] for i in sorted(set(chosen_backgrounds))], config.image_size)
+    return PlacedDefects([chosen for chosen, _ in kept], backgrounds, placements, skipped)
+
+
+def placement_listing(sources: Sequence[ChosenMask], backgrounds: Sequence[Background],
+                      placements: Sequence[Placement]) -> list[dict]:
+    """inpaint.json / paste.json: per image, its mask, background, flips and shift."""
+    return [{"index": i, "mask": chosen.stem, "background": backgrounds[p.background].name,
+             "flip_horizontal": p.flip_horizontal, "flip_vertical": p.flip_vertical, "shift": list(p.shift)}
+            for i, (chosen, p) in enumerate(zip(sources, placements))]
+
+
+def background_summary(config: SampleConfig, backgrounds: Sequence[Background],
+                       placements: Sequence[Placement]) -> dict:
+    """summary.json's entries about the backgrounds of an inpaint or paste run."""
+    return {"pairing": config.pairing, "backgrounds": len(backgrounds),
+            "backgrounds_used": len({p.background for p in placements}),
+            "background_dir": config.background_dir or "train/ images with all-0 masks"}
 
 
 @dataclass
@@ -311,7 +374,7 @@ class ModePlan:
             placement = self.placements[i]
             placed.append(torch.from_numpy(place_mask(mask.numpy(), placement)))
             shown.append(load_background(self.backgrounds[placement.background], self.config.image_size,
-                                         self.config.resize_mode))
+                                         self.config.resize_mode, self.config.image_channels))
             painted.append(paint_region(placed[-1].numpy(), self.config.inpaint_margin))
         background = torch.stack([image_to_tensor(image) for image in shown]).to(device)
         keep = torch.from_numpy(~np.stack(painted))[:, None].to(device)
@@ -328,16 +391,12 @@ class ModePlan:
                    "steps_run": self.steps_run, **self.skipped}
         if mode == "inpaint":
             entries.update({"inpaint_margin": self.config.inpaint_margin, "resample_steps": self.resample_steps,
-                            "pairing": self.config.pairing, "backgrounds": len(self.backgrounds),
-                            "backgrounds_used": len({p.background for p in self.placements}),
-                            "background_dir": self.config.background_dir or "train/ images with all-0 masks"})
+                            **background_summary(self.config, self.backgrounds, self.placements)})
         return entries
 
     def listing(self) -> list[dict]:
         """inpaint.json: per image, its mask, background, flips and shift."""
-        return [{"index": i, "mask": chosen.stem, "background": self.backgrounds[p.background].name,
-                 "flip_horizontal": p.flip_horizontal, "flip_vertical": p.flip_vertical, "shift": list(p.shift)}
-                for i, (chosen, p) in enumerate(zip(self.sources, self.placements))]
+        return placement_listing(self.sources, self.backgrounds, self.placements)
 
 
 def plan_modes(config: SampleConfig, diffusion: GaussianDiffusion, sources: list[ChosenMask],
@@ -361,26 +420,8 @@ def plan_modes(config: SampleConfig, diffusion: GaussianDiffusion, sources: list
             f"(model timestep {int(diffusion.timestep_map[start])})")
         return ModePlan(config, diffusion, kept, start, skipped=skipped)
 
-    unique = list(dict.fromkeys(chosen.pair for chosen in sources if chosen.pair is not None))
-    mask_of = dict(zip(unique, load_masks(unique, config.image_size, config.dataset_mode, config.resize_mode)))
-    masks = [chosen.mask if chosen.mask is not None else mask_of[chosen.pair] for chosen in sources]
-    kept = [(chosen, mask) for chosen, mask in zip(sources, masks) if np.any(mask)]
-    skipped = {"skipped_masks_without_defects": excluded + len(sources) - len(kept)}
-    if skipped["skipped_masks_without_defects"]:
-        log(f"inpaint: skipped {skipped['skipped_masks_without_defects']} masks without defect pixels at "
-            f"image_size {config.image_size}: {excluded} of split '{config.mask_split}' before the selection, "
-            f"{len(sources) - len(kept)} chosen augmented masks")
-    if not kept:
-        raise ConfigError("mode 'inpaint': none of the chosen masks has defect pixels; nothing to paint")
-    backgrounds = list_backgrounds(config.background_dir, real_pairs, config.dataset_mode)
-    chosen_backgrounds = pair_backgrounds(len(kept), len(backgrounds), config.pairing, config.seed)
-    placements = []
-    for i, ((_, mask), background) in enumerate(zip(kept, chosen_backgrounds)):
-        rng = np.random.default_rng([config.seed, i, _PLACEMENT_STREAM])
-        placements.append(choose_placement(np.asarray(mask), background, rng, config.mask_flip,
-                                           config.mask_placement == "random"))
-    check_backgrounds([backgrounds[i] for i in sorted(set(chosen_backgrounds))], config.image_size)
-    log(f"inpaint: {len(kept)} masks on {len(set(chosen_backgrounds))} of {len(backgrounds)} backgrounds "
-        f"({config.pairing} pairing), painted region = defects + {config.inpaint_margin} px, "
-        f"{config.resample_steps} resampling jumps per step")
-    return ModePlan(config, diffusion, [chosen for chosen, _ in kept], start, backgrounds, placements, skipped)
+    placed = place_defects(config, sources, real_pairs, excluded, log)
+    log(f"inpaint: {len(placed.sources)} masks on {len({p.background for p in placed.placements})} of "
+        f"{len(placed.backgrounds)} backgrounds ({config.pairing} pairing), painted region = defects + "
+        f"{config.inpaint_margin} px, {config.resample_steps} resampling jumps per step")
+    return ModePlan(config, diffusion, placed.sources, start, placed.backgrounds, placed.placements, placed.skipped)

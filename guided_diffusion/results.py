@@ -213,15 +213,17 @@ def colorize(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return palette(num_classes)[mask]
 
 
-def to_uint8_image(x: torch.Tensor) -> np.ndarray:
+def to_uint8_image(x: torch.Tensor, keep_gray: bool = False) -> np.ndarray:
     """Turn a float CHW image in [-1, 1] into uint8 HxWx3 (clamped, ``((x + 1) * 127.5).round()``).
 
-    A one-channel image is repeated to three channels.
+    A one-channel image is repeated to three channels, or with ``keep_gray`` returned as uint8 HxW.
     """
     if x.ndim != 3 or x.shape[0] not in (1, 3):
         raise ValueError(f"expected a CHW image with 1 or 3 channels, got shape {tuple(x.shape)}")
     x = x.detach().to("cpu", torch.float32).clamp(-1.0, 1.0)
     image = ((x + 1.0) * 127.5).round().to(torch.uint8)
+    if image.shape[0] == 1 and keep_gray:
+        return image[0].contiguous().numpy()
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     return image.permute(1, 2, 0).contiguous().numpy()
@@ -239,6 +241,13 @@ def _as_rgb(image: np.ndarray, what: str) -> np.ndarray:
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     return image
+
+
+def _as_stored(image: np.ndarray, what: str) -> np.ndarray:
+    """``image`` as it is written: a grey one (HxW or HxWx1) as HxW (an 8-bit grey png, mode L), else HxWx3."""
+    rgb = _as_rgb(image, what)  # checks dtype and shape
+    image = np.asarray(image)
+    return image.reshape(image.shape[:2]) if image.ndim == 2 or image.shape[2] == 1 else rgb
 
 
 def _label_array(mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -266,7 +275,7 @@ def _png_bytes(array: np.ndarray) -> bytes:
 class SampleWriter:
     """Writes ISDM's sample layout under run_dir: images/ (the real image the mask came from, if any), labels/
     (class-id mask png, uint8 or uint16 if num_classes > 256), colored_labels/ (palette png), samples/ (synthetic
-    image png) — the same file stem in each folder."""
+    image png) — the same file stem in each folder. Grey images (HxW or HxWx1) are written as 8-bit grey pngs."""
 
     def __init__(self, run_dir: Path | str, num_classes: int) -> None:
         self.run_dir = Path(run_dir)
@@ -283,7 +292,7 @@ class SampleWriter:
         """Write one sample, its mask (ids and colours) and its real image; FileExistsError if any file exists."""
         if not stem or Path(stem).name != stem or stem in (".", ".."):
             raise ValueError(f"sample stem {stem!r} must be a plain file name without folders")
-        sample = _as_rgb(sample, "sample")
+        sample = _as_stored(sample, "sample")
         labels = _label_array(mask, self.num_classes)
         if labels.shape != sample.shape[:2]:
             raise ValueError(f"mask shape {labels.shape} does not match sample shape {sample.shape[:2]}")
@@ -293,7 +302,7 @@ class SampleWriter:
             "colored_labels": _png_bytes(self._palette[labels]),
         }
         if real_image is not None:
-            files["images"] = _png_bytes(_as_rgb(real_image, "real image"))
+            files["images"] = _png_bytes(_as_stored(real_image, "real image"))
         paths = self.paths(stem)
         for folder in files:
             if paths[folder].exists():

@@ -4,7 +4,8 @@ Masks come from the dataset split named by `mask_split` ("val" = the masks held 
 with the training run's seed and val_fraction), taken in dataset order and cycled until `num_samples`, or, with
 `balance_args`, chosen (and augmented) by balance.py so the classes end up balanced. Image i
 starts from noise of its own generator (seeded by `seed` and i), so it is the same whatever `batch_size`.
-`mode` variation / inpaint start from the mask's real image / paint defects onto backgrounds (see inpaint.py).
+`mode` variation / inpaint start from the mask's real image / paint defects onto backgrounds (see inpaint.py);
+`mode` paste needs no model: it copies the masks' real defect pixels onto backgrounds (see paste.py).
 Outputs follow ISDM's layout: images/ labels/ colored_labels/ samples/ with the same stem, plus grid.png.
 """
 
@@ -32,7 +33,7 @@ from .hardness import draw_by_hardness, measure_hardness, uses_of, write_selecti
 from .inpaint import defect_candidates, plan_modes
 from .results import SampleWriter, new_run_dir, to_uint8_image, write_grid, write_json, write_legend
 from .samplers import PerImageNoise, image_seed, log_snr_timesteps, run_sampler
-from .train import build_model, select_device
+from .train import bf16_autocast, build_model, select_device
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,17 @@ def merge_checkpoint_config(config: SampleConfig, given: set[str], payload: dict
     """Take the model's shape from the checkpoint; keys the user also gave must agree with it."""
     trained = payload.get("config")
     if not trained:  # a plain SDM/ISDM state dict: the sample config describes the model
+        if config.image_channels == "auto":  # the weights say it: 3 for every ISDM/SDM model
+            channels = ckpt.image_channels_of(ckpt.extract_state_dict(payload)) or 3
+            config = dataclasses.replace(config, image_channels=channels)
         return config, TrainedWith(seed=config.seed, val_fraction=config.val_fraction)
+    trained = {"image_channels": 3, **trained}  # a checkpoint that records none predates the key: ISDM's RGB
     values = config_to_dict(config)
     for key in MODEL_KEYS + ("dataset_mode",):
         if key not in trained:
             continue
-        if key in given and _normalized(key, values[key]) != _normalized(key, trained[key]):
+        chosen = key in given and values[key] != "auto"  # image_channels "auto" means the checkpoint's
+        if chosen and _normalized(key, values[key]) != _normalized(key, trained[key]):
             raise ConfigError(f"{source}: key '{key}' is {values[key]!r} but the checkpoint was trained with "
                               f"{trained[key]!r}; remove the key or use the matching checkpoint")
         values[key] = trained[key]
@@ -101,9 +107,10 @@ def merge_checkpoint_config(config: SampleConfig, given: set[str], payload: dict
 
 
 def mask_splits(config: SampleConfig, trained: TrainedWith) -> tuple[dict[str, list[Pair]], list[Pair]]:
-    """The pairs of each `mask_split` value (val recreated as in training), and the real set: train/'s pairs."""
+    """The pairs of each `mask_split` value (val recreated as in training; "all" = train/ and test/ when the
+    dataset has a test/ folder), and the real set: train/'s pairs."""
     index = index_dataset(config.data_dir, config.dataset_mode, config.num_classes,
-                          require_test=config.mask_split in ("test", "all"))
+                          require_test=config.mask_split == "test")
     train_pairs, val_pairs = split_train_val(index.train, trained.val_fraction, trained.seed)
     return {"train": train_pairs, "val": val_pairs, "test": index.test, "all": index.train + index.test}, index.train
 
@@ -142,7 +149,7 @@ def _mask_and_real(chosen: ChosenMask, dataset: SegmentationDataset,
     if chosen.mask is not None:
         return torch.from_numpy(chosen.mask.astype(np.int64)), None
     item = dataset[position[chosen.pair]]
-    return item["mask"], to_uint8_image(item["image"])
+    return item["mask"], to_uint8_image(item["image"], keep_gray=True)
 
 
 def resolve_sampling_config(config: SampleConfig, given: set[str], source: str):
@@ -160,13 +167,17 @@ def preview_mask_selection(config: SampleConfig, given: set[str] = frozenset(), 
     """`main.py sample --dry-run` with balance_args or hardness_args: choose the masks and write the reports
     (balance.json/png, hardness.json/png, config.json) into a fresh sample run folder, without building the model
     or sampling."""
-    config, trained, path, _ = resolve_sampling_config(config, set(given), source)
+    if config.mode == "paste":  # no checkpoint: the config's own num_classes, seed and val_fraction
+        from .paste import resolve_paste_config  # here: paste.py imports this module
+        (config, trained), path = resolve_paste_config(config, log), None
+    else:
+        config, trained, path, _ = resolve_sampling_config(config, set(given), source)
     splits, real_pairs = mask_splits(config, trained)
     splits, _ = defect_candidates(config, splits)
     _, report = select_masks(config, splits, real_pairs, log)
     run_dir = new_run_dir(config.root_log_dir, "sample")
-    write_json(run_dir / "config.json", {**config_to_dict(config), "resolved_model_path": str(path),
-                                         "dry_run": True})
+    resolved = {} if path is None else {"resolved_model_path": str(path)}
+    write_json(run_dir / "config.json", {**config_to_dict(config), **resolved, "dry_run": True})
     if report is not None:
         write_selection_reports(run_dir, report)
     log(f"dry run: wrote the mask selection report to {run_dir}; nothing was sampled")
@@ -187,7 +198,11 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
 
     `given` are the keys the user set explicitly: those must agree with the checkpoint's config.
     With N processes, sampling batch k goes to rank k % N (so each image is computed in the same batch as by one
-    process, and the files are the same); rank 0 makes the folder and writes config, grid and summary."""
+    process, and the files are the same); rank 0 makes the folder and writes config, grid and summary.
+    Mode paste builds no model: paste.run_paste does the whole run."""
+    if config.mode == "paste":
+        from .paste import run_paste  # here: paste.py imports this module
+        return run_paste(config, log)
     world = current_world()
     log = log if world.is_main else (lambda *_: None)
     device = select_device(config.device)
@@ -197,7 +212,8 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
     splits, without_defects = defect_candidates(config, splits)
     sources, balance_report = select_masks(config, splits, real_pairs, log)
     unique = list(dict.fromkeys(s.pair for s in sources if s.pair is not None))
-    dataset = SegmentationDataset(unique, config.image_size, config.dataset_mode, config.resize_mode)
+    dataset = SegmentationDataset(unique, config.image_size, config.dataset_mode, config.resize_mode,
+                                  image_channels=config.image_channels)
     position = {pair: i for i, pair in enumerate(unique)}
 
     diffusion = sampling_diffusion(config, trained)
@@ -217,7 +233,7 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
         f"steps, guidance s={config.s}, masks from split '{config.mask_split}' "
         f"({len({s.stem for s in sources})} distinct)")
     writer = SampleWriter(run_dir, config.num_classes)
-    autocast = config.use_fp16 and device.type == "cuda"
+    autocast = bf16_autocast(config.precision, device)
     grid_rows, started = [], time.perf_counter()
     batches = world.share(range(0, config.num_samples, config.batch_size))
     mine = sum(min(start + config.batch_size, config.num_samples) - start for start in batches)
@@ -228,7 +244,7 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
             ids = list(range(start, min(start + config.batch_size, config.num_samples)))
             items = [_mask_and_real(sources[i], dataset, position) for i in ids]
             noise = PerImageNoise([image_seed(config.seed, i) for i in ids],
-                                  (3, config.image_size, config.image_size), device)
+                                  (config.image_channels, config.image_size, config.image_size), device)
             batch = plan.prepare(ids, items, noise, device)
             masks, x_T = batch.masks, batch.x
             labels = one_hot(masks, config.num_classes).to(device)
@@ -241,7 +257,7 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
                                      resample_steps=plan.resample_steps)
             for k, i in enumerate(ids):
                 stem = f"{i:05d}_{sources[i].stem}"
-                sample = batch.finish(k, to_uint8_image(images[k].float().cpu()))
+                sample = batch.finish(k, to_uint8_image(images[k].float().cpu(), keep_gray=True))
                 real = batch.shown[k]
                 mask = masks[k].numpy()
                 writer.write(stem, sample, mask, real)

@@ -39,7 +39,7 @@ class UNetSpec:
     dropout: float = 0.0
     use_checkpoint: bool = False
     use_new_attention_order: bool = False
-    in_channels: int = 3
+    in_channels: int = 3  # image channels: 3 (RGB, ISDM/SDM) or 1 (grayscale); the output has as many (x2 learn_sigma)
 
     @property
     def out_channels(self) -> int:
@@ -331,7 +331,7 @@ class SDMUNet(nn.Module):
                                  zero_module(nn.Conv2d(input_ch, spec.out_channels, 3, padding=1)))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
-        """x: N×3×H×W noisy images; timesteps: N (model's 0..999 range); one_hot: N×num_classes×H×W."""
+        """x: N×in_channels×H×W noisy images; timesteps: N (model's 0..999 range); one_hot: N×num_classes×H×W."""
         emb = self.time_embed(timestep_embedding(timesteps, self.spec.model_channels).to(x.dtype))
         skips = []
         h = x
