@@ -27,8 +27,9 @@ def label_alignment_score(
     device: torch.device | str = "cpu",
     ignore_index: int | None = None,
     batch_size: int = 16,
+    background_class: int | None = 0,
 ) -> SegmentationMetrics:
     """Segment `images` (uint8 (N, H, W, 3)) with a segmenter trained on real data and score the predictions
     against `masks`, the class-id masks the images were generated from."""
     predicted = predict(model, images, device, batch_size)
-    return segmentation_metrics(predicted, masks, num_classes, ignore_index)
+    return segmentation_metrics(predicted, masks, num_classes, ignore_index, background_class)

@@ -25,7 +25,18 @@ _OPTIONS: dict[str, str] = {
     "num_classes": "num_classes", "image_size": "image_size", "resize_mode": "resize_mode",
     "batch_size": "batch_size", "steps": "steps", "lr": "lr", "device": "device", "root_log_dir": "root_log_dir",
     "inception_weights": "inception_weights", "synthetic_labels": "synthetic_labels",
+    "background_class": "background_class", "ignore_index": "ignore_index",
 }
+
+
+def _class_or_none(text: str) -> int | str:
+    """An integer option that also takes 'none'/'null' (kept as the string 'none' until resolve_values)."""
+    if text.strip().lower() in ("none", "null"):
+        return "none"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--synthetic-labels", choices=["raw", "filtered"],
                         help="train on labels/ (raw, default) or on labels_filtered/ of evaluation/filter.sh "
                              "(255 = ignored pixels, dropped images left out)")
+    parser.add_argument("--background-class", type=_class_or_none, metavar="ID|none",
+                        help="class left out of the 'without background' means (default 0; none = no background "
+                             "class, e.g. scene datasets whose class 0 is sky or road)")
+    parser.add_argument("--ignore-index", type=_class_or_none, metavar="VALUE|none",
+                        help="label value the losses and metrics skip, e.g. 255 for void/unlabelled (default none)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set label_alignment=false")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -70,7 +86,7 @@ def resolve_values(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     for option, key in _OPTIONS.items():
         given = getattr(args, option)
         if given is not None:
-            values[key] = given
+            values[key] = None if given == "none" else given
     for text in args.overrides:
         key, value = parse_override(text)
         values[key] = value

@@ -61,6 +61,8 @@ class EvaluateConfig:
     label_alignment: bool = True
     inception_weights: str | None = None
     synthetic_labels: str = "raw"
+    background_class: int | None = 0
+    ignore_index: int | None = None
 
 
 # what each key accepts, for the type check and its message
@@ -86,6 +88,8 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "label_alignment": ((bool,), "true or false"),
     "inception_weights": ((str, type(None)), "a weights file path or null"),
     "synthetic_labels": ((str,), "\"raw\" (labels/) or \"filtered\" (labels_filtered/ of evaluation/filter.sh)"),
+    "background_class": ((int, type(None)), "the class id left out of 'without background' means, or null for none"),
+    "ignore_index": ((int, type(None)), "a label value that losses and metrics skip (e.g. 255), or null"),
 }
 
 
@@ -132,6 +136,21 @@ def _check(config: EvaluateConfig) -> None:
     if config.synthetic_labels not in SYNTHETIC_LABELS:
         raise ConfigError(f"key 'synthetic_labels' must be {_TYPES['synthetic_labels'][1]}, got "
                           f"{config.synthetic_labels!r}")
+    if config.background_class is not None and config.background_class < 0:
+        raise ConfigError(f"key 'background_class' must be a class id >= 0 or null, got {config.background_class}")
+    if config.num_classes is not None and config.background_class is not None \
+            and config.background_class >= config.num_classes:
+        raise ConfigError(f"key 'background_class' is {config.background_class} but there are only "
+                          f"{config.num_classes} classes (ids 0..{config.num_classes - 1}); use null for none")
+    if config.ignore_index is not None:
+        if not 0 <= config.ignore_index <= 255:
+            raise ConfigError(f"key 'ignore_index' must be a label value in 0..255 or null, got {config.ignore_index}")
+        if config.num_classes is not None and config.ignore_index < config.num_classes:
+            raise ConfigError(f"key 'ignore_index' {config.ignore_index} is a class id (0..{config.num_classes - 1}); "
+                              "it must be a value no class uses, such as 255")
+        if config.synthetic_labels == "filtered" and config.ignore_index != 255:
+            raise ConfigError(f"key 'ignore_index' is {config.ignore_index} but filtered labels mark ignored pixels "
+                              "with 255; use 255 or leave it null")
     if config.device != "auto" and config.device != "cpu" and not config.device.startswith("cuda"):
         raise ConfigError(f"key 'device' must be {_TYPES['device'][1]}, got {config.device!r}")
 

@@ -9,8 +9,10 @@ results. Two definitions matter when comparing with other work:
   averaged over those images (torchmetrics' ``MeanIoU`` with ``per_class=True``). An image without the class
   where the model also predicts none of it does not count for that class.
 
-mIoU is the mean over classes with an IoU, with the background (class 0) and without it ("no_bg"). Pixels equal
-to ``ignore_index`` (for example 255 for "unlabelled") count nowhere.
+mIoU is the mean over classes with an IoU, with the background class and without it ("no_bg"). The background is
+class 0 unless `background_class` says otherwise; with `background_class=None` (scene datasets whose class 0 is
+sky or road) "no_bg" is the mean over every class. Pixels equal to ``ignore_index`` (for example 255 for
+"unlabelled") count nowhere.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class SegmentationMetrics:
     class_accuracy: float
     num_images: int
     num_pixels: int
+    background_class: int | None = 0
+
+    def _without_background(self, values: tuple[float, ...]) -> list[float]:
+        return [v for i, v in enumerate(values) if i != self.background_class]
 
     @property
     def miou(self) -> float:
@@ -64,7 +70,7 @@ class SegmentationMetrics:
 
     @property
     def miou_no_bg(self) -> float:
-        return _nanmean(self.class_iou[1:])
+        return _nanmean(self._without_background(self.class_iou))
 
     @property
     def image_miou(self) -> float:
@@ -72,7 +78,7 @@ class SegmentationMetrics:
 
     @property
     def image_miou_no_bg(self) -> float:
-        return _nanmean(self.class_image_iou[1:])
+        return _nanmean(self._without_background(self.class_image_iou))
 
     @property
     def f1(self) -> float:
@@ -80,7 +86,7 @@ class SegmentationMetrics:
 
     @property
     def f1_no_bg(self) -> float:
-        return _nanmean(self.class_f1[1:])
+        return _nanmean(self._without_background(self.class_f1))
 
     def scalars(self) -> dict[str, float]:
         """The scalar metrics keyed by the names in SUMMARY_METRICS."""
@@ -113,6 +119,7 @@ class MetricAccumulator:
 
     num_classes: int
     ignore_index: int | None = None
+    background_class: int | None = 0
     _dataset_iou: MulticlassJaccardIndex = field(init=False)
     _f1: MulticlassF1Score = field(init=False)
     _accuracy: MulticlassAccuracy = field(init=False)
@@ -175,6 +182,7 @@ class MetricAccumulator:
             class_accuracy=float(self._class_accuracy.compute()),
             num_images=self._num_images,
             num_pixels=self._num_pixels,
+            background_class=self.background_class,
         )
 
 
@@ -183,12 +191,13 @@ def segmentation_metrics(
     targets: torch.Tensor | np.ndarray | Sequence[np.ndarray],
     num_classes: int,
     ignore_index: int | None = None,
+    background_class: int | None = 0,
 ) -> SegmentationMetrics:
     """The metric set of predicted vs target class-id maps (arrays (N, H, W), or lists of (H, W) maps whose sizes
     may differ between images)."""
     if len(preds) != len(targets):
         raise ValueError(f"{len(preds)} predictions for {len(targets)} targets")
-    accumulator = MetricAccumulator(num_classes, ignore_index)
+    accumulator = MetricAccumulator(num_classes, ignore_index, background_class)
     for pred, target in zip(preds, targets):
         accumulator.update(pred, target)
     return accumulator.compute()

@@ -93,7 +93,13 @@ def prepare(config: EvaluateConfig, log: Callable[[str], None] = print) -> Input
     if needs_synthetic and not folders:
         raise ConfigError(f"key 'mixes': {', '.join(needs_synthetic)} use synthetic images but no sample folder "
                           "was given (key 'sample_dirs', option --samples)")
-    index = index_dataset(config.data_dir, mode, num_classes, require_test=True)
+    if config.background_class is not None and config.background_class >= num_classes:
+        raise ConfigError(f"key 'background_class' is {config.background_class} but there are only {num_classes} "
+                          f"classes (ids 0..{num_classes - 1}); use null for none")
+    if config.ignore_index is not None and config.ignore_index < num_classes:
+        raise ConfigError(f"key 'ignore_index' {config.ignore_index} is a class id (0..{num_classes - 1}); use a "
+                          "value no class uses, such as 255")
+    index = index_dataset(config.data_dir, mode, num_classes, require_test=True, ignore_value=config.ignore_index)
     num_synthetic = sum(len(folder.pairs) for folder in folders)
     if config.label_alignment and folders and not any(mix.is_all_real_only for mix in mixes):
         mixes = [Mix(None, 0)] + mixes
@@ -135,7 +141,9 @@ def _training_set(inputs: Inputs, mix: Mix, seed: int) -> tuple[np.ndarray, np.n
 
 
 def _ignore_index(config: EvaluateConfig) -> int | None:
-    """The label value the losses and metrics skip: 255 with filtered synthetic labels, else none."""
+    """The label value the losses and metrics skip: key ignore_index, else 255 with filtered synthetic labels."""
+    if config.ignore_index is not None:
+        return config.ignore_index
     return IGNORE_INDEX if config.synthetic_labels == "filtered" else None
 
 
@@ -189,7 +197,7 @@ def run_evaluation(config: EvaluateConfig, command: str = "", log: Callable[[str
                                                              f"seed {seed}", progress=progress)
                     seconds = time.perf_counter() - run_started
                     metrics = segmentation_metrics(predict(model, inputs.test.images, device), inputs.test.masks,
-                                                   inputs.num_classes)
+                                                   inputs.num_classes, _ignore_index(config), config.background_class)
                     row = {"mix": mix.name, "real_images": num_real, "synthetic_images": num_synthetic,
                            "model": architecture, "encoder": config.encoder, "seed": seed,
                            **metrics.row(inputs.class_names), "final_loss": final_loss,
@@ -201,7 +209,8 @@ def run_evaluation(config: EvaluateConfig, command: str = "", log: Callable[[str
                     if config.label_alignment and mix.is_all_real_only:
                         for synthetic in inputs.synthetic:
                             score = label_alignment_score(model, synthetic.images, synthetic.masks,
-                                                          inputs.num_classes, device, _ignore_index(config))
+                                                          inputs.num_classes, device, _ignore_index(config),
+                                                          background_class=config.background_class)
                             aligned = {"sample_folder": synthetic.name, "model": architecture,
                                        "encoder": config.encoder, "seed": seed, "images": len(synthetic),
                                        "real_test_miou": metrics.miou, "real_test_miou_no_bg": metrics.miou_no_bg,

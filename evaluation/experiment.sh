@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The low-data study: does synthetic data raise mIoU when real labels are scarce? Trains the SDM on a fraction of
+# the real images, generates every synthetic variant (SDM modes, copy-paste), trains segmenters on each over
+# paired seeds and writes <output_dir>/report.md + summary.json. A killed study resumes where it stopped.
+#
+#   evaluation/experiment.sh -c configs/experiment_magnetic_tile.json            # the full study
+#   evaluation/experiment.sh -c configs/experiment_magnetic_tile.json --quick    # the same at toy size, minutes
+#   evaluation/experiment.sh --help
+#
+# Exit status 2 = a mistake in the input (one line names the file and key).
+set -euo pipefail
+repo_root="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="${repo_root}${PYTHONPATH:+:${PYTHONPATH}}"
+exec "${PYTHON:-python3}" -m evaluation.study "$@"

@@ -1,0 +1,448 @@
+"""The low-data study behind `evaluation/experiment.sh`: does synthetic data help when real labels are scarce?
+
+One command runs every stage into one folder (`output_dir`), and a killed study picks up where it stopped:
+
+1. split      a real validation split (`val_fraction` of train/, for model selection only) and, for each
+              `real_fractions` value, a seeded subset of the rest (nested: the 25 % subset lies inside the 50 %
+              one); each subset is laid out as a dataset folder of links, `data/r025/train/{images,masks}`.
+2. generator  for each fraction whose variants use an SDM: `main.py train` then `main.py finetune` on that
+              subset only (keys from `sdm.model` + `sdm.train` / `sdm.finetune`).
+3. synthetic  each generator's `main.py sample` run on the subset (SDM modes, or `paste`).
+4. segmenters every variant x seed at each fraction: the same architecture, steps, batch and schedule; the
+              weights of the check with the best mIoU (without background) on the real validation split are
+              kept; then scored once on the real test split. The real-only segmenters also score each
+              generator's images against the masks they were made for (label alignment).
+5. report     report.md, summary.json, results.csv and plots (see study_report.py).
+
+Resume: every finished unit of work is recorded with a fingerprint of everything that decides its result. A
+rerun skips units whose fingerprint is recorded; a changed setting redoes just the units it touches, in new
+folders, and never overwrites earlier output. The test split is read in stage 4 for scoring and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from guided_diffusion.config import config_from_dict, config_to_dict
+from guided_diffusion.data import Pair, index_dataset, split_train_val
+from guided_diffusion.errors import ConfigError, exit_status
+from guided_diffusion.results import write_json
+
+from .image_sets import (ImageSet, class_names, index_sample_folder, infer_num_classes, load_pairs,
+                         load_sample_folder)
+from .metrics import segmentation_metrics
+from .segmenter import SegmenterSpec, Selection, TrainSettings, predict, train_segmenter
+from .study_config import StudyConfig, Variant, load_study
+
+PROG = "evaluation/experiment.sh"
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short, stable hash of JSON-able values: what decides a unit of work's result."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def fraction_tag(fraction: float) -> str:
+    """'r025' for 0.25, 'r100' for 1.0 (folder and table names)."""
+    return f"r{round(fraction * 100):03d}"
+
+
+def bf16_supported(device_type: str) -> bool:
+    """Whether bf16 autocast runs natively here: CUDA with bf16, or a CPU with AVX-512 BF16 / AMX."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class Ledger:
+    """The study's record of finished work (`ledger.jsonl`, one JSON object a line, appended and flushed): a
+    unit's kind, its key and fingerprint, its result and seconds. A rerun reads it to skip finished units."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict[tuple[str, str], dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+                self.entries[(entry["kind"], entry["fingerprint"])] = entry
+
+    def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        return self.entries.get((kind, key))
+
+    def add(self, kind: str, key: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+        entry = {"kind": kind, "fingerprint": key, "seconds": round(seconds, 2), **result}
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, default=float) + "\n")
+        self.entries[(kind, key)] = entry
+        return entry
+
+
+@dataclass
+class Split:
+    val: list[Pair]
+    subsets: dict[float, list[Pair]]
+    test: list[Pair]
+
+
+@dataclass
+class Study:
+    """What the stages share: the config, its folder, the dataset's classes, the ledger and the device."""
+
+    config: StudyConfig
+    root: Path
+    num_classes: int
+    class_names: list[str]
+    ledger: Ledger
+    device: Any
+    bf16: bool
+    log: Callable[[str], None]
+    progress: bool = True
+
+    def unit(self, kind: str, key: str, what: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run `work` unless the ledger holds (kind, key); record its result and time."""
+        done = self.ledger.get(kind, key)
+        if done is not None:
+            return done
+        self.log(f"[{kind}] {what}")
+        started = time.perf_counter()
+        result = work()
+        return self.ledger.add(kind, key, result, time.perf_counter() - started)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# 1. split
+
+
+def make_split(config: StudyConfig, num_classes: int) -> Split:
+    index = index_dataset(config.data_dir, config.dataset_mode, num_classes, require_test=True,
+                          ignore_value=config.ignore_index)
+    pool, val = split_train_val(index.train, config.val_fraction, config.seed)
+    order = np.random.default_rng([config.seed, 4242]).permutation(len(pool))
+    subsets = {}
+    for fraction in config.real_fractions:
+        count = max(2, round(fraction * len(pool)))
+        subsets[fraction] = sorted((pool[i] for i in order[:count]), key=lambda p: p.stem)
+    return Split(val, subsets, index.test)
+
+
+def lay_out_subset(study: Study, fraction: float, pairs: list[Pair]) -> Path:
+    """The subset as a dataset folder of symbolic links (train/ only; the SDM never sees val or test)."""
+    folder = study.root / "data" / fraction_tag(fraction)
+    for kind, attribute in (("images", "image"), ("masks", "mask")):
+        target = folder / "train" / kind
+        target.mkdir(parents=True, exist_ok=True)
+        wanted = {getattr(p, attribute).name: getattr(p, attribute) for p in pairs}
+        for existing in target.iterdir():
+            if existing.name not in wanted:
+                existing.unlink()  # links of an earlier subset draw (the study's own folder only)
+        for name, source in wanted.items():
+            link = target / name
+            if not link.is_symlink():
+                link.symlink_to(Path(os.path.abspath(source)))
+    classes = Path(study.config.data_dir) / "classes.json"
+    if classes.is_file():
+        shutil.copyfile(classes, folder / "classes.json")
+    return folder
+
+
+# -------------------------------------------------------------------------------------------------------------
+# 2.-3. generators and their samples
+
+
+def _common_keys(study: Study, data_dir: Path) -> dict[str, Any]:
+    config = study.config
+    return {"data_dir": str(data_dir), "dataset_mode": config.dataset_mode, "num_classes": study.num_classes,
+            "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device}
+
+
+def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: str) -> Path:
+    """Train (and finetune) the SDM on the subset; returns the run folder to sample from."""
+    sdm = study.config.sdm
+    common = {**_common_keys(study, data_dir), **sdm.get("model", {})}
+    train_values = {**common, **sdm["train"]}
+    key = fingerprint("sdm-train", train_values, subset_key)
+    root = study.root / "generator" / fraction_tag(fraction) / key
+
+    def train(action: str, values: dict[str, Any]) -> dict[str, Any]:
+        from guided_diffusion.train import run_training
+
+        config, notes = config_from_dict(action, {**values, "root_log_dir": str(root), "auto_resume": True},
+                                         f"study sdm.{action}")
+        for note in notes:
+            study.log(f"note: {note}")
+        result = run_training(config, action, study.log)
+        if result.stop_signal:
+            raise KeyboardInterrupt(f"{action} stopped by {result.stop_signal}")
+        return {"run_dir": str(result.run_dir), "best_epoch": result.state.best_epoch,
+                "steps": result.state.step, "stop_reason": result.stop_reason}
+
+    trained = study.unit("sdm-train", key, f"training the SDM on {len(list((data_dir / 'train/images').iterdir()))} "
+                                           f"images ({fraction_tag(fraction)})", lambda: train("train", train_values))
+    if sdm.get("finetune") is None:
+        return Path(trained["run_dir"])
+    finetune_values = {**common, **sdm["finetune"], "resume_checkpoint": trained["run_dir"]}
+    key = fingerprint("sdm-finetune", finetune_values, subset_key)
+    tuned = study.unit("sdm-finetune", key, f"finetuning the SDM with null labels ({fraction_tag(fraction)})",
+                       lambda: train("finetune", finetune_values))
+    return Path(tuned["run_dir"])
+
+
+def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir: Path | None,
+             subset_key: str) -> dict[str, Any]:
+    """Sample one generator's pairs for a fraction; returns its ledger entry (run_dir, images, seconds)."""
+    from guided_diffusion.sample import run_sampling
+
+    generator = study.config.generators[name]
+    values = {**_common_keys(study, data_dir), **study.config.sdm.get("model", {}), "seed": study.config.seed,
+              **generator.sample}
+    if generator.kind == "paste":
+        values = {k: v for k, v in values.items() if k not in study.config.sdm.get("model", {})}
+    if model_dir is not None:
+        values["model_path"] = str(model_dir)
+    key = fingerprint("sample", values, subset_key, generator.kind)
+    root = study.root / "synthetic" / fraction_tag(fraction) / f"{name}-{key}"
+
+    def work() -> dict[str, Any]:
+        config, notes = config_from_dict("sample", {**values, "root_log_dir": str(root)}, f"study generators.{name}")
+        for note in notes:
+            study.log(f"note: {note}")
+        summary = run_sampling(config, set(values), f"study generators.{name}", study.log)
+        return {"run_dir": summary["run_dir"], "images": summary["num_samples"],
+                "seconds_per_image": summary.get("seconds_per_image")}
+
+    return study.unit("sample", key, f"generator {name} ({generator.kind}) at {fraction_tag(fraction)}", work)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# 4. segmenters
+
+
+def _settings(study: Study, variant: Variant, seed: int) -> TrainSettings:
+    p = study.config.segmenter
+    return TrainSettings(p.steps, p.batch_size, p.lr, p.weight_decay, variant.augment, seed,
+                         study.config.ignore_index, study.bf16, p.select_every)
+
+
+def _metrics(study: Study, model, images: np.ndarray, masks: np.ndarray):
+    predicted = predict(model, images, study.device, bf16=study.bf16)
+    return segmentation_metrics(predicted, masks, study.num_classes, study.config.ignore_index,
+                                study.config.background_class)
+
+
+def _training_set(variant: Variant, real: ImageSet, synthetic: dict[str, ImageSet], seed: int
+                  ) -> tuple[np.ndarray, np.ndarray, int, int]:
+    parts_images, parts_masks = [], []
+    if variant.real:
+        parts_images.append(real.images)
+        parts_masks.append(real.masks)
+    fake_images = [synthetic[name].images for name in variant.synthetic]
+    fake_masks = [synthetic[name].masks for name in variant.synthetic]
+    num_fake = 0
+    if fake_images:
+        images, masks = np.concatenate(fake_images), np.concatenate(fake_masks)
+        if variant.max_synthetic and len(images) > variant.max_synthetic:
+            keep = np.sort(np.random.default_rng([seed, 77]).permutation(len(images))[:variant.max_synthetic])
+            images, masks = images[keep], masks[keep]
+        parts_images.append(images)
+        parts_masks.append(masks)
+        num_fake = len(images)
+    return (np.concatenate(parts_images), np.concatenate([m.astype(np.uint8) for m in parts_masks]),
+            len(real) if variant.real else 0, num_fake)
+
+
+def train_and_score(study: Study, fraction: float, variant: Variant, seed: int, real: ImageSet,
+                    synthetic: dict[str, ImageSet], val: ImageSet, test: ImageSet, key: str) -> dict[str, Any]:
+    images, masks, num_real, num_fake = _training_set(variant, real, synthetic, seed)
+    protocol = study.config.segmenter
+    spec = SegmenterSpec(protocol.architecture, study.num_classes, protocol.encoder)
+    selection = Selection()
+
+    def validate(model) -> float:
+        score = _metrics(study, model, val.images, val.masks).miou_no_bg
+        return -1.0 if math.isnan(score) else score
+
+    model, final_loss = train_segmenter(images, masks, spec, _settings(study, variant, seed), study.device,
+                                        desc=f"{fraction_tag(fraction)} {variant.name} seed {seed}",
+                                        progress=study.progress, validate=validate, selection=selection)
+    metrics = _metrics(study, model, test.images, test.masks)
+    row = {"fraction": fraction, "variant": variant.name, "seed": seed, "real_images": num_real,
+           "synthetic_images": num_fake, "selected_step": selection.best_step,
+           "val_miou_no_bg": selection.best_score, "final_loss": final_loss,
+           **metrics.row(study.class_names)}
+    if variant.is_baseline:  # label alignment: the real-only segmenter reads each generator's images
+        row["alignment"] = {name: _metrics(study, model, s.images, s.masks).scalars() for name, s in synthetic.items()}
+    study.log(f"  {fraction_tag(fraction)} {variant.name} seed {seed}: test mIoU {metrics.miou:.4f}, without "
+              f"background {metrics.miou_no_bg:.4f} (step {selection.best_step} chosen on val)")
+    return row
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the whole study
+
+
+def resolve_num_classes(config: StudyConfig) -> int:
+    return infer_num_classes(config.num_classes, config.dataset_mode, config.data_dir, [], "key 'num_classes'")
+
+
+def check_study(config: StudyConfig, num_classes: int) -> None:
+    """Checks that need the dataset: class ids of background_class / ignore_index, and every SDM and sample config
+    (built here once, so a bad key stops the study before any work)."""
+    if config.background_class is not None and config.background_class >= num_classes:
+        raise ConfigError(f"key 'background_class' is {config.background_class} but the dataset has {num_classes} "
+                          f"classes (ids 0..{num_classes - 1}); use null when no class is background")
+    if config.ignore_index is not None and config.ignore_index < num_classes:
+        raise ConfigError(f"key 'ignore_index' {config.ignore_index} is a class id (0..{num_classes - 1}); use a "
+                          "value no class uses, such as 255")
+    common = {"data_dir": config.data_dir, "dataset_mode": config.dataset_mode, "num_classes": num_classes,
+              "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device}
+    model = config.sdm.get("model", {})
+    if any(g.kind == "sdm" for g in config.generators.values()):
+        config_from_dict("train", {**common, **model, **config.sdm["train"]}, "study sdm.train")
+        if config.sdm.get("finetune") is not None:
+            config_from_dict("finetune", {**common, **model, **config.sdm["finetune"], "resume_checkpoint": "x"},
+                             "study sdm.finetune")
+    for name, generator in config.generators.items():
+        values = {**common, **generator.sample, "model_path": "x"}
+        if generator.kind == "sdm":
+            values = {**model, **values}
+        config_from_dict("sample", values, f"study generators.{name}")
+
+
+def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", log: Callable[[str], None] = print,
+              progress: bool = True) -> Path:
+    from guided_diffusion.train import select_device
+
+    from .study_report import write_report
+
+    started = time.perf_counter()
+    num_classes = resolve_num_classes(config)
+    check_study(config, num_classes)
+    names = class_names(config.data_dir, num_classes)
+    device = select_device(config.device)
+    wanted = config.segmenter.precision
+    bf16 = wanted == "bf16" or (wanted == "auto" and bf16_supported(device.type))
+    if wanted == "bf16" and not bf16_supported(device.type):
+        raise ConfigError(f"key 'segmenter.precision' is bf16 but this {device.type} has no native bf16; use auto")
+    root = Path(config.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    study = Study(config, root, num_classes, names, Ledger(root / "ledger.jsonl"), device, bf16, log, progress)
+    log(f"study folder: {root} ({'resuming: ' + str(len(study.ledger.entries)) + ' units done' if study.ledger.entries else 'new'})")
+    write_json(root / f"config{'_quick' if config.quick else ''}.json", {**values, "_command": command})
+
+    split = make_split(config, num_classes)
+    write_json(root / "split.json", {"val": [p.stem for p in split.val],
+                                     **{fraction_tag(f): [p.stem for p in s] for f, s in split.subsets.items()}})
+    log(f"real data: {sum(len(s) for s in [split.val])} validation, "
+        + ", ".join(f"{len(s)} at {fraction_tag(f)}" for f, s in split.subsets.items())
+        + f", {len(split.test)} test images (test used for scoring only)")
+    loaded_at = time.perf_counter()
+    val = load_pairs(split.val, config.dataset_mode, config.image_size, config.resize_mode, "val")
+    test = load_pairs(split.test, config.dataset_mode, config.image_size, config.resize_mode, "test")
+    load_seconds = time.perf_counter() - loaded_at
+
+    protocol_key = fingerprint(dataclasses.asdict(config.segmenter), config.image_size, config.resize_mode,
+                               config.val_fraction, config.seed, config.background_class, config.ignore_index,
+                               [p.stem for p in split.val], [p.stem for p in split.test])
+    rows: list[dict[str, Any]] = []
+    generator_runs: dict[str, dict[str, Any]] = {}
+    for fraction in config.real_fractions:
+        tag = fraction_tag(fraction)
+        pairs = split.subsets[fraction]
+        subset_key = fingerprint([p.stem for p in pairs], config.data_dir)
+        data_dir = lay_out_subset(study, fraction, pairs)
+        needed = config.generators_at(fraction)
+        model_dir = None
+        if any(config.generators[name].kind == "sdm" for name in needed):
+            model_dir = train_generator(study, fraction, data_dir, subset_key)
+        runs = {name: generate(study, fraction, name, data_dir,
+                               model_dir if config.generators[name].kind == "sdm" else None, subset_key)
+                for name in needed}
+        for name, run in runs.items():
+            generator_runs[f"{tag}/{name}"] = run
+        real = load_pairs(pairs, config.dataset_mode, config.image_size, config.resize_mode, tag)
+        synthetic = {name: load_sample_folder(index_sample_folder(run["run_dir"], num_classes), num_classes,
+                                              config.image_size, config.resize_mode)
+                     for name, run in runs.items()}
+        variants = sorted(config.variants_at(fraction), key=lambda v: not v.is_baseline)  # baseline first
+        for variant in variants:
+            sources = {name: runs[name]["fingerprint"] for name in variant.synthetic}
+            for seed in config.segmenter.seeds:
+                key = fingerprint("segmenter", protocol_key, subset_key, dataclasses.asdict(variant), sources, seed,
+                                  sorted(runs[n]["fingerprint"] for n in runs) if variant.is_baseline else None)
+                needs = {n: synthetic[n] for n in variant.synthetic} if not variant.is_baseline else synthetic
+                row = study.unit("segmenter", key, f"segmenter {tag} {variant.name} seed {seed}",
+                                 lambda: train_and_score(study, fraction, variant, seed, real, needs, val, test, key))
+                rows.append(row)
+        del real, synthetic
+    seconds = time.perf_counter() - started
+    write_report(study, rows, generator_runs, split, command, seconds, load_seconds)
+    log(f"report: {root / 'report.md'}")
+    return root
+
+
+# -------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="The low-data study: train the SDM on a fraction of the real images, generate every synthetic "
+                    "variant, train segmenters on each over paired seeds, and write report.md + summary.json. "
+                    "A killed study resumes where it stopped.",
+        epilog=f"Example: {PROG} -c configs/experiment_magnetic_tile.json --quick")
+    parser.add_argument("-c", "--config", required=True, help="the study's JSON config")
+    parser.add_argument("--quick", action="store_true",
+                        help="the same study at toy size (32 px, tiny SDM, 2 seeds, few steps) into <output_dir>_quick")
+    parser.add_argument("--output-dir", help="the study folder (default: the config's output_dir)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key (value read as JSON; dots reach into objects, e.g. segmenter.steps=500)")
+    parser.add_argument("--dry-run", action="store_true", help="check the config, print it resolved and exit")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"  # the SDM's and sampler's bars too (tqdm reads it)
+
+    def action() -> None:
+        config, values = load_study(args.config, args.overrides, args.quick, args.output_dir)
+        if args.dry_run:
+            check_study(config, resolve_num_classes(config))
+            print(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+            return
+        run_study(config, values, shlex.join([PROG, *argv]), progress=not args.no_progress)
+
+    return exit_status(action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""The low-data study's report: report.md, summary.json, results.csv and plots, from the ledger's rows.
+
+The paired difference of a variant is taken seed by seed against the real-only baseline of the same fraction
+(same seed = same initial weights and batch order), and its 95 % interval is the Student-t interval of the
+mean of those differences over seeds: mean +- t(0.975, n - 1) * sd / sqrt(n).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from guided_diffusion.results import write_json
+
+from .report import markdown_table
+
+if TYPE_CHECKING:
+    from .study import Split, Study
+
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 24: 2.064, 29: 2.045}
+
+
+def t_quantile(dof: int) -> float:
+    """Student's t 0.975 quantile for `dof` degrees of freedom (table; 1.96 beyond 29)."""
+    if dof in _T975:
+        return _T975[dof]
+    smaller = [d for d in _T975 if d < dof]
+    return _T975[max(smaller)] if dof < 30 else 1.96
+
+
+def paired_interval(differences: list[float]) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95 % Student-t interval (NaN bounds with fewer than two pairs)."""
+    values = np.asarray([d for d in differences if not math.isnan(d)], dtype=float)
+    if len(values) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = t_quantile(len(values) - 1) * float(values.std(ddof=1)) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def generator_kind(study: Study, variant_name: str) -> str:
+    """Which generator made a variant's extra data: sdm, paste, augment (classic augmentation only) or none."""
+    variant = next(v for v in study.config.variants if v.name == variant_name)
+    kinds = {study.config.generators[name].kind for name in variant.synthetic}
+    if "sdm" in kinds:
+        return "sdm"
+    if "paste" in kinds:
+        return "paste"
+    return "augment" if variant.augment == "strong" else "none"
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _points(value: float) -> str:
+    return "–" if math.isnan(value) else f"{100 * value:+.1f}"
+
+
+def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (fraction, variant): means over seeds, the paired difference to the baseline and its CI."""
+    by_cell: dict[tuple[float, str], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for row in rows:
+        by_cell[(row["fraction"], row["variant"])][row["seed"]] = row
+    records = []
+    for fraction in study.config.real_fractions:
+        baseline = next(v.name for v in study.config.variants_at(fraction) if v.is_baseline)
+        base = by_cell.get((fraction, baseline), {})
+        for variant in study.config.variants_at(fraction):
+            cell = by_cell.get((fraction, variant.name), {})
+            if not cell:
+                continue
+            seeds = sorted(cell)
+            record: dict[str, Any] = {"real_fraction": fraction, "variant": variant.name,
+                                      "generator": generator_kind(study, variant.name), "seeds": len(seeds),
+                                      "real_images": cell[seeds[0]]["real_images"],
+                                      "synthetic_images": cell[seeds[0]]["synthetic_images"],
+                                      "is_baseline": variant.is_baseline}
+            for metric in ("miou_no_bg", "miou"):
+                values = [cell[s][metric] for s in seeds]
+                record[metric] = float(np.nanmean(values))
+                record[f"{metric}_std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else math.nan
+            paired = [cell[s]["miou_no_bg"] - base[s]["miou_no_bg"] for s in seeds if s in base]
+            record["diff"], record["ci_low"], record["ci_high"] = paired_interval(paired)
+            record["paired_seeds"] = len(paired)
+            for name in study.class_names:
+                record[f"iou_{name}"] = float(np.nanmean([cell[s][f"iou_{name}"] for s in seeds]))
+            records.append(record)
+    return records
+
+
+def _alignment(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per fraction and generator: the real-only segmenters' mIoU on the generator's images against their masks,
+    beside the same segmenters' mIoU on the real test split."""
+    out = []
+    for fraction in study.config.real_fractions:
+        base_rows = [r for r in rows if r["fraction"] == fraction and "alignment" in r]
+        names = sorted({name for r in base_rows for name in r["alignment"]})
+        for name in names:
+            scores = [r["alignment"][name]["miou_no_bg"] for r in base_rows if name in r["alignment"]]
+            out.append({"real_fraction": fraction, "generator": name,
+                        "kind": study.config.generators[name].kind,
+                        "alignment_miou_no_bg": float(np.nanmean(scores)),
+                        "real_test_miou_no_bg": float(np.nanmean([r["miou_no_bg"] for r in base_rows])),
+                        "seeds": len(scores)})
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    flat = [{k: v for k, v in row.items() if k != "alignment"} for row in rows]
+    columns = list(dict.fromkeys(k for row in flat for k in row))
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def _plot_differences(path: Path, records: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in records if not r["is_baseline"]]
+    if not shown:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(shown) + 1.4))
+    labels = [f"{r['variant']} ({100 * r['real_fraction']:.0f} %)" for r in shown]
+    y = np.arange(len(shown))
+    means = [100 * r["diff"] for r in shown]
+    low = [100 * (r["diff"] - r["ci_low"]) if not math.isnan(r["ci_low"]) else 0 for r in shown]
+    high = [100 * (r["ci_high"] - r["diff"]) if not math.isnan(r["ci_high"]) else 0 for r in shown]
+    colours = {"sdm": "tab:blue", "paste": "tab:orange", "augment": "tab:green", "none": "tab:gray"}
+    ax.errorbar(means, y, xerr=[low, high], fmt="none", ecolor="black", capsize=3)
+    ax.scatter(means, y, c=[colours[r["generator"]] for r in shown], zorder=3)
+    ax.axvline(0, color="gray", lw=1)
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("paired difference to real-only, mIoU points without background (95 % interval)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _read_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    path = run_dir / "log.csv"
+    if not path.is_file():
+        return [], []
+    steps, losses = [], []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            try:
+                steps.append(int(row["step"]))
+                losses.append(float(row["loss"]))
+            except (KeyError, ValueError):
+                continue
+    return steps, losses
+
+
+def _plot_generator_curves(path: Path, study: Study) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(e["kind"], Path(e["run_dir"])) for (kind, _), e in study.ledger.entries.items()
+            if kind in ("sdm-train", "sdm-finetune") and Path(e["run_dir"]).is_dir()]
+    if not runs:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    offset, plotted = 0, 0
+    for kind, run_dir in sorted(runs, key=lambda r: (r[1].parent, r[0] != "sdm-train")):
+        steps, losses = _read_curve(run_dir)
+        if not steps:
+            continue
+        plotted += 1
+        start = offset if kind == "sdm-finetune" else 0
+        ax.plot([start + s for s in steps], losses, lw=0.8, label=f"{run_dir.parent.parent.name} {kind[4:]}")
+        offset = max(steps) if kind == "sdm-train" else offset
+    if not plotted:
+        plt.close(fig)
+        return False
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (MSE + VB)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _stage_times(study: Study) -> dict[str, float]:
+    totals: dict[str, float] = defaultdict(float)
+    for (kind, _), entry in study.ledger.entries.items():
+        totals[kind] += entry.get("seconds", 0.0)
+    return dict(totals)
+
+
+def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[str, dict[str, Any]], split: Split,
+                 command: str, seconds: float, load_seconds: float) -> None:
+    root, config = study.root, study.config
+    records = summarize(study, rows)
+    alignment = _alignment(study, rows)
+    _write_csv(root / "results.csv", rows)
+    _plot_differences(root / "paired_differences.png", records)
+    has_curve = _plot_generator_curves(root / "generator_loss.png", study)
+    grids = root / "grids"
+    grids.mkdir(exist_ok=True)
+    grid_links = []
+    for name, run in generator_runs.items():
+        source = Path(run["run_dir"]) / "grid.png"
+        if source.is_file():
+            target = grids / f"{name.replace('/', '_')}.png"
+            shutil.copyfile(source, target)
+            grid_links.append((name, target.relative_to(root).as_posix()))
+    times = _stage_times(study)
+    protocol = config.segmenter
+    lines = [
+        f"# Low-data study: {Path(config.data_dir).name}" + (" (quick, toy size)" if config.quick else ""),
+        "",
+        f"- command: `{command}`" if command else "- command: (called from Python)",
+        f"- data: {config.data_dir}; {len(split.val)} real validation images (model selection only), "
+        + ", ".join(f"{len(s)} real training images at {100 * f:.0f} %" for f, s in split.subsets.items())
+        + f"; scored on the {len(split.test)} real test images at {config.image_size} px ({config.resize_mode})",
+        f"- segmenter: {protocol.architecture} + {protocol.encoder} (random init), {protocol.steps} steps of batch "
+        f"{protocol.batch_size}, AdamW lr {protocol.lr:g} cosine, Dice + CE, {'bf16' if study.bf16 else 'fp32'}; "
+        f"weights of the best validation check (every {protocol.select_every} steps) kept; seeds "
+        f"{', '.join(map(str, protocol.seeds))} (paired: the same seed starts every variant from the same weights)",
+        f"- 'w/o bg' leaves out class {config.background_class}" if config.background_class is not None
+        else "- no background class: 'w/o bg' is the mean over every class",
+        "",
+        "## mIoU on the real test split",
+        "",
+        "diff = mean over seeds of (variant − real-only) with the same seed, in mIoU points without background, "
+        "with its 95 % Student-t interval. A variant helps when the whole interval is above 0.",
+        "",
+    ]
+    header = ["real", "variant", "generator", "real imgs", "synthetic imgs", "mIoU w/o bg", "mIoU", "diff (points)",
+              "95 % interval"]
+    body = []
+    for r in records:
+        interval = "–" if math.isnan(r["ci_low"]) or r["is_baseline"] else \
+            f"[{_points(r['ci_low'])}, {_points(r['ci_high'])}]"
+        body.append([f"{100 * r['real_fraction']:.0f} %", r["variant"], r["generator"], r["real_images"],
+                     r["synthetic_images"], f"{_fmt(r['miou_no_bg'])} ± {_fmt(r['miou_no_bg_std'])}",
+                     f"{_fmt(r['miou'])} ± {_fmt(r['miou_std'])}",
+                     "baseline" if r["is_baseline"] else _points(r["diff"]), interval])
+    lines += [markdown_table(header, body), "", "![paired differences](paired_differences.png)", "",
+              "## Per-class IoU (mean over seeds)", ""]
+    lines += [markdown_table(["real", "variant"] + study.class_names,
+                             [[f"{100 * r['real_fraction']:.0f} %", r["variant"]]
+                              + [_fmt(r[f"iou_{n}"]) for n in study.class_names] for r in records]), ""]
+    lines += ["## Label alignment", "",
+              "The real-only segmenters of each fraction segment every generator's images; mIoU (w/o bg) against "
+              "the masks the images were made for, beside the same segmenters on real test images. Near the real "
+              "score: the images show their masks' classes where the masks put them.", ""]
+    lines += [markdown_table(["real", "generator", "kind", "alignment mIoU w/o bg", "real test mIoU w/o bg", "seeds"],
+                             [[f"{100 * a['real_fraction']:.0f} %", a["generator"], a["kind"],
+                               _fmt(a["alignment_miou_no_bg"]), _fmt(a["real_test_miou_no_bg"]), a["seeds"]]
+                              for a in alignment]) if alignment else "no generators", ""]
+    lines += ["## Generator", ""]
+    lines += (["![SDM training loss](generator_loss.png)", ""] if has_curve else ["no SDM in this study", ""])
+    for name, link in grid_links:
+        lines += [f"### {name}", "", "rows: mask | real image of the mask (or background) | synthetic", "",
+                  f"![{name}]({link})", ""]
+    lines += ["## Wall time", "",
+              markdown_table(["stage", "minutes"], [[kind, f"{value / 60:.1f}"] for kind, value in times.items()]
+                             + [["loading real data (this run)", f"{load_seconds / 60:.1f}"],
+                                ["this invocation", f"{seconds / 60:.1f}"]]), "",
+              "Stage times add up every invocation of the study (a resumed study counts its earlier work).", ""]
+    (root / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    write_json(root / "summary.json", {
+        "dataset": config.data_dir, "quick": config.quick, "command": command, "image_size": config.image_size,
+        "segmenter": {"architecture": protocol.architecture, "encoder": protocol.encoder, "steps": protocol.steps,
+                      "seeds": protocol.seeds, "bf16": study.bf16},
+        "background_class": config.background_class, "ignore_index": config.ignore_index,
+        "variants": [{k: r[k] for k in ("real_fraction", "variant", "generator", "miou_no_bg", "diff", "ci_low",
+                                        "ci_high", "miou", "real_images", "synthetic_images", "seeds")}
+                     for r in records],
+        "per_class_iou": [{"real_fraction": r["real_fraction"], "variant": r["variant"],
+                           **{n: r[f"iou_{n}"] for n in study.class_names}} for r in records],
+        "label_alignment": alignment,
+        "stage_seconds": {k: round(v, 1) for k, v in times.items()},
+        "seconds_this_invocation": round(seconds, 1),
+    })

@@ -1,0 +1,203 @@
+"""The low-data study (`evaluation/experiment.sh`): every stage at toy size, resume, the report's contents, and
+the one-line errors of its config."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evaluation.study import Ledger, main as study_main, run_study
+from evaluation.study_config import study_from_dict
+from evaluation.study_report import paired_interval
+from guided_diffusion.errors import ConfigError
+
+from conftest import TINY_MODEL
+
+
+def study_values(data_dir, output_dir, **changes) -> dict:
+    """A study with every kind of variant: real-only, classic augmentation, paste, SDM (noise and inpaint) and
+    synthetic only; toy-sized so that the whole study takes about a minute on CPU."""
+    values = {
+        "data_dir": str(data_dir),
+        "output_dir": str(output_dir),
+        "num_classes": 4,
+        "real_fractions": [0.5, 1.0],
+        "image_size": 32,
+        "segmenter": {"steps": 4, "batch_size": 4, "select_every": 2, "seeds": [0, 1]},
+        "sdm": {"model": {k: v for k, v in TINY_MODEL.items() if k != "image_size"},
+                "train": {"max_steps": 3, "batch_size": 4, "save_interval": 2, "log_interval": 1},
+                "finetune": {"max_steps": 2, "batch_size": 4, "save_interval": 2, "log_interval": 1}},
+        "generators": {
+            "paste": {"kind": "paste", "sample": {"mask_split": "all", "num_samples": 4}},
+            "sdm": {"kind": "sdm", "sample": {"mask_split": "all", "num_samples": 4, "sampler": "ddim", "steps": 2}},
+            "sdm_inpaint": {"kind": "sdm", "sample": {"mode": "inpaint", "mask_split": "all", "num_samples": 4,
+                                                     "steps": 2, "resample_steps": 0}},
+        },
+        "variants": [
+            {"name": "real"},
+            {"name": "augment", "augment": "strong"},
+            {"name": "paste", "synthetic": ["paste"]},
+            {"name": "sdm", "synthetic": ["sdm"], "fractions": [0.5]},
+            {"name": "sdm_inpaint", "synthetic": ["sdm_inpaint"], "fractions": [0.5]},
+            {"name": "sdm_only", "synthetic": ["sdm"], "real": False, "fractions": [0.5]},
+        ],
+    }
+    values.update(changes)
+    return values
+
+
+@pytest.fixture(scope="module")
+def finished_study(demo_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("study") / "study"
+    values = study_values(demo_dir, root)
+    run_study(study_from_dict(values, "test"), values, "test command", log=lambda *_: None, progress=False)
+    return root, values
+
+
+def test_study_writes_report_summary_and_every_variant(finished_study):
+    root, _ = finished_study
+    summary = json.loads((root / "summary.json").read_text())
+    cells = {(v["real_fraction"], v["variant"]): v for v in summary["variants"]}
+    assert set(cells) == {(0.5, "real"), (0.5, "augment"), (0.5, "paste"), (0.5, "sdm"), (0.5, "sdm_inpaint"),
+                          (0.5, "sdm_only"), (1.0, "real"), (1.0, "augment"), (1.0, "paste")}
+    assert {cells[(0.5, name)]["generator"] for name in ("real", "augment", "paste", "sdm")} == \
+        {"none", "augment", "paste", "sdm"}
+    assert cells[(0.5, "real")]["diff"] == 0.0
+    for cell in cells.values():
+        assert set(cell) >= {"miou_no_bg", "diff", "ci_low", "ci_high", "generator"}
+        if cell["variant"] != "real":
+            assert cell["ci_low"] <= cell["diff"] <= cell["ci_high"]
+    assert cells[(0.5, "sdm_only")]["real_images"] == 0 and cells[(0.5, "sdm_only")]["synthetic_images"] == 4
+    assert cells[(0.5, "paste")]["synthetic_images"] == 4
+    report = (root / "report.md").read_text()
+    for heading in ("## mIoU on the real test split", "## Per-class IoU", "## Label alignment", "## Generator",
+                    "## Wall time"):
+        assert heading in report
+    assert "test command" in report
+    for picture in ("paired_differences.png", "generator_loss.png", "grids/r050_sdm.png", "grids/r100_paste.png"):
+        assert (root / picture).is_file(), picture
+    alignment = {(a["real_fraction"], a["generator"]) for a in summary["label_alignment"]}
+    assert alignment == {(0.5, "paste"), (0.5, "sdm"), (0.5, "sdm_inpaint"), (1.0, "paste")}
+    assert set(summary["stage_seconds"]) == {"sdm-train", "sdm-finetune", "sample", "segmenter"}
+
+
+def test_study_trains_the_generator_on_the_subset_only(finished_study):
+    root, _ = finished_study
+    split = json.loads((root / "split.json").read_text())
+    entries = [json.loads(line) for line in (root / "ledger.jsonl").read_text().splitlines()]
+    (train,) = [e for e in entries if e["kind"] == "sdm-train"]
+    config = json.loads((Path(train["run_dir"]) / "config.json").read_text())
+    images = sorted(p.stem for p in (root / "data" / "r050" / "train" / "images").iterdir())
+    assert config["data_dir"].endswith("data/r050")
+    assert images == sorted(split["r050"])
+    assert not set(split["r050"]) & set(split["val"])
+    assert set(split["r050"]) <= set(split["r100"])
+
+
+def test_study_resume_redoes_nothing_and_a_change_redoes_only_what_it_touches(finished_study):
+    root, values = finished_study
+    before = (root / "ledger.jsonl").read_text().splitlines()
+    run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False)
+    assert (root / "ledger.jsonl").read_text().splitlines() == before
+    changed = {**values, "segmenter": {**values["segmenter"], "steps": 2}}
+    run_study(study_from_dict(changed, "test"), changed, log=lambda *_: None, progress=False)
+    added = [json.loads(line)["kind"] for line in (root / "ledger.jsonl").read_text().splitlines()[len(before):]]
+    assert set(added) == {"segmenter"} and len(added) == 9 * 2
+
+
+def test_a_killed_study_resumes_after_its_last_finished_unit(demo_dir, tmp_path):
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
+    config = study_from_dict(values, "test")
+    calls = []
+
+    def stop_after_first_segmenter(message: str) -> None:
+        calls.append(message)
+        if message.startswith("[segmenter]") and sum(m.startswith("[segmenter]") for m in calls) == 2:
+            raise KeyboardInterrupt  # the second segmenter never finishes
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, values, log=stop_after_first_segmenter, progress=False)
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "study" / "ledger.jsonl").read_text().splitlines()]
+    assert kinds == ["sample", "segmenter"]
+    messages = []
+    run_study(config, values, log=messages.append, progress=False)
+    assert sum(m.startswith("[segmenter]") for m in messages) == 3  # 4 units, 1 done before the kill
+    assert not any(m.startswith("[sample]") for m in messages)
+
+
+def test_ledger_skips_a_line_cut_short_by_a_kill(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text(json.dumps({"kind": "sample", "fingerprint": "abc", "seconds": 1.0}) + "\n{\"kind\": \"segm")
+    assert set(Ledger(path).entries) == {("sample", "abc")}
+
+
+def test_paired_interval_is_the_student_t_interval():
+    mean, low, high = paired_interval([0.01, 0.03, 0.02])
+    assert mean == pytest.approx(0.02)
+    assert high - mean == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+    assert mean - low == pytest.approx(high - mean)
+    assert math.isnan(paired_interval([0.5])[1])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": 1}, "key 'colour' is unknown"),
+    ({"variants": [{"name": "paste", "synthetic": ["paste"]}]}, "has no real-only baseline at real fraction 0.5"),
+    ({"variants": [{"name": "real"}, {"name": "x", "synthetic": ["sdn"]}]},
+     "names generator 'sdn', which 'generators' does not define (did you mean 'sdm'?)"),
+    ({"segmenter": {"seeds": [0]}}, "key 'segmenter.seeds' must be a list of at least two integers"),
+    ({"segmenter": {"stpes": 3}}, "key 'segmenter.stpes' is unknown (did you mean 'steps'?)"),
+    ({"real_fractions": [0.5, 1.5]}, "key 'real_fractions' must be a list of fractions in (0, 1]"),
+    ({"generators": {"p": {"kind": "copy"}}}, "key 'generators.p.kind' must be one of sdm, paste"),
+])
+def test_a_bad_study_key_is_one_line_naming_it(demo_dir, tmp_path, change, message):
+    with pytest.raises(ConfigError) as caught:
+        study_from_dict(study_values(demo_dir, tmp_path, **change), "study.json")
+    assert str(caught.value).startswith("study.json: ")
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_bad_sample_key_of_a_generator_stops_the_study_before_any_work(demo_dir, tmp_path, capsys):
+    values = study_values(demo_dir, tmp_path / "study")
+    values["generators"]["sdm"]["sample"]["sampler"] = "euler"
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(values))
+    assert study_main(["-c", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: study generators.sdm: key 'sampler' must be one of") and "\n" not in err
+    assert not (tmp_path / "study").exists()
+
+
+def test_background_class_out_of_range_and_ignore_index_on_a_class_are_refused(demo_dir, tmp_path, capsys):
+    for change, message in (({"background_class": 7}, "key 'background_class' is 7 but the dataset has 4 classes"),
+                            ({"ignore_index": 2}, "key 'ignore_index' 2 is a class id")):
+        path = tmp_path / "study.json"
+        path.write_text(json.dumps(study_values(demo_dir, tmp_path / "study", **change)))
+        assert study_main(["-c", str(path), "--dry-run"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_quick_keeps_every_stage_at_toy_size(demo_dir, tmp_path):
+    values = study_values(demo_dir, tmp_path / "s", image_size=128,
+                          segmenter={"steps": 1000, "seeds": [0, 1, 2, 3, 4]})
+    config = study_from_dict(values, "test", quick=True)
+    assert config.image_size == 32 and config.segmenter.steps == 30 and config.segmenter.seeds == [0, 1]
+    assert [v.name for v in config.variants] == [v["name"] for v in values["variants"]]
+    assert config.sdm["train"]["max_steps"] == 12
+    assert all(g.sample["num_samples"] == 8 for g in config.generators.values())
+
+
+def test_without_background_class_the_no_bg_mean_is_the_mean_over_every_class():
+    from evaluation.metrics import segmentation_metrics
+    target = np.array([[[0, 0, 1, 1]]])
+    predicted = np.array([[[0, 1, 1, 1]]])
+    with_bg = segmentation_metrics(predicted, target, 2)
+    none = segmentation_metrics(predicted, target, 2, background_class=None)
+    other = segmentation_metrics(predicted, target, 2, background_class=1)
+    assert with_bg.miou_no_bg == pytest.approx(2 / 3)  # class 1 alone
+    assert none.miou_no_bg == pytest.approx(none.miou)
+    assert other.miou_no_bg == pytest.approx(1 / 2)  # class 0 alone
