@@ -43,8 +43,8 @@ from guided_diffusion.data import Pair, index_dataset, split_train_val
 from guided_diffusion.errors import ConfigError, exit_status
 from guided_diffusion.results import write_json
 
-from .image_sets import (ImageSet, class_names, index_sample_folder, infer_num_classes, load_pairs,
-                         load_sample_folder)
+from .image_sets import (IGNORE_INDEX, ImageSet, class_names, index_sample_folder, infer_num_classes,
+                         load_pairs, load_sample_folder)
 from .metrics import segmentation_metrics
 from .segmenter import SegmenterSpec, Selection, TrainSettings, predict, train_segmenter
 from .study_config import StudyConfig, Variant, load_study
@@ -149,6 +149,26 @@ def make_split(config: StudyConfig, num_classes: int) -> Split:
     return Split(val, subsets, index.test)
 
 
+def check_backgrounds_exist(config: StudyConfig, split: Split) -> None:
+    """Paste and inpaint put defects onto defect-free images (all-background masks) of the subset: refuse a
+    study whose subset has none, before any work, unless the generator names its own background_dir."""
+    from guided_diffusion.inpaint import defect_free_pairs
+
+    for fraction, pairs in split.subsets.items():
+        free = None
+        for name in config.generators_at(fraction):
+            generator = config.generators[name]
+            mode = "paste" if generator.kind == "paste" else generator.sample.get("mode", "noise")
+            if mode not in ("paste", "inpaint") or generator.sample.get("background_dir"):
+                continue
+            free = defect_free_pairs(pairs, config.dataset_mode) if free is None else free
+            if not free:
+                raise ConfigError(f"key 'generators.{name}': mode '{mode}' puts defects onto defect-free images, "
+                                  f"but none of the {len(pairs)} images of the {100 * fraction:g} % subset of "
+                                  f"{config.data_dir} has an all-background mask; remove this generator (and its "
+                                  "variants) or set its sample.background_dir to a folder of defect-free images")
+
+
 def lay_out_subset(study: Study, fraction: float, pairs: list[Pair]) -> Path:
     """The subset as a dataset folder of symbolic links (train/ only; the SDM never sees val or test)."""
     folder = study.root / "data" / fraction_tag(fraction)
@@ -211,12 +231,50 @@ def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: s
     return Path(tuned["run_dir"])
 
 
+def filter_generated(study: Study, name: str, source: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    """FreeMask-filter the images of a generator's source run: a scorer trained on the subset's real images
+    (cached under scorers/) marks the synthetic pixels it finds implausible as ignored (labels_filtered/)."""
+    from .freemask import FILTER_REPORT, FilterSettings, ScorerSettings, filter_folders
+
+    config, protocol = study.config, study.config.segmenter
+    generator = config.generators[name]
+    settings = FilterSettings(**generator.filter)
+    scorer = ScorerSettings(protocol.architecture, protocol.encoder, config.image_size, config.resize_mode,
+                            protocol.steps, protocol.batch_size, protocol.lr, protocol.weight_decay, True, config.seed)
+    key = fingerprint("filter", source["fingerprint"], dataclasses.asdict(settings), dataclasses.asdict(scorer))
+    # the filter writes labels_filtered/ into the folder it filters: it gets a folder of its own that links the
+    # source's files, so the source stays as sampled and each filter setting keeps its own labels
+    run_dir = study.root / "synthetic" / data_dir.name / f"{name}-{key}" / "sample_001"
+
+    def work() -> dict[str, Any]:
+        if not (run_dir / FILTER_REPORT).is_file():  # a kill after the filter wrote its files: reuse them
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # a copy cut short by a kill (the study's own folder)
+            run_dir.mkdir(parents=True)
+            origin = Path(source["run_dir"])
+            for entry in origin.iterdir():
+                if entry.is_dir() and entry.name in ("samples", "labels", "images", "colored_labels"):
+                    (run_dir / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
+            shutil.copyfile(origin / "config.json", run_dir / "config.json")
+            folder = index_sample_folder(run_dir, study.num_classes)
+            filter_folders([folder], str(data_dir), config.dataset_mode, study.num_classes, scorer, settings,
+                           str(study.root / "scorers"), True, study.device, study.log, study.progress)
+        report = json.loads((run_dir / FILTER_REPORT).read_text(encoding="utf-8"))
+        return {"run_dir": str(run_dir), "images": report["kept_images"], "dropped": report["dropped_images"],
+                "ignored_pixel_share": report["ignored_pixel_share"], "labels": "filtered"}
+
+    return study.unit("filter", key, f"filtering {generator.source}'s images into {name}", work)
+
+
 def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir: Path | None,
-             subset_key: str) -> dict[str, Any]:
-    """Sample one generator's pairs for a fraction; returns its ledger entry (run_dir, images, seconds)."""
+             subset_key: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Sample one generator's pairs for a fraction (or filter its source's, already in `done`); returns its
+    ledger entry (run_dir, images, seconds)."""
     from guided_diffusion.sample import run_sampling
 
     generator = study.config.generators[name]
+    if generator.labels == "filtered":
+        return filter_generated(study, name, done[generator.source], data_dir)
     values = {**_common_keys(study, data_dir), **study.config.sdm.get("model", {}), "seed": study.config.seed,
               **generator.sample}
     if generator.kind == "paste":
@@ -241,15 +299,33 @@ def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir
 # 4. segmenters
 
 
+def ignored_label(study: Study) -> int | None:
+    """The label value of ignored pixels in the study's masks: key ignore_index, else 255 (what the filter
+    writes) while 255 is no class id."""
+    if study.config.ignore_index is not None:
+        return study.config.ignore_index
+    return IGNORE_INDEX if study.num_classes <= IGNORE_INDEX else None
+
+
+def load_generated(study: Study, name: str, run_dir: str) -> ImageSet:
+    """A generator's pairs at the study's size; filtered labels mark ignored pixels with ignored_label()."""
+    filtered = study.config.generators[name].labels == "filtered"
+    folder = index_sample_folder(run_dir, study.num_classes, "filtered" if filtered else "raw")
+    pairs = load_sample_folder(folder, study.num_classes, study.config.image_size, study.config.resize_mode)
+    if filtered and ignored_label(study) not in (IGNORE_INDEX, None):
+        pairs.masks[pairs.masks == IGNORE_INDEX] = ignored_label(study)
+    return dataclasses.replace(pairs, name=name)
+
+
 def _settings(study: Study, variant: Variant, seed: int) -> TrainSettings:
     p = study.config.segmenter
     return TrainSettings(p.steps, p.batch_size, p.lr, p.weight_decay, variant.augment, seed,
-                         study.config.ignore_index, study.bf16, p.select_every)
+                         ignored_label(study), study.bf16, p.select_every)
 
 
 def _metrics(study: Study, model, images: np.ndarray, masks: np.ndarray):
     predicted = predict(model, images, study.device, bf16=study.bf16)
-    return segmentation_metrics(predicted, masks, study.num_classes, study.config.ignore_index,
+    return segmentation_metrics(predicted, masks, study.num_classes, ignored_label(study),
                                 study.config.background_class)
 
 
@@ -326,6 +402,10 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
             config_from_dict("finetune", {**common, **model, **config.sdm["finetune"], "resume_checkpoint": "x"},
                              "study sdm.finetune")
     for name, generator in config.generators.items():
+        if generator.labels == "filtered":
+            from .freemask import FilterSettings
+            FilterSettings(**generator.filter)  # one-line ConfigError for a bad value
+            continue
         values = {**common, **generator.sample, "model_path": "x"}
         if generator.kind == "sdm":
             values = {**model, **values}
@@ -347,13 +427,14 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
     bf16 = wanted == "bf16" or (wanted == "auto" and bf16_supported(device.type))
     if wanted == "bf16" and not bf16_supported(device.type):
         raise ConfigError(f"key 'segmenter.precision' is bf16 but this {device.type} has no native bf16; use auto")
+    split = make_split(config, num_classes)  # the dataset is checked whole here, before anything is written
+    check_backgrounds_exist(config, split)
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     study = Study(config, root, num_classes, names, Ledger(root / "ledger.jsonl"), device, bf16, log, progress)
-    log(f"study folder: {root} ({'resuming: ' + str(len(study.ledger.entries)) + ' units done' if study.ledger.entries else 'new'})")
+    done = len(study.ledger.entries)
+    log(f"study folder: {root} ({f'resuming: {done} units done' if done else 'new'})")
     write_json(root / f"config{'_quick' if config.quick else ''}.json", {**values, "_command": command})
-
-    split = make_split(config, num_classes)
     write_json(root / "split.json", {"val": [p.stem for p in split.val],
                                      **{fraction_tag(f): [p.stem for p in s] for f, s in split.subsets.items()}})
     log(f"real data: {sum(len(s) for s in [split.val])} validation, "
@@ -378,15 +459,14 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
         model_dir = None
         if any(config.generators[name].kind == "sdm" for name in needed):
             model_dir = train_generator(study, fraction, data_dir, subset_key)
-        runs = {name: generate(study, fraction, name, data_dir,
-                               model_dir if config.generators[name].kind == "sdm" else None, subset_key)
-                for name in needed}
+        runs: dict[str, dict[str, Any]] = {}
+        for name in needed:  # sources of filtered generators come first
+            runs[name] = generate(study, fraction, name, data_dir,
+                                  model_dir if config.generators[name].kind == "sdm" else None, subset_key, runs)
         for name, run in runs.items():
             generator_runs[f"{tag}/{name}"] = run
         real = load_pairs(pairs, config.dataset_mode, config.image_size, config.resize_mode, tag)
-        synthetic = {name: load_sample_folder(index_sample_folder(run["run_dir"], num_classes), num_classes,
-                                              config.image_size, config.resize_mode)
-                     for name, run in runs.items()}
+        synthetic = {name: load_generated(study, name, run["run_dir"]) for name, run in runs.items()}
         variants = sorted(config.variants_at(fraction), key=lambda v: not v.is_baseline)  # baseline first
         for variant in variants:
             sources = {name: runs[name]["fingerprint"] for name in variant.synthetic}

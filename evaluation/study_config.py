@@ -40,7 +40,7 @@ QUICK: dict[str, Any] = {
         "model": {"num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2,2", "attention_resolutions": "8",
                   "num_head_channels": 16},
         "train": {"max_steps": 12, "batch_size": 4, "save_interval": 6, "crop_size": 0},
-        "finetune": {"max_steps": 4, "batch_size": 4, "save_interval": 2},
+        "finetune": {"max_steps": 4, "batch_size": 4, "save_interval": 2, "crop_size": 0},
     },
     "sample": {"num_samples": 8, "batch_size": 8, "steps": 4, "resample_steps": 0},
 }
@@ -70,7 +70,9 @@ class Generator:
     name: str
     kind: str
     sample: dict[str, Any]
-    labels: str = "raw"
+    labels: str = "raw"  # "filtered": the FreeMask-filtered labels of generator `source`'s images
+    source: str | None = None
+    filter: dict[str, Any] = field(default_factory=dict)  # FilterSettings keys (k, max_ignored_fraction, ...)
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,11 @@ class StudyConfig:
         return [v for v in self.variants if v.fractions is None or fraction in v.fractions]
 
     def generators_at(self, fraction: float) -> list[str]:
-        """The generators a fraction's variants use, in first-use order."""
-        return list(dict.fromkeys(g for v in self.variants_at(fraction) for g in v.synthetic))
+        """The generators a fraction's variants use, sources of filtered generators first, else in first-use
+        order."""
+        used = list(dict.fromkeys(g for v in self.variants_at(fraction) for g in v.synthetic))
+        sources = [self.generators[g].source for g in used if self.generators[g].source is not None]
+        return list(dict.fromkeys([s for s in sources if s is not None] + used))
 
 
 _TOP_KEYS = ("data_dir", "output_dir", "dataset_mode", "num_classes", "background_class", "ignore_index", "seed",
@@ -166,7 +171,7 @@ def apply_quick(values: dict[str, Any]) -> dict[str, Any]:
         values["sdm"]["finetune"] = None
     generators = values.get("generators") or {}
     for name, generator in generators.items():
-        if isinstance(generator, dict):
+        if isinstance(generator, dict) and generator.get("labels", "raw") == "raw":
             generator["sample"] = deep_merge(generator.get("sample") or {}, QUICK["sample"])
     fractions = values.get("real_fractions") or []
     if isinstance(fractions, list):
@@ -209,15 +214,31 @@ def _generators(values: Any) -> dict[str, Generator]:
         if str(name).startswith(("_", "#")):
             continue
         where = f"generators.{name}"
-        _require(isinstance(spec, dict), where, "must be an object with 'kind' and 'sample'")
-        _refuse_unknown(spec, ("kind", "sample", "labels"), where)
+        _require(isinstance(spec, dict), where, "must be an object with 'kind' and 'sample' (or 'source' and "
+                                                "'labels': \"filtered\")")
+        _refuse_unknown(spec, ("kind", "sample", "labels", "source", "filter"), where)
         kind = spec.get("kind")
         _require(kind in GENERATOR_KINDS, f"{where}.kind", f"must be one of {', '.join(GENERATOR_KINDS)}, got "
                                                             f"{json.dumps(kind)}")
+        labels = spec.get("labels", "raw")
+        _require(labels in ("raw", "filtered"), f"{where}.labels",
+                 f"must be \"raw\" or \"filtered\" (FreeMask filtering of another generator's images), got "
+                 f"{json.dumps(labels)}")
+        source, settings = spec.get("source"), spec.get("filter") or {}
+        if labels == "filtered":
+            _require(isinstance(source, str) and source in values and source != name, f"{where}.source",
+                     f"must name the generator whose images are filtered, got {json.dumps(source)}"
+                     f"{did_you_mean(source, [n for n in values if n != name])}")
+            _require("sample" not in spec, f"{where}.sample", "does not apply: a filtered generator reuses the "
+                                                              "images of its source")
+            _require(isinstance(settings, dict), f"{where}.filter", "must be an object of filter settings")
+            _refuse_unknown(settings, ("k", "max_ignored_fraction", "drop_basis"), f"{where}.filter")
+            generators[str(name)] = Generator(str(name), kind, {}, labels, source, dict(settings))
+            continue
+        _require(source is None and not settings, f"{where}.source",
+                 "and 'filter' only apply with labels \"filtered\"")
         sample = spec.get("sample") or {}
         _require(isinstance(sample, dict), f"{where}.sample", "must be an object of `main.py sample` keys")
-        labels = spec.get("labels", "raw")
-        _require(labels == "raw", f"{where}.labels", f"must be \"raw\", got {json.dumps(labels)}")
         for owned in ("data_dir", "model_path", "root_log_dir", "num_classes", "dataset_mode", "image_size"):
             _require(owned not in sample, f"{where}.sample.{owned}", "is set by the study; remove it")
         if kind == "paste":
@@ -227,7 +248,13 @@ def _generators(values: Any) -> dict[str, Generator]:
         else:
             _require(sample.get("mode", "noise") != "paste", f"{where}.sample.mode",
                      "is \"paste\"; use kind \"paste\" for copy-paste")
-        generators[str(name)] = Generator(str(name), kind, sample, labels)
+        generators[str(name)] = Generator(str(name), kind, sample)
+    for generator in generators.values():
+        if generator.source is not None:
+            origin = generators[generator.source]
+            _require(origin.source is None and origin.kind == generator.kind, f"generators.{generator.name}.source",
+                     f"must name a generator of raw labels of the same kind ({generator.kind}), got "
+                     f"{generator.source!r}")
     return generators
 
 

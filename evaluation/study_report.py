@@ -98,6 +98,42 @@ def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
+def verdict(record: dict[str, Any]) -> str:
+    """'helps' when the paired 95 % interval lies above 0, 'hurts' when below, else 'no clear effect'."""
+    if record["is_baseline"]:
+        return "baseline"
+    if math.isnan(record["ci_low"]):
+        return "too few seeds"
+    if record["ci_low"] > 0:
+        return "helps"
+    if record["ci_high"] < 0:
+        return "hurts"
+    return "no clear effect"
+
+
+def verdict_lines(records: list[dict[str, Any]]) -> list[str]:
+    """One line per fraction: which variants measurably help or hurt, and the best SDM variant."""
+    lines = []
+    for fraction in dict.fromkeys(r["real_fraction"] for r in records):
+        here = [r for r in records if r["real_fraction"] == fraction and not r["is_baseline"]]
+        if not here:
+            continue
+        helps = [r for r in here if verdict(r) == "helps"]
+        hurts = [r for r in here if verdict(r) == "hurts"]
+        text = f"- **{100 * fraction:.0f} % real:** "
+        text += ("helps: " + ", ".join(f"{r['variant']} ({_points(r['diff'])})" for r in helps)) if helps \
+            else "no variant is measurably better than real-only"
+        if hurts:
+            text += "; hurts: " + ", ".join(f"{r['variant']} ({_points(r['diff'])})" for r in hurts)
+        sdm = [r for r in here if r["generator"] == "sdm"]
+        if sdm:
+            best = max(sdm, key=lambda r: r["diff"])
+            text += (f"; best SDM variant: {best['variant']} {_points(best['diff'])} points "
+                     f"[{_points(best['ci_low'])}, {_points(best['ci_high'])}] ({verdict(best)})")
+        lines.append(text + ".")
+    return lines
+
+
 def _alignment(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per fraction and generator: the real-only segmenters' mIoU on the generator's images against their masks,
     beside the same segmenters' mIoU on the real test split."""
@@ -245,8 +281,10 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         "with its 95 % Student-t interval. A variant helps when the whole interval is above 0.",
         "",
     ]
+    lines += ["Verdict (a variant helps or hurts when its whole 95 % interval is above or below 0):", ""]
+    lines += verdict_lines(records) + [""]
     header = ["real", "variant", "generator", "real imgs", "synthetic imgs", "mIoU w/o bg", "mIoU", "diff (points)",
-              "95 % interval"]
+              "95 % interval", "verdict"]
     body = []
     for r in records:
         interval = "–" if math.isnan(r["ci_low"]) or r["is_baseline"] else \
@@ -254,7 +292,7 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         body.append([f"{100 * r['real_fraction']:.0f} %", r["variant"], r["generator"], r["real_images"],
                      r["synthetic_images"], f"{_fmt(r['miou_no_bg'])} ± {_fmt(r['miou_no_bg_std'])}",
                      f"{_fmt(r['miou'])} ± {_fmt(r['miou_std'])}",
-                     "baseline" if r["is_baseline"] else _points(r["diff"]), interval])
+                     "baseline" if r["is_baseline"] else _points(r["diff"]), interval, verdict(r)])
     lines += [markdown_table(header, body), "", "![paired differences](paired_differences.png)", "",
               "## Per-class IoU (mean over seeds)", ""]
     lines += [markdown_table(["real", "variant"] + study.class_names,
@@ -284,9 +322,9 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         "segmenter": {"architecture": protocol.architecture, "encoder": protocol.encoder, "steps": protocol.steps,
                       "seeds": protocol.seeds, "bf16": study.bf16},
         "background_class": config.background_class, "ignore_index": config.ignore_index,
-        "variants": [{k: r[k] for k in ("real_fraction", "variant", "generator", "miou_no_bg", "diff", "ci_low",
-                                        "ci_high", "miou", "real_images", "synthetic_images", "seeds")}
-                     for r in records],
+        "variants": [{**{k: r[k] for k in ("real_fraction", "variant", "generator", "miou_no_bg", "diff", "ci_low",
+                                           "ci_high", "miou", "real_images", "synthetic_images", "seeds")},
+                      "verdict": verdict(r)} for r in records],
         "per_class_iou": [{"real_fraction": r["real_fraction"], "variant": r["variant"],
                            **{n: r[f"iou_{n}"] for n in study.class_names}} for r in records],
         "label_alignment": alignment,

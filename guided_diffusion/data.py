@@ -429,7 +429,8 @@ def _file_problems(
     all_bad = {value for _, values in bad_values for value in values}
     hint = ""
     if dataset_mode == "multi-class" and all_bad == {255}:
-        hint = "; masks of 0 and 255 need dataset_mode binary"
+        hint = ("; masks of 0 and 255 need dataset_mode binary (where 255 marks void pixels, evaluation and the "
+                "low-data study skip them with ignore_index 255)")
     elif dataset_mode == "binary" and all_bad == {1}:
         hint = "; binary masks mark the foreground with 255, not 1 (or use dataset_mode multi-class)"
     if len(bad_values) == 1:

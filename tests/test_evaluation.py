@@ -283,6 +283,39 @@ def test_command_line_options_override_the_config_file(tmp_path: Path, capsys) -
     assert (resolved["data_dir"], resolved["steps"], resolved["seeds"]) == ("a", 20, [1, 2])
 
 
+def test_background_class_and_ignore_index_come_from_the_command_line(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "evaluate.json"
+    config.write_text(json.dumps({"data_dir": "a", "background_class": 0}))
+    assert evaluate_main(["-c", str(config), "--background-class", "none", "--ignore-index", "255", "--dry-run"]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert (resolved["background_class"], resolved["ignore_index"]) == (None, 255)
+    assert evaluate_main(["-c", str(config), "--background-class", "3", "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["background_class"] == 3
+
+
+def test_an_ignore_index_that_is_a_class_id_is_one_line(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "evaluate.json"
+    config.write_text(json.dumps({"data_dir": "a", "num_classes": 6, "ignore_index": 4}))
+    assert evaluate_main(["-c", str(config), "--dry-run"]) == 2
+    assert "key 'ignore_index' 4 is a class id (0..5)" in capsys.readouterr().err
+
+
+def test_a_void_label_in_real_masks_is_skipped_by_training_and_metrics(tmp_path: Path, tile_index, capsys) -> None:
+    from PIL import Image
+    data = make_small_dataset(tmp_path / "tiles", tile_index)
+    for mask in (data / "test" / "masks").iterdir():
+        pixels = np.array(Image.open(mask))
+        pixels[:4, :4] = 255  # a void corner
+        Image.fromarray(pixels).save(mask)
+    args = ["--data-dir", str(data), "--mixes", "RALLF000", "--seeds", "0", "--set", "label_alignment=false",
+            "--root-log-dir", str(tmp_path / "out"), "--image-size", "32", "--steps", "1", "--batch-size", "2",
+            "--encoder", TINY_ENCODER, "--models", "fpn"]
+    assert evaluate_main(args) == 2  # 255 is no class id of magnetic-tile
+    err = capsys.readouterr().err
+    assert "masks with values outside 0..5" in err and "ignore_index 255" in err
+    assert evaluate_main(args + ["--ignore-index", "255"]) == 0
+
+
 @pytest.fixture
 def small_inputs(tmp_path: Path, tile_index):
     """A 6 + 3 pair copy of magnetic-tile and a fake sample run of 4 pairs."""

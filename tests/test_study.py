@@ -36,6 +36,8 @@ def study_values(data_dir, output_dir, **changes) -> dict:
             "sdm": {"kind": "sdm", "sample": {"mask_split": "all", "num_samples": 4, "sampler": "ddim", "steps": 2}},
             "sdm_inpaint": {"kind": "sdm", "sample": {"mode": "inpaint", "mask_split": "all", "num_samples": 4,
                                                      "steps": 2, "resample_steps": 0}},
+            "sdm_filtered": {"kind": "sdm", "labels": "filtered", "source": "sdm",
+                             "filter": {"max_ignored_fraction": 1.0}},
         },
         "variants": [
             {"name": "real"},
@@ -43,6 +45,7 @@ def study_values(data_dir, output_dir, **changes) -> dict:
             {"name": "paste", "synthetic": ["paste"]},
             {"name": "sdm", "synthetic": ["sdm"], "fractions": [0.5]},
             {"name": "sdm_inpaint", "synthetic": ["sdm_inpaint"], "fractions": [0.5]},
+            {"name": "sdm_filtered", "synthetic": ["sdm_filtered"], "fractions": [0.5]},
             {"name": "sdm_only", "synthetic": ["sdm"], "real": False, "fractions": [0.5]},
         ],
     }
@@ -63,7 +66,8 @@ def test_study_writes_report_summary_and_every_variant(finished_study):
     summary = json.loads((root / "summary.json").read_text())
     cells = {(v["real_fraction"], v["variant"]): v for v in summary["variants"]}
     assert set(cells) == {(0.5, "real"), (0.5, "augment"), (0.5, "paste"), (0.5, "sdm"), (0.5, "sdm_inpaint"),
-                          (0.5, "sdm_only"), (1.0, "real"), (1.0, "augment"), (1.0, "paste")}
+                          (0.5, "sdm_filtered"), (0.5, "sdm_only"), (1.0, "real"), (1.0, "augment"),
+                          (1.0, "paste")}
     assert {cells[(0.5, name)]["generator"] for name in ("real", "augment", "paste", "sdm")} == \
         {"none", "augment", "paste", "sdm"}
     assert cells[(0.5, "real")]["diff"] == 0.0
@@ -81,8 +85,20 @@ def test_study_writes_report_summary_and_every_variant(finished_study):
     for picture in ("paired_differences.png", "generator_loss.png", "grids/r050_sdm.png", "grids/r100_paste.png"):
         assert (root / picture).is_file(), picture
     alignment = {(a["real_fraction"], a["generator"]) for a in summary["label_alignment"]}
-    assert alignment == {(0.5, "paste"), (0.5, "sdm"), (0.5, "sdm_inpaint"), (1.0, "paste")}
-    assert set(summary["stage_seconds"]) == {"sdm-train", "sdm-finetune", "sample", "segmenter"}
+    assert alignment == {(0.5, "paste"), (0.5, "sdm"), (0.5, "sdm_inpaint"), (0.5, "sdm_filtered"), (1.0, "paste")}
+    assert set(summary["stage_seconds"]) == {"sdm-train", "sdm-finetune", "sample", "filter", "segmenter"}
+
+
+def test_a_filtered_generator_trains_on_the_filtered_labels_of_its_source(finished_study):
+    root, _ = finished_study
+    entries = [json.loads(line) for line in (root / "ledger.jsonl").read_text().splitlines()]
+    (filtered,) = [e for e in entries if e["kind"] == "filter"]
+    (source,) = [e for e in entries if e["kind"] == "sample" and "/sdm-" in e["run_dir"]]
+    assert (Path(filtered["run_dir"]) / "labels_filtered").is_dir()
+    assert not (Path(source["run_dir"]) / "labels_filtered").exists(), "the source stays as sampled"
+    assert sorted(p.name for p in (Path(filtered["run_dir"]) / "samples").iterdir()) == \
+        sorted(p.name for p in (Path(source["run_dir"]) / "samples").iterdir())
+    assert list((root / "scorers").iterdir()), "the scorer is cached in the study folder"
 
 
 def test_study_trains_the_generator_on_the_subset_only(finished_study):
@@ -106,7 +122,8 @@ def test_study_resume_redoes_nothing_and_a_change_redoes_only_what_it_touches(fi
     changed = {**values, "segmenter": {**values["segmenter"], "steps": 2}}
     run_study(study_from_dict(changed, "test"), changed, log=lambda *_: None, progress=False)
     added = [json.loads(line)["kind"] for line in (root / "ledger.jsonl").read_text().splitlines()[len(before):]]
-    assert set(added) == {"segmenter"} and len(added) == 9 * 2
+    # the scorer of the filter trains with the segmenter protocol: the filter is redone too, in its own folder
+    assert sorted(added) == ["filter"] + ["segmenter"] * (10 * 2)
 
 
 def test_a_killed_study_resumes_after_its_last_finished_unit(demo_dir, tmp_path):
@@ -152,6 +169,10 @@ def test_paired_interval_is_the_student_t_interval():
     ({"segmenter": {"stpes": 3}}, "key 'segmenter.stpes' is unknown (did you mean 'steps'?)"),
     ({"real_fractions": [0.5, 1.5]}, "key 'real_fractions' must be a list of fractions in (0, 1]"),
     ({"generators": {"p": {"kind": "copy"}}}, "key 'generators.p.kind' must be one of sdm, paste"),
+    ({"generators": {"f": {"kind": "sdm", "labels": "filtered", "source": "sdn"}}},
+     "key 'generators.f.source' must name the generator whose images are filtered"),
+    ({"generators": {"s": {"kind": "sdm", "labels": "filtered", "source": "p"}, "p": {"kind": "paste"}}},
+     "key 'generators.s.source' must name a generator of raw labels of the same kind (sdm)"),
 ])
 def test_a_bad_study_key_is_one_line_naming_it(demo_dir, tmp_path, change, message):
     with pytest.raises(ConfigError) as caught:
@@ -172,6 +193,25 @@ def test_a_bad_sample_key_of_a_generator_stops_the_study_before_any_work(demo_di
     assert not (tmp_path / "study").exists()
 
 
+def test_paste_and_inpaint_without_defect_free_images_stop_the_study_before_any_work(tmp_path, capsys):
+    from guided_diffusion.demo import make_demo_dataset
+    data = make_demo_dataset(tmp_path / "demo", num_train=6, num_test=2, image_size=32)
+    for mask in (data / "train" / "masks").iterdir():  # give every image a defect pixel
+        from PIL import Image
+        pixels = np.array(Image.open(mask))
+        pixels[0, 0] = 1
+        Image.fromarray(pixels).save(mask)
+    values = study_values(data, tmp_path / "study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(values))
+    assert study_main(["-c", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: key 'generators.paste': mode 'paste' puts defects onto defect-free images, but "
+                          "none of the ")
+    assert not (tmp_path / "study").exists()
+
+
 def test_background_class_out_of_range_and_ignore_index_on_a_class_are_refused(demo_dir, tmp_path, capsys):
     for change, message in (({"background_class": 7}, "key 'background_class' is 7 but the dataset has 4 classes"),
                             ({"ignore_index": 2}, "key 'ignore_index' 2 is a class id")):
@@ -188,7 +228,7 @@ def test_quick_keeps_every_stage_at_toy_size(demo_dir, tmp_path):
     assert config.image_size == 32 and config.segmenter.steps == 30 and config.segmenter.seeds == [0, 1]
     assert [v.name for v in config.variants] == [v["name"] for v in values["variants"]]
     assert config.sdm["train"]["max_steps"] == 12
-    assert all(g.sample["num_samples"] == 8 for g in config.generators.values())
+    assert all(g.sample["num_samples"] == 8 for g in config.generators.values() if g.labels == "raw")
 
 
 def test_without_background_class_the_no_bg_mean_is_the_mean_over_every_class():
