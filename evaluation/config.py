@@ -138,21 +138,27 @@ def _check(config: EvaluateConfig) -> None:
                           f"{config.synthetic_labels!r}")
     if config.background_class is not None and config.background_class < 0:
         raise ConfigError(f"key 'background_class' must be a class id >= 0 or null, got {config.background_class}")
-    if config.num_classes is not None and config.background_class is not None \
-            and config.background_class >= config.num_classes:
-        raise ConfigError(f"key 'background_class' is {config.background_class} but there are only "
-                          f"{config.num_classes} classes (ids 0..{config.num_classes - 1}); use null for none")
+    if config.num_classes is not None:
+        check_label_keys(config.background_class, config.ignore_index, config.num_classes)
     if config.ignore_index is not None:
         if not 0 <= config.ignore_index <= 255:
             raise ConfigError(f"key 'ignore_index' must be a label value in 0..255 or null, got {config.ignore_index}")
-        if config.num_classes is not None and config.ignore_index < config.num_classes:
-            raise ConfigError(f"key 'ignore_index' {config.ignore_index} is a class id (0..{config.num_classes - 1}); "
-                              "it must be a value no class uses, such as 255")
         if config.synthetic_labels == "filtered" and config.ignore_index != 255:
             raise ConfigError(f"key 'ignore_index' is {config.ignore_index} but filtered labels mark ignored pixels "
                               "with 255; use 255 or leave it null")
     if config.device != "auto" and config.device != "cpu" and not config.device.startswith("cuda"):
         raise ConfigError(f"key 'device' must be {_TYPES['device'][1]}, got {config.device!r}")
+
+
+def check_label_keys(background_class: int | None, ignore_index: int | None, num_classes: int) -> None:
+    """ConfigError when key background_class is no class id, or key ignore_index is one (checked once the number
+    of classes is known)."""
+    if background_class is not None and background_class >= num_classes:
+        raise ConfigError(f"key 'background_class' is {background_class} but the dataset has {num_classes} classes "
+                          f"(ids 0..{num_classes - 1}); use null when no class is background")
+    if ignore_index is not None and ignore_index < num_classes:
+        raise ConfigError(f"key 'ignore_index' {ignore_index} is a class id (0..{num_classes - 1}); use a value no "
+                          "class uses, such as 255")
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> EvaluateConfig:

@@ -33,7 +33,7 @@ from guided_diffusion.train import select_device
 
 from . import report
 from .alignment import label_alignment_score
-from .config import EvaluateConfig, canonical_architecture, config_to_dict
+from .config import EvaluateConfig, canonical_architecture, check_label_keys, config_to_dict
 from .fid import SKIPPED_NO_WEIGHTS, image_distance, inception_features, load_inception
 from .image_sets import (
     IGNORE_INDEX,
@@ -93,12 +93,7 @@ def prepare(config: EvaluateConfig, log: Callable[[str], None] = print) -> Input
     if needs_synthetic and not folders:
         raise ConfigError(f"key 'mixes': {', '.join(needs_synthetic)} use synthetic images but no sample folder "
                           "was given (key 'sample_dirs', option --samples)")
-    if config.background_class is not None and config.background_class >= num_classes:
-        raise ConfigError(f"key 'background_class' is {config.background_class} but there are only {num_classes} "
-                          f"classes (ids 0..{num_classes - 1}); use null for none")
-    if config.ignore_index is not None and config.ignore_index < num_classes:
-        raise ConfigError(f"key 'ignore_index' {config.ignore_index} is a class id (0..{num_classes - 1}); use a "
-                          "value no class uses, such as 255")
+    check_label_keys(config.background_class, config.ignore_index, num_classes)
     index = index_dataset(config.data_dir, mode, num_classes, require_test=True, ignore_value=config.ignore_index)
     num_synthetic = sum(len(folder.pairs) for folder in folders)
     if config.label_alignment and folders and not any(mix.is_all_real_only for mix in mixes):

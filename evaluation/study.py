@@ -43,6 +43,7 @@ from guided_diffusion.data import Pair, index_dataset, split_train_val
 from guided_diffusion.errors import ConfigError, exit_status
 from guided_diffusion.results import write_json
 
+from .config import check_label_keys
 from .image_sets import (IGNORE_INDEX, ImageSet, class_names, index_sample_folder, infer_num_classes,
                          load_pairs, load_sample_folder)
 from .metrics import segmentation_metrics
@@ -387,12 +388,7 @@ def resolve_num_classes(config: StudyConfig) -> int:
 def check_study(config: StudyConfig, num_classes: int) -> None:
     """Checks that need the dataset: class ids of background_class / ignore_index, and every SDM and sample config
     (built here once, so a bad key stops the study before any work)."""
-    if config.background_class is not None and config.background_class >= num_classes:
-        raise ConfigError(f"key 'background_class' is {config.background_class} but the dataset has {num_classes} "
-                          f"classes (ids 0..{num_classes - 1}); use null when no class is background")
-    if config.ignore_index is not None and config.ignore_index < num_classes:
-        raise ConfigError(f"key 'ignore_index' {config.ignore_index} is a class id (0..{num_classes - 1}); use a "
-                          "value no class uses, such as 255")
+    check_label_keys(config.background_class, config.ignore_index, num_classes)
     common = {"data_dir": config.data_dir, "dataset_mode": config.dataset_mode, "num_classes": num_classes,
               "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device}
     model = config.sdm.get("model", {})

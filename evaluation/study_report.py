@@ -94,6 +94,7 @@ def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             record["paired_seeds"] = len(paired)
             for name in study.class_names:
                 record[f"iou_{name}"] = float(np.nanmean([cell[s][f"iou_{name}"] for s in seeds]))
+            record["selected_steps"] = [cell[s].get("selected_step") for s in seeds]
             records.append(record)
     return records
 
@@ -278,13 +279,15 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         "## mIoU on the real test split",
         "",
         "diff = mean over seeds of (variant − real-only) with the same seed, in mIoU points without background, "
-        "with its 95 % Student-t interval. A variant helps when the whole interval is above 0.",
+        "with its 95 % Student-t interval. A variant helps when the whole interval is above 0. 'steps kept': the "
+        f"training step whose weights each seed kept (best on the validation split); {protocol.steps} everywhere "
+        "means the segmenters were still improving when training stopped.",
         "",
     ]
     lines += ["Verdict (a variant helps or hurts when its whole 95 % interval is above or below 0):", ""]
     lines += verdict_lines(records) + [""]
     header = ["real", "variant", "generator", "real imgs", "synthetic imgs", "mIoU w/o bg", "mIoU", "diff (points)",
-              "95 % interval", "verdict"]
+              "95 % interval", "verdict", "steps kept"]
     body = []
     for r in records:
         interval = "–" if math.isnan(r["ci_low"]) or r["is_baseline"] else \
@@ -292,7 +295,8 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         body.append([f"{100 * r['real_fraction']:.0f} %", r["variant"], r["generator"], r["real_images"],
                      r["synthetic_images"], f"{_fmt(r['miou_no_bg'])} ± {_fmt(r['miou_no_bg_std'])}",
                      f"{_fmt(r['miou'])} ± {_fmt(r['miou_std'])}",
-                     "baseline" if r["is_baseline"] else _points(r["diff"]), interval, verdict(r)])
+                     "baseline" if r["is_baseline"] else _points(r["diff"]), interval, verdict(r),
+                     " ".join(str(step) for step in r["selected_steps"])])
     lines += [markdown_table(header, body), "", "![paired differences](paired_differences.png)", "",
               "## Per-class IoU (mean over seeds)", ""]
     lines += [markdown_table(["real", "variant"] + study.class_names,
