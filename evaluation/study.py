@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from guided_diffusion.config import config_from_dict, config_to_dict
+from guided_diffusion.config import config_from_dict
 from guided_diffusion.data import Pair, index_dataset, split_train_val
 from guided_diffusion.errors import ConfigError, exit_status
 from guided_diffusion.results import write_json
@@ -62,18 +62,6 @@ def fingerprint(*parts: Any) -> str:
 def fraction_tag(fraction: float) -> str:
     """'r025' for 0.25, 'r100' for 1.0 (folder and table names)."""
     return f"r{round(fraction * 100):03d}"
-
-
-def bf16_supported(device_type: str) -> bool:
-    """Whether bf16 autocast runs natively here: CUDA with bf16, or a CPU with AVX-512 BF16 / AMX."""
-    import torch
-
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 class Ledger:
@@ -410,7 +398,7 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
 
 def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", log: Callable[[str], None] = print,
               progress: bool = True) -> Path:
-    from guided_diffusion.train import select_device
+    from guided_diffusion.train import bf16_autocast, select_device
 
     from .study_report import write_report
 
@@ -420,8 +408,8 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
     names = class_names(config.data_dir, num_classes)
     device = select_device(config.device)
     wanted = config.segmenter.precision
-    bf16 = wanted == "bf16" or (wanted == "auto" and bf16_supported(device.type))
-    if wanted == "bf16" and not bf16_supported(device.type):
+    bf16 = bf16_autocast(wanted, device)  # the SDM's rule: "auto" = bf16 where it is native (measured faster)
+    if wanted == "bf16" and not bf16:
         raise ConfigError(f"key 'segmenter.precision' is bf16 but this {device.type} has no native bf16; use auto")
     split = make_split(config, num_classes)  # the dataset is checked whole here, before anything is written
     check_backgrounds_exist(config, split)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guided_diffusion.config import did_you_mean, parse_override
+from guided_diffusion.config import did_you_mean, parse_override, refuse_unknown_sub_keys
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError
 
@@ -129,10 +129,15 @@ _SDM_KEYS = ("model", "train", "finetune")
 
 
 def _refuse_unknown(values: dict[str, Any], names: tuple[str, ...] | list[str], where: str) -> None:
-    for key in values:
-        if not str(key).startswith(("_", "#")) and key not in names:
-            place = f"key '{where}.{key}'" if where else f"key '{key}'"
-            raise ConfigError(f"{place} is unknown{did_you_mean(key, list(names))}")
+    """ConfigError for the first key that is not one of `names` (comment keys '_...' and '#...' pass); a nested
+    object (`where` set) gets the message of every other nested object of the configs."""
+    keys = {key: value for key, value in values.items() if not str(key).startswith(("_", "#"))}
+    if where:
+        refuse_unknown_sub_keys(keys, list(names), where)
+        return
+    for key in keys:
+        if key not in names:
+            raise ConfigError(f"key '{key}' is unknown{did_you_mean(key, list(names))}")
 
 
 def _number(value: Any) -> bool:

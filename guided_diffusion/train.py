@@ -84,7 +84,7 @@ def cpu_bf16_support() -> str:
 
 
 def bf16_autocast(precision: str, device: torch.device) -> bool:
-    """Whether key `precision` ("fp32", "bf16", "auto"; `use_fp16: true` is "bf16") runs the model under bf16
+    """Whether key `precision` ("fp32", "bf16", "auto"; `use_fp16: true` is "auto") runs the model under bf16
     torch.autocast on `device` (the UNet's GroupNorms and the loss, against fp32 noise, stay fp32).
 
     "bf16": on CUDA, and on a CPU with bf16 support (native or emulated); else fp32. "auto": bf16 where it was
