@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.data import Pair, index_dataset, split_train_val
@@ -47,7 +48,7 @@ from .config import check_label_keys
 from .image_sets import (IGNORE_INDEX, ImageSet, class_names, index_sample_folder, infer_num_classes,
                          load_pairs, load_sample_folder)
 from .metrics import segmentation_metrics
-from .segmenter import SegmenterSpec, Selection, TrainSettings, predict, train_segmenter
+from .segmenter import SegmenterSpec, Selection, TrainSettings, build_segmenter, predict, train_segmenter
 from .study_config import StudyConfig, Variant, load_study
 
 PROG = "evaluation/experiment.sh"
@@ -110,11 +111,15 @@ class Study:
     bf16: bool
     log: Callable[[str], None]
     progress: bool = True
+    report_only: bool = False  # run nothing: report what the ledger holds
+    used: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # the units this run reads or runs
 
-    def unit(self, kind: str, key: str, what: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run `work` unless the ledger holds (kind, key); record its result and time."""
+    def unit(self, kind: str, key: str, what: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+        """Run `work` unless the ledger holds (kind, key); record its result and time. With `report_only`, a
+        unit not in the ledger is not run and gives None."""
+        self.used.add((kind, key))
         done = self.ledger.get(kind, key)
-        if done is not None:
+        if done is not None or self.report_only:
             return done
         self.log(f"[{kind}] {what}")
         started = time.perf_counter()
@@ -188,8 +193,9 @@ def _common_keys(study: Study, data_dir: Path) -> dict[str, Any]:
             "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device}
 
 
-def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: str) -> Path:
-    """Train (and finetune) the SDM on the subset; returns the run folder to sample from."""
+def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: str) -> Path | None:
+    """Train (and finetune) the SDM on the subset; returns the run folder to sample from (None: not trained yet
+    in a report-only run)."""
     sdm = study.config.sdm
     common = {**_common_keys(study, data_dir), **sdm.get("model", {})}
     train_values = {**common, **sdm["train"]}
@@ -211,16 +217,18 @@ def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: s
 
     trained = study.unit("sdm-train", key, f"training the SDM on {len(list((data_dir / 'train/images').iterdir()))} "
                                            f"images ({fraction_tag(fraction)})", lambda: train("train", train_values))
+    if trained is None:
+        return None
     if sdm.get("finetune") is None:
         return Path(trained["run_dir"])
     finetune_values = {**common, **sdm["finetune"], "resume_checkpoint": trained["run_dir"]}
     key = fingerprint("sdm-finetune", finetune_values, subset_key)
     tuned = study.unit("sdm-finetune", key, f"finetuning the SDM with null labels ({fraction_tag(fraction)})",
                        lambda: train("finetune", finetune_values))
-    return Path(tuned["run_dir"])
+    return None if tuned is None else Path(tuned["run_dir"])
 
 
-def filter_generated(study: Study, name: str, source: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+def filter_generated(study: Study, name: str, source: dict[str, Any], data_dir: Path) -> dict[str, Any] | None:
     """FreeMask-filter the images of a generator's source run: a scorer trained on the subset's real images
     (cached under scorers/) marks the synthetic pixels it finds implausible as ignored (labels_filtered/)."""
     from .freemask import FILTER_REPORT, FilterSettings, ScorerSettings, filter_folders
@@ -256,14 +264,18 @@ def filter_generated(study: Study, name: str, source: dict[str, Any], data_dir: 
 
 
 def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir: Path | None,
-             subset_key: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+             subset_key: str, done: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """Sample one generator's pairs for a fraction (or filter its source's, already in `done`); returns its
-    ledger entry (run_dir, images, seconds)."""
+    ledger entry (run_dir, images, seconds), or None in a report-only run when it (or what it needs) is not
+    done yet."""
     from guided_diffusion.sample import run_sampling
 
     generator = study.config.generators[name]
     if generator.labels == "filtered":
-        return filter_generated(study, name, done[generator.source], data_dir)
+        source = done.get(generator.source)
+        return None if source is None else filter_generated(study, name, source, data_dir)
+    if generator.kind == "sdm" and model_dir is None:
+        return None  # report-only, the SDM not trained yet
     values = {**_common_keys(study, data_dir), **study.config.sdm.get("model", {}), "seed": study.config.seed,
               **generator.sample}
     if generator.kind == "paste":
@@ -339,8 +351,29 @@ def _training_set(variant: Variant, real: ImageSet, synthetic: dict[str, ImageSe
             len(real) if variant.real else 0, num_fake)
 
 
+def weights_path(study: Study, key: str) -> Path:
+    """Where a real-only segmenter's weights are kept (label alignment of generators added later reads them)."""
+    return study.root / "segmenters" / f"{key}.pt"
+
+
 def train_and_score(study: Study, fraction: float, variant: Variant, seed: int, real: ImageSet,
                     synthetic: dict[str, ImageSet], val: ImageSet, test: ImageSet, key: str) -> dict[str, Any]:
+    """Train one segmenter of a variant and seed, keep the best validation check, score it on test. A
+    real-only segmenter's weights are saved for label alignment."""
+    model, row = _train(study, fraction, variant, seed, real, synthetic, val)
+    metrics = _metrics(study, model, test.images, test.masks)
+    if variant.is_baseline:
+        path = weights_path(study, key)
+        path.parent.mkdir(exist_ok=True)
+        torch.save(model.state_dict(), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    study.log(f"  {fraction_tag(fraction)} {variant.name} seed {seed}: test mIoU {metrics.miou:.4f}, without "
+              f"background {metrics.miou_no_bg:.4f} (step {row['selected_step']} chosen on val)")
+    return {**row, **metrics.row(study.class_names)}
+
+
+def _train(study: Study, fraction: float, variant: Variant, seed: int, real: ImageSet,
+           synthetic: dict[str, ImageSet], val: ImageSet) -> tuple[Any, dict[str, Any]]:
     images, masks, num_real, num_fake = _training_set(variant, real, synthetic, seed)
     protocol = study.config.segmenter
     spec = SegmenterSpec(protocol.architecture, study.num_classes, protocol.encoder)
@@ -353,16 +386,25 @@ def train_and_score(study: Study, fraction: float, variant: Variant, seed: int, 
     model, final_loss = train_segmenter(images, masks, spec, _settings(study, variant, seed), study.device,
                                         desc=f"{fraction_tag(fraction)} {variant.name} seed {seed}",
                                         progress=study.progress, validate=validate, selection=selection)
-    metrics = _metrics(study, model, test.images, test.masks)
-    row = {"fraction": fraction, "variant": variant.name, "seed": seed, "real_images": num_real,
-           "synthetic_images": num_fake, "selected_step": selection.best_step,
-           "val_miou_no_bg": selection.best_score, "final_loss": final_loss,
-           **metrics.row(study.class_names)}
-    if variant.is_baseline:  # label alignment: the real-only segmenter reads each generator's images
-        row["alignment"] = {name: _metrics(study, model, s.images, s.masks).scalars() for name, s in synthetic.items()}
-    study.log(f"  {fraction_tag(fraction)} {variant.name} seed {seed}: test mIoU {metrics.miou:.4f}, without "
-              f"background {metrics.miou_no_bg:.4f} (step {selection.best_step} chosen on val)")
-    return row
+    return model, {"fraction": fraction, "variant": variant.name, "seed": seed, "real_images": num_real,
+                   "synthetic_images": num_fake, "selected_step": selection.best_step,
+                   "val_miou_no_bg": selection.best_score, "final_loss": final_loss}
+
+
+def align(study: Study, fraction: float, variant: Variant, seed: int, real: ImageSet, val: ImageSet,
+          key: str, generated: ImageSet) -> dict[str, Any]:
+    """Label alignment of one generator: the real-only segmenter (weights saved by its unit, or trained again,
+    which is deterministic, when they are gone) segments the generator's images against their masks."""
+    path = weights_path(study, key)
+    if path.is_file():
+        protocol = study.config.segmenter
+        model = build_segmenter(SegmenterSpec(protocol.architecture, study.num_classes, protocol.encoder))
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.to(study.device).eval()
+    else:
+        study.log(f"  {path} is gone: training the real-only segmenter of seed {seed} again")
+        model, _ = _train(study, fraction, variant, seed, real, {}, val)
+    return _metrics(study, model, generated.images, generated.masks).scalars()
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -397,7 +439,8 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
 
 
 def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", log: Callable[[str], None] = print,
-              progress: bool = True) -> Path:
+              progress: bool = True, report_only: bool = False) -> Path:
+    """Run the study (or, with `report_only`, run nothing and report the units the ledger holds)."""
     from guided_diffusion.train import bf16_autocast, select_device
 
     from .study_report import write_report
@@ -415,10 +458,13 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
     check_backgrounds_exist(config, split)
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    study = Study(config, root, num_classes, names, Ledger(root / "ledger.jsonl"), device, bf16, log, progress)
+    study = Study(config, root, num_classes, names, Ledger(root / "ledger.jsonl"), device, bf16, log, progress,
+                  report_only)
     done = len(study.ledger.entries)
-    log(f"study folder: {root} ({f'resuming: {done} units done' if done else 'new'})")
-    write_json(root / f"config{'_quick' if config.quick else ''}.json", {**values, "_command": command})
+    log(f"study folder: {root} ({f'resuming: {done} units done' if done else 'new'})"
+        + ("; report only: nothing is run" if report_only else ""))
+    if not report_only:
+        write_json(root / f"config{'_quick' if config.quick else ''}.json", {**values, "_command": command})
     write_json(root / "split.json", {"val": [p.stem for p in split.val],
                                      **{fraction_tag(f): [p.stem for p in s] for f, s in split.subsets.items()}})
     log(f"real data: {sum(len(s) for s in [split.val])} validation, "
@@ -429,7 +475,9 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
     test = load_pairs(split.test, config.dataset_mode, config.image_size, config.resize_mode, "test")
     load_seconds = time.perf_counter() - loaded_at
 
-    protocol_key = fingerprint(dataclasses.asdict(config.segmenter), config.image_size, config.resize_mode,
+    # the seed list is left out (each unit's key has its seed): adding a seed redoes nothing else
+    protocol = {k: v for k, v in dataclasses.asdict(config.segmenter).items() if k != "seeds"}
+    protocol_key = fingerprint(protocol, config.image_size, config.resize_mode,
                                config.val_fraction, config.seed, config.background_class, config.ignore_index,
                                [p.stem for p in split.val], [p.stem for p in split.test])
     rows: list[dict[str, Any]] = []
@@ -447,19 +495,34 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
         for name in needed:  # sources of filtered generators come first
             runs[name] = generate(study, fraction, name, data_dir,
                                   model_dir if config.generators[name].kind == "sdm" else None, subset_key, runs)
+        runs = {name: run for name, run in runs.items() if run is not None}  # None: report-only, not done
         for name, run in runs.items():
             generator_runs[f"{tag}/{name}"] = run
         real = load_pairs(pairs, config.dataset_mode, config.image_size, config.resize_mode, tag)
         synthetic = {name: load_generated(study, name, run["run_dir"]) for name, run in runs.items()}
         variants = sorted(config.variants_at(fraction), key=lambda v: not v.is_baseline)  # baseline first
         for variant in variants:
+            if any(name not in runs for name in variant.synthetic):
+                continue  # report-only: its data is not generated yet
             sources = {name: runs[name]["fingerprint"] for name in variant.synthetic}
             for seed in config.segmenter.seeds:
-                key = fingerprint("segmenter", protocol_key, subset_key, dataclasses.asdict(variant), sources, seed,
-                                  sorted(runs[n]["fingerprint"] for n in runs) if variant.is_baseline else None)
-                needs = {n: synthetic[n] for n in variant.synthetic} if not variant.is_baseline else synthetic
+                key = fingerprint("segmenter", protocol_key, subset_key, dataclasses.asdict(variant), sources, seed)
+                needs = {n: synthetic[n] for n in variant.synthetic}
                 row = study.unit("segmenter", key, f"segmenter {tag} {variant.name} seed {seed}",
                                  lambda: train_and_score(study, fraction, variant, seed, real, needs, val, test, key))
+                if row is None:
+                    continue
+                if variant.is_baseline:  # label alignment, a unit per generator: adding one redoes nothing else
+                    aligned = {}
+                    for name, run in runs.items():
+                        done = study.unit("alignment", fingerprint("alignment", key, run["fingerprint"]),
+                                          f"label alignment of {name} ({tag}, seed {seed})",
+                                          lambda: align(study, fraction, variant, seed, real, val, key,
+                                                        synthetic[name]))
+                        if done is not None:
+                            aligned[name] = {k: v for k, v in done.items() if k not in ("kind", "fingerprint",
+                                                                                          "seconds")}
+                    row = {**row, "alignment": aligned}
                 rows.append(row)
         del real, synthetic
     seconds = time.perf_counter() - started
@@ -486,6 +549,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key (value read as JSON; dots reach into objects, e.g. segmenter.steps=500)")
     parser.add_argument("--dry-run", action="store_true", help="check the config, print it resolved and exit")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write report.md and summary.json from the units finished so far")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
     return parser.parse_args(argv)
 
@@ -503,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
             check_study(config, resolve_num_classes(config))
             print(json.dumps(dataclasses.asdict(config), indent=2, default=str))
             return
-        run_study(config, values, shlex.join([PROG, *argv]), progress=not args.no_progress)
+        run_study(config, values, shlex.join([PROG, *argv]), progress=not args.no_progress,
+                  report_only=args.report_only)
 
     return exit_status(action)
 

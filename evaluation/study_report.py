@@ -237,9 +237,11 @@ def _plot_generator_curves(path: Path, study: Study) -> bool:
 
 
 def _stage_times(study: Study) -> dict[str, float]:
+    """Seconds per kind of unit, over the units this report uses (superseded ones left out)."""
     totals: dict[str, float] = defaultdict(float)
-    for (kind, _), entry in study.ledger.entries.items():
-        totals[kind] += entry.get("seconds", 0.0)
+    for (kind, key), entry in study.ledger.entries.items():
+        if (kind, key) in study.used:
+            totals[kind] += entry.get("seconds", 0.0)
     return dict(totals)
 
 
@@ -319,7 +321,7 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
               markdown_table(["stage", "minutes"], [[kind, f"{value / 60:.1f}"] for kind, value in times.items()]
                              + [["loading real data (this run)", f"{load_seconds / 60:.1f}"],
                                 ["this invocation", f"{seconds / 60:.1f}"]]), "",
-              "Stage times add up every invocation of the study (a resumed study counts its earlier work).", ""]
+              "Stage times add up the units this report uses, over every invocation of the study (a resumed study counts its earlier work; superseded units are left out).", ""]
     (root / "report.md").write_text("\n".join(lines), encoding="utf-8")
     write_json(root / "summary.json", {
         "dataset": config.data_dir, "quick": config.quick, "command": command, "image_size": config.image_size,

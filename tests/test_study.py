@@ -86,7 +86,7 @@ def test_study_writes_report_summary_and_every_variant(finished_study):
         assert (root / picture).is_file(), picture
     alignment = {(a["real_fraction"], a["generator"]) for a in summary["label_alignment"]}
     assert alignment == {(0.5, "paste"), (0.5, "sdm"), (0.5, "sdm_inpaint"), (0.5, "sdm_filtered"), (1.0, "paste")}
-    assert set(summary["stage_seconds"]) == {"sdm-train", "sdm-finetune", "sample", "filter", "segmenter"}
+    assert set(summary["stage_seconds"]) == {"sdm-train", "sdm-finetune", "sample", "filter", "segmenter", "alignment"}
 
 
 def test_a_filtered_generator_trains_on_the_filtered_labels_of_its_source(finished_study):
@@ -122,8 +122,54 @@ def test_study_resume_redoes_nothing_and_a_change_redoes_only_what_it_touches(fi
     changed = {**values, "segmenter": {**values["segmenter"], "steps": 2}}
     run_study(study_from_dict(changed, "test"), changed, log=lambda *_: None, progress=False)
     added = [json.loads(line)["kind"] for line in (root / "ledger.jsonl").read_text().splitlines()[len(before):]]
-    # the scorer of the filter trains with the segmenter protocol: the filter is redone too, in its own folder
-    assert sorted(added) == ["filter"] + ["segmenter"] * (10 * 2)
+    # the scorer of the filter trains with the segmenter protocol: the filter is redone too, in its own folder;
+    # each real-only segmenter is new, so is its alignment with each generator (4 at 50 %, paste at 100 %)
+    assert sorted(added) == ["alignment"] * (2 * 5) + ["filter"] + ["segmenter"] * (10 * 2)
+
+
+def test_adding_a_seed_or_a_generator_redoes_nothing_already_done(demo_dir, tmp_path):
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
+    values["generators"] = {"paste": values["generators"]["paste"]}
+    root = tmp_path / "study"
+    run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False)
+    before = (root / "ledger.jsonl").read_text().splitlines()
+    more = {**values, "segmenter": {**values["segmenter"], "seeds": [*values["segmenter"]["seeds"], 7]},
+            "generators": {**values["generators"], "paste2": {**values["generators"]["paste"], "sample": {
+                **values["generators"]["paste"]["sample"], "mask_flip": False}}},
+            "variants": [*values["variants"], {"name": "paste2", "synthetic": ["paste2"]}]}
+    run_study(study_from_dict(more, "test"), more, log=lambda *_: None, progress=False)
+    lines = (root / "ledger.jsonl").read_text().splitlines()
+    assert lines[:len(before)] == before
+    added = sorted(json.loads(line)["kind"] for line in lines[len(before):])
+    # seed 7: real, paste, paste2 and the alignment of its real-only model with both generators; seeds 0 and 1:
+    # paste2 and its alignment only; paste2's own sampling once
+    assert added == ["alignment"] * (2 + 2) + ["sample"] + ["segmenter"] * (3 + 2)
+    summary = json.loads((root / "summary.json").read_text())
+    alignment = {a["generator"]: a["seeds"] for a in summary["label_alignment"]}
+    assert alignment == {"paste": 3, "paste2": 3}
+
+
+def test_report_only_runs_nothing_and_reports_the_finished_units(demo_dir, tmp_path):
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
+    values["generators"] = {"paste": values["generators"]["paste"]}
+    root = tmp_path / "study"
+    config = study_from_dict(values, "test")
+    run_study(config, values, log=lambda *_: None, progress=False, report_only=True)
+    assert not (root / "ledger.jsonl").exists()
+    assert json.loads((root / "summary.json").read_text())["variants"] == []
+
+    def stop_at_the_paste_segmenters(message: str) -> None:
+        if message.startswith("[segmenter]") and "paste" in message:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, values, log=stop_at_the_paste_segmenters, progress=False)
+    before = (root / "ledger.jsonl").read_text()
+    run_study(config, values, log=lambda *_: None, progress=False, report_only=True)
+    assert (root / "ledger.jsonl").read_text() == before
+    summary = json.loads((root / "summary.json").read_text())
+    assert [(v["variant"], v["seeds"]) for v in summary["variants"]] == [("real", 2)]
 
 
 def test_a_killed_study_resumes_after_its_last_finished_unit(demo_dir, tmp_path):
@@ -139,7 +185,7 @@ def test_a_killed_study_resumes_after_its_last_finished_unit(demo_dir, tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run_study(config, values, log=stop_after_first_segmenter, progress=False)
     kinds = [json.loads(line)["kind"] for line in (tmp_path / "study" / "ledger.jsonl").read_text().splitlines()]
-    assert kinds == ["sample", "segmenter"]
+    assert kinds == ["sample", "segmenter", "alignment"]
     messages = []
     run_study(config, values, log=messages.append, progress=False)
     assert sum(m.startswith("[segmenter]") for m in messages) == 3  # 4 units, 1 done before the kill
