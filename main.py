@@ -1,4 +1,5 @@
-"""Single entry point: `python main.py train|finetune|sample|export|import -c configs/config_<action>.json`.
+"""Single entry point: `python main.py train|finetune|sample|export|import -c configs/config_<action>.json`;
+`python main.py keys [action]` prints the config keys (the tables of docs/configuration.md).
 
 Thin on purpose: parse the action and config, make a fresh run folder, call one stage. A mistake in the user's
 input (config, dataset, checkpoint) prints one line and exits with status 2.
@@ -13,12 +14,21 @@ import sys
 from guided_diffusion.config import ACTIONS, config_to_dict, load_config
 from guided_diffusion.distributed import REQUEUE_EXIT_STATUS, current_world, ignore_stop_signals, process_group
 from guided_diffusion.errors import exit_status
+from guided_diffusion.keys import keys_text
 
 DEFAULT_CONFIGS = {action: f"configs/config_{action}.json" for action in ACTIONS}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Semantic Diffusion Model: train, finetune, sample.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["keys"]:
+        keys = argparse.ArgumentParser(prog="main.py keys", description="Print the config keys (default, ISDM name, "
+                                       "meaning) as Markdown: one action's table, or without an action the whole "
+                                       "docs/configuration.md page.")
+        keys.add_argument("action", nargs="?", choices=ACTIONS)
+        return argparse.Namespace(command="keys", **vars(keys.parse_args(argv[1:])))
+    parser = argparse.ArgumentParser(description="Semantic Diffusion Model: train, finetune, sample.",
+                                     epilog="python main.py keys [action]: the config keys of an action (or all)")
     parser.add_argument("action", choices=ACTIONS)
     parser.add_argument("-c", "--config", help="JSON config (default: configs/config_<action>.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -26,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and exit (sample with balance_args or hardness_args: also "
                              "choose the masks and write the reports into a new run folder, without sampling)")
-    return parser.parse_args(argv)
+    return argparse.Namespace(command="run", **vars(parser.parse_args(argv)))
 
 
 def run(args: argparse.Namespace) -> int | None:
@@ -65,6 +75,9 @@ def run(args: argparse.Namespace) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "keys":
+        sys.stdout.write(keys_text(args.action))
+        return 0
 
     def action() -> int | None:
         with process_group():  # torchrun / srun / mpirun: one process group around the action; one process: none

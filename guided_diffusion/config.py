@@ -1,7 +1,10 @@
 """Typed, strict configs: one dataclass per action, loaded from ISDM-style flat JSON files.
 
-Keys keep ISDM's (and guided-diffusion's) names. Every default lives here. A key that is unknown, of the wrong
-type or out of range raises a one-line `ConfigError` naming the file and the key.
+Keys keep ISDM's (and guided-diffusion's) names. Every key is written once, as a field made by `option`: its
+default, its meaning and its ISDM/SDM name; `python main.py keys` and docs/configuration.md are generated from the
+fields (guided_diffusion/keys.py). A key that is unknown, of the wrong type or out of range raises a one-line
+`ConfigError` naming the file and the key. A key of another of ISDM's actions (train, finetune, sample share one
+flat key set there) and an ISDM/SDM key without effect here are accepted and reported in one note line.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ IGNORED_LEGACY_KEYS = {
     "results_path": "outputs go to a fresh run folder under root_log_dir",
     "log_dir": "outputs go to a fresh run folder under root_log_dir",
 }
-ALIASES = {"weights_decay": "weight_decay"}
 MODEL_KEYS = ("image_size", "num_classes", "num_channels", "num_res_blocks", "channel_mult",
               "attention_resolutions", "num_heads", "num_head_channels", "num_heads_upsample", "resblock_updown",
               "use_scale_shift_norm", "learn_sigma", "dropout", "use_new_attention_order", "noise_schedule",
@@ -58,45 +60,70 @@ def default_channel_mult(image_size: int) -> tuple[float, ...]:
     return (1, 2, 2) if image_size <= 32 else (1, 2, 2, 4)
 
 
+SAME = "same"  # ISDM/SDM use the same key name
+NO_ISDM = "—"  # ISDM/SDM have no such key
+
+
+def option(default: Any = dataclasses.MISSING, doc: str = "", isdm: str = NO_ISDM, *,
+           factory: Any = dataclasses.MISSING, alias: str = "") -> Any:
+    """A config key: its default, its meaning (`doc`), its ISDM/SDM name (`isdm`: SAME, NO_ISDM or a note) and an
+    accepted alternative spelling (`alias`). The one place each is written: `python main.py keys` and
+    docs/configuration.md are generated from these fields, and the loader takes the aliases from them."""
+    if not doc:
+        raise TypeError("a config key needs its doc")
+    return dataclasses.field(default=default, default_factory=factory,
+                             metadata={"doc": doc, "isdm": isdm, "alias": alias})
+
+
 @dataclass
 class CommonConfig:
     """Keys shared by every action: data, model shape, diffusion, run folder."""
 
-    data_dir: str = ""
-    dataset_mode: str = "multi-class"
-    num_classes: int | None = None
-    image_size: int = 256
-    resize_mode: Literal["resize", "crop"] = "resize"
-    val_fraction: float = 0.2
-    seed: int = 0
-    batch_size: int = 8
-    device: str = "auto"
-    root_log_dir: str = "Results"
+    data_dir: str = option("", "dataset folder with `train/` and `test/` (required)", SAME)
+    dataset_mode: str = option("multi-class", "`multi-class` or `binary` (masks of 0/255); ISDM's names are accepted",
+                               "same; values `lemon-multi-class`, `lemon-binary`")
+    num_classes: int | None = option(None, "classes incl. background; required for training (sample: taken from "
+                                           "the checkpoint)", SAME)
+    image_size: int = option(256, "side of the square images the model works at", SAME)
+    resize_mode: Literal["resize", "crop"] = option("resize", "`resize` (stretch) or `crop` (short side + centre crop)")
+    val_fraction: float = option(0.2, "share of train/ held out (unseen masks for sampling)", "— (fixed 80/20)")
+    seed: int = option(0, "data split, batch order, noise, per-image sample seeds", "— (`main.py -s`)")
+    batch_size: int = option(8, "images per step / per sampling batch", SAME)
+    device: str = option("auto", "`auto`, `cpu`, `cuda`, `cuda:N`")
+    root_log_dir: str = option("Results", "where the run folders `<action>_NNN/` are made", SAME)
     # model (names as in guided-diffusion / SDM / ISDM)
-    num_channels: int = 256
-    num_res_blocks: int = 2
-    channel_mult: str | list[float] = ""
-    attention_resolutions: str | list[int] = "32,16,8"
-    num_heads: int = 1
-    num_head_channels: int = 64
-    num_heads_upsample: int = -1
-    resblock_updown: bool = True
-    use_scale_shift_norm: bool = True
-    learn_sigma: bool = True
-    dropout: float = 0.0
-    use_checkpoint: bool = False
-    use_fp16: bool = False  # ISDM's spelling of precision "auto" (bf16 where it is native and faster)
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"  # bf16 autocast; see train.bf16_autocast
-    use_new_attention_order: bool = False
-    # 1 = grayscale, 3 = RGB; "auto": training takes 1 when every train/ image is grayscale, else 3, and stores the
-    # number in config.json and the checkpoint; sampling takes the checkpoint's (3 when it records none: ISDM/SDM)
-    image_channels: Literal["auto", 1, 3] = "auto"
-    no_instance: bool = True
-    class_cond: bool = True
+    num_channels: int = option(256, "UNet base channels (a multiple of 32)", SAME)
+    num_res_blocks: int = option(2, "residual blocks per UNet level", SAME)
+    channel_mult: str | list[float] = option(
+        "", "channel multiplier per UNet level, `\"1,2,2\"` or `[1, 2, 2]`; `\"\"` = guided-diffusion's default for "
+            "`image_size`", SAME)
+    attention_resolutions: str | list[int] = option("32,16,8", "resolutions (image_size / 2^k) with self-attention, "
+                                                               "`\"32,16,8\"` or `[32, 16, 8]`", SAME)
+    num_heads: int = option(1, "attention heads (when `num_head_channels` is -1)", SAME)
+    num_head_channels: int = option(64, "channels per attention head (-1 = use `num_heads`)", SAME)
+    num_heads_upsample: int = option(-1, "attention heads in the decoder (-1 = `num_heads`)", SAME)
+    resblock_updown: bool = option(True, "residual blocks for up- and downsampling", SAME)
+    use_scale_shift_norm: bool = option(True, "the timestep embedding scales and shifts the normalised features", SAME)
+    learn_sigma: bool = option(True, "the model also predicts the variance (the VB term of the hybrid loss)", SAME)
+    dropout: float = option(0.0, "dropout in the residual blocks", SAME)
+    use_checkpoint: bool = option(False, "gradient checkpointing (less memory, slower)", SAME)
+    use_fp16: bool = option(False, "ISDM's spelling of `precision: \"auto\"` (bf16 autocast where native, no fp16 "
+                                   "loss scaler)", "same (fp16 + loss scaler there)")
+    precision: Literal["fp32", "bf16", "auto"] = option(
+        "fp32", "`fp32`; `bf16` (bf16 autocast on CUDA, and on a CPU with bf16 support); `auto` (bf16 where it is "
+                "native and faster: bf16 GPUs and CPUs with bf16 instructions, else fp32)")
+    use_new_attention_order: bool = option(False, "guided-diffusion's newer attention (split qkv before the heads)",
+                                           SAME)
+    image_channels: Literal["auto", 1, 3] = option(
+        "auto", "`1` (grayscale: 8-bit grey pngs), `3` (RGB) or `auto`: training takes 1 when every train/ image is "
+                "grey, else 3, and stores the number in `config.json` and the checkpoint; sampling takes the "
+                "checkpoint's (3 when it records none, as ISDM/SDM files)", "— (3)")
+    no_instance: bool = option(True, "must be true: instance edge maps are not supported", SAME)
+    class_cond: bool = option(True, "must be true: the model is always conditioned on the mask", SAME)
     # diffusion
-    noise_schedule: Literal["linear", "cosine"] = "linear"
-    diffusion_steps: int = 1000
-    rescale_timesteps: bool = True
+    noise_schedule: Literal["linear", "cosine"] = option("linear", "`linear` or `cosine` beta schedule", SAME)
+    diffusion_steps: int = option(1000, "steps of the model's diffusion process", SAME)
+    rescale_timesteps: bool = option(True, "feed the model timesteps scaled to its 1000-step range", SAME)
 
     def unet_spec(self) -> UNetSpec:
         mult = (parse_number_list(self.channel_mult, "channel_mult", float) if self.channel_mult
@@ -171,28 +198,36 @@ class CommonConfig:
 class TrainConfig(CommonConfig):
     """`main.py train`: epoch-based training; the best epoch (lowest mean loss) is kept."""
 
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    ema_rate: float = 0.9999
-    ema_warmup: bool = True
-    max_epochs: int = 100
-    max_steps: int = 0
-    patience: int = 0
-    patience_unit: Literal["epochs", "steps"] = "epochs"
-    save_interval: int = 1000
-    log_interval: int = 10
-    resume_checkpoint: str = ""
-    auto_resume: bool = False
-    drop_rate: float = 0.0
-    random_flip: bool = True
-    lr_anneal_steps: int = 0
-    microbatch: int = -1
-    compile: bool = False
+    lr: float = option(1e-4, "AdamW learning rate", SAME)
+    weight_decay: float = option(0.0, "AdamW weight decay", "`weights_decay` (accepted) or `weight_decay`",
+                                 alias="weights_decay")
+    ema_rate: float = option(0.9999, "EMA of the weights (sampling uses it)", SAME)
+    ema_warmup: bool = option(True, "EMA rate min(ema_rate, (1+step)/(10+step)) so short runs do not average in the "
+                                    "random init", "— (off)")
+    max_epochs: int = option(100, "stop after this many epochs")
+    max_steps: int = option(0, "stop after this many steps (0 = no step limit)")
+    patience: int = option(0, "stop after `patience` epochs (or steps) without a better epoch loss; 0 = off")
+    patience_unit: Literal["epochs", "steps"] = option("epochs", "what `patience` counts: `epochs` or `steps`")
+    save_interval: int = option(1000, "write `checkpoints/latest.pt` every N steps (and at the end)", SAME)
+    log_interval: int = option(10, "a row of `log.csv` every N steps", SAME)
+    resume_checkpoint: str = option("", "a checkpoint, run folder or folder of runs: of this action = resume "
+                                        "exactly; a train run = start from its weights", SAME)
+    auto_resume: bool = option(False, "resume from the newest `latest.pt` of this action under `root_log_dir`")
+    drop_rate: float = option(0.0, "probability that a sample's mask is replaced by the null (all-zero) label", SAME)
+    random_flip: bool = option(True, "random horizontal flips")
+    lr_anneal_steps: int = option(0, "linear decay of lr to 0 over N steps (0 = off)", SAME)
+    microbatch: int = option(-1, "split each batch for gradient accumulation (-1 = off)", SAME)
+    compile: bool = option(False, "`torch.compile` the model")
     # levers for small models on a small budget (0 = off)
-    crop_size: int = 0  # train on random crop_size x crop_size crops of the image_size images
-    min_snr_gamma: float = 0.0  # Min-SNR-gamma weight min(SNR, gamma) / SNR of the MSE term
-    lr_warmup_steps: int = 0  # linear lr warm-up over the first N steps
-    offset_noise: float = 0.0  # noise += offset_noise x a per-image, per-channel N(0, 1) constant
+    crop_size: int = option(0, "train on random `crop_size` x `crop_size` crops (image and mask alike) of the "
+                               "`image_size` images; sampling still makes full-size images; a multiple of the UNet's "
+                               "downsampling (0 = off)")
+    min_snr_gamma: float = option(0.0, "Min-SNR-gamma weight min(SNR(t), gamma) / SNR(t) of the MSE term (Hang et al. "
+                                       "2023; 5 is usual); the VB term and the logged `mse` stay unweighted (0 = off)")
+    lr_warmup_steps: int = option(0, "linear lr warm-up over the first N steps, times `lr_anneal_steps`' decay when "
+                                     "both are set (0 = off)")
+    offset_noise: float = option(0.0, "add `offset_noise` x a per-image, per-channel N(0, 1) constant to the training "
+                                      "noise, so the model learns mean brightness and colour (0.1 is usual; 0 = off)")
 
     def validate(self) -> None:
         super().validate()
@@ -226,8 +261,11 @@ class TrainConfig(CommonConfig):
 class FinetuneConfig(TrainConfig):
     """`main.py finetune`: training initialised from a checkpoint, with null-label dropout for guidance."""
 
-    lr: float = 2e-5
-    drop_rate: float = 0.2
+    lr: float = option(2e-5, "AdamW learning rate", SAME)
+    resume_checkpoint: str = option("", "the checkpoint (or train run folder, or folder of runs) to finetune "
+                                        "(required); a finetune run = resume it exactly", SAME)
+    drop_rate: float = option(0.2, "probability that a sample's mask is replaced by the null (all-zero) label, so "
+                                   "that sampling can use guidance", SAME)
 
     def validate(self) -> None:
         super().validate()
@@ -239,29 +277,46 @@ class FinetuneConfig(TrainConfig):
 class SampleConfig(CommonConfig):
     """`main.py sample`: synthesise images for masks from the dataset with a trained model."""
 
-    model_path: str = ""
-    num_samples: int = 16
-    s: float = 1.5
-    diffusion_steps: int = 300
-    timestep_respacing: str | int = ""
-    sampler: Literal["ancestral", "ddim", "dpm++2m"] = "ancestral"
-    steps: int = 0
-    use_ddim: bool = False
-    ddim_eta: float = 0.0
-    clip_denoised: bool = True
-    mask_split: Literal["train", "val", "test", "all"] = "val"
-    use_ema: bool = True
-    balance_args: dict | None = None
-    hardness_args: dict | None = None  # hardness-aware mask selection (hardness.py)
+    model_path: str = option("", "checkpoint file, run folder or folder of runs (its EMA weights are used); required "
+                                 "except with `mode: \"paste\"`", SAME)
+    num_samples: int = option(16, "images to synthesise", SAME)
+    s: float = option(1.5, "classifier-free guidance scale (1 = none; needs a finetuned model)", SAME)
+    diffusion_steps: int = option(300, "steps of the rescaled schedule (a linear schedule over N steps, timesteps "
+                                       "rescaled to the model's 0..1000)", SAME)
+    timestep_respacing: str | int = option("", "instead: respace the model's own process, e.g. `50` or `\"ddim50\"` "
+                                               "(not with `steps`)", SAME)
+    sampler: Literal["ancestral", "ddim", "dpm++2m"] = option(
+        "ancestral", "`ancestral` (DDPM, learned variance), `ddim`, or `dpm++2m` (DPM-Solver++(2M), deterministic)")
+    steps: int = option(0, "model evaluations per image: 0 = the sampler's default (ancestral/ddim: the schedule "
+                           "above; dpm++2m: 20); N > 0 = N steps of the model's own process")
+    use_ddim: bool = option(False, "ISDM's spelling of `sampler: \"ddim\"`", SAME)
+    ddim_eta: float = option(0.0, "DDIM's eta (0 = deterministic)")
+    clip_denoised: bool = option(True, "clip the predicted x0 to [-1, 1]", SAME)
+    mask_split: Literal["train", "val", "test", "all"] = option(
+        "val", "masks from `val` (held out of training), `train`, `test` or `all`")
+    use_ema: bool = option(True, "sample with the EMA weights")
+    balance_args: dict | None = option(None, "class-balanced mask selection, an object of its own keys: see "
+                                             "[docs/balancing.md](balancing.md); null = masks in dataset order, "
+                                             "cycled", SAME)
+    hardness_args: dict | None = option(None, "hardness-aware mask selection, an object of its own keys: see "
+                                              "[docs/filtering.md](filtering.md); null = off")
     # variations and inpainting (inpaint.py); copy-paste without a model (paste.py)
-    mode: Literal["noise", "variation", "inpaint", "paste"] = "noise"
-    strength: float = 1.0
-    inpaint_margin: int = 2
-    resample_steps: int = 2
-    background_dir: str = ""
-    pairing: Literal["random", "round-robin"] = "random"
-    mask_flip: bool = False
-    mask_placement: Literal["keep", "random"] = "keep"
+    mode: Literal["noise", "variation", "inpaint", "paste"] = option(
+        "noise", "`noise`, `variation` (SDEdit from the mask's real image), `inpaint` (RePaint on a defect-free "
+                 "background) or `paste` (copy-paste, no model)")
+    strength: float = option(1.0, "noise level the run starts from, in (0, 1]; 1 = pure noise; only with `variation` "
+                                  "or `inpaint`")
+    inpaint_margin: int = option(2, "pixels (at `image_size`) added around the defects to form the painted region")
+    resample_steps: int = option(2, "RePaint jumps back per step (each costs one model evaluation per step); 0 = "
+                                    "plain pasting")
+    background_dir: str = option("", "folder of defect-free images to paint or paste on; `\"\"` = the dataset's "
+                                     "train/ images whose mask is all 0; only with `inpaint` or `paste`")
+    pairing: Literal["random", "round-robin"] = option(
+        "random", "`random` (each image draws a background) or `round-robin` (a seeded shuffle of the backgrounds, "
+                  "used in turn)")
+    mask_flip: bool = option(False, "flip each mask horizontally and vertically, each with probability 1/2")
+    mask_placement: Literal["keep", "random"] = option(
+        "keep", "`keep` the mask where it is, or `random`: shift it so that its defects stay inside the image")
 
     def validate(self) -> None:
         super().validate()
@@ -305,18 +360,21 @@ class ExportConfig:
     Not a CommonConfig: exporting builds no model and reads no fixed image size, so those keys would only be
     noise here."""
 
-    source: str = ""
-    output_dir: str = ""
-    root_log_dir: str = "Results"
-    formats: list[str] = dataclasses.field(default_factory=lambda: list(EXPORT_FORMATS))
-    min_area: int = 4
-    segmentation: Literal["auto", "polygon", "rle"] = "auto"
-    connectivity: Literal[4, 8] = 8
-    dataset_mode: str = "multi-class"
-    num_classes: int | None = None
-    classes_file: str = ""
-    max_images: int = 0
-    contact_sheet: int = 16
+    source: str = option("", "sample run, dataset or split folder (required)")
+    output_dir: str = option("", "an empty or new folder; `\"\"` = a fresh `<root_log_dir>/export_NNN`")
+    root_log_dir: str = option("Results", "where `export_NNN` is made")
+    formats: list[str] = option(factory=lambda: list(EXPORT_FORMATS),
+                                doc="any of `coco`, `yolo-seg`, `yolo-det`, `semantic`")
+    min_area: int = option(4, "components with fewer pixels are left out of COCO and YOLO (semantic masks keep every "
+                              "pixel)")
+    segmentation: Literal["auto", "polygon", "rle"] = option(
+        "auto", "COCO masks: `auto` (polygon when exact, else RLE), `polygon` (always; holes filled), `rle`")
+    connectivity: Literal[4, 8] = option(8, "8 (diagonal pixels join one object) or 4")
+    dataset_mode: str = option("multi-class", "how a dataset source's masks are read (`binary`: 0/255)")
+    num_classes: int | None = option(None, "override the class count (null = from the run or `classes.json`)")
+    classes_file: str = option("", "override the class names file (`\"\"` = the run's or dataset's `classes.json`)")
+    max_images: int = option(0, "export only the first N images (0 = all)")
+    contact_sheet: int = option(16, "images on the contact sheet (0 = none)")
 
     def validate(self) -> None:
         require(bool(self.source), "source", "is required: a sample run folder, a dataset folder or one split")
@@ -336,18 +394,22 @@ class ExportConfig:
 class ImportConfig:
     """`main.py import`: COCO JSON, colour masks or id maps converted into <output_dir>/{train,test}/{images,masks}."""
 
-    format: str = ""
-    output_dir: str = ""
-    train_images: str = ""
-    train_labels: str = ""
-    test_images: str = ""
-    test_labels: str = ""
-    palette: str = ""
-    id_mapping: str = ""
-    overlap: Literal["smaller-wins", "later-wins"] = "smaller-wins"
-    ignore_label: Literal[0, 255] = 0
-    image_suffix: str = ""
-    label_suffix: str = ""
+    format: str = option("", "`coco`, `palette` or `id-map` (required)")
+    output_dir: str = option("", "the new (or empty) dataset folder (required)")
+    train_images: str = option("", "the folder of training images (required)")
+    train_labels: str = option("", "COCO JSON file, or folder of colour masks / id maps (required)")
+    test_images: str = option("", "the test split's image folder (with `test_labels`, or neither)")
+    test_labels: str = option("", "the test split's labels (with `test_images`, or neither)")
+    palette: str = option("", "palette JSON mapping colours to classes (format `palette`)")
+    id_mapping: str = option("", "JSON mapping label ids to class ids (format `id-map`)")
+    overlap: Literal["smaller-wins", "later-wins"] = option(
+        "smaller-wins", "COCO overlaps: `smaller-wins` (objects painted by decreasing area) or `later-wins` (file "
+                        "order)")
+    ignore_label: Literal[0, 255] = option(0, "what an \"ignore\" id becomes: 0 (background) or 255")
+    image_suffix: str = option("", "ending removed from image file names before pairing (Cityscapes: "
+                                   "`_leftImg8bit`)")
+    label_suffix: str = option("", "ending removed from label file names before pairing (Cityscapes: "
+                                   "`_gtFine_labelIds`)")
 
     def validate(self) -> None:
         require(self.format in IMPORT_FORMATS, "format",
@@ -367,6 +429,23 @@ class ImportConfig:
 
 CONFIG_CLASSES = {"train": TrainConfig, "finetune": FinetuneConfig, "sample": SampleConfig,
                   "export": ExportConfig, "import": ImportConfig}
+# ISDM's actions: their config files share one flat key set (ISDM passes the whole file on), so a key of one of
+# them is accepted by the others and reported as ignored. export and import have files of their own shape.
+ISDM_ACTIONS = ("train", "finetune", "sample")
+# other spellings of a key (ISDM's), from the fields' metadata
+ALIASES = {f.metadata["alias"]: f.name for cls in CONFIG_CLASSES.values() for f in dataclasses.fields(cls)
+           if f.metadata.get("alias")}
+
+
+def key_names(action: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(CONFIG_CLASSES[action])}
+
+
+def other_actions_with(name: str, action: str) -> list[str]:
+    """The ISDM actions other than `action` that take the key `name` (none for export and import)."""
+    if action not in ISDM_ACTIONS:
+        return []
+    return [other for other in ISDM_ACTIONS if other != action and name in key_names(other)]
 
 
 class _KeyError(Exception):
@@ -441,20 +520,28 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def config_from_dict(action: str, values: dict[str, Any], source: str = "config") -> tuple[CommonConfig, list[str]]:
-    """Build and validate the action's config; returns it and notes about ignored legacy keys."""
+    """Build and validate the action's config; returns it and notes: at most one line, naming the keys that are
+    accepted without effect (keys of another ISDM action, ISDM/SDM keys that do nothing here)."""
     cls = CONFIG_CLASSES[action]
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs, notes = {}, []
+    names = key_names(action)
+    kwargs: dict[str, Any] = {}
+    ignored: dict[tuple[str, str], list[str]] = {}  # ("of", owners) or ("why", reason) -> the keys, in file order
     for key, value in values.items():
         if key.startswith("_") or key.startswith("#"):
             continue  # comment keys
         name = ALIASES.get(key, key)
-        if name in IGNORED_LEGACY_KEYS and name not in names:
-            notes.append(f"{source}: key '{key}' is ignored ({IGNORED_LEGACY_KEYS[name]})")
-            continue
         if name not in names:
-            raise ConfigError(f"{source}: unknown key '{key}' for {action}{did_you_mean(name, names)}")
+            owners = other_actions_with(name, action)
+            if name in IGNORED_LEGACY_KEYS:
+                ignored.setdefault(("why", IGNORED_LEGACY_KEYS[name]), []).append(key)
+                continue
+            if owners:
+                ignored.setdefault(("of", "/".join(owners)), []).append(key)
+                continue
+            elsewhere = [other for other in CONFIG_CLASSES if name in key_names(other)]
+            hint = did_you_mean(name, names) or (f" (a key of {'/'.join(elsewhere)})" if elsewhere else "")
+            raise ConfigError(f"{source}: unknown key '{key}' for {action}{hint}")
         if name in kwargs:
             raise ConfigError(f"{source}: key '{name}' is given twice (as '{key}' and an alias)")
         if not _type_ok(value, hints[name]):
@@ -467,7 +554,16 @@ def config_from_dict(action: str, values: dict[str, Any], source: str = "config"
         raise ConfigError(f"{source}: {e}") from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    return config, notes
+    return config, [ignored_note(action, ignored, source)] if ignored else []
+
+
+def ignored_note(action: str, ignored: dict[tuple[str, str], list[str]], source: str) -> str:
+    """One line: 'x.json: ignored for sample: lr, max_steps (keys of train/finetune); results_path (...)'."""
+    groups = []
+    for (kind, text), keys in ignored.items():
+        reason = f"{'key' if len(keys) == 1 else 'keys'} of {text}" if kind == "of" else text
+        groups.append(f"{', '.join(keys)} ({reason})")
+    return f"{source}: ignored for {action}: {'; '.join(groups)}"
 
 
 class LoadedConfig(NamedTuple):
@@ -491,7 +587,8 @@ def load_config(path: str | Path, action: str, overrides: list[str] = ()) -> Loa
         key, value = parse_override(text)
         values[key] = value
     config, notes = config_from_dict(action, values, str(path))
-    return LoadedConfig(config, notes, {ALIASES.get(k, k) for k in values})
+    names = key_names(action)
+    return LoadedConfig(config, notes, {ALIASES.get(k, k) for k in values} & names)
 
 
 def config_to_dict(config: CommonConfig) -> dict[str, Any]:

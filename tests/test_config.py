@@ -9,6 +9,7 @@ from guided_diffusion.config import config_from_dict, load_config, parse_overrid
 from guided_diffusion.errors import ConfigError
 
 BASE = {"data_dir": "datasets/demo", "num_classes": 4, **TINY_MODEL}
+SAMPLE_BASE = {**BASE, "model_path": "m.pt"}
 
 
 def error_for(action: str, values: dict) -> str:
@@ -74,8 +75,42 @@ def test_isdm_weights_decay_spelling_is_accepted():
 
 
 def test_legacy_keys_without_effect_are_reported_not_refused():
-    config, notes = config_from_dict("train", {**BASE, "fp16_scale_growth": 0.001, "is_train": True})
-    assert len(notes) == 2 and any("fp16_scale_growth" in n for n in notes)
+    _, notes = config_from_dict("train", {**BASE, "fp16_scale_growth": 0.001, "is_train": True}, "configs/x.json")
+    assert notes == ["configs/x.json: ignored for train: fp16_scale_growth (mixed precision uses bf16 autocast, which "
+                     "needs no loss scaling); is_train (the action on the command line decides)"]
+
+
+def test_keys_of_train_in_a_sample_config_are_reported_once_in_one_line():
+    values = {**BASE, "model_path": "m.pt", "lr": 1e-4, "max_steps": 5, "drop_rate": 0.2}
+    config, notes = config_from_dict("sample", values, "configs/x.json")
+    assert notes == ["configs/x.json: ignored for sample: lr, max_steps, drop_rate (keys of train/finetune)"]
+    assert not hasattr(config, "lr") and config.model_path == "m.pt"
+
+
+def test_keys_of_sample_in_a_train_config_are_reported_with_the_legacy_keys_in_the_same_line():
+    _, notes = config_from_dict("train", {**BASE, "s": 1.5, "num_samples": 8, "results_path": ""}, "configs/x.json")
+    assert notes == ["configs/x.json: ignored for train: s, num_samples (keys of sample); results_path (outputs go "
+                     "to a fresh run folder under root_log_dir)"]
+
+
+def test_a_config_with_only_its_own_keys_has_no_notes():
+    assert config_from_dict("finetune", {**BASE, "resume_checkpoint": "x", "drop_rate": 0.1})[1] == []
+
+
+def test_an_ignored_key_is_named_as_the_file_spells_it():
+    _, notes = config_from_dict("sample", {**SAMPLE_BASE, "weights_decay": 1e-5}, "configs/x.json")
+    assert notes == ["configs/x.json: ignored for sample: weights_decay (key of train/finetune)"]
+
+
+def test_export_and_import_refuse_keys_of_the_isdm_actions_and_say_whose_they_are():
+    message = error_for("export", {"source": "runs/sample_001", "lr": 1e-4})
+    assert message == "configs/x.json: unknown key 'lr' for export (a key of train/finetune)"
+    message = error_for("sample", {**SAMPLE_BASE, "contact_sheet": 4})
+    assert message == "configs/x.json: unknown key 'contact_sheet' for sample (a key of export)"
+
+
+def test_a_mistyped_key_is_still_refused_when_another_action_has_a_close_key():
+    assert "unknown key 'max_step' for sample (did you mean" in error_for("sample", {**SAMPLE_BASE, "max_step": 2})
 
 
 def test_comma_separated_and_list_forms_build_the_same_model():
@@ -109,6 +144,14 @@ def test_load_config_reports_invalid_json_with_its_position(tmp_path):
 def test_load_config_reports_a_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.json", "train")
+
+
+def test_ignored_keys_are_not_recorded_as_given(tmp_path):
+    path = write_config(tmp_path / "c.json", {**SAMPLE_BASE, "lr": 1e-4, "is_train": False})
+    loaded = load_config(path, "sample", ["max_steps=3"])
+    assert not {"lr", "is_train", "max_steps"} & loaded.given and "model_path" in loaded.given
+    assert loaded.notes == [f"{path}: ignored for sample: lr, max_steps (keys of train/finetune); is_train (the "
+                            f"action on the command line decides)"]
 
 
 def test_set_overrides_are_read_as_json_and_recorded_as_given(tmp_path):

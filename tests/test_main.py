@@ -113,3 +113,21 @@ def test_auto_resume_continues_the_newest_run_of_the_action(demo_dir, tmp_path, 
     assert "resuming exactly from" in capsys.readouterr().out
     from guided_diffusion.checkpoint import load_checkpoint
     assert load_checkpoint(root / "train_002" / "checkpoints" / "latest.pt")["train_state"]["step"] == 3
+
+
+def test_keys_prints_an_actions_table_without_a_config(tmp_path):
+    result = subprocess.run([sys.executable, "main.py", "keys", "train"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("## `train`\n") and "| `max_epochs` | `100` |" in result.stdout
+
+
+def test_keys_of_another_action_are_one_note_line_not_an_error(demo_dir, tmp_path):
+    values = {"data_dir": str(demo_dir), "model_path": "m.pt", "root_log_dir": str(tmp_path / "R"), "lr": 1e-4,
+              "max_steps": 2, "drop_rate": 0.2}
+    config = write_config(tmp_path / "config.json", values)
+    result = subprocess.run([sys.executable, "main.py", "sample", "-c", str(config), "--dry-run"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: {config}: ignored for sample: lr, max_steps, drop_rate (keys of train/finetune)"]
