@@ -3,6 +3,10 @@
 
 Thin on purpose: parse the action and config, make a fresh run folder, call one stage. A mistake in the user's
 input (config, dataset, checkpoint) prints one line and exits with status 2.
+
+The top of the layers: it may import evaluation/, which guided_diffusion never does. A sample config with
+`hardness_args` needs evaluation's scorer; this file hands `evaluation.freemask.measure_hardness` to the sample
+action (imported only then: the scorer's packages load only when used).
 """
 
 from __future__ import annotations
@@ -51,11 +55,11 @@ def run(args: argparse.Namespace) -> int | None:
         print(json.dumps(config_to_dict(config), indent=2))
         if args.action == "sample" and (config.balance_args is not None or config.hardness_args is not None):
             from guided_diffusion.sample import preview_mask_selection
-            preview_mask_selection(config, loaded.given, str(path))
+            preview_mask_selection(config, loaded.given, str(path), measure_hardness=hardness_measure(config))
         return
     if args.action == "sample":
         from guided_diffusion.sample import run_sampling
-        run_sampling(config, loaded.given, str(path))
+        run_sampling(config, loaded.given, str(path), measure_hardness=hardness_measure(config))
         return
     if args.action == "export":
         from guided_diffusion.export import run_export
@@ -71,6 +75,14 @@ def run(args: argparse.Namespace) -> int | None:
         ignore_stop_signals()  # exit in order even when srun ends the step on another rank's exit
         return REQUEUE_EXIT_STATUS
     return None
+
+
+def hardness_measure(config):
+    """evaluation's scorer for a sample config with hardness_args (guided_diffusion/hardness.py), else None."""
+    if config.hardness_args is None:
+        return None
+    from evaluation.freemask import measure_hardness
+    return measure_hardness
 
 
 def main(argv: list[str] | None = None) -> int:

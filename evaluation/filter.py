@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from guided_diffusion.config import DEFAULT_SCORER_DIR  # the default of hardness_args.scorer_dir too
 from guided_diffusion.data import canonical_dataset_mode
 from guided_diffusion.errors import ConfigError, exit_status
 
 PROG = "evaluation/filter.sh"
-DEFAULT_SCORER_DIR = "Results/scorers"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -70,7 +70,7 @@ def _num_classes(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    from guided_diffusion.train import select_device
+    from guided_diffusion.model_setup import select_device
 
     from .freemask import FilterSettings, ScorerSettings, filter_folders, load_or_train_scorer
     from .image_sets import index_sample_folder

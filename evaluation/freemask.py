@@ -22,8 +22,9 @@ synthetic pixel is, and ignores the pixels it finds far more surprising than is 
 The same scorer measures how hard a real mask is (`mask_hardness`): the scorer's loss on the real image, averaged
 per class present and then over those classes, so a mask with one small hard defect is not drowned by its
 background. `main.py sample` with `hardness_args` draws masks in proportion to hardness^exponent
-(guided_diffusion/hardness.py). The masks are the scorer's own training images; the loss on them is lower than on
-unseen images but still ranks them: rare classes, small or faint defects stay harder to fit.
+(guided_diffusion/hardness.py), measured by `measure_hardness` here, which main.py hands to the sample action.
+The masks are the scorer's own training images; the loss on them is lower than on unseen images but still ranks
+them: rare classes, small or faint defects stay harder to fit.
 """
 
 from __future__ import annotations
@@ -47,12 +48,14 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from guided_diffusion.config import refuse_unknown_sub_keys
-from guided_diffusion.data import RESIZE_MODES, Pair, index_dataset, load_image, load_mask, resize_pair
-from guided_diffusion.errors import CheckpointError, ConfigError, DatasetError
+from guided_diffusion.checks import read, require
+from guided_diffusion.config import HardnessArgs, SampleConfig, ScorerSettings  # the keys, in the config layer
+from guided_diffusion.data import Pair, index_dataset, load_image, load_mask, resize_pair
+from guided_diffusion.distributed import current_world, made_by_main
+from guided_diffusion.errors import CheckpointError, ConfigError, DatasetError, UserError
+from guided_diffusion.model_setup import select_device
 from guided_diffusion.results import write_json
 
-from .config import canonical_architecture
 from .image_sets import FILTER_REPORT, FILTERED_LABELS, IGNORE_INDEX, SampleFolder, class_names, load_pairs
 from .metrics import segmentation_metrics
 from .segmenter import SegmenterSpec, TrainSettings, build_segmenter, images_to_tensor, predict, train_segmenter
@@ -66,88 +69,29 @@ SCORER_FILE, SCORER_INFO = "model.pt", "scorer.json"
 # Settings
 
 
-def _strict_fields(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """The defaults of dataclass `cls` updated with `values`; ConfigError for an unknown key or a wrong type."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    merged = {name: f.default for name, f in fields.items()}
-    refuse_unknown_sub_keys(values, list(fields), where)
-    for key, value in values.items():
-        default = fields[key].default
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif default is None:  # image_size: an integer or null
-            ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
-        else:
-            ok = isinstance(value, type(default))
-        if not ok:
-            kind = type(default).__name__ if default is not None else "int or null"
-            raise ConfigError(f"key '{where}.{key}' must be {kind}, got {json.dumps(value)}")
-        merged[key] = float(value) if isinstance(default, float) else value
-    return merged
-
-
-@dataclass(frozen=True)
-class ScorerSettings:
-    """How the scorer is trained. `image_size` None = the size of what it scores (the samples' size)."""
-
-    architecture: str = "fpn"
-    encoder: str = "resnet18"
-    image_size: int | None = None
-    resize_mode: str = "resize"
-    steps: int = 1000
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    augment: bool = True
-    seed: int = 0
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "scorer") -> ScorerSettings:
-        """Check the settings strictly (one-line ConfigError naming '<where>.<key>')."""
-        merged = _strict_fields(cls, values, where)
-        merged["architecture"] = canonical_architecture(merged["architecture"], f"{where}.architecture")
-        size = merged["image_size"]
-        if size is not None and (size < 32 or size % 32):
-            raise ConfigError(f"key '{where}.image_size' must be a multiple of 32 (the encoders downsample 32 "
-                              f"times) or null, got {size}")
-        if merged["resize_mode"] not in RESIZE_MODES:
-            raise ConfigError(f"key '{where}.resize_mode' must be one of {', '.join(RESIZE_MODES)}, got "
-                              f"{merged['resize_mode']!r}")
-        if merged["steps"] < 1 or merged["batch_size"] < 2:
-            raise ConfigError(f"keys '{where}.steps' and '{where}.batch_size' must be >= 1 and >= 2, got "
-                              f"{merged['steps']} and {merged['batch_size']}")
-        if not merged["lr"] > 0 or merged["weight_decay"] < 0:
-            raise ConfigError(f"keys '{where}.lr' and '{where}.weight_decay' must be > 0 and >= 0")
-        return cls(**merged)
-
-    def at_size(self, image_size: int) -> ScorerSettings:
-        """These settings with image_size filled in when it was left to the data (None)."""
-        return self if self.image_size is not None else dataclasses.replace(self, image_size=image_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 @dataclass(frozen=True)
 class FilterSettings:
-    """When a synthetic pixel is ignored (loss > class mean + k x class std) and when an image is dropped."""
+    """When a synthetic pixel is ignored (loss > class mean + k x class std) and when an image is dropped. Checked
+    when made (a one-line ConfigError); `from_dict` reads them from a JSON object by the one config routine."""
 
     k: float = 1.0
     max_ignored_fraction: float = 0.5
     drop_basis: str = "foreground"
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "filter") -> FilterSettings:
+        """Read and check the settings strictly (one-line ConfigError naming '<where>.<key>')."""
+        return read(cls, values, where)
+
     def __post_init__(self) -> None:
-        if not math.isfinite(self.k):
-            raise ConfigError(f"key 'k' must be a finite number, got {self.k}")
-        if not 0.0 <= self.max_ignored_fraction <= 1.0:
-            raise ConfigError(f"key 'max_ignored_fraction' must be in [0, 1] (1 = drop no image), got "
-                              f"{self.max_ignored_fraction}")
-        if self.drop_basis not in DROP_BASES:
-            raise ConfigError(f"key 'drop_basis' must be one of {', '.join(DROP_BASES)}, got {self.drop_basis!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        require(math.isfinite(self.k), "k", f"must be a finite number, got {self.k}")
+        require(0.0 <= self.max_ignored_fraction <= 1.0, "max_ignored_fraction",
+                f"must be in [0, 1] (1 = drop no image), got {self.max_ignored_fraction}")
+        require(self.drop_basis in DROP_BASES, "drop_basis",
+                f"must be one of {', '.join(DROP_BASES)}, got {self.drop_basis!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,6 +357,39 @@ def real_mask_hardness(scorer: Scorer, pairs: Sequence[Pair], dataset_mode: str,
         losses = pixel_losses(scorer.model, chunk.images, chunk.masks, scorer.device)
         values.append(mask_hardness(losses, chunk.masks, scorer.num_classes))
     return np.concatenate(values) if values else np.zeros(0)
+
+
+def measure_hardness(config: SampleConfig, pairs: Sequence[Pair], log: Callable[[str], None] = print
+                     ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The hardness of a sample run's candidate pairs (`hardness_args` of `config`) and what its report records of
+    the scorer: guided_diffusion/hardness.py's MeasureHardness, which main.py and the study hand to the sample
+    action (guided_diffusion does not import this package). The scorer of config.data_dir comes from the cache;
+    with hardness_args.allow_training a missing one is trained (rank 0 alone under a launcher, then every rank
+    loads it), else a CheckpointError says how to train it."""
+    args = config.hardness_args or HardnessArgs()
+    settings = args.scorer.at_size(config.image_size)
+    command = training_command(config.data_dir, settings, args.scorer_dir, config.dataset_mode)
+    hint = f"train it once with `{command}`, or set hardness_args.allow_training to true"
+
+    def scorer_on(device: torch.device, allow_training: bool) -> Scorer:
+        return load_or_train_scorer(config.data_dir, config.dataset_mode, config.num_classes, settings,
+                                    args.scorer_dir, allow_training, device, log, missing_hint=hint)
+
+    allow_training = args.allow_training
+    if allow_training and current_world().size > 1:  # rank 0 trains a missing scorer alone; the others load it
+        def train_on_main() -> str | None:
+            try:
+                scorer_on(select_device(config.device), True)
+            except UserError as error:
+                return str(error)
+            return None
+
+        problem = made_by_main(train_on_main)
+        if problem:
+            raise CheckpointError(problem)
+        allow_training = False
+    scorer = scorer_on(select_device(config.device), allow_training)
+    return real_mask_hardness(scorer, list(pairs), config.dataset_mode), scorer.describe()
 
 
 # ---------------------------------------------------------------------------------------------------------------

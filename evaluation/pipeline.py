@@ -29,7 +29,7 @@ import numpy as np
 from guided_diffusion.data import canonical_dataset_mode, index_dataset
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.results import CsvLog, new_run_dir, write_json
-from guided_diffusion.train import select_device
+from guided_diffusion.model_setup import select_device
 
 from . import report
 from .alignment import label_alignment_score

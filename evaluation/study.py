@@ -235,7 +235,7 @@ def filter_generated(study: Study, name: str, source: dict[str, Any], data_dir: 
 
     config, protocol = study.config, study.config.segmenter
     generator = config.generators[name]
-    settings = FilterSettings(**generator.filter)
+    settings = FilterSettings.from_dict(generator.filter, f"generators.{name}.filter")
     scorer = ScorerSettings(protocol.architecture, protocol.encoder, config.image_size, config.resize_mode,
                             protocol.steps, protocol.batch_size, protocol.lr, protocol.weight_decay, True, config.seed)
     key = fingerprint("filter", source["fingerprint"], dataclasses.asdict(settings), dataclasses.asdict(scorer))
@@ -270,6 +270,8 @@ def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir
     done yet."""
     from guided_diffusion.sample import run_sampling
 
+    from .freemask import measure_hardness  # the scorer of hardness_args, handed to the sample action
+
     generator = study.config.generators[name]
     if generator.labels == "filtered":
         source = done.get(generator.source)
@@ -289,7 +291,7 @@ def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir
         config, notes = config_from_dict("sample", {**values, "root_log_dir": str(root)}, f"study generators.{name}")
         for note in notes:
             study.log(f"note: {note}")
-        summary = run_sampling(config, set(values), f"study generators.{name}", study.log)
+        summary = run_sampling(config, set(values), f"study generators.{name}", study.log, measure_hardness)
         return {"run_dir": summary["run_dir"], "images": summary["num_samples"],
                 "seconds_per_image": summary.get("seconds_per_image")}
 
@@ -430,7 +432,7 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
     for name, generator in config.generators.items():
         if generator.labels == "filtered":
             from .freemask import FilterSettings
-            FilterSettings(**generator.filter)  # one-line ConfigError for a bad value
+            FilterSettings.from_dict(generator.filter, f"generators.{name}.filter")  # one-line ConfigError
             continue
         values = {**common, **generator.sample, "model_path": "x"}
         if generator.kind == "sdm":
@@ -441,7 +443,7 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
 def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", log: Callable[[str], None] = print,
               progress: bool = True, report_only: bool = False) -> Path:
     """Run the study (or, with `report_only`, run nothing and report the units the ledger holds)."""
-    from guided_diffusion.train import bf16_autocast, select_device
+    from guided_diffusion.model_setup import bf16_autocast, select_device
 
     from .study_report import write_report
 

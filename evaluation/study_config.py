@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guided_diffusion.config import did_you_mean, parse_override, refuse_unknown_sub_keys
+from guided_diffusion.checks import did_you_mean, refuse_unknown_sub_keys
+from guided_diffusion.config import parse_override
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError
 

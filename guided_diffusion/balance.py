@@ -27,25 +27,21 @@ one warning line, never with an error or an endless loop.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
 
+from .checks import within
+from .config import BalanceArgs, SampleConfig  # BalanceArgs: the balance_args keys, with the others in config.py
 from .data import Pair, load_mask, read_class_names, resize_pair
-from .config import refuse_unknown_sub_keys
-from .errors import ConfigError
 from .results import write_json
-
-if TYPE_CHECKING:  # config.py imports this module for validation; the annotation alone needs SampleConfig
-    from .config import SampleConfig
 
 REUSE_PENALTIES = (1.0, 0.5, 0.25)
 """A mask used u times counts (1 + penalty x u) times less: it must be that much better to be reused. The first
@@ -65,62 +61,6 @@ WARPS_PER_SOURCE = 2
 SHARE_SETS = ("real", "unbalanced", "selected", "real+unbalanced", "real+selected")
 """The count sets the report compares: the real train masks, the synthetic masks without and with
 balancing, and each synthetic set added to the real one."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The balance_args key
-
-
-@dataclass(frozen=True)
-class BalanceArgs:
-    """The `balance_args` sub-keys of a sample config (ISDM's names), with their defaults."""
-
-    max_class_dif: float = 0.1
-    based_on_generated_data_only: bool = False
-    based_on_pixel_count: bool = True
-    ejection_classes: tuple[int, ...] = (0,)
-    use_mask_augmentation: bool = False
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], num_classes: int | None) -> BalanceArgs:
-        """Check a `balance_args` object strictly; ConfigError with one line naming 'balance_args.<key>'.
-
-        Class ids in ejection_classes are checked against num_classes when it is known (a sample config takes
-        it from the checkpoint, and is validated again once it is merged)."""
-        refuse_unknown_sub_keys(values, [f.name for f in dataclasses.fields(cls)], "balance_args")
-        merged = {**{f.name: f.default for f in dataclasses.fields(cls)}, **values}
-        tolerance = merged["max_class_dif"]
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not np.isfinite(tolerance):
-            raise ConfigError(f"key 'balance_args.max_class_dif' must be a number, got {json.dumps(tolerance)}")
-        if tolerance < 0:
-            raise ConfigError(f"key 'balance_args.max_class_dif' must be >= 0 (the largest allowed (max - min) / "
-                              f"min of the class shares), got {tolerance}")
-        for key in ("based_on_generated_data_only", "based_on_pixel_count", "use_mask_augmentation"):
-            if not isinstance(merged[key], bool):
-                raise ConfigError(f"key 'balance_args.{key}' must be true/false, got {json.dumps(merged[key])}")
-        ejected = merged["ejection_classes"]
-        if isinstance(ejected, tuple):
-            ejected = list(ejected)
-        if not isinstance(ejected, list) or any(isinstance(c, bool) or not isinstance(c, int) for c in ejected):
-            raise ConfigError(f"key 'balance_args.ejection_classes' must be a list of class ids (integers), got "
-                              f"{json.dumps(ejected)}")
-        outside = [c for c in ejected if c < 0 or (num_classes is not None and c >= num_classes)]
-        if outside:
-            allowed = f"0..{num_classes - 1} (num_classes {num_classes})" if num_classes is not None else ">= 0"
-            raise ConfigError(f"key 'balance_args.ejection_classes' holds class id {outside[0]}, outside {allowed}")
-        if num_classes is not None and set(range(num_classes)) <= set(ejected):
-            raise ConfigError(f"key 'balance_args.ejection_classes' ejects all {num_classes} classes; leave at "
-                              f"least one class to balance")
-        return cls(float(tolerance), merged["based_on_generated_data_only"], merged["based_on_pixel_count"],
-                   tuple(sorted(set(ejected))), merged["use_mask_augmentation"])
-
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved sub-keys as JSON values (what a run's config.json records)."""
-        return {**dataclasses.asdict(self), "ejection_classes": list(self.ejection_classes)}
-
-    def participating(self, num_classes: int) -> list[int]:
-        """The class ids whose shares are balanced: every class not ejected."""
-        return [c for c in range(num_classes) if c not in self.ejection_classes]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -600,7 +540,9 @@ def choose_masks(config: SampleConfig, candidates: list[Pair], real_pairs: list[
 
     Candidates are the `mask_split` pairs; the real set is `real_pairs` (the dataset's train/ folder). Both are
     counted at the sampling image_size. `weights` (per candidate, from hardness_args) favour hard masks."""
-    args = BalanceArgs.from_dict(config.balance_args or {}, config.num_classes)
+    args = config.balance_args or BalanceArgs()
+    with within("balance_args"):  # num_classes may be known only now (from the checkpoint)
+        args.validate(config.num_classes)
     started = time.perf_counter()
     candidate_set = set(candidates)
     extra = [p for p in dict.fromkeys(real_pairs) if p not in candidate_set]

@@ -5,21 +5,26 @@ default, its meaning and its ISDM/SDM name; `python main.py keys` and docs/confi
 fields (guided_diffusion/keys.py). A key that is unknown, of the wrong type or out of range raises a one-line
 `ConfigError` naming the file and the key. A key of another of ISDM's actions (train, finetune, sample share one
 flat key set there) and an ISDM/SDM key without effect here are accepted and reported in one note line.
+
+The nested objects of a sample config are dataclasses of this module too: `balance_args` (BalanceArgs),
+`hardness_args` (HardnessArgs) and its `scorer` (ScorerSettings, which evaluation/freemask.py trains scorers
+with). Every config, nested or not, is read by the one routine of checks.py (types, aliases, unknown keys) and
+then checked by its `validate()`, which only checks; ISDM's spellings that set another key (`use_fp16`,
+`use_ddim`) are translated where the file is read (`config_from_dict`). This module imports no other config
+user (balance.py and hardness.py import it), so there is no import cycle.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from .data import canonical_dataset_mode
+from .checks import did_you_mean, read, require, setting, to_json_dict, within
+from .data import RESIZE_MODES, canonical_dataset_mode
 from .errors import ConfigError
 from .unet import UNetSpec
 
@@ -65,14 +70,18 @@ NO_ISDM = "—"  # ISDM/SDM have no such key
 
 
 def option(default: Any = dataclasses.MISSING, doc: str = "", isdm: str = NO_ISDM, *,
-           factory: Any = dataclasses.MISSING, alias: str = "") -> Any:
-    """A config key: its default, its meaning (`doc`), its ISDM/SDM name (`isdm`: SAME, NO_ISDM or a note) and an
-    accepted alternative spelling (`alias`). The one place each is written: `python main.py keys` and
-    docs/configuration.md are generated from these fields, and the loader takes the aliases from them."""
+           factory: Any = dataclasses.MISSING, alias: str = "", canonical: Any = None) -> Any:
+    """A config key: its default, its meaning (`doc`), its ISDM/SDM name (`isdm`: SAME, NO_ISDM or a note), an
+    accepted alternative spelling (`alias`) and the function giving a value's one form (`canonical`, see
+    checks.setting). The one place each is written: `python main.py keys` and docs/configuration.md are generated
+    from these fields, and the loader takes the aliases from them."""
     if not doc:
         raise TypeError("a config key needs its doc")
-    return dataclasses.field(default=default, default_factory=factory,
-                             metadata={"doc": doc, "isdm": isdm, "alias": alias})
+    return setting(default, factory=factory, alias=alias, canonical=canonical, doc=doc, isdm=isdm)
+
+
+def _dataset_mode(value: str, key: str) -> str:
+    return canonical_dataset_mode(value)  # ISDM's names (lemon-binary, ...) -> binary / multi-class
 
 
 @dataclass
@@ -81,7 +90,7 @@ class CommonConfig:
 
     data_dir: str = option("", "dataset folder with `train/` and `test/` (required)", SAME)
     dataset_mode: str = option("multi-class", "`multi-class` or `binary` (masks of 0/255); ISDM's names are accepted",
-                               "same; values `lemon-multi-class`, `lemon-binary`")
+                               "same; values `lemon-multi-class`, `lemon-binary`", canonical=_dataset_mode)
     num_classes: int | None = option(None, "classes incl. background; required for training (sample: taken from "
                                            "the checkpoint)", SAME)
     image_size: int = option(256, "side of the square images the model works at", SAME)
@@ -146,7 +155,6 @@ class CommonConfig:
 
     def validate(self) -> None:
         require(bool(self.data_dir), "data_dir", "is required: the folder with train/ and test/")
-        self.dataset_mode = canonical_dataset_mode(self.dataset_mode)
         if self.num_classes is not None:
             require(self.num_classes >= 2, "num_classes", f"must be at least 2 (background + 1 class), got {self.num_classes}")
             if self.dataset_mode == "binary":
@@ -168,10 +176,6 @@ class CommonConfig:
                     f"{self.diffusion_steps}; for fewer sampling steps set timestep_respacing (e.g. \"ddim10\")")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 f"must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
-        if self.use_fp16 and self.precision == "fp32":
-            # ISDM's spelling of reduced precision: bf16 autocast (no fp16 loss scaler) where the device runs it
-            # natively; "auto" rather than "bf16" so that a CPU that only emulates bf16 (2x slower) stays fp32
-            self.precision = "auto"
         spec = self.unet_spec()
         require(all(m > 0 and float(m * self.num_channels).is_integer() for m in spec.channel_mult), "channel_mult",
                 f"must be positive multipliers, got {self.channel_mult!r}")
@@ -273,6 +277,128 @@ class FinetuneConfig(TrainConfig):
                 "is required: the checkpoint (or train run folder) to finetune")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The nested objects of a sample config: balance_args, hardness_args and its scorer
+
+
+ARCHITECTURE_NAMES = ("unetplusplus", "fpn", "deeplabv3plus", "unet")
+"""Segmenters accepted in `models` and `scorer.architecture` (segmentation_models_pytorch's Unet++, FPN, DeepLabV3+
+and U-Net); here, with the other keys, so that hardness_args.scorer is checked where the sample config is read."""
+_ARCHITECTURE_ALIASES = {"unet++": "unetplusplus", "deeplabv3+": "deeplabv3plus"}
+
+
+def canonical_architecture(name: str, key: str = "models") -> str:
+    """The architecture name for a spelling such as 'UnetPlusPlus', 'unet++', 'FPN' or 'DeepLabV3+'."""
+    lowered = name.lower() if isinstance(name, str) else ""
+    lowered = _ARCHITECTURE_ALIASES.get(lowered, lowered)
+    if lowered not in ARCHITECTURE_NAMES:
+        raise ConfigError(f"key '{key}': unknown segmenter {name!r}; use one of {', '.join(ARCHITECTURE_NAMES)}")
+    return lowered
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """How a FreeMask scorer (evaluation/freemask.py) is trained; part of its cache key. `image_size` None = the
+    size of what it scores (the samples' size)."""
+
+    architecture: str = setting("fpn", canonical=canonical_architecture)
+    encoder: str = "resnet18"
+    image_size: int | None = None
+    resize_mode: str = "resize"
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    augment: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "scorer") -> ScorerSettings:
+        """Read and check the settings strictly (one-line ConfigError naming '<where>.<key>')."""
+        settings = read(cls, values, where)
+        with within(where):
+            settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        size = self.image_size
+        require(size is None or (size >= 32 and size % 32 == 0), "image_size",
+                f"must be a multiple of 32 (the encoders downsample 32 times) or null, got {size}")
+        require(self.resize_mode in RESIZE_MODES, "resize_mode",
+                f"must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        require(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")
+        require(self.batch_size >= 2, "batch_size", f"must be at least 2 (batch norm needs two images), got "
+                                                    f"{self.batch_size}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+    def at_size(self, image_size: int) -> ScorerSettings:
+        """These settings with image_size filled in when it was left to the data (None)."""
+        return self if self.image_size is not None else dataclasses.replace(self, image_size=image_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_json_dict(self)
+
+
+@dataclass(frozen=True)
+class BalanceArgs:
+    """The `balance_args` sub-keys of a sample config (ISDM's names), with their defaults (docs/balancing.md)."""
+
+    max_class_dif: float = 0.1
+    based_on_generated_data_only: bool = False
+    based_on_pixel_count: bool = True
+    ejection_classes: tuple[int, ...] = setting((0,), expect="a list of class ids (integers)",
+                                                canonical=lambda ids, key: tuple(sorted(set(ids))))
+    use_mask_augmentation: bool = False
+
+    def validate(self, num_classes: int | None = None) -> None:
+        """Class ids in ejection_classes are checked against num_classes when it is known (a sample config takes
+        it from the checkpoint, and is validated again once it is merged)."""
+        require(self.max_class_dif >= 0, "max_class_dif", f"must be >= 0 (the largest allowed (max - min) / min of "
+                                                          f"the class shares), got {self.max_class_dif}")
+        allowed = f"0..{num_classes - 1} (num_classes {num_classes})" if num_classes is not None else ">= 0"
+        for class_id in self.ejection_classes:
+            require(class_id >= 0 and (num_classes is None or class_id < num_classes), "ejection_classes",
+                    f"holds class id {class_id}, outside {allowed}")
+        require(num_classes is None or not set(range(num_classes)) <= set(self.ejection_classes), "ejection_classes",
+                f"ejects all {num_classes} classes; leave at least one class to balance")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved sub-keys as JSON values (what a run's config.json records)."""
+        return to_json_dict(self)
+
+    def participating(self, num_classes: int) -> list[int]:
+        """The class ids whose shares are balanced: every class not ejected."""
+        return [c for c in range(num_classes) if c not in self.ejection_classes]
+
+
+DEFAULT_SCORER_DIR = "Results/scorers"
+
+
+@dataclass(frozen=True)
+class HardnessArgs:
+    """The `hardness_args` sub-keys of a sample config, with their defaults (docs/filtering.md).
+
+    `scorer` holds the scorer's training settings (part of the cache key; image_size null = the sampling
+    image_size), so the scorer that filters a sample run is the one found here when both use the defaults."""
+
+    exponent: float = setting(1.0, expect="a number >= 0 (0 = hardness has no effect)")
+    scorer_dir: str = setting(DEFAULT_SCORER_DIR, expect="a folder path")
+    allow_training: bool = False
+    scorer: ScorerSettings = setting(factory=ScorerSettings, expect="an object of scorer settings")
+
+    def validate(self) -> None:
+        require(self.exponent >= 0, "exponent", f"must be a number >= 0 (0 = hardness has no effect), got "
+                                                f"{json.dumps(self.exponent)}")
+        require(bool(self.scorer_dir), "scorer_dir", f"must be a folder path, got {json.dumps(self.scorer_dir)}")
+        with within("scorer"):
+            self.scorer.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved sub-keys (what a run's config.json records)."""
+        return to_json_dict(self)
+
+
 @dataclass
 class SampleConfig(CommonConfig):
     """`main.py sample`: synthesise images for masks from the dataset with a trained model."""
@@ -295,10 +421,10 @@ class SampleConfig(CommonConfig):
     mask_split: Literal["train", "val", "test", "all"] = option(
         "val", "masks from `val` (held out of training), `train`, `test` or `all`")
     use_ema: bool = option(True, "sample with the EMA weights")
-    balance_args: dict | None = option(None, "class-balanced mask selection, an object of its own keys: see "
+    balance_args: BalanceArgs | None = option(None, "class-balanced mask selection, an object of its own keys: see "
                                              "[docs/balancing.md](balancing.md); null = masks in dataset order, "
                                              "cycled", SAME)
-    hardness_args: dict | None = option(None, "hardness-aware mask selection, an object of its own keys: see "
+    hardness_args: HardnessArgs | None = option(None, "hardness-aware mask selection, an object of its own keys: see "
                                               "[docs/filtering.md](filtering.md); null = off")
     # variations and inpainting (inpaint.py); copy-paste without a model (paste.py)
     mode: Literal["noise", "variation", "inpaint", "paste"] = option(
@@ -328,10 +454,8 @@ class SampleConfig(CommonConfig):
         require(self.steps >= 0, "steps", f"must be >= 0 (0 = the sampler's default), got {self.steps}")
         require(not (self.steps and self.timestep_respacing), "steps",
                 "and 'timestep_respacing' both choose the sampling steps; give only one")
-        if self.use_ddim:  # ISDM's spelling of sampler "ddim"
-            require(self.sampler in ("ancestral", "ddim"), "use_ddim",
-                    f"is true but 'sampler' is {self.sampler!r}; remove use_ddim or set sampler to 'ddim'")
-            self.sampler = "ddim"
+        require(not self.use_ddim or self.sampler == "ddim", "use_ddim",  # config_from_dict made ancestral ddim
+                f"is true but 'sampler' is {self.sampler!r}; remove use_ddim or set sampler to 'ddim'")
         require(0.0 < self.strength <= 1.0, "strength",
                 f"must be in (0, 1] (1 = start from noise), got {self.strength}")
         require(self.mode in ("variation", "inpaint") or self.strength == 1.0, "strength",
@@ -340,13 +464,13 @@ class SampleConfig(CommonConfig):
         require(self.resample_steps >= 0, "resample_steps", f"must be >= 0 (0 = no jumps), got {self.resample_steps}")
         require(self.mode in ("inpaint", "paste") or not self.background_dir, "background_dir",
                 f"is only used with mode 'inpaint' or 'paste', but mode is {self.mode!r}")
-        if self.balance_args is not None:  # checked strictly, stored resolved (defaults filled in)
-            from .balance import BalanceArgs  # here, not at the top: balance.py needs this module's types
+        if self.balance_args is not None:
             known = self.num_classes if self.num_classes is not None or self.dataset_mode != "binary" else 2
-            self.balance_args = BalanceArgs.from_dict(self.balance_args, known).to_dict()
-        if self.hardness_args is not None:  # checked strictly, stored resolved (defaults filled in)
-            from .hardness import HardnessArgs  # here: it imports the scorer's package (smp) only when used
-            self.hardness_args = HardnessArgs.from_dict(self.hardness_args).to_dict()
+            with within("balance_args"):
+                self.balance_args.validate(known)
+        if self.hardness_args is not None:
+            with within("hardness_args"):
+                self.hardness_args.validate()
 
 
 EXPORT_FORMATS = ("coco", "yolo-seg", "yolo-det", "semantic")
@@ -370,7 +494,8 @@ class ExportConfig:
     segmentation: Literal["auto", "polygon", "rle"] = option(
         "auto", "COCO masks: `auto` (polygon when exact, else RLE), `polygon` (always; holes filled), `rle`")
     connectivity: Literal[4, 8] = option(8, "8 (diagonal pixels join one object) or 4")
-    dataset_mode: str = option("multi-class", "how a dataset source's masks are read (`binary`: 0/255)")
+    dataset_mode: str = option("multi-class", "how a dataset source's masks are read (`binary`: 0/255)",
+                               canonical=_dataset_mode)
     num_classes: int | None = option(None, "override the class count (null = from the run or `classes.json`)")
     classes_file: str = option("", "override the class names file (`\"\"` = the run's or dataset's `classes.json`)")
     max_images: int = option(0, "export only the first N images (0 = all)")
@@ -383,7 +508,6 @@ class ExportConfig:
             require(name in EXPORT_FORMATS, "formats", f"has unknown format {name!r}; use {', '.join(EXPORT_FORMATS)}")
         require(len(set(self.formats)) == len(self.formats), "formats", f"lists a format twice: {self.formats}")
         require(self.min_area >= 0, "min_area", f"must be >= 0 pixels, got {self.min_area}")
-        self.dataset_mode = canonical_dataset_mode(self.dataset_mode)
         if self.num_classes is not None:
             require(2 <= self.num_classes <= 256, "num_classes", f"must be in 2..256, got {self.num_classes}")
         require(self.max_images >= 0, "max_images", f"must be >= 0 (0 = all), got {self.max_images}")
@@ -448,66 +572,6 @@ def other_actions_with(name: str, action: str) -> list[str]:
     return [other for other in ISDM_ACTIONS if other != action and name in key_names(other)]
 
 
-class _KeyError(Exception):
-    """Raised by `require`; turned into a ConfigError that names the file."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"key '{key}' {message}")
-
-
-def did_you_mean(key: object, names: list[str] | set[str]) -> str:
-    """' (did you mean 'x'?)' for the known name closest to a mistyped key, else ''."""
-    close = difflib.get_close_matches(str(key), sorted(names), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def refuse_unknown_sub_keys(values: dict[str, Any], names: list[str], where: str) -> None:
-    """ConfigError for the first key of a nested object (e.g. balance_args) that is not one of `names`."""
-    for key in values:
-        if key not in names:
-            raise ConfigError(f"key '{where}.{key}' is unknown{did_you_mean(key, names)}; {where} takes "
-                              f"{', '.join(names)}")
-
-
-def require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise _KeyError(key, message)
-
-
-def _type_ok(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(annotation))
-    if origin is Literal:  # by type too: true == 1 must not pass for Literal[0, 1]
-        return any(value == a and type(value) is type(a) for a in typing.get_args(annotation))
-    if origin is list:
-        (item,) = typing.get_args(annotation)
-        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
-    if annotation is type(None):
-        return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is dict:
-        return isinstance(value, dict)
-    return isinstance(value, annotation)
-
-
-def _describe(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(annotation))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(annotation)[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "an object",
-            type(None): "null"}.get(annotation, str(annotation))
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """`key=value` from the command line; the value is read as JSON, else taken as a string."""
     if "=" not in text:
@@ -522,39 +586,40 @@ def parse_override(text: str) -> tuple[str, Any]:
 def config_from_dict(action: str, values: dict[str, Any], source: str = "config") -> tuple[CommonConfig, list[str]]:
     """Build and validate the action's config; returns it and notes: at most one line, naming the keys that are
     accepted without effect (keys of another ISDM action, ISDM/SDM keys that do nothing here)."""
-    cls = CONFIG_CLASSES[action]
-    hints = typing.get_type_hints(cls)
     names = key_names(action)
-    kwargs: dict[str, Any] = {}
     ignored: dict[tuple[str, str], list[str]] = {}  # ("of", owners) or ("why", reason) -> the keys, in file order
-    for key, value in values.items():
-        if key.startswith("_") or key.startswith("#"):
-            continue  # comment keys
-        name = ALIASES.get(key, key)
-        if name not in names:
-            owners = other_actions_with(name, action)
-            if name in IGNORED_LEGACY_KEYS:
-                ignored.setdefault(("why", IGNORED_LEGACY_KEYS[name]), []).append(key)
-                continue
-            if owners:
-                ignored.setdefault(("of", "/".join(owners)), []).append(key)
-                continue
-            elsewhere = [other for other in CONFIG_CLASSES if name in key_names(other)]
-            hint = did_you_mean(name, names) or (f" (a key of {'/'.join(elsewhere)})" if elsewhere else "")
-            raise ConfigError(f"{source}: unknown key '{key}' for {action}{hint}")
-        if name in kwargs:
-            raise ConfigError(f"{source}: key '{name}' is given twice (as '{key}' and an alias)")
-        if not _type_ok(value, hints[name]):
-            raise ConfigError(f"{source}: key '{key}' must be {_describe(hints[name])}, got {json.dumps(value)}")
-        kwargs[name] = float(value) if hints[name] is float else value
-    config = cls(**kwargs)
+
+    def unknown(key: str, name: str) -> bool:
+        name = ALIASES.get(key, name)  # another action's alias (weights_decay in a sample config)
+        if name in IGNORED_LEGACY_KEYS:
+            ignored.setdefault(("why", IGNORED_LEGACY_KEYS[name]), []).append(key)
+            return True
+        owners = other_actions_with(name, action)
+        if owners:
+            ignored.setdefault(("of", "/".join(owners)), []).append(key)
+            return True
+        elsewhere = [other for other in CONFIG_CLASSES if name in key_names(other)]
+        hint = did_you_mean(name, names) or (f" (a key of {'/'.join(elsewhere)})" if elsewhere else "")
+        raise ConfigError(f"unknown key '{key}' for {action}{hint}")
+
     try:
+        config = isdm_spellings(read(CONFIG_CLASSES[action], values, unknown=unknown))
         config.validate()
-    except _KeyError as e:
-        raise ConfigError(f"{source}: {e}") from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return config, [ignored_note(action, ignored, source)] if ignored else []
+
+
+def isdm_spellings(config: Any) -> Any:
+    """The config with ISDM's keys that stand for another key's value translated (where the file is read, so that
+    validate() only checks): `use_fp16` = precision "auto" (bf16 autocast, no fp16 loss scaler, where the device
+    runs it natively; not "bf16", so that a CPU that only emulates bf16, 2x slower, stays fp32), and `use_ddim` =
+    sampler "ddim" (a sampler other than the default is left to validate() to refuse)."""
+    if isinstance(config, CommonConfig) and config.use_fp16 and config.precision == "fp32":
+        config = dataclasses.replace(config, precision="auto")
+    if isinstance(config, SampleConfig) and config.use_ddim and config.sampler == "ancestral":
+        config = dataclasses.replace(config, sampler="ddim")
+    return config
 
 
 def ignored_note(action: str, ignored: dict[tuple[str, str], list[str]], source: str) -> str:
@@ -592,4 +657,5 @@ def load_config(path: str | Path, action: str, overrides: list[str] = ()) -> Loa
 
 
 def config_to_dict(config: CommonConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    """The config as JSON values (nested objects as dicts): what config.json records and config_from_dict reads."""
+    return to_json_dict(config)

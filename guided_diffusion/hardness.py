@@ -14,76 +14,38 @@ same as without hardness whenever the candidates allow it. An augmented mask wei
 
 Without balance_args, num_samples masks are drawn at random with replacement with probabilities proportional to
 the weights (seeded by `seed`). `hardness.json` and `hardness.png` in the run folder show the candidates'
-hardness and what was chosen. With several processes and allow_training, rank 0 trains a missing scorer alone
-and every rank then loads it from the cache.
+hardness and what was chosen.
+
+The scorer is not this module's: it is a segmenter of evaluation/, and guided_diffusion never imports the
+evaluation package (the layers import one way; tests/test_layers.py checks it). So the hardness is measured by a
+`MeasureHardness` function handed in by the caller, `evaluation.freemask.measure_hardness` (which loads the
+cached scorer, or trains it: with several processes rank 0 alone, then every rank loads it): main.py and the
+study pass it to the sample action, which passes it here. This module keeps what is sampling's own: the weights,
+the draw, the reports. Passing the function in, rather than the hardness values, keeps the candidates where
+they are made (mask_split, the checkpoint's split, inpainting's defect candidates) and measures nothing when
+hardness_args is off; passing it in, rather than registering it on import, keeps the dependency visible in the
+call and the lower layer's behaviour independent of what else was imported.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .balance import write_report
+from .config import HardnessArgs, SampleConfig  # HardnessArgs: the hardness_args keys, with the others in config.py
 from .data import Pair
-from .config import refuse_unknown_sub_keys
-from .errors import CheckpointError, ConfigError, UserError
 from .results import write_json
 
-if TYPE_CHECKING:
-    from .config import SampleConfig
-
-DEFAULT_SCORER_DIR = "Results/scorers"
 HISTOGRAM_BINS = 20
 
-
-@dataclass(frozen=True)
-class HardnessArgs:
-    """The `hardness_args` sub-keys of a sample config, with their defaults.
-
-    `scorer` holds the scorer's training settings (evaluation.freemask.ScorerSettings; part of the cache key,
-    image_size null = the sampling image_size), so the scorer that filters a sample run is the one found here
-    when both use the defaults."""
-
-    exponent: float = 1.0
-    scorer_dir: str = DEFAULT_SCORER_DIR
-    allow_training: bool = False
-    scorer: dict = dataclasses.field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> HardnessArgs:
-        """Check a `hardness_args` object strictly; one-line ConfigError naming 'hardness_args.<key>'."""
-        from evaluation.freemask import ScorerSettings  # here: smp is imported only when hardness is asked for
-
-        refuse_unknown_sub_keys(values, [f.name for f in dataclasses.fields(cls)], "hardness_args")
-        exponent = values.get("exponent", cls.exponent)
-        if isinstance(exponent, bool) or not isinstance(exponent, (int, float)) or not math.isfinite(exponent) \
-                or exponent < 0:
-            raise ConfigError(f"key 'hardness_args.exponent' must be a number >= 0 (0 = hardness has no effect), "
-                              f"got {json.dumps(exponent)}")
-        scorer_dir = values.get("scorer_dir", cls.scorer_dir)
-        if not isinstance(scorer_dir, str) or not scorer_dir:
-            raise ConfigError(f"key 'hardness_args.scorer_dir' must be a folder path, got {json.dumps(scorer_dir)}")
-        allow_training = values.get("allow_training", cls.allow_training)
-        if not isinstance(allow_training, bool):
-            raise ConfigError(f"key 'hardness_args.allow_training' must be true/false, got "
-                              f"{json.dumps(allow_training)}")
-        scorer = values.get("scorer", {})
-        if not isinstance(scorer, dict):
-            raise ConfigError(f"key 'hardness_args.scorer' must be an object of scorer settings, got "
-                              f"{json.dumps(scorer)}")
-        settings = ScorerSettings.from_dict(scorer, "hardness_args.scorer")
-        return cls(float(exponent), scorer_dir, allow_training, settings.to_dict())
-
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved sub-keys (what a run's config.json records)."""
-        return dataclasses.asdict(self)
+MeasureHardness = Callable[[SampleConfig, Sequence[Pair], Callable[[str], None]], tuple[np.ndarray, dict[str, Any]]]
+"""measure(config, candidate pairs, log) -> (the hardness of each pair, what the report records of the scorer);
+config.hardness_args is set. evaluation.freemask.measure_hardness is the one the callers pass."""
 
 
 def hardness_weights(hardness: Sequence[float] | np.ndarray, exponent: float) -> np.ndarray:
@@ -154,45 +116,20 @@ def _rounded(value: float) -> float:
     return round(float(value), 6)
 
 
-def measure_hardness(config: SampleConfig, pairs: Sequence[Pair], log: Callable[[str], None] = print
-                     ) -> MaskHardness:
-    """The hardness of each candidate pair, with the cached scorer of config.data_dir (trained first when
-    hardness_args.allow_training, else a CheckpointError saying how to train it)."""
-    from evaluation.freemask import (ScorerSettings, load_or_train_scorer, real_mask_hardness,  # noqa: PLC0415
-                                     training_command)
-
-    from .distributed import current_world, made_by_main  # noqa: PLC0415
-    from .train import select_device  # noqa: PLC0415
-
-    args = HardnessArgs.from_dict(config.hardness_args or {})
-    settings = ScorerSettings.from_dict(args.scorer, "hardness_args.scorer").at_size(config.image_size)
-    command = training_command(config.data_dir, settings, args.scorer_dir, config.dataset_mode)
-    hint = f"train it once with `{command}`, or set hardness_args.allow_training to true"
-
-    def scorer_on(device, allow_training: bool):
-        return load_or_train_scorer(config.data_dir, config.dataset_mode, config.num_classes, settings,
-                                    args.scorer_dir, allow_training, device, log, missing_hint=hint)
-
-    allow_training = args.allow_training
-    if allow_training and current_world().size > 1:  # rank 0 trains a missing scorer alone; the others load it
-        def train_on_main() -> str | None:
-            try:
-                scorer_on(select_device(config.device), True)
-            except UserError as error:
-                return str(error)
-            return None
-
-        problem = made_by_main(train_on_main)
-        if problem:
-            raise CheckpointError(problem)
-        allow_training = False
-    scorer = scorer_on(select_device(config.device), allow_training)
-    hardness = real_mask_hardness(scorer, list(pairs), config.dataset_mode)
+def weigh_by_hardness(config: SampleConfig, pairs: Sequence[Pair], measure: MeasureHardness | None,
+                      log: Callable[[str], None] = print) -> MaskHardness:
+    """The hardness of each candidate pair, measured by `measure` (see the module docstring), and its weight."""
+    if measure is None:
+        raise ValueError("hardness_args is set but no MeasureHardness was passed: pass "
+                         "evaluation.freemask.measure_hardness (main.py and the study do)")
+    args = config.hardness_args or HardnessArgs()
+    hardness, scorer = measure(config, pairs, log)
+    hardness = np.asarray(hardness, np.float64)
     weights = hardness_weights(hardness, args.exponent)
     log(f"hardness_args: hardness of the {len(pairs)} candidate masks {hardness.min():.3f}..{hardness.max():.3f} "
         f"(mean {hardness.mean():.3f}); weights (hardness / mean)^{args.exponent:g} "
         f"{weights.min():.2f}..{weights.max():.2f}")
-    return MaskHardness(tuple(p.stem for p in pairs), hardness, weights, args.exponent, scorer.describe())
+    return MaskHardness(tuple(p.stem for p in pairs), hardness, weights, args.exponent, scorer)
 
 
 def uses_of(pairs: Sequence[Pair], chosen_pairs: Sequence[Pair | None]) -> tuple[np.ndarray, int]:

@@ -31,12 +31,12 @@ from .config import SampleConfig, config_to_dict
 from .data import Pair, load_image, load_mask, read_class_names, resize_pair
 from .distributed import current_world, made_by_main
 from .errors import ConfigError
-from .hardness import write_selection_reports
+from .hardness import MeasureHardness, write_selection_reports
 from .inpaint import (Placement, background_summary, defect_candidates, load_background, place_defects, place_mask,
                       placement_listing)
+from .model_setup import resolve_image_channels
 from .results import SampleWriter, new_run_dir, write_grid, write_json, write_legend
-from .sample import TrainedWith, mask_splits, select_masks
-from .train import resolve_image_channels
+from .mask_selection import TrainedWith, mask_splits, select_masks
 
 CACHED_IMAGES = 128
 """Resized source images and backgrounds kept in memory while pasting (masks are cycled, backgrounds reused)."""
@@ -88,7 +88,8 @@ def resolve_paste_config(config: SampleConfig, log: Callable[[str], None] = prin
     return config, TrainedWith(seed=config.seed, val_fraction=config.val_fraction)
 
 
-def run_paste(config: SampleConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_paste(config: SampleConfig, log: Callable[[str], None] = print,
+              measure_hardness: MeasureHardness | None = None) -> dict[str, Any]:
     """Paste the defects of the chosen masks onto backgrounds, into a fresh sample run folder under
     root_log_dir with the layout of the other modes (plus paste.json: each image's mask, background, flips and
     shift). Everything that can fail on the user's input fails before the folder is made. Under a launcher every
@@ -100,7 +101,7 @@ def run_paste(config: SampleConfig, log: Callable[[str], None] = print) -> dict[
     splits, real_pairs = mask_splits(config, trained)
     config = resolve_image_channels(config, real_pairs, log)  # "auto": 1 when every train/ image is grey
     splits, without_defects = defect_candidates(config, splits)
-    chosen, selection_report = select_masks(config, splits, real_pairs, log)
+    chosen, selection_report = select_masks(config, splits, real_pairs, log, measure_hardness)
     with_image = [c for c in chosen if c.pair is not None]
     without_image = len(chosen) - len(with_image)
     if without_image:

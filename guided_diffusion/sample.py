@@ -2,7 +2,9 @@
 
 Masks come from the dataset split named by `mask_split` ("val" = the masks held out from training, recreated
 with the training run's seed and val_fraction), taken in dataset order and cycled until `num_samples`, or, with
-`balance_args`, chosen (and augmented) by balance.py so the classes end up balanced. Image i
+`balance_args`, chosen (and augmented) by balance.py so the classes end up balanced, or, with `hardness_args`,
+drawn by hardness (mask_selection.py). The hardness is measured by evaluation's scorer, which this package does
+not import: the caller passes `measure_hardness` (main.py and the study pass evaluation.freemask's). Image i
 starts from noise of its own generator (seeded by `seed` and i), so it is the same whatever `batch_size`.
 `mode` variation / inpaint start from the mask's real image / paint defects onto backgrounds (see inpaint.py);
 `mode` paste needs no model: it copies the masks' real defect pixels onto backgrounds (see paste.py).
@@ -22,27 +24,20 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .balance import ChosenMask, choose_masks
+from .balance import ChosenMask
 from .config import MODEL_KEYS, SampleConfig, parse_number_list, config_from_dict, config_to_dict
-from .data import Pair, SegmentationDataset, index_dataset, one_hot, read_class_names, split_train_val
+from .data import Pair, SegmentationDataset, one_hot, read_class_names
 from .diffusion import GaussianDiffusion, make_betas, space_timesteps
 from .distributed import current_world, gather_to_main, made_by_main
 from .errors import ConfigError
 from .guidance import conditional_denoiser
-from .hardness import draw_by_hardness, measure_hardness, uses_of, write_selection_reports
-from .inpaint import defect_candidates, plan_modes
+from .hardness import MeasureHardness, write_selection_reports
+from .inpaint import Batch, ModePlan, defect_candidates, plan_modes
+from .mask_selection import TrainedWith, mask_splits, select_masks
+from .model_setup import bf16_autocast, build_model, select_device
+from .paste import resolve_paste_config, run_paste
 from .results import SampleWriter, new_run_dir, to_uint8_image, write_grid, write_json, write_legend
 from .samplers import PerImageNoise, image_seed, log_snr_timesteps, run_sampler
-from .train import bf16_autocast, build_model, select_device
-
-
-@dataclass(frozen=True)
-class TrainedWith:
-    """What sampling needs to know about the training run behind a checkpoint."""
-
-    diffusion_steps: int = 1000
-    seed: int = 0
-    val_fraction: float = 0.2
 
 
 DEFAULT_SOLVER_STEPS = 20
@@ -106,43 +101,6 @@ def merge_checkpoint_config(config: SampleConfig, given: set[str], payload: dict
                                trained.get("val_fraction", config.val_fraction))
 
 
-def mask_splits(config: SampleConfig, trained: TrainedWith) -> tuple[dict[str, list[Pair]], list[Pair]]:
-    """The pairs of each `mask_split` value (val recreated as in training; "all" = train/ and test/ when the
-    dataset has a test/ folder), and the real set: train/'s pairs."""
-    index = index_dataset(config.data_dir, config.dataset_mode, config.num_classes,
-                          require_test=config.mask_split == "test")
-    train_pairs, val_pairs = split_train_val(index.train, trained.val_fraction, trained.seed)
-    return {"train": train_pairs, "val": val_pairs, "test": index.test, "all": index.train + index.test}, index.train
-
-
-def select_masks(config: SampleConfig, pairs_by_split: dict[str, list[Pair]], real_pairs: list[Pair] = (),
-                 log=print) -> tuple[list[ChosenMask], dict[str, Any] | None]:
-    """The mask of each of the num_samples images, and with balance_args the report of the class shares.
-
-    Without balance_args: the split's pairs in order, cycled (no report). With it: balance.choose_masks over the
-    split's pairs, `real_pairs` being the real set the shares start from. With hardness_args the masks are
-    drawn in proportion to hardness^exponent, or, with balance_args too, favoured by it within the balancing
-    (hardness.py); the report then holds the hardness report under "hardness"."""
-    pairs = pairs_by_split[config.mask_split]
-    if not pairs:
-        raise ConfigError(f"key 'mask_split' is {config.mask_split!r} but that split has no masks "
-                          f"(the model was trained with val_fraction 0); choose 'train', 'test' or 'all'")
-    hardness = None if config.hardness_args is None else measure_hardness(config, pairs, log)
-    if config.balance_args is None:
-        if hardness is not None:
-            drawn = [pairs[i] for i in draw_by_hardness(hardness.weights, config.num_samples, config.seed)]
-            report = hardness.report(uses_of(pairs, drawn)[0])
-            return [ChosenMask(pair.stem, pair) for pair in drawn], {"hardness": report}
-        cycled = [pairs[i % len(pairs)] for i in range(config.num_samples)]
-        return [ChosenMask(pair.stem, pair) for pair in cycled], None
-    chosen, report = choose_masks(config, pairs, list(real_pairs), log,
-                                  None if hardness is None else hardness.weights)
-    if hardness is not None:
-        uses, augmented = uses_of(pairs, [c.pair for c in chosen])
-        report["hardness"] = hardness.report(uses, augmented, with_balance=True)
-    return chosen, report
-
-
 def _mask_and_real(chosen: ChosenMask, dataset: SegmentationDataset,
                    position: dict[Pair, int]) -> tuple[torch.Tensor, np.ndarray | None]:
     """An image's mask (int64 class ids) and the real image it came from (uint8; None for an augmented mask)."""
@@ -163,18 +121,17 @@ def resolve_sampling_config(config: SampleConfig, given: set[str], source: str):
 
 
 def preview_mask_selection(config: SampleConfig, given: set[str] = frozenset(), source: str = "config",
-                           log=print) -> Path:
+                           log=print, measure_hardness: MeasureHardness | None = None) -> Path:
     """`main.py sample --dry-run` with balance_args or hardness_args: choose the masks and write the reports
     (balance.json/png, hardness.json/png, config.json) into a fresh sample run folder, without building the model
-    or sampling."""
+    or sampling. `measure_hardness`: see hardness.py (required with hardness_args)."""
     if config.mode == "paste":  # no checkpoint: the config's own num_classes, seed and val_fraction
-        from .paste import resolve_paste_config  # here: paste.py imports this module
         (config, trained), path = resolve_paste_config(config, log), None
     else:
         config, trained, path, _ = resolve_sampling_config(config, set(given), source)
     splits, real_pairs = mask_splits(config, trained)
     splits, _ = defect_candidates(config, splits)
-    _, report = select_masks(config, splits, real_pairs, log)
+    _, report = select_masks(config, splits, real_pairs, log, measure_hardness)
     run_dir = new_run_dir(config.root_log_dir, "sample")
     resolved = {} if path is None else {"resolved_model_path": str(path)}
     write_json(run_dir / "config.json", {**config_to_dict(config), **resolved, "dry_run": True})
@@ -192,89 +149,145 @@ def load_sampling_model(config: SampleConfig, given: set[str], source: str, devi
     return config, trained, model.to(device).eval(), path
 
 
+@dataclass(frozen=True)
+class SamplingJob:
+    """Everything a sampling run builds before its first batch (and before its run folder)."""
+
+    config: SampleConfig  # merged with the checkpoint's keys; num_samples as asked (config.json records it)
+    device: torch.device
+    autocast: bool
+    model: torch.nn.Module
+    checkpoint_path: Path
+    class_names: list[str]
+    diffusion: GaussianDiffusion
+    plan: ModePlan  # plan.sources: the mask of each image made (masks the mode skips make none)
+    dataset: SegmentationDataset  # the real images and masks of plan's sources
+    position: dict[Pair, int]  # a pair's index in `dataset`
+    selection_report: dict[str, Any] | None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.plan.sources)
+
+
+def prepare_sampling(config: SampleConfig, given: set[str], source: str, log=print,
+                     measure_hardness: MeasureHardness | None = None) -> SamplingJob:
+    """Load the model and choose the masks and the mode's plan: every check of the user's input, no file written."""
+    device = select_device(config.device)
+    config, trained, model, checkpoint_path = load_sampling_model(config, given, source, device)
+    class_names = read_class_names(config.data_dir, config.num_classes)  # a bad classes.json fails before any work
+    splits, real_pairs = mask_splits(config, trained)
+    splits, without_defects = defect_candidates(config, splits)
+    sources, selection_report = select_masks(config, splits, real_pairs, log, measure_hardness)
+    unique = list(dict.fromkeys(s.pair for s in sources if s.pair is not None))
+    dataset = SegmentationDataset(unique, config.image_size, config.dataset_mode, config.resize_mode,
+                                  image_channels=config.image_channels)
+    diffusion = sampling_diffusion(config, trained)
+    plan = plan_modes(config, diffusion, sources, real_pairs, without_defects, log)
+    return SamplingJob(config, device, bf16_autocast(config.precision, device), model, checkpoint_path, class_names,
+                       diffusion, plan, dataset, {pair: i for i, pair in enumerate(unique)}, selection_report)
+
+
 def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: str = "config",
-                 log=print) -> dict[str, Any]:
+                 log=print, measure_hardness: MeasureHardness | None = None) -> dict[str, Any]:
     """Sample into a fresh run folder under root_log_dir, made once the model and the masks are ready.
 
     `given` are the keys the user set explicitly: those must agree with the checkpoint's config.
     With N processes, sampling batch k goes to rank k % N (so each image is computed in the same batch as by one
     process, and the files are the same); rank 0 makes the folder and writes config, grid and summary.
-    Mode paste builds no model: paste.run_paste does the whole run."""
+    Mode paste builds no model: paste.run_paste does the whole run. `measure_hardness` measures the masks'
+    hardness with hardness_args (see hardness.py; evaluation.freemask.measure_hardness)."""
     if config.mode == "paste":
-        from .paste import run_paste  # here: paste.py imports this module
-        return run_paste(config, log)
+        return run_paste(config, log, measure_hardness)
     world = current_world()
     log = log if world.is_main else (lambda *_: None)
-    device = select_device(config.device)
-    config, trained, model, checkpoint_path = load_sampling_model(config, set(given), source, device)
-    class_names = read_class_names(config.data_dir, config.num_classes)  # a bad classes.json fails before any work
-    splits, real_pairs = mask_splits(config, trained)
-    splits, without_defects = defect_candidates(config, splits)
-    sources, balance_report = select_masks(config, splits, real_pairs, log)
-    unique = list(dict.fromkeys(s.pair for s in sources if s.pair is not None))
-    dataset = SegmentationDataset(unique, config.image_size, config.dataset_mode, config.resize_mode,
-                                  image_channels=config.image_channels)
-    position = {pair: i for i, pair in enumerate(unique)}
-
-    diffusion = sampling_diffusion(config, trained)
-    plan = plan_modes(config, diffusion, sources, real_pairs, without_defects, log)
-    sources = plan.sources
-    run_dir = made_by_main(lambda: new_run_dir(config.root_log_dir, "sample"))
+    job = prepare_sampling(config, set(given), source, log, measure_hardness)
+    run_dir = made_by_main(lambda: new_run_dir(job.config.root_log_dir, "sample"))
     log(f"run folder: {run_dir}")
     if world.is_main:
-        write_json(run_dir / "config.json", {**config_to_dict(config), "resolved_model_path": str(checkpoint_path)})
-    if balance_report is not None and world.is_main:
-        write_selection_reports(run_dir, balance_report)
-    if plan.placements and world.is_main:
-        write_json(run_dir / "inpaint.json", plan.listing())
-    config = dataclasses.replace(config, num_samples=len(sources))  # the images made: skipped masks make none
-    sampler = config.sampler
-    log(f"sampling {config.num_samples} images from {checkpoint_path} with {diffusion.num_timesteps} {sampler} "
-        f"steps, guidance s={config.s}, masks from split '{config.mask_split}' "
-        f"({len({s.stem for s in sources})} distinct)")
-    writer = SampleWriter(run_dir, config.num_classes)
-    autocast = bf16_autocast(config.precision, device)
-    grid_rows, started = [], time.perf_counter()
-    batches = world.share(range(0, config.num_samples, config.batch_size))
-    mine = sum(min(start + config.batch_size, config.num_samples) - start for start in batches)
-    bar = tqdm(total=mine * plan.steps_run, desc="sample", unit="step", dynamic_ncols=True,
-               unit_scale=1.0 / max(1, mine), disable=not world.is_main)
-    try:
-        for start in batches:
-            ids = list(range(start, min(start + config.batch_size, config.num_samples)))
-            items = [_mask_and_real(sources[i], dataset, position) for i in ids]
-            noise = PerImageNoise([image_seed(config.seed, i) for i in ids],
-                                  (config.image_channels, config.image_size, config.image_size), device)
-            batch = plan.prepare(ids, items, noise, device)
-            masks, x_T = batch.masks, batch.x
-            labels = one_hot(masks, config.num_classes).to(device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                denoise = conditional_denoiser(model, labels, config.s)
-                progress = lambda n, k=len(ids): bar.update(n * k)  # noqa: E731
-                images = run_sampler(config.sampler, diffusion, denoise, x_T, noise,
-                                     clip_denoised=config.clip_denoised, eta=config.ddim_eta, progress=progress,
-                                     start_step=plan.start_step, hook=batch.hook,
-                                     resample_steps=plan.resample_steps)
-            for k, i in enumerate(ids):
-                stem = f"{i:05d}_{sources[i].stem}"
-                sample = batch.finish(k, to_uint8_image(images[k].float().cpu(), keep_gray=True))
-                real = batch.shown[k]
-                mask = masks[k].numpy()
-                writer.write(stem, sample, mask, real)
-                if i < 8:
-                    grid_rows.append((i, (mask, real, sample)))
-    finally:
-        bar.close()
+        write_start_files(job, run_dir)
+    config = job.config
+    log(f"sampling {job.num_images} images from {job.checkpoint_path} with {job.diffusion.num_timesteps} "
+        f"{config.sampler} steps, guidance s={config.s}, masks from split '{config.mask_split}' "
+        f"({len({s.stem for s in job.plan.sources})} distinct)")
+    started = time.perf_counter()
+    grid_rows = sample_my_batches(job, SampleWriter(run_dir, config.num_classes))
     grid_rows = [row for _, row in sorted(gather_to_main(grid_rows), key=lambda entry: entry[0])]  # waits for all
-    seconds = time.perf_counter() - started
+    summary = sampling_summary(job, time.perf_counter() - started)
     if world.is_main:
         write_grid(run_dir / "grid.png", grid_rows, config.num_classes)
-        write_legend(run_dir / "legend.png", class_names)
-    summary = {"num_samples": config.num_samples, "checkpoint": str(checkpoint_path), "sampler": sampler,
-               "steps": diffusion.num_timesteps, "guidance_scale": config.s, "mask_split": config.mask_split,
-               "seconds": round(seconds, 3), "seconds_per_image": round(seconds / config.num_samples, 4),
-               "device": str(device), **plan.summary()}
-    if world.is_main:
+        write_legend(run_dir / "legend.png", job.class_names)
         write_json(run_dir / "summary.json", summary)
-    log(f"wrote {config.num_samples} samples to {run_dir} ({summary['seconds_per_image']:.3f} s/image)")
+    log(f"wrote {job.num_images} samples to {run_dir} ({summary['seconds_per_image']:.3f} s/image)")
     return {**summary, "run_dir": str(run_dir)}
+
+
+def write_start_files(job: SamplingJob, run_dir: Path) -> None:
+    """Rank 0, before sampling: config.json, the mask selection reports, inpaint.json."""
+    write_json(run_dir / "config.json", {**config_to_dict(job.config), "resolved_model_path": str(job.checkpoint_path)})
+    if job.selection_report is not None:
+        write_selection_reports(run_dir, job.selection_report)
+    if job.plan.placements:
+        write_json(run_dir / "inpaint.json", job.plan.listing())
+
+
+def sample_my_batches(job: SamplingJob, writer: SampleWriter) -> list[tuple[int, tuple]]:
+    """Sample and write this rank's batches; the grid rows of its images among the first 8, by image index.
+
+    The bar counts whole steps: a batch's sampler step is one, so it ends at batches x steps; images done
+    are shown beside it."""
+    config, world = job.config, current_world()
+    batches = world.share(range(0, job.num_images, config.batch_size))
+    bar = tqdm(total=len(batches) * job.plan.steps_run, desc="sample", unit="step", dynamic_ncols=True,
+               disable=not world.is_main)
+    mine = sum(min(config.batch_size, job.num_images - start) for start in batches)
+    grid_rows, done = [], 0
+    try:
+        for start in batches:
+            ids = list(range(start, min(start + config.batch_size, job.num_images)))
+            images, batch = sample_batch(job, ids, bar.update)
+            grid_rows += write_batch(job, ids, images, batch, writer)
+            done += len(ids)
+            bar.set_postfix(images=f"{done}/{mine}")
+    finally:
+        bar.close()
+    return grid_rows
+
+
+def sample_batch(job: SamplingJob, ids: list[int], progress) -> tuple[torch.Tensor, Batch]:
+    """The images `ids` (indices into the plan's sources), sampled together; `progress(1)` after each step."""
+    config, device = job.config, job.device
+    items = [_mask_and_real(job.plan.sources[i], job.dataset, job.position) for i in ids]
+    noise = PerImageNoise([image_seed(config.seed, i) for i in ids],
+                          (config.image_channels, config.image_size, config.image_size), device)
+    batch = job.plan.prepare(ids, items, noise, device)
+    labels = one_hot(batch.masks, config.num_classes).to(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.autocast):
+        denoise = conditional_denoiser(job.model, labels, config.s)
+        images = run_sampler(config.sampler, job.diffusion, denoise, batch.x, noise,
+                             clip_denoised=config.clip_denoised, eta=config.ddim_eta, progress=progress,
+                             start_step=job.plan.start_step, hook=batch.hook, resample_steps=job.plan.resample_steps)
+    return images, batch
+
+
+def write_batch(job: SamplingJob, ids: list[int], images: torch.Tensor, batch: Batch,
+                writer: SampleWriter) -> list[tuple[int, tuple]]:
+    """Write the batch's images, labels and real images; the grid rows (index, (mask, real, sample)) of the
+    first 8 images."""
+    grid_rows = []
+    for k, i in enumerate(ids):
+        sample = batch.finish(k, to_uint8_image(images[k].float().cpu(), keep_gray=True))
+        real, mask = batch.shown[k], batch.masks[k].numpy()
+        writer.write(f"{i:05d}_{job.plan.sources[i].stem}", sample, mask, real)
+        if i < 8:
+            grid_rows.append((i, (mask, real, sample)))
+    return grid_rows
+
+
+def sampling_summary(job: SamplingJob, seconds: float) -> dict[str, Any]:
+    """summary.json: what was sampled, how, and how long it took."""
+    config = job.config
+    return {"num_samples": job.num_images, "checkpoint": str(job.checkpoint_path), "sampler": config.sampler,
+            "steps": job.diffusion.num_timesteps, "guidance_scale": config.s, "mask_split": config.mask_split,
+            "seconds": round(seconds, 3), "seconds_per_image": round(seconds / job.num_images, 4),
+            "device": str(job.device), **job.plan.summary()}

@@ -20,13 +20,18 @@ logs and checkpoints; the epoch loss is the all-reduced sum of the losses every 
 SIGTERM (Slurm's preemption or requeue) and SIGUSR1 (`sbatch --signal=USR1@...` before the time limit) end the
 loop after the current step with `latest.pt` saved; `main.py` then exits with status 75 and the sbatch
 templates requeue the job, which resumes from that checkpoint (`auto_resume`).
+
+A loss that stops being finite (NaN or inf, usually an lr far too high) ends the run with the one-line error
+`loss is NaN at step N (lr L); best.pt still holds epoch E` (exit status 2) and `diverged` in summary.json.
+The check costs no extra wait for the GPU per step: the first non-finite step is remembered on the device and
+read where the loop waits anyway (a logged step, an epoch's end, a checkpoint). Every checkpoint write checks the
+weights first, so best.pt and latest.pt never hold non-finite weights.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 import time
 from contextlib import nullcontext
@@ -41,74 +46,14 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig, config_to_dict
-from .data import (Pair, SegmentationDataset, first_colour_image, index_dataset, one_hot, read_class_names,
-                   split_train_val)
+from .data import SegmentationDataset, index_dataset, one_hot, read_class_names, split_train_val
 from .diffusion import GaussianDiffusion
-from .errors import ConfigError
+from .errors import ConfigError, UserError
+from .model_setup import bf16_autocast, build_model, cpu_bf16_support, resolve_image_channels, select_device
 from .results import CsvLog, new_run_dir, write_json
-from .unet import SDMUNet
 
 STEP_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s"]
 EPOCH_FIELDS = ["epoch", "step", "loss", "mse", "vb", "best_loss", "is_best", "images_per_s", "seconds"]
-
-
-def select_device(name: str) -> torch.device:
-    """The device for key 'device'. With several processes, 'auto' and 'cuda' mean this process's GPU (the
-    current device, set to LOCAL_RANK when the process group was set up)."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import ConfigError
-        raise ConfigError(f"key 'device' is {name!r} but no CUDA GPU is available; use 'auto' or 'cpu'")
-    if name in ("auto", "cuda") and torch.cuda.is_available() and distributed.current_world().size > 1:
-        return torch.device("cuda", torch.cuda.current_device())
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_bf16_support() -> str:
-    """How this CPU runs bf16: "native" (avx512_bf16 or amx_bf16 instructions), "emulated" (oneDNN's bf16 kernels
-    on AVX-512 without them, by conversion) or "none". Each probe is guarded, as their APIs vary across versions."""
-    try:
-        capabilities = torch.cpu.get_capabilities()
-        if capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"):
-            return "native"
-    except Exception:  # older torch: no get_capabilities
-        pass
-    try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return "emulated"
-    except Exception:
-        pass
-    return "none"
-
-
-def bf16_autocast(precision: str, device: torch.device) -> bool:
-    """Whether key `precision` ("fp32", "bf16", "auto"; `use_fp16: true` is "auto") runs the model under bf16
-    torch.autocast on `device` (the UNet's GroupNorms and the loss, against fp32 noise, stay fp32).
-
-    "bf16": on CUDA, and on a CPU with bf16 support (native or emulated); else fp32. "auto": bf16 where it was
-    measured faster: CUDA GPUs with native bf16 (Ampere and later; bf16 tensor cores, not measured here as no GPU
-    was lent) and CPUs with native bf16 instructions. Measured on the CI machine's 2-core AMD EPYC (avx512_bf16, no
-    AMX), torch 2.14, 2 threads, median training images/s, fp32 -> bf16:
-    - 32 px, num_channels 32, channel_mult 1,2,2, 1 res block, batch 8: 29-31 -> 42-44 (1.4x); one guided sampling
-      step of 8 images (a forward of 16): 210 -> 131-136 ms (1.6x);
-    - 64 px, num_channels 64, channel_mult 1,2,2,2, 1 res block, batch 4: 4.3 -> 7.0-7.2 (1.65x).
-    The same CPU without its bf16 instructions (oneDNN limited by ONEDNN_MAX_CPU_ISA=AVX512_CORE, i.e. emulated):
-    32 px 28 -> 14 (0.5x), so "auto" stays fp32 there."""
-    if precision == "fp32":
-        return False
-    if device.type == "cuda":
-        if precision == "bf16":
-            return True
-        try:
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # older torch: no including_emulation
-            return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        support = cpu_bf16_support()
-        return support == "native" or (precision == "bf16" and support == "emulated")
-    return False
 
 
 def crop_windows(batch: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
@@ -116,27 +61,10 @@ def crop_windows(batch: torch.Tensor, top: torch.Tensor, left: torch.Tensor, siz
     return torch.stack([item[..., y:y + size, x:x + size] for item, y, x in zip(batch, top.tolist(), left.tolist())])
 
 
-def build_model(config) -> SDMUNet:
-    return SDMUNet(config.unet_spec())
-
-
 def build_diffusion(config) -> GaussianDiffusion:
     """The model's training process (diffusion_steps, usually 1000)."""
     return GaussianDiffusion.create(config.diffusion_steps, config.noise_schedule, learn_sigma=config.learn_sigma,
                                     rescale_timesteps=config.rescale_timesteps)
-
-
-def resolve_image_channels(config: TrainConfig, pairs: list[Pair], log=print) -> TrainConfig:
-    """The config with `image_channels` a number: "auto" becomes 1 when every image of `pairs` (the dataset's
-    train/ images) is grayscale (a grey file, or RGB with three equal channels), else 3; one log line says which."""
-    if config.image_channels != "auto":
-        return config
-    colour = first_colour_image([pair.image for pair in pairs])
-    if colour is None:
-        log(f"image_channels auto: 1 (all {len(pairs)} train/ images are grayscale); the model makes grey images")
-        return dataclasses.replace(config, image_channels=1)
-    log(f"image_channels auto: 3 ({colour.name} has colour); the model makes RGB images")
-    return dataclasses.replace(config, image_channels=3)
 
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
@@ -180,6 +108,75 @@ class _NoLog:
         pass
 
 
+class TrainingDiverged(UserError):
+    """The loss or the weights stopped being finite (usually lr far too high); the message names the step, its lr
+    and what best.pt still holds."""
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How the training items are cut into steps."""
+
+    num_items: int
+    global_batch: int  # batch_size x processes
+    batches_per_epoch: int
+    total_steps: int  # max_epochs worth of steps, or max_steps when fewer: the bar's total
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why the loop ended: summary.json's stop_reason, the stop signal (the job is requeued) or the divergence."""
+
+    reason: str = "max_epochs reached"
+    signal: str | None = None
+    diverged: TrainingDiverged | None = None
+
+
+@dataclass
+class _Progress:
+    """What the loop reports to: the CSV logs, the bar, and the images since the last logged step (for img/s)."""
+
+    steps: CsvLog | _NoLog
+    epochs: CsvLog | _NoLog
+    bar: tqdm
+    window_images: int = 0
+    window_start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.steps.close()
+        self.epochs.close()
+
+
+class FirstNonFinite:
+    """The first step whose loss was not finite, kept on the device: noting a step never waits for the GPU;
+    `read()` does, so the loop calls it only where it waits anyway."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), math.inf, dtype=torch.float64, device=device)  # inf: every loss was finite
+        self.loss = torch.zeros((), dtype=torch.float64, device=device)
+
+    def note(self, loss_sum: torch.Tensor, step: int) -> None:
+        """Remember `step` if its summed loss is NaN or inf and no earlier step's was."""
+        first = torch.isinf(self.step) & ~torch.isfinite(loss_sum)
+        self.step = torch.where(first, float(step), self.step)
+        self.loss = torch.where(first, loss_sum, self.loss)
+
+    def read(self) -> tuple[int | None, str]:
+        """The earliest non-finite step over all ranks (None: none) and this rank's loss there ("NaN" or "inf");
+        a collective with several processes."""
+        step = self.step.clone()
+        if distributed.current_world().size > 1:
+            torch.distributed.all_reduce(step, op=torch.distributed.ReduceOp.MIN)
+        step, loss = step.item(), self.loss.item()
+        return (None if math.isinf(step) else int(step)), ("inf" if math.isinf(loss) else "NaN")
+
+
+def finite_weights(*modules: torch.nn.Module) -> bool:
+    """Whether every parameter of `modules` is finite (one wait for the device, however many tensors)."""
+    return bool(torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all())
+
+
 class Trainer:
     """Holds the objects built once for a run; `run()` executes the loop."""
 
@@ -205,6 +202,7 @@ class Trainer:
         self.state = TrainState()
         # This rank's sums of loss/mse/vb over the epoch so far (rank 0's also hold what a resume carried over).
         self.running = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.first_non_finite = FirstNonFinite(self.device)
         self.ddp: DistributedDataParallel | None = None
         if self.world.size > 1:  # broadcasts rank 0's weights; averages gradients in backward
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -259,10 +257,38 @@ class Trainer:
         return payload
 
     def save_latest(self) -> None:
-        """Rank 0 saves the full state; a collective with several processes (all ranks call it together)."""
+        """Rank 0 saves the full state; a collective with several processes (all ranks call it together).
+        Raises TrainingDiverged, saving nothing, when a loss so far or a weight is not finite."""
         self.state.epoch_sums = distributed.all_reduce_sum(self.running).tolist()
+        self._check_finite()
         if self.world.is_main:
             ckpt.save_checkpoint(self.checkpoint_dir / "latest.pt", self._payload(full=True))
+
+    # --- divergence -----------------------------------------------------------------------------------------
+    def _check_finite(self) -> None:
+        """Raise TrainingDiverged if a loss so far or a weight (model or EMA) is not finite; a collective."""
+        found = self.first_non_finite.read()
+        if found[0] is not None:
+            self._raise_diverged(found)
+        if distributed.any_rank(not finite_weights(self.model, self.ema), self.device):
+            raise TrainingDiverged(self._diverged_text(f"the weights are not finite after step {self.state.step}",
+                                                       self.state.step))
+
+    def _raise_diverged(self, found: tuple[int | None, str] | None = None) -> None:
+        """Raise TrainingDiverged for the first step whose loss was not finite (`found`, else read: a collective)."""
+        step, kind = found or self.first_non_finite.read()
+        step = self.state.step if step is None else step
+        raise TrainingDiverged(self._diverged_text(f"loss is {kind} at step {step}", step))
+
+    def _diverged_text(self, what: str, step: int) -> str:
+        """`what` with the step's lr and what best.pt holds: the error line and summary.json's stop_reason."""
+        if not (self.checkpoint_dir / "best.pt").exists():
+            best = "no best.pt was written"
+        elif self.state.best_epoch >= 0:
+            best = f"best.pt still holds epoch {self.state.best_epoch}"
+        else:
+            best = "best.pt still holds the last weights of the run resumed from"
+        return f"{what} (lr {self._lr(step - 1):g}); {best}"
 
     # --- one step -----------------------------------------------------------------------------------------
     def _draws(self, batch_size: int) -> dict[str, torch.Tensor]:
@@ -352,102 +378,160 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        cfg, state, world = self.config, self.state, self.world
-        logs = (CsvLog(self.run_dir / "log.csv", STEP_FIELDS), CsvLog(self.run_dir / "epochs.csv", EPOCH_FIELDS)) \
-            if world.is_main else (_NoLog(), _NoLog())
-        step_log, epoch_log = logs
-        num_items = len(self.dataset)
-        global_batch = cfg.batch_size * world.size
-        batches_per_epoch = math.ceil(num_items / global_batch)
-        total = cfg.max_epochs * batches_per_epoch
-        if cfg.max_steps:
-            total = min(total, cfg.max_steps)
-        if world.size == 1:
-            self.log(f"training on {num_items} images ({len(self.val_pairs)} held out for validation), "
-                     f"{batches_per_epoch} batches of {cfg.batch_size} per epoch, device {self.device}")
-        else:
-            self.log(f"training on {num_items} images ({len(self.val_pairs)} held out for validation) with "
-                     f"{world.size} processes: global batch {global_batch} = batch_size {cfg.batch_size} per process "
-                     f"x {world.size} processes, {batches_per_epoch} batches per epoch, rank 0 on {self.device}")
-        self.log("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(self.class_names)))
-        stop_reason, stop_signal = "max_epochs reached", None
-        bar = tqdm(total=total, initial=min(state.step, total), desc=self.action, unit="step", dynamic_ncols=True,
-                   disable=not world.is_main)
-        window_images, window_start = 0, time.perf_counter()
-        epoch_start = time.perf_counter()
+        """Train until max_epochs, max_steps, patience or a stop signal; save latest.pt, best.pt, summary.json.
+        Raises TrainingDiverged, after writing summary.json, when the loss or the weights stop being finite."""
+        plan = self._plan()
+        self._log_start(plan)
         # Stop signals are recorded, not fatal, until the run has written its files and every rank is done.
         with distributed.StopSignals() as signals:
-            try:
-                while state.epoch < cfg.max_epochs and stop_signal is None:
-                    order = epoch_order(num_items, cfg.seed, state.epoch)
-                    carried = state.epoch_sums if world.is_main else [0.0, 0.0, 0.0]  # counted once, on rank 0
-                    self.running = torch.tensor(carried, dtype=torch.float64, device=self.device)
-                    for b in range(state.batch_in_epoch, batches_per_epoch):
-                        if cfg.max_steps and state.step >= cfg.max_steps:
-                            stop_reason = "max_steps reached"
-                            break
-                        indices = order[b * global_batch:(b + 1) * global_batch]
-                        per_sample = self._step_on(indices)
-                        self.running += per_sample.sum(0).double()
-                        state.step += 1
-                        state.batch_in_epoch = b + 1
-                        state.epoch_count += len(indices)
-                        window_images += len(indices)
-                        bar.update(1)
-                        if state.step % cfg.log_interval == 0:
-                            means = self._mean_over_ranks(per_sample)
-                            elapsed = time.perf_counter() - window_start
-                            speed = window_images / elapsed if elapsed > 0 else 0.0
-                            step_log.write({"step": state.step, "epoch": state.epoch, "loss": means[0],
-                                            "mse": means[1], "vb": means[2], "lr": self._lr(state.step - 1),
-                                            "images_per_s": round(speed, 3)})
-                            bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{speed:.1f}")
-                            window_images, window_start = 0, time.perf_counter()
-                        if cfg.patience_unit == "steps":
-                            state.steps_without_improvement += 1
-                        if state.step % cfg.save_interval == 0:
-                            self.save_latest()
-                        if distributed.any_rank(signals.received is not None, self.device):
-                            stop_signal = signals.received or "a stop signal on another rank"
-                            stop_reason = (f"stopped by {stop_signal} after step {state.step}: latest.pt saved; "
-                                           "rerun with auto_resume (or resume_checkpoint) to continue")
-                            break
-                        if cfg.patience and cfg.patience_unit == "steps" and \
-                                state.steps_without_improvement >= cfg.patience:
-                            stop_reason = f"no improvement for {cfg.patience} steps"
-                            break
-                    if state.batch_in_epoch < batches_per_epoch:
-                        break  # stopped inside the epoch (max_steps, step patience or a signal)
-                    self._end_epoch(epoch_log, time.perf_counter() - epoch_start)
-                    epoch_start = time.perf_counter()
-                    if cfg.patience and cfg.patience_unit == "epochs" and \
-                            state.epochs_without_improvement >= cfg.patience:
-                        stop_reason = f"no improvement for {cfg.patience} epochs"
-                        break
-                self.save_latest()
-            except KeyboardInterrupt:
-                if world.size == 1:  # with several ranks the others may not be here: no collective save
-                    self.save_latest()
-                    self.log(f"interrupted: saved {self.checkpoint_dir / 'latest.pt'}")
-                raise
-            finally:
-                bar.close()
-                step_log.close()
-                epoch_log.close()
-            best = self.checkpoint_dir / "best.pt"
-            if world.is_main:
-                if not best.exists():  # stopped before the first epoch ended: the latest weights are all we have
-                    ckpt.save_checkpoint(best, self._payload(full=False))
-                summary = {"stop_reason": stop_reason, "steps": state.step, "epochs_completed": state.epoch,
-                           "best_epoch": state.best_epoch,
-                           "best_loss": state.best_loss if math.isfinite(state.best_loss) else None,
-                           "processes": world.size, "global_batch": global_batch}
-                write_json(self.run_dir / "summary.json", summary)
+            stop = self._train_and_save(plan, signals)
+            if self.world.is_main:
+                self._write_end_files(stop, plan)
             distributed.barrier()  # no rank exits (and ends an srun step) before rank 0 wrote its files
+        if stop.diverged is not None:
+            raise stop.diverged
+        state = self.state
         best_text = (f"best epoch {state.best_epoch} (loss {state.best_loss:.5f})" if state.best_epoch >= 0 else
                      "no epoch completed, so best.pt holds the last weights")
-        self.log(f"{stop_reason}; {best_text}; checkpoints in {self.checkpoint_dir}")
-        return TrainResult(self.run_dir, best, self.checkpoint_dir / "latest.pt", state, stop_reason, stop_signal)
+        self.log(f"{stop.reason}; {best_text}; checkpoints in {self.checkpoint_dir}")
+        return TrainResult(self.run_dir, self.checkpoint_dir / "best.pt", self.checkpoint_dir / "latest.pt", state,
+                           stop.reason, stop.signal)
+
+    def _plan(self) -> EpochPlan:
+        num_items, global_batch = len(self.dataset), self.config.batch_size * self.world.size
+        batches_per_epoch = math.ceil(num_items / global_batch)
+        total = self.config.max_epochs * batches_per_epoch
+        if self.config.max_steps:
+            total = min(total, self.config.max_steps)
+        return EpochPlan(num_items, global_batch, batches_per_epoch, total)
+
+    def _log_start(self, plan: EpochPlan) -> None:
+        cfg, world, held_out = self.config, self.world, len(self.val_pairs)
+        if world.size == 1:
+            self.log(f"training on {plan.num_items} images ({held_out} held out for validation), "
+                     f"{plan.batches_per_epoch} batches of {cfg.batch_size} per epoch, device {self.device}")
+        else:
+            self.log(f"training on {plan.num_items} images ({held_out} held out for validation) with "
+                     f"{world.size} processes: global batch {plan.global_batch} = batch_size {cfg.batch_size} per "
+                     f"process x {world.size} processes, {plan.batches_per_epoch} batches per epoch, rank 0 on "
+                     f"{self.device}")
+        self.log("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(self.class_names)))
+
+    def _open_progress(self, plan: EpochPlan) -> _Progress:
+        """The CSV logs (rank 0 alone writes them) and the bar of the run's steps."""
+        main = self.world.is_main
+        steps = CsvLog(self.run_dir / "log.csv", STEP_FIELDS) if main else _NoLog()
+        epochs = CsvLog(self.run_dir / "epochs.csv", EPOCH_FIELDS) if main else _NoLog()
+        bar = tqdm(total=plan.total_steps, initial=min(self.state.step, plan.total_steps), desc=self.action,
+                   unit="step", dynamic_ncols=True, disable=not main)
+        return _Progress(steps, epochs, bar)
+
+    def _train_and_save(self, plan: EpochPlan, signals: distributed.StopSignals) -> Stop:
+        """The epochs, then latest.pt; a divergence ends them as a Stop (no checkpoint is written with it)."""
+        progress = self._open_progress(plan)
+        try:
+            stop = self._train_epochs(plan, progress, signals)
+            self.save_latest()
+            return stop
+        except TrainingDiverged as diverged:
+            return Stop(f"diverged: {diverged}", diverged=diverged)
+        except KeyboardInterrupt:
+            if self.world.size == 1:  # with several ranks the others may not be here: no collective save
+                self.save_latest()
+                self.log(f"interrupted: saved {self.checkpoint_dir / 'latest.pt'}")
+            raise
+        finally:
+            progress.close()
+
+    def _train_epochs(self, plan: EpochPlan, progress: _Progress, signals: distributed.StopSignals) -> Stop:
+        epoch_start = time.perf_counter()
+        while self.state.epoch < self.config.max_epochs:
+            stop = self._train_epoch(plan, progress, signals)
+            if self.state.batch_in_epoch < plan.batches_per_epoch:
+                return stop  # stopped inside the epoch (max_steps, step patience or a signal)
+            self._end_epoch(progress.epochs, time.perf_counter() - epoch_start)
+            epoch_start = time.perf_counter()
+            signal = stop.signal if stop is not None else None
+            patience = self._patience_stop("epochs") or self._patience_stop("steps")
+            if patience is not None:
+                return dataclasses.replace(patience, signal=signal)
+            if signal is not None:
+                return stop
+        return Stop()
+
+    def _train_epoch(self, plan: EpochPlan, progress: _Progress, signals: distributed.StopSignals) -> Stop | None:
+        """The epoch's remaining steps; a Stop when max_steps, step patience or a stop signal ends them."""
+        cfg, state = self.config, self.state
+        order = epoch_order(plan.num_items, cfg.seed, state.epoch)
+        carried = state.epoch_sums if self.world.is_main else [0.0, 0.0, 0.0]  # counted once, on rank 0
+        self.running = torch.tensor(carried, dtype=torch.float64, device=self.device)
+        for b in range(state.batch_in_epoch, plan.batches_per_epoch):
+            if cfg.max_steps and state.step >= cfg.max_steps:
+                return Stop("max_steps reached")
+            self._train_batch(order[b * plan.global_batch:(b + 1) * plan.global_batch], b, progress)
+            stop = self._signal_stop(signals) or self._patience_stop("steps")
+            if stop is not None:
+                return stop
+        return None
+
+    def _train_batch(self, indices: list[int], b: int, progress: _Progress) -> None:
+        """One step on the epoch's batch b (the global batch `indices`), then its log row and latest.pt when due."""
+        cfg, state = self.config, self.state
+        per_sample = self._step_on(indices)
+        step_sums = per_sample.sum(0).double()
+        self.running += step_sums
+        state.step += 1
+        state.batch_in_epoch = b + 1
+        state.epoch_count += len(indices)
+        self.first_non_finite.note(step_sums[0], state.step)
+        progress.window_images += len(indices)
+        progress.bar.update(1)
+        if state.step % cfg.log_interval == 0:
+            self._log_step(per_sample, progress)
+        if cfg.patience_unit == "steps":
+            state.steps_without_improvement += 1
+        if state.step % cfg.save_interval == 0:
+            self.save_latest()
+
+    def _log_step(self, per_sample: torch.Tensor, progress: _Progress) -> None:
+        """log.csv's row of the step just taken; its loss, fetched for the row, is where a NaN is first seen."""
+        state = self.state
+        means = self._mean_over_ranks(per_sample)
+        elapsed = time.perf_counter() - progress.window_start
+        speed = progress.window_images / elapsed if elapsed > 0 else 0.0
+        progress.steps.write({"step": state.step, "epoch": state.epoch, "loss": means[0], "mse": means[1],
+                              "vb": means[2], "lr": self._lr(state.step - 1), "images_per_s": round(speed, 3)})
+        progress.bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{speed:.1f}")
+        progress.window_images, progress.window_start = 0, time.perf_counter()
+        if not all(math.isfinite(mean) for mean in means):
+            self._raise_diverged()
+
+    def _signal_stop(self, signals: distributed.StopSignals) -> Stop | None:
+        if not distributed.any_rank(signals.received is not None, self.device):
+            return None
+        signal = signals.received or "a stop signal on another rank"
+        return Stop(f"stopped by {signal} after step {self.state.step}: latest.pt saved; rerun with auto_resume "
+                    "(or resume_checkpoint) to continue", signal)
+
+    def _patience_stop(self, unit: str) -> Stop | None:
+        """A Stop when key `patience` counts `unit` ("steps" or "epochs") and that many passed without a new best."""
+        cfg, state = self.config, self.state
+        waited = state.steps_without_improvement if unit == "steps" else state.epochs_without_improvement
+        if cfg.patience and cfg.patience_unit == unit and waited >= cfg.patience:
+            return Stop(f"no improvement for {cfg.patience} {unit}")
+        return None
+
+    def _write_end_files(self, stop: Stop, plan: EpochPlan) -> None:
+        """Rank 0: best.pt when no epoch ended (the latest weights are all there is; never after a divergence)
+        and summary.json."""
+        state, best = self.state, self.checkpoint_dir / "best.pt"
+        if not best.exists() and stop.diverged is None:  # save_latest checked these weights
+            ckpt.save_checkpoint(best, self._payload(full=False))
+        summary = {"stop_reason": stop.reason, "diverged": stop.diverged is not None, "steps": state.step,
+                   "epochs_completed": state.epoch, "best_epoch": state.best_epoch,
+                   "best_loss": state.best_loss if math.isfinite(state.best_loss) else None,
+                   "processes": self.world.size, "global_batch": plan.global_batch}
+        write_json(self.run_dir / "summary.json", summary)
 
     def _step_on(self, indices: list[int]) -> torch.Tensor:
         """Load this rank's slice of the global batch `indices` and train one step; its per-sample terms."""
@@ -472,8 +556,11 @@ class Trainer:
         state = self.state
         state.epoch_sums = distributed.all_reduce_sum(self.running).tolist()
         loss, mse, vb = (s / max(state.epoch_count, 1) for s in state.epoch_sums)
+        if not math.isfinite(loss):
+            self._raise_diverged()
         is_best = loss < state.best_loss
-        if is_best:
+        if is_best:  # the loss is finite, but the epoch's last update may have made the weights NaN
+            self._check_finite()
             state.best_loss, state.best_epoch = loss, state.epoch
             state.epochs_without_improvement = state.steps_without_improvement = 0
         else:
@@ -501,3 +588,13 @@ def run_training(config: TrainConfig, action: str, log=print) -> TrainResult:
     if start is not None:
         trainer.log(trainer.start_from(start))
     return trainer.run()
+
+
+def train_action(config: TrainConfig, action: str, log=print) -> int | None:
+    """`main.py train|finetune`: train (see run_training) and return the exit status: None when the run ended,
+    REQUEUE_EXIT_STATUS (75) when SIGTERM/SIGUSR1 ended it with latest.pt saved, so that sbatch requeues the job.
+    A diverged run raises TrainingDiverged (one line, status 2)."""
+    if run_training(config, action, log).stop_signal:
+        distributed.ignore_stop_signals()  # exit in order even when srun ends the step on another rank's exit
+        return distributed.REQUEUE_EXIT_STATUS
+    return None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import TINY_MODEL, write_config
-from guided_diffusion.config import config_from_dict, load_config, parse_override
+from guided_diffusion.config import config_from_dict, config_to_dict, load_config, parse_override
 from guided_diffusion.errors import ConfigError
 
 BASE = {"data_dir": "datasets/demo", "num_classes": 4, **TINY_MODEL}
@@ -171,7 +171,7 @@ def balance_error(balance_args: dict, **changes) -> str:
 
 def test_balance_args_are_stored_with_their_defaults_filled_in():
     config, _ = config_from_dict("sample", {**SAMPLE, "balance_args": {"based_on_pixel_count": False}})
-    assert config.balance_args == {"max_class_dif": 0.1, "based_on_generated_data_only": False,
+    assert config_to_dict(config)["balance_args"] == {"max_class_dif": 0.1, "based_on_generated_data_only": False,
                                    "based_on_pixel_count": False, "ejection_classes": [0],
                                    "use_mask_augmentation": False}
     again, _ = config_from_dict("sample", {**SAMPLE, "balance_args": config.balance_args})
@@ -204,12 +204,38 @@ def test_ejection_class_outside_the_classes_is_refused():
 def test_ejection_classes_are_checked_against_the_checkpoint_later_when_num_classes_is_not_given():
     values = {"data_dir": "d", "model_path": "m.pt", "balance_args": {"ejection_classes": [7]}}
     config, _ = config_from_dict("sample", values)
-    assert config.balance_args["ejection_classes"] == [7]
+    assert config.balance_args.ejection_classes == (7,)
     assert "outside 0..1" in error_for("sample", {**values, "dataset_mode": "binary"})  # binary: 2 classes
 
 
 def test_ejecting_every_class_is_refused():
     assert "ejects all 4 classes" in balance_error({"ejection_classes": [0, 1, 2, 3]})
+
+
+def test_isdm_spellings_are_translated_where_the_file_is_read_and_validate_only_checks():
+    values = {**SAMPLE, "dataset_mode": "lemon-multi-class", "use_ddim": True, "use_fp16": True}
+    config, _ = config_from_dict("sample", values)
+    assert (config.dataset_mode, config.sampler, config.precision) == ("multi-class", "ddim", "auto")
+    before = config_to_dict(config)
+    config.validate()
+    assert config_to_dict(config) == before
+
+
+def test_nested_objects_are_read_by_the_routine_of_the_top_level_keys():
+    nested = error_for("sample", {**SAMPLE, "hardness_args": {"scorer": {"steps": "10"}}})
+    assert nested == "configs/x.json: key 'hardness_args.scorer.steps' must be an integer, got \"10\""
+    top = error_for("sample", {**SAMPLE, "steps": "10"})
+    assert top == "configs/x.json: key 'steps' must be an integer, got \"10\""
+    not_finite = balance_error({"max_class_dif": float("nan")})
+    assert "key 'balance_args.max_class_dif' must be a number, got NaN" in not_finite
+
+
+def test_a_resolved_sample_config_reads_back_equal():
+    values = {**SAMPLE, "balance_args": {"ejection_classes": [2, 0, 2]},
+              "hardness_args": {"scorer": {"architecture": "FPN"}}}
+    config, _ = config_from_dict("sample", values)
+    assert config.balance_args.ejection_classes == (0, 2) and config.hardness_args.scorer.architecture == "fpn"
+    assert config_from_dict("sample", config_to_dict(config))[0] == config
 
 
 def test_shipped_configs_load():

@@ -18,7 +18,8 @@ from PIL import Image
 from evaluation.cli import main as evaluate_main
 from evaluation.filter import main as filter_main
 from evaluation.freemask import (FilterSettings, ScorerSettings, class_loss_stats, ignored_fraction,
-                                 ignored_pixels, load_or_train_scorer, mask_hardness, training_command)
+                                 ignored_pixels, load_or_train_scorer, mask_hardness, measure_hardness,
+                                 training_command)
 from evaluation.image_sets import IGNORE_INDEX, index_sample_folder
 from evaluation.metrics import segmentation_metrics
 from evaluation.segmenter import segmentation_loss
@@ -304,7 +305,7 @@ def test_sample_selection_with_hardness_args_writes_the_hardness_report(toy, tmp
               "image_size": SIZE, "hardness_args": {"exponent": 2, "scorer_dir": str(scorers), "scorer": SCORER}}
     config, _ = config_from_dict("sample", values)
     splits, real = mask_splits(config, TrainedWith())
-    chosen, report = select_masks(config, splits, real, log=lambda _: None)
+    chosen, report = select_masks(config, splits, real, log=lambda _: None, measure_hardness=measure_hardness)
     hardness = report["hardness"]
     assert len(chosen) == 200 and hardness["images"] == 200
     assert hardness["mean_hardness_chosen"] > hardness["mean_hardness_candidates"]
@@ -313,7 +314,7 @@ def test_sample_selection_with_hardness_args_writes_the_hardness_report(toy, tmp
     assert Image.open(tmp_path / "hardness.png").size[0] > 300 and not (tmp_path / "balance.json").exists()
 
     balanced, _ = config_from_dict("sample", {**values, "balance_args": {}})
-    _, both = select_masks(balanced, splits, real, log=lambda _: None)
+    _, both = select_masks(balanced, splits, real, log=lambda _: None, measure_hardness=measure_hardness)
     assert both["hardness"]["selection"].startswith("greedy class balancing") and "shares" in both
 
 
@@ -329,7 +330,7 @@ def test_hardness_args_are_checked_strictly(toy) -> None:
         with pytest.raises(ConfigError, match=message):
             config_from_dict("sample", {**base, "hardness_args": hardness_args})
     config, _ = config_from_dict("sample", {**base, "hardness_args": {}})
-    assert config.hardness_args["exponent"] == 1.0 and config.hardness_args["allow_training"] is False
+    assert config.hardness_args.exponent == 1.0 and config.hardness_args.allow_training is False
 
 
 def test_hardness_without_a_cached_scorer_says_how_to_train_it(toy, tmp_path) -> None:
@@ -339,7 +340,29 @@ def test_hardness_without_a_cached_scorer_says_how_to_train_it(toy, tmp_path) ->
     config, _ = config_from_dict("sample", values)
     splits, real = mask_splits(config, TrainedWith())
     with pytest.raises(CheckpointError, match=r"no scorer for dataset .*or set hardness_args.allow_training"):
+        select_masks(config, splits, real, log=lambda _: None, measure_hardness=measure_hardness)
+
+
+def test_hardness_is_measured_by_the_function_the_caller_hands_in(toy) -> None:
+    data, _ = toy
+    values = {"data_dir": str(data), "num_classes": 3, "model_path": "m", "image_size": SIZE, "mask_split": "all",
+              "num_samples": 50, "hardness_args": {"exponent": 1}}
+    config, _ = config_from_dict("sample", values)
+    splits, real = mask_splits(config, TrainedWith())
+    with pytest.raises(ValueError, match="pass evaluation.freemask.measure_hardness"):
         select_masks(config, splits, real, log=lambda _: None)
+    hard = {pair.stem: 1.0 + 9.0 * (i == 0) for i, pair in enumerate(splits["all"])}
+    chosen, report = select_masks(config, splits, real, log=lambda _: None,
+                                  measure_hardness=lambda c, pairs, log: (np.array([hard[p.stem] for p in pairs]), {}))
+    assert report["hardness"]["masks"][0]["stem"] == splits["all"][0].stem and len(chosen) == 50
+
+
+def test_filter_settings_are_read_by_the_config_routine() -> None:
+    with pytest.raises(ConfigError, match=r"key 'generators.f.filter.k' must be a number, got \"1\""):
+        FilterSettings.from_dict({"k": "1"}, "generators.f.filter")
+    with pytest.raises(ConfigError, match=r"key 'generators.f.filter.max_ignored_fraction' must be in \[0, 1\]"):
+        FilterSettings.from_dict({"max_ignored_fraction": 2}, "generators.f.filter")
+    assert FilterSettings.from_dict({"k": 2}) == FilterSettings(k=2.0)
 
 
 def test_filter_settings_are_checked() -> None:

@@ -4,6 +4,7 @@ the `mode` keys end to end, and crack/blowhole masks painted onto defect-free ma
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +305,15 @@ def test_variation_starts_lower_and_keeps_its_source_image_in_images(demo_dir, t
     for name in sources:
         assert np.array_equal(sources[name], pngs(noise_run / "images")[name])  # the real image of the mask
         assert not np.array_equal(samples[name], pngs(noise_run / "samples")[name])
+
+
+def test_the_progress_bar_counts_the_whole_steps_a_variation_runs(demo_dir, trained_run, tmp_path, capsys):
+    # 3 images in batches of 2 from a lower start: 2 batches x steps_run steps, never a fraction of a step.
+    run_dir = sample(demo_dir, trained_run, tmp_path, mode="variation", strength=0.4, batch_size=2)
+    steps_run = json.loads((run_dir / "summary.json").read_text())["steps_run"]
+    counts = re.findall(r"sample: +\d+%\|[^|]*\| *(\S+/\S+) \[", capsys.readouterr().err)
+    assert counts and all(re.fullmatch(rf"\d+/{2 * steps_run}", count) for count in counts), counts
+    assert counts[-1] == f"{2 * steps_run}/{2 * steps_run}"
 
 
 def make_background_dir(tmp_path: Path, image: Image.Image | None) -> Path:

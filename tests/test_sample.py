@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,11 @@ def pngs(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
 
 
+def bar_counts(stderr: str, desc: str = "sample") -> list[str]:
+    """Every `n/total` the `desc` progress bar printed, as printed."""
+    return re.findall(rf"{desc}: +\d+%\|[^|]*\| *(\S+/\S+) \[", stderr)
+
+
 def test_sample_writes_isdm_layout_with_matching_stems(demo_dir, trained_run, tmp_path):
     run_dir = sample(demo_dir, trained_run, tmp_path)
     names = {sub: sorted(pngs(run_dir / sub)) for sub in ("images", "labels", "colored_labels", "samples")}
@@ -46,6 +52,15 @@ def test_image_i_is_the_same_whatever_the_batch_size(demo_dir, trained_run, tmp_
     for name in one_by_one:
         difference = np.abs(one_by_one[name].astype(int) - all_at_once[name].astype(int))
         assert difference.max() <= 1, name  # float rounding may flip a uint8 level, nothing more
+
+
+def test_the_progress_bar_counts_whole_steps_of_a_batch(demo_dir, trained_run, tmp_path, capsys):
+    # 5 images in batches of 2 with 5 steps: 3 batches x 5 steps = 15 steps, and the images done beside them.
+    sample(demo_dir, trained_run, tmp_path, num_samples=5, batch_size=2)
+    stderr = capsys.readouterr().err
+    counts = bar_counts(stderr)
+    assert counts and all(re.fullmatch(r"\d+/15", count) for count in counts), counts
+    assert counts[-1] == "15/15" and "images=5/5" in stderr
 
 
 def test_different_seeds_give_different_images(demo_dir, trained_run, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ from conftest import tiny_train_config
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.errors import CheckpointError
-from guided_diffusion.train import Trainer
+from guided_diffusion import distributed
+from guided_diffusion import train as train_module
+from guided_diffusion.train import Trainer, train_action
 
 
 def make_trainer(demo_dir: Path, root: Path, action: str = "train", **changes) -> Trainer:
@@ -116,3 +119,16 @@ def test_a_checkpoint_of_another_model_shape_is_a_clear_error(demo_dir, tmp_path
     wider = make_trainer(demo_dir, tmp_path, num_channels=64, max_steps=1)
     with pytest.raises(CheckpointError, match="weights do not fit the config's model"):
         wider.start_from(trained.best_checkpoint)
+
+
+def test_train_action_exits_0_when_the_run_ends(demo_dir, tmp_path):
+    config, _ = config_from_dict("train", tiny_train_config(demo_dir, tmp_path, max_steps=1))
+    assert train_action(config, "train", log=lambda *_: None) is None
+
+
+def test_train_action_asks_sbatch_to_requeue_when_a_stop_signal_ended_the_run(monkeypatch):
+    ignored = []
+    monkeypatch.setattr(train_module, "run_training", lambda *_: SimpleNamespace(stop_signal="SIGUSR1"))
+    monkeypatch.setattr(distributed, "ignore_stop_signals", lambda: ignored.append(True))
+    assert train_action(None, "train") == distributed.REQUEUE_EXIT_STATUS == 75
+    assert ignored  # the exit itself must not be cut short by a second signal

@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import TINY_MODEL, tiny_train_config
-from guided_diffusion import train as train_module
+from guided_diffusion import model_setup
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.diffusion import GaussianDiffusion
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.sample import run_sampling
-from guided_diffusion.train import Trainer, bf16_autocast, cpu_bf16_support, crop_windows
+from guided_diffusion.model_setup import bf16_autocast, cpu_bf16_support
+from guided_diffusion.train import Trainer, crop_windows
 
 BF16_LOSS_TOLERANCE = 1e-2
 """Per-step relative difference allowed between the losses of a bf16 and an fp32 run from the same seed (tiny
@@ -148,7 +149,7 @@ def test_precision_chooses_bf16_autocast_by_device_and_cpu_support(monkeypatch):
     assert not bf16_autocast("fp32", cpu) and not bf16_autocast("fp32", cuda)
     assert bf16_autocast("bf16", cuda)
     for support, bf16, auto in (("native", True, True), ("emulated", True, False), ("none", False, False)):
-        monkeypatch.setattr(train_module, "cpu_bf16_support", lambda s=support: s)
+        monkeypatch.setattr(model_setup, "cpu_bf16_support", lambda s=support: s)
         assert (bf16_autocast("bf16", cpu), bf16_autocast("auto", cpu)) == (bf16, auto), support
 
 
