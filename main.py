@@ -15,8 +15,8 @@ import argparse
 import json
 import sys
 
-from guided_diffusion.config import ACTIONS, config_to_dict, load_config
-from guided_diffusion.distributed import REQUEUE_EXIT_STATUS, current_world, ignore_stop_signals, process_group
+from guided_diffusion.config import ACTIONS, LoadedConfig, config_to_dict, load_config
+from guided_diffusion.distributed import current_world, process_group
 from guided_diffusion.errors import exit_status
 from guided_diffusion.keys import keys_text
 
@@ -46,35 +46,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int | None:
     path = args.config or DEFAULT_CONFIGS[args.action]
     loaded = load_config(path, args.action, args.overrides)
-    config = loaded.config
     for note in loaded.notes:
         print(f"note: {note}")
     if (args.dry_run or args.action in ("export", "import")) and not current_world().is_main:
         return None  # single-process work under a launcher: rank 0 does it, once
-    if args.dry_run:
-        print(json.dumps(config_to_dict(config), indent=2))
-        if args.action == "sample" and (config.balance_args is not None or config.hardness_args is not None):
-            from guided_diffusion.sample import preview_mask_selection
-            preview_mask_selection(config, loaded.given, str(path), measure_hardness=hardness_measure(config))
-        return
-    if args.action == "sample":
-        from guided_diffusion.sample import run_sampling
-        run_sampling(config, loaded.given, str(path), measure_hardness=hardness_measure(config))
-        return
-    if args.action == "export":
-        from guided_diffusion.export import run_export
-        run_export(config)
-        return
-    if args.action == "import":
-        from guided_diffusion.convert import run_import
-        run_import(config)
-        return
+    stage = dry_run if args.dry_run else STAGES[args.action]
+    return stage(loaded, args.action, str(path))
 
-    from guided_diffusion.train import run_training
-    if run_training(config, args.action).stop_signal:  # SIGTERM/SIGUSR1: latest.pt is saved; sbatch requeues
-        ignore_stop_signals()  # exit in order even when srun ends the step on another rank's exit
-        return REQUEUE_EXIT_STATUS
+
+# Every action runs the same way: stage(loaded config, action, config path) -> exit status (None = 0). The stage
+# modules are imported when their action runs; resume and stop signals are the training module's business.
+
+def train(loaded: LoadedConfig, action: str, source: str) -> int | None:
+    from guided_diffusion.train import train_action
+    return train_action(loaded.config, action)
+
+
+def sample(loaded: LoadedConfig, action: str, source: str) -> int | None:
+    from guided_diffusion.sample import run_sampling
+    run_sampling(loaded.config, loaded.given, source, measure_hardness=hardness_measure(loaded.config))
     return None
+
+
+def export(loaded: LoadedConfig, action: str, source: str) -> int | None:
+    from guided_diffusion.export import run_export
+    run_export(loaded.config)
+    return None
+
+
+def import_labels(loaded: LoadedConfig, action: str, source: str) -> int | None:
+    from guided_diffusion.convert import run_import
+    run_import(loaded.config)
+    return None
+
+
+def dry_run(loaded: LoadedConfig, action: str, source: str) -> int | None:
+    """Print the resolved config; a sample config that selects masks also previews the selection."""
+    config = loaded.config
+    print(json.dumps(config_to_dict(config), indent=2))
+    if action == "sample" and (config.balance_args is not None or config.hardness_args is not None):
+        from guided_diffusion.sample import preview_mask_selection
+        preview_mask_selection(config, loaded.given, source, measure_hardness=hardness_measure(config))
+    return None
+
+
+STAGES = {"train": train, "finetune": train, "sample": sample, "export": export, "import": import_labels}
 
 
 def hardness_measure(config):
