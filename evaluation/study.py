@@ -152,7 +152,7 @@ def check_backgrounds_exist(config: StudyConfig, split: Split) -> None:
         free = None
         for name in config.generators_at(fraction):
             generator = config.generators[name]
-            mode = "paste" if generator.kind == "paste" else generator.sample.get("mode", "noise")
+            mode = generator.sample_keys.get("mode", "noise")
             if mode not in ("paste", "inpaint") or generator.sample.get("background_dir"):
                 continue
             free = defect_free_pairs(pairs, config.dataset_mode) if free is None else free
@@ -231,11 +231,11 @@ def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: s
 def filter_generated(study: Study, name: str, source: dict[str, Any], data_dir: Path) -> dict[str, Any] | None:
     """FreeMask-filter the images of a generator's source run: a scorer trained on the subset's real images
     (cached under scorers/) marks the synthetic pixels it finds implausible as ignored (labels_filtered/)."""
-    from .freemask import FILTER_REPORT, FilterSettings, ScorerSettings, filter_folders
+    from .freemask import FILTER_REPORT, ScorerSettings, filter_folders
 
     config, protocol = study.config, study.config.segmenter
     generator = config.generators[name]
-    settings = FilterSettings.from_dict(generator.filter, f"generators.{name}.filter")
+    settings = generator.filter
     scorer = ScorerSettings(protocol.architecture, protocol.encoder, config.image_size, config.resize_mode,
                             protocol.steps, protocol.batch_size, protocol.lr, protocol.weight_decay, True, config.seed)
     key = fingerprint("filter", source["fingerprint"], dataclasses.asdict(settings), dataclasses.asdict(scorer))
@@ -279,7 +279,7 @@ def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir
     if generator.kind == "sdm" and model_dir is None:
         return None  # report-only, the SDM not trained yet
     values = {**_common_keys(study, data_dir), **study.config.sdm.get("model", {}), "seed": study.config.seed,
-              **generator.sample}
+              **generator.sample_keys}
     if generator.kind == "paste":
         values = {k: v for k, v in values.items() if k not in study.config.sdm.get("model", {})}
     if model_dir is not None:
@@ -431,10 +431,8 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
                              "study sdm.finetune")
     for name, generator in config.generators.items():
         if generator.labels == "filtered":
-            from .freemask import FilterSettings
-            FilterSettings.from_dict(generator.filter, f"generators.{name}.filter")  # one-line ConfigError
-            continue
-        values = {**common, **generator.sample, "model_path": "x"}
+            continue  # its filter settings were checked where the file was read
+        values = {**common, **generator.sample_keys, "model_path": "x"}
         if generator.kind == "sdm":
             values = {**model, **values}
         config_from_dict("sample", values, f"study generators.{name}")

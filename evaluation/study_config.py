@@ -6,8 +6,12 @@ real fractions to draw, the segmenter protocol, the SDM's train / finetune keys 
 `main.py finetune`), the generators (each a `main.py sample` config: an SDM mode, or `paste`), and the variants:
 the training sets compared, each real images (or none) + the images of some generators, with an augmentation.
 
-Every key is checked before anything runs; a mistake is one `ConfigError` line naming the key. `--quick` runs
-the same study at toy size (see QUICK): every stage, a few minutes.
+The config is read by the one routine of guided_diffusion/checks.py (types, unknown keys; `segmenter`, each
+generator and each variant are dataclasses read the same way), then checked by `StudyConfig.validate()`, which
+holds the checks across keys (a variant's generators exist, a filtered generator's source, ...). Every key is
+checked before anything runs; a mistake is one `ConfigError` line naming the key; the keys of `sdm` and of each
+generator's `sample` are checked as the actions' configs once the dataset is known (study.check_study).
+`--quick` runs the same study at toy size (see QUICK): every stage, a few minutes.
 """
 
 from __future__ import annotations
@@ -15,23 +19,28 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guided_diffusion.checks import did_you_mean, refuse_unknown_sub_keys
+from guided_diffusion.checks import did_you_mean, read, refuse_unknown_sub_keys, require, setting, within
 from guided_diffusion.config import parse_override
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError
 
 from .config import canonical_architecture, read_config_file
+from .freemask import FilterSettings
 from .segmenter import AUGMENTATIONS
 
 GENERATOR_KINDS = ("sdm", "paste")
 """What makes a generator's images: the study's SDM (trained on the subset) sampled with the generator's sample
 keys, or copy-paste of real defects onto real defect-free images (sample mode "paste", no model)."""
 
+LABELS = ("raw", "filtered")
 PRECISIONS = ("auto", "fp32", "bf16")
+SDM_KEYS = ("model", "train", "finetune")
+SET_BY_THE_STUDY = ("data_dir", "root_log_dir", "num_classes", "dataset_mode", "image_size")
+"""Keys of the SDM's and the generators' configs that the study sets (from its own keys and the subset)."""
 
 QUICK: dict[str, Any] = {
     "image_size": 32,
@@ -53,64 +62,112 @@ key, every stage and every variant stay as configured."""
 class SegmenterProtocol:
     """How every segmenter of the study is trained and chosen (the same for every variant and seed)."""
 
-    architecture: str = "fpn"
-    encoder: str = "resnet18"
+    architecture: str = setting("fpn", canonical=canonical_architecture)
+    encoder: str = setting("resnet18", expect="an encoder name such as \"resnet18\"")
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-4
     select_every: int = 100
     precision: str = "auto"
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    seeds: list[int] = setting(factory=lambda: [0, 1, 2, 3, 4],
+                               expect="a list of at least two integers (the paired interval needs two)")
+
+    def validate(self) -> None:
+        require(bool(self.encoder), "encoder", "must be an encoder name such as \"resnet18\", got \"\"")
+        require(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")
+        require(self.batch_size >= 2, "batch_size", f"must be at least 2 (batch norm needs two images), got "
+                                                    f"{self.batch_size}")
+        require(self.select_every >= 0, "select_every", f"must be >= 0, got {self.select_every}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.precision in PRECISIONS, "precision",
+                f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        require(len(self.seeds) >= 2, "seeds", f"must be a list of at least two integers (the paired interval needs "
+                                               f"two), got {json.dumps(self.seeds)}")
+        require(len(set(self.seeds)) == len(self.seeds), "seeds", f"lists a seed twice: {self.seeds}")
 
 
 @dataclass(frozen=True)
 class Generator:
-    """A source of synthetic pairs: its kind and the `main.py sample` keys it is sampled with."""
+    """A source of synthetic pairs: its kind and the `main.py sample` keys it is sampled with; or, with labels
+    "filtered", the FreeMask-filtered labels of generator `source`'s images."""
 
-    name: str
-    kind: str
-    sample: dict[str, Any]
-    labels: str = "raw"  # "filtered": the FreeMask-filtered labels of generator `source`'s images
-    source: str | None = None
-    filter: dict[str, Any] = field(default_factory=dict)  # FilterSettings keys (k, max_ignored_fraction, ...)
+    kind: str = setting("", expect=" or ".join(GENERATOR_KINDS))
+    sample: dict[str, Any] = setting(factory=dict, expect="an object of `main.py sample` keys")
+    labels: str = "raw"
+    source: str | None = setting(None, expect="the name of the generator whose images are filtered")
+    filter: FilterSettings = setting(factory=FilterSettings, expect="an object of filter settings")
+
+    @property
+    def sample_keys(self) -> dict[str, Any]:
+        """The `main.py sample` keys its images are made with: `sample`, with mode "paste" for kind paste."""
+        return {**self.sample, "mode": "paste"} if self.kind == "paste" else self.sample
+
+    def validate(self) -> None:
+        """Its own keys; the study checks its source (StudyConfig.validate)."""
+        require(self.kind in GENERATOR_KINDS, "kind", f"must be one of {', '.join(GENERATOR_KINDS)}, got "
+                                                      f"{json.dumps(self.kind)}")
+        require(self.labels in LABELS, "labels", f"must be \"raw\" or \"filtered\" (FreeMask filtering of another "
+                                                 f"generator's images), got {json.dumps(self.labels)}")
+        if self.labels == "filtered":
+            require(not self.sample, "sample", "does not apply: a filtered generator reuses the images of its source")
+            return
+        require(self.source is None and self.filter == FilterSettings(), "source",
+                "and 'filter' only apply with labels \"filtered\"")
+        for owned in SET_BY_THE_STUDY + ("model_path",):
+            require(owned not in self.sample, f"sample.{owned}", "is set by the study; remove it")
+        if self.kind == "paste":
+            require(self.sample.get("mode", "paste") == "paste", "sample.mode",
+                    f"must be \"paste\" (or absent) for kind paste, got {json.dumps(self.sample.get('mode'))}")
+        else:
+            require(self.sample.get("mode", "noise") != "paste", "sample.mode",
+                    "is \"paste\"; use kind \"paste\" for copy-paste")
 
 
 @dataclass(frozen=True)
 class Variant:
     """A training set of the study: the real subset (or none) + the pairs of `synthetic` generators."""
 
-    name: str
-    synthetic: list[str] = field(default_factory=list)
+    name: str = ""
+    synthetic: list[str] = setting(factory=list, expect="a list of generator names")
     real: bool = True
-    augment: str = "flip"
+    augment: str = setting("flip", expect=" or ".join(AUGMENTATIONS))
     fractions: list[float] | None = None  # None = every real fraction
-    max_synthetic: int = 0  # 0 = every synthetic pair of the generators
+    max_synthetic: int = setting(0, expect="an integer >= 0 (0 = all)")  # 0 = every synthetic pair
 
     @property
     def is_baseline(self) -> bool:
         return self.real and not self.synthetic and self.augment == "flip"
 
+    def validate(self) -> None:
+        """Its own keys; the study checks its generators and fractions (StudyConfig.validate)."""
+        require(self.augment in AUGMENTATIONS, "augment",
+                f"must be one of {', '.join(AUGMENTATIONS)}, got {json.dumps(self.augment)}")
+        require(self.max_synthetic >= 0, "max_synthetic",
+                f"must be an integer >= 0 (0 = all), got {self.max_synthetic}")
+
 
 @dataclass(frozen=True)
 class StudyConfig:
-    data_dir: str
-    output_dir: str
-    dataset_mode: str = "multi-class"
-    num_classes: int | None = None
-    background_class: int | None = 0
-    ignore_index: int | None = None
+    data_dir: str = setting("", expect="a folder path")
+    output_dir: str = setting("", expect="a folder path")
+    dataset_mode: str = setting("multi-class", canonical=lambda mode, key: canonical_dataset_mode(mode))
+    num_classes: int | None = setting(None, expect="an integer >= 0 or null")
+    background_class: int | None = setting(0, expect="an integer >= 0 or null")
+    ignore_index: int | None = setting(None, expect="an integer >= 0 or null")
     seed: int = 0
     val_fraction: float = 0.15
-    real_fractions: list[float] = field(default_factory=lambda: [0.25, 1.0])
+    real_fractions: list[float] = setting(factory=lambda: [0.25, 1.0], expect="a list of fractions in (0, 1]")
     image_size: int = 128
-    resize_mode: str = "resize"
-    device: str = "auto"
-    segmenter: SegmenterProtocol = SegmenterProtocol()
-    sdm: dict[str, dict[str, Any]] = field(default_factory=dict)
-    generators: dict[str, Generator] = field(default_factory=dict)
-    variants: list[Variant] = field(default_factory=list)
-    quick: bool = False
+    resize_mode: str = setting("resize", expect=" or ".join(RESIZE_MODES))
+    device: str = setting("auto", expect="'auto', 'cpu' or 'cuda[:N]'")
+    segmenter: SegmenterProtocol = setting(factory=SegmenterProtocol, expect="an object of segmenter settings")
+    sdm: dict[str, dict[str, Any] | None] = setting(
+        factory=dict, expect="an object with 'model', 'train' and 'finetune' keys")
+    generators: dict[str, Generator] = setting(factory=dict, expect="an object of name: {kind, sample}")
+    variants: list[Variant] = setting(factory=list, expect="a non-empty list of variants")
+    quick: bool = False  # set by --quick (study_from_dict), not by the file
 
     def variants_at(self, fraction: float) -> list[Variant]:
         return [v for v in self.variants if v.fractions is None or fraction in v.fractions]
@@ -122,36 +179,83 @@ class StudyConfig:
         sources = [self.generators[g].source for g in used if self.generators[g].source is not None]
         return list(dict.fromkeys([s for s in sources if s is not None] + used))
 
+    def validate(self) -> None:
+        """Every check but the types (done where the file is read): ranges, and the keys that must agree."""
+        require(bool(self.data_dir), "data_dir", "is required: the dataset folder with train/ and test/")
+        require(bool(self.output_dir), "output_dir",
+                "is required: the study's folder (made, or resumed when it holds this study)")
+        fractions = self.real_fractions
+        require(bool(fractions) and all(0 < f <= 1 for f in fractions), "real_fractions",
+                f"must be a list of fractions in (0, 1], got {json.dumps(fractions)}")
+        require(len(set(fractions)) == len(fractions), "real_fractions", f"lists a fraction twice: {fractions}")
+        for key in ("num_classes", "background_class", "ignore_index"):
+            value = getattr(self, key)
+            require(value is None or value >= 0, key, f"must be an integer >= 0 or null, got {value}")
+        require(0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5): the real validation split for "
+                                                             f"model selection, got {self.val_fraction}")
+        require(self.image_size >= 32 and self.image_size % 32 == 0, "image_size",
+                f"must be a multiple of 32 (the segmenters downsample 32 times), got {self.image_size}")
+        require(self.resize_mode in RESIZE_MODES, "resize_mode",
+                f"must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device",
+                f"must be 'auto', 'cpu' or 'cuda[:N]', got {json.dumps(self.device)}")
+        with within("segmenter"):
+            self.segmenter.validate()
+        self._validate_generators()
+        self._validate_sdm()
+        self._validate_variants()
 
-_TOP_KEYS = ("data_dir", "output_dir", "dataset_mode", "num_classes", "background_class", "ignore_index", "seed",
-             "val_fraction", "real_fractions", "image_size", "resize_mode", "device", "segmenter", "sdm",
-             "generators", "variants")
-_SDM_KEYS = ("model", "train", "finetune")
+    def _validate_generators(self) -> None:
+        for name, generator in self.generators.items():
+            with within(f"generators.{name}"):
+                generator.validate()
+            if generator.labels == "filtered":
+                others = [n for n in self.generators if n != name]
+                require(generator.source in others, f"generators.{name}.source",
+                        f"must name the generator whose images are filtered, got {json.dumps(generator.source)}"
+                        f"{did_you_mean(generator.source, others)}")
+        for name, generator in self.generators.items():
+            if generator.source is not None:
+                origin = self.generators[generator.source]
+                require(origin.source is None and origin.kind == generator.kind, f"generators.{name}.source",
+                        f"must name a generator of raw labels of the same kind ({generator.kind}), got "
+                        f"{generator.source!r}")
 
+    def _validate_sdm(self) -> None:
+        """The keys of `sdm` are the actions' (checked as train / finetune configs by study.check_study)."""
+        refuse_unknown_sub_keys(self.sdm, list(SDM_KEYS), "sdm")
+        for key, part in self.sdm.items():
+            require(part is not None or key == "finetune", f"sdm.{key}", "must be an object of config keys")
+            for owned in SET_BY_THE_STUDY + ("resume_checkpoint", "auto_resume"):
+                require(owned not in (part or {}), f"sdm.{key}.{owned}", "is set by the study; remove it")
+        if any(g.kind == "sdm" for g in self.generators.values()):
+            require(bool(self.sdm.get("train")), "sdm.train", "is required: an SDM generator is used")
 
-def _refuse_unknown(values: dict[str, Any], names: tuple[str, ...] | list[str], where: str) -> None:
-    """ConfigError for the first key that is not one of `names` (comment keys '_...' and '#...' pass); a nested
-    object (`where` set) gets the message of every other nested object of the configs."""
-    keys = {key: value for key, value in values.items() if not str(key).startswith(("_", "#"))}
-    if where:
-        refuse_unknown_sub_keys(keys, list(names), where)
-        return
-    for key in keys:
-        if key not in names:
-            raise ConfigError(f"key '{key}' is unknown{did_you_mean(key, list(names))}")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"key '{key}' {message}")
+    def _validate_variants(self) -> None:
+        require(bool(self.variants), "variants", "must be a non-empty list of variants")
+        for position, variant in enumerate(self.variants):
+            require(bool(variant.name), f"variants[{position}].name", "must be a non-empty string")
+            where = f"variants.{variant.name}"
+            with within(where):
+                variant.validate()
+            require(variant.real or bool(variant.synthetic), where,
+                    "has no training images (real false and no synthetic generators)")
+            for name in variant.synthetic:
+                require(name in self.generators, f"{where}.synthetic",
+                        f"names generator {name!r}, which 'generators' does not define"
+                        f"{did_you_mean(name, list(self.generators))}")
+            require(variant.fractions is None or all(f in self.real_fractions for f in variant.fractions),
+                    f"{where}.fractions", f"must list values of real_fractions {self.real_fractions}, got "
+                                          f"{json.dumps(variant.fractions)}")
+        names = [v.name for v in self.variants]
+        for name in names:
+            require(names.count(name) == 1, "variants", f"names variant {name!r} twice")
+        for fraction in self.real_fractions:
+            baselines = sum(v.is_baseline for v in self.variants_at(fraction))
+            require(baselines >= 1, "variants",
+                    f"has no real-only baseline at real fraction {fraction} (real true, no synthetic, augment "
+                    "\"flip\"); the paired differences are taken to it")
+            require(baselines == 1, "variants", f"has more than one real-only baseline at real fraction {fraction}")
 
 
 def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -171,7 +275,7 @@ def apply_quick(values: dict[str, Any]) -> dict[str, Any]:
     values["image_size"] = QUICK["image_size"]
     values["segmenter"] = deep_merge(values.get("segmenter") or {}, QUICK["segmenter"])
     sdm = values.get("sdm") or {}
-    values["sdm"] = {key: deep_merge(sdm.get(key) or {}, QUICK["sdm"].get(key, {})) for key in _SDM_KEYS
+    values["sdm"] = {key: deep_merge(sdm.get(key) or {}, QUICK["sdm"].get(key, {})) for key in SDM_KEYS
                      if key in sdm or key in QUICK["sdm"]}
     if sdm.get("finetune") is None and "finetune" in sdm:
         values["sdm"]["finetune"] = None
@@ -185,195 +289,14 @@ def apply_quick(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _segmenter(values: Any) -> SegmenterProtocol:
-    values = {} if values is None else values
-    _require(isinstance(values, dict), "segmenter", "must be an object of segmenter settings")
-    names = [f.name for f in dataclasses.fields(SegmenterProtocol)]
-    _refuse_unknown(values, names, "segmenter")
-    values = {k: v for k, v in values.items() if not str(k).startswith(("_", "#"))}
-    protocol = SegmenterProtocol(**values)
-    canonical_architecture(protocol.architecture, "segmenter.architecture")
-    _require(isinstance(protocol.encoder, str) and bool(protocol.encoder), "segmenter.encoder",
-             f"must be an encoder name such as \"resnet18\", got {json.dumps(protocol.encoder)}")
-    for key in ("steps", "batch_size", "select_every"):
-        value = getattr(protocol, key)
-        _require(_integer(value) and value >= (0 if key == "select_every" else 1), f"segmenter.{key}",
-                 f"must be an integer >= {0 if key == 'select_every' else 1}, got {json.dumps(value)}")
-    _require(protocol.batch_size >= 2, "segmenter.batch_size", "must be at least 2 (batch norm needs two images)")
-    _require(_number(protocol.lr) and protocol.lr > 0, "segmenter.lr", f"must be a number > 0, got {protocol.lr!r}")
-    _require(_number(protocol.weight_decay) and protocol.weight_decay >= 0, "segmenter.weight_decay",
-             f"must be a number >= 0, got {protocol.weight_decay!r}")
-    _require(protocol.precision in PRECISIONS, "segmenter.precision",
-             f"must be one of {', '.join(PRECISIONS)}, got {protocol.precision!r}")
-    seeds = protocol.seeds
-    _require(isinstance(seeds, list) and len(seeds) >= 2 and all(_integer(s) for s in seeds), "segmenter.seeds",
-             f"must be a list of at least two integers (the paired interval needs two), got {json.dumps(seeds)}")
-    _require(len(set(seeds)) == len(seeds), "segmenter.seeds", f"lists a seed twice: {seeds}")
-    return protocol
-
-
-def _generators(values: Any) -> dict[str, Generator]:
-    values = {} if values is None else values
-    _require(isinstance(values, dict), "generators", "must be an object of name: {kind, sample}")
-    generators = {}
-    for name, spec in values.items():
-        if str(name).startswith(("_", "#")):
-            continue
-        where = f"generators.{name}"
-        _require(isinstance(spec, dict), where, "must be an object with 'kind' and 'sample' (or 'source' and "
-                                                "'labels': \"filtered\")")
-        _refuse_unknown(spec, ("kind", "sample", "labels", "source", "filter"), where)
-        kind = spec.get("kind")
-        _require(kind in GENERATOR_KINDS, f"{where}.kind", f"must be one of {', '.join(GENERATOR_KINDS)}, got "
-                                                            f"{json.dumps(kind)}")
-        labels = spec.get("labels", "raw")
-        _require(labels in ("raw", "filtered"), f"{where}.labels",
-                 f"must be \"raw\" or \"filtered\" (FreeMask filtering of another generator's images), got "
-                 f"{json.dumps(labels)}")
-        source, settings = spec.get("source"), spec.get("filter") or {}
-        if labels == "filtered":
-            _require(isinstance(source, str) and source in values and source != name, f"{where}.source",
-                     f"must name the generator whose images are filtered, got {json.dumps(source)}"
-                     f"{did_you_mean(source, [n for n in values if n != name])}")
-            _require("sample" not in spec, f"{where}.sample", "does not apply: a filtered generator reuses the "
-                                                              "images of its source")
-            _require(isinstance(settings, dict), f"{where}.filter", "must be an object of filter settings")
-            _refuse_unknown(settings, ("k", "max_ignored_fraction", "drop_basis"), f"{where}.filter")
-            generators[str(name)] = Generator(str(name), kind, {}, labels, source, dict(settings))
-            continue
-        _require(source is None and not settings, f"{where}.source",
-                 "and 'filter' only apply with labels \"filtered\"")
-        sample = spec.get("sample") or {}
-        _require(isinstance(sample, dict), f"{where}.sample", "must be an object of `main.py sample` keys")
-        for owned in ("data_dir", "model_path", "root_log_dir", "num_classes", "dataset_mode", "image_size"):
-            _require(owned not in sample, f"{where}.sample.{owned}", "is set by the study; remove it")
-        if kind == "paste":
-            _require(sample.get("mode", "paste") == "paste", f"{where}.sample.mode",
-                     f"must be \"paste\" (or absent) for kind paste, got {json.dumps(sample.get('mode'))}")
-            sample = {**sample, "mode": "paste"}
-        else:
-            _require(sample.get("mode", "noise") != "paste", f"{where}.sample.mode",
-                     "is \"paste\"; use kind \"paste\" for copy-paste")
-        generators[str(name)] = Generator(str(name), kind, sample)
-    for generator in generators.values():
-        if generator.source is not None:
-            origin = generators[generator.source]
-            _require(origin.source is None and origin.kind == generator.kind, f"generators.{generator.name}.source",
-                     f"must name a generator of raw labels of the same kind ({generator.kind}), got "
-                     f"{generator.source!r}")
-    return generators
-
-
-def _variants(values: Any, generators: dict[str, Generator], fractions: list[float]) -> list[Variant]:
-    _require(isinstance(values, list) and bool(values), "variants", "must be a non-empty list of variants")
-    variants: list[Variant] = []
-    names = [f.name for f in dataclasses.fields(Variant)]
-    for position, spec in enumerate(values):
-        where = f"variants[{position}]"
-        _require(isinstance(spec, dict), where, "must be an object with at least 'name'")
-        _refuse_unknown(spec, names, where)
-        spec = {k: v for k, v in spec.items() if not str(k).startswith(("_", "#"))}
-        _require(isinstance(spec.get("name"), str) and bool(spec.get("name")), f"{where}.name", "must be a string")
-        variant = Variant(**spec)
-        where = f"variants.{variant.name}"
-        _require(isinstance(variant.synthetic, list), f"{where}.synthetic", "must be a list of generator names")
-        for name in variant.synthetic:
-            _require(name in generators, f"{where}.synthetic",
-                     f"names generator {name!r}, which 'generators' does not define"
-                     f"{did_you_mean(name, list(generators))}")
-        _require(isinstance(variant.real, bool), f"{where}.real", "must be true or false")
-        _require(variant.real or bool(variant.synthetic), f"{where}", "has no training images (real false and no "
-                                                                       "synthetic generators)")
-        _require(variant.augment in AUGMENTATIONS, f"{where}.augment",
-                 f"must be one of {', '.join(AUGMENTATIONS)}, got {json.dumps(variant.augment)}")
-        _require(_integer(variant.max_synthetic) and variant.max_synthetic >= 0, f"{where}.max_synthetic",
-                 f"must be an integer >= 0 (0 = all), got {json.dumps(variant.max_synthetic)}")
-        if variant.fractions is not None:
-            _require(isinstance(variant.fractions, list) and all(f in fractions for f in variant.fractions),
-                     f"{where}.fractions", f"must list values of real_fractions {fractions}, got "
-                                           f"{json.dumps(variant.fractions)}")
-        variants.append(variant)
-    seen = [v.name for v in variants]
-    for name in seen:
-        _require(seen.count(name) == 1, "variants", f"names variant {name!r} twice")
-    for fraction in fractions:
-        here = [v for v in variants if v.fractions is None or fraction in v.fractions]
-        _require(any(v.is_baseline for v in here), "variants",
-                 f"has no real-only baseline at real fraction {fraction} (real true, no synthetic, augment \"flip\"); "
-                 "the paired differences are taken to it")
-        _require(sum(v.is_baseline for v in here) == 1, "variants",
-                 f"has more than one real-only baseline at real fraction {fraction}")
-    return variants
-
-
-def _sdm(values: Any, generators: dict[str, Generator]) -> dict[str, dict[str, Any]]:
-    values = {} if values is None else values
-    _require(isinstance(values, dict), "sdm", "must be an object with 'model', 'train' and 'finetune' keys")
-    _refuse_unknown(values, _SDM_KEYS, "sdm")
-    resolved: dict[str, Any] = {}
-    for key in _SDM_KEYS:
-        part = values.get(key, {} if key != "finetune" else None)
-        if key == "finetune" and part is None:
-            resolved[key] = None
-            continue
-        _require(isinstance(part, dict), f"sdm.{key}", "must be an object of config keys"
-                 + (" or null (no finetuning, no guidance)" if key == "finetune" else ""))
-        for owned in ("data_dir", "root_log_dir", "num_classes", "dataset_mode", "image_size", "resume_checkpoint",
-                      "auto_resume"):
-            _require(owned not in part, f"sdm.{key}.{owned}", "is set by the study; remove it")
-        resolved[key] = dict(part)
-    if any(g.kind == "sdm" for g in generators.values()):
-        _require(bool(resolved["train"]), "sdm.train", "is required: an SDM generator is used")
-    return resolved
-
-
 def study_from_dict(values: dict[str, Any], source: str, quick: bool = False) -> StudyConfig:
-    """Check and build the study config; ConfigError names `source` and the key."""
+    """Read and check the study config (with `quick`, at toy size); ConfigError names `source` and the key."""
     try:
-        if quick:
-            values = apply_quick(values)
-        _refuse_unknown(values, _TOP_KEYS, "")
-        top = {k: v for k, v in values.items() if k in _TOP_KEYS and k not in ("segmenter", "sdm", "generators",
-                                                                                  "variants")}
-        _require(isinstance(top.get("data_dir"), str) and bool(top.get("data_dir")), "data_dir",
-                 "is required: the dataset folder with train/ and test/")
-        _require(isinstance(top.get("output_dir"), str) and bool(top.get("output_dir")), "output_dir",
-                 "is required: the study's folder (made, or resumed when it holds this study)")
-        fractions = top.get("real_fractions", [0.25, 1.0])
-        _require(isinstance(fractions, list) and bool(fractions) and all(_number(f) and 0 < f <= 1 for f in fractions),
-                 "real_fractions", f"must be a list of fractions in (0, 1], got {json.dumps(fractions)}")
-        _require(len(set(fractions)) == len(fractions), "real_fractions", f"lists a fraction twice: {fractions}")
-        top["real_fractions"] = [float(f) for f in fractions]
-        mode = canonical_dataset_mode(top.get("dataset_mode", "multi-class"))
-        top["dataset_mode"] = mode
-        for key in ("num_classes", "background_class", "ignore_index"):
-            value = top.get(key, StudyConfig.__dataclass_fields__[key].default)
-            _require(value is None or (_integer(value) and value >= 0), key,
-                     f"must be an integer >= 0 or null, got {json.dumps(value)}")
-        _require(_integer(top.get("seed", 0)), "seed", "must be an integer")
-        val = top.get("val_fraction", 0.15)
-        _require(_number(val) and 0 < val < 0.5, "val_fraction",
-                 f"must be in (0, 0.5): the real validation split for model selection, got {json.dumps(val)}")
-        size = top.get("image_size", 128)
-        _require(_integer(size) and size >= 32 and size % 32 == 0, "image_size",
-                 f"must be a multiple of 32 (the segmenters downsample 32 times), got {json.dumps(size)}")
-        _require(top.get("resize_mode", "resize") in RESIZE_MODES, "resize_mode",
-                 f"must be one of {', '.join(RESIZE_MODES)}")
-        device = top.get("device", "auto")
-        _require(isinstance(device, str) and (device in ("auto", "cpu") or device.startswith("cuda")), "device",
-                 f"must be 'auto', 'cpu' or 'cuda[:N]', got {json.dumps(device)}")
-        generators = _generators(values.get("generators"))
-        config = StudyConfig(
-            **top,
-            segmenter=_segmenter(values.get("segmenter")),
-            sdm=_sdm(values.get("sdm"), generators),
-            generators=generators,
-            variants=_variants(values.get("variants"), generators, top["real_fractions"]),
-            quick=quick,
-        )
+        require("quick" not in values, "quick", "is set by the --quick option, not in the file")
+        config = read(StudyConfig, apply_quick(values) if quick else values)
+        config = dataclasses.replace(config, quick=quick)
+        config.validate()
     except ConfigError as error:
-        raise ConfigError(f"{source}: {error}") from None
-    except TypeError as error:  # a dataclass got a value it cannot hold
         raise ConfigError(f"{source}: {error}") from None
     return config
 

@@ -1,8 +1,9 @@
 """The one routine that reads a JSON object into a typed config dataclass, and the helpers of the checks after it.
 
 Every config of the project is a dataclass read by `read`: the actions' configs (config.py) with their nested
-objects (`balance_args`, `hardness_args` and its `scorer`), the evaluation's config (evaluation/config.py) and
-FreeMask's filter settings (evaluation/freemask.py). Reading a config is two steps, always in this order:
+objects (`balance_args`, `hardness_args` and its `scorer`), the evaluation's config (evaluation/config.py),
+FreeMask's filter settings (evaluation/freemask.py) and the low-data study's config with its segmenter, generators
+and variants (evaluation/study_config.py). Reading a config is two steps, always in this order:
 
 1. `read(cls, values, where)`: where the dict is read. Comment keys ('_...', '#...') are skipped, an alias
    (a field's `alias`, e.g. ISDM's `weights_decay`) becomes its key, an unknown key is refused (or handed to the
@@ -10,7 +11,8 @@ FreeMask's filter settings (evaluation/freemask.py). Reading a config is two ste
    is no number, a float must be finite, a list's items are checked too) and brought to its one form (an
    integer for a float key becomes a float, a list for a tuple key a tuple, then the field's `canonical`, e.g.
    'lemon-binary' -> 'binary'). A field whose type is a dataclass is read the same way, its keys named
-   `<where>.<key>`.
+   `<where>.<key>`; so is each item of a field typed `list[X]` (named `<key>[i]`) or `dict[str, X]` (an object of
+   named items, `<key>.<name>`; comment keys skipped), where X is a dataclass or, for the object, any type but Any.
 2. `validate()` of the dataclass: only checks (ranges, keys that must agree), never changes a value; it raises
    `KeyProblem` through `require`. A parent validates its nested objects `within` their key, so a problem is
    named by its full path ('balance_args.ejection_classes'), and may pass them what they need of its own keys.
@@ -217,16 +219,37 @@ def read(cls: type, values: Mapping[str, Any], where: str = "", unknown: Unknown
         raise KeyProblem(_path(where, problem.key), problem.message) from None
 
 
-def read_value(value: Any, annotation: Any, field: dataclasses.Field, key: str) -> Any:
-    """One value of key `key` checked against its annotation and brought to its one form (module docstring)."""
+def read_value(value: Any, annotation: Any, field: dataclasses.Field | None, key: str) -> Any:
+    """One value of key `key` checked against its annotation and brought to its one form (module docstring).
+    `field` None: an item of a list or object field, read by its annotation alone (the field's `expect` and
+    `canonical` are the container's)."""
     nested = _nested_class(annotation)
     if nested is not None and isinstance(value, dict):
         return read(nested, value, key)
-    if not type_ok(value, annotation):
-        raise KeyProblem(key, f"must be {field.metadata.get('expect') or describe(annotation)}, got {_json(value)}")
-    value = _one_form(value, annotation)
-    canonical = field.metadata.get("canonical")
+    container, item = typing.get_origin(annotation), _item_annotation(annotation)
+    if item is not None and container is list and isinstance(value, list):
+        value = [read_value(v, item, None, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif item is not None and container is dict and isinstance(value, dict):
+        value = {name: read_value(v, item, None, f"{key}.{name}") for name, v in value.items()
+                 if not str(name).startswith(COMMENT_PREFIXES)}
+    elif type_ok(value, annotation):
+        value = _one_form(value, annotation)
+    else:
+        expect = field.metadata.get("expect") if field is not None else ""
+        raise KeyProblem(key, f"must be {expect or describe(annotation)}, got {_json(value)}")
+    canonical = field.metadata.get("canonical") if field is not None else None
     return canonical(value, key) if canonical is not None and value is not None else value
+
+
+def _item_annotation(annotation: Any) -> Any:
+    """The annotation of the items read one by one, each under its own key: X of `list[X]` for a dataclass X,
+    X of `dict[str, X]` for any X but Any (an object of named items); else None (the value is checked whole)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    if origin is dict and len(args) == 2 and args[1] is not Any:
+        return args[1]
+    return None
 
 
 def _path(where: str, key: str) -> str:
