@@ -1,4 +1,4 @@
-"""Single entry point: `python main.py train|finetune|sample|export|import -c configs/config_<action>.json`;
+"""Single entry point: `python main.py train|finetune|masks|sample|export|import -c configs/config_<action>.json`;
 `python main.py keys [action]` prints the config keys (the tables of docs/configuration.md).
 
 Thin on purpose: parse the action and config, make a fresh run folder, call one stage. A mistake in the user's
@@ -62,6 +62,11 @@ def train(loaded: LoadedConfig, action: str, source: str) -> int | None:
     return train_action(loaded.config, action)
 
 
+def masks(loaded: LoadedConfig, action: str, source: str) -> int | None:
+    from guided_diffusion.masks_train import masks_action
+    return masks_action(loaded.config)
+
+
 def sample(loaded: LoadedConfig, action: str, source: str) -> int | None:
     from guided_diffusion.sample import run_sampling
     run_sampling(loaded.config, loaded.given, source, measure_hardness=hardness_measure(loaded.config))
@@ -90,7 +95,8 @@ def dry_run(loaded: LoadedConfig, action: str, source: str) -> int | None:
     return None
 
 
-STAGES = {"train": train, "finetune": train, "sample": sample, "export": export, "import": import_labels}
+STAGES = {"train": train, "finetune": train, "masks": masks, "sample": sample, "export": export,
+          "import": import_labels}
 
 
 def hardness_measure(config):

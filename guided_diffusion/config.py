@@ -28,7 +28,7 @@ from .data import RESIZE_MODES, canonical_dataset_mode
 from .errors import ConfigError
 from .unet import UNetSpec
 
-ACTIONS = ("train", "finetune", "sample", "export", "import")
+ACTIONS = ("train", "finetune", "masks", "sample", "export", "import")
 
 # ISDM/SDM keys that have no effect here; accepted so old configs keep working, and reported in the log.
 IGNORED_LEGACY_KEYS = {
@@ -277,6 +277,58 @@ class FinetuneConfig(TrainConfig):
                 "is required: the checkpoint (or train run folder) to finetune")
 
 
+@dataclass
+class MaskTrainConfig(TrainConfig):
+    """`main.py masks`: train a mask generator, a diffusion model over the dataset's train/ masks (masks_model.py).
+
+    The training keys are train's (run folders `masks_NNN/`); the defaults make a small 64 px model that trains in
+    minutes on a CPU. Its `image_channels` are set to num_classes (its input is the one-hot mask) and its
+    `drop_rate` to `presence_drop`, where the file is read."""
+
+    image_size: int = option(64, "side of the square masks the generator makes (sampling upsamples them to the "
+                                 "image model's size)")
+    val_fraction: float = option(0.0, "share of train/ held out (0: the generator learns every train/ mask)")
+    batch_size: int = option(16, "masks per step")
+    num_channels: int = option(32, "UNet base channels (a multiple of 32)")
+    num_res_blocks: int = option(1, "residual blocks per UNet level")
+    channel_mult: str | list[float] = option("1,2,2,2", "channel multiplier per UNet level")
+    attention_resolutions: str | list[int] = option("8", "resolutions (image_size / 2^k) with self-attention")
+    num_head_channels: int = option(32, "channels per attention head (-1 = use `num_heads`)")
+    noise_schedule: Literal["linear", "cosine"] = option("cosine", "`cosine` or `linear` beta schedule")
+    image_channels: int | Literal["auto"] = option(
+        "auto", "the UNet's input channels: the one-hot mask's, num_classes (`auto` = num_classes; leave it out)")
+    lr: float = option(3e-4, "AdamW learning rate")
+    ema_rate: float = option(0.999, "EMA of the weights (sampling uses it)")
+    max_epochs: int = option(200, "stop after this many epochs")
+    save_interval: int = option(500, "write `checkpoints/latest.pt` every N steps (and at the end)")
+    drop_rate: float = option(0.0, "the null-label dropout: set from `presence_drop` (leave it out)")
+    presence_drop: float = option(0.1, "probability that a mask's presence vector (the classes it holds) is replaced "
+                                       "by the null vector, so sampling may ask for no class or use guidance; sets "
+                                       "`drop_rate`")
+
+    def validate(self) -> None:
+        require(0.0 <= self.presence_drop < 1.0, "presence_drop", f"must be in [0, 1), got {self.presence_drop}")
+        super().validate()
+        require(self.drop_rate == self.presence_drop, "drop_rate",
+                f"is set from 'presence_drop' for the mask generator; give presence_drop {self.drop_rate} instead")
+        require(self.image_channels == self.num_classes, "image_channels",
+                f"is the generator's input: the one-hot mask's num_classes ({self.num_classes}) channels; leave it "
+                f"out")
+
+
+def mask_generator_keys(config: Any) -> Any:
+    """The mask generator's keys that follow from others, set where the file is read (as `isdm_spellings`):
+    `image_channels` "auto" = num_classes (the UNet's input is the one-hot mask), and `drop_rate` (the Trainer's
+    null-label dropout) = `presence_drop` when not given. Other values are left to validate() to refuse."""
+    if not isinstance(config, MaskTrainConfig):
+        return config
+    if config.image_channels == "auto" and config.num_classes is not None:
+        config = dataclasses.replace(config, image_channels=config.num_classes)
+    if config.drop_rate == 0.0:
+        config = dataclasses.replace(config, drop_rate=config.presence_drop)
+    return config
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The nested objects of a sample config: balance_args, hardness_args and its scorer
 
@@ -443,9 +495,19 @@ class SampleConfig(CommonConfig):
     mask_flip: bool = option(False, "flip each mask horizontally and vertically, each with probability 1/2")
     mask_placement: Literal["keep", "random"] = option(
         "keep", "`keep` the mask where it is, or `random`: shift it so that its defects stay inside the image")
+    # new layouts from a mask generator (masks_model.py; docs/mask_generator.md)
+    mask_source: str = option("", "a mask generator (its `masks_NNN` run folder or checkpoint, from `main.py masks`): "
+                                  "new masks are generated instead of taken from `mask_split`; `\"\"` = dataset masks")
+    mask_classes: list[int] = option(factory=list, doc="with `mask_source`: classes every generated mask must hold "
+                                                       "(e.g. a rare class); `[]` = as often as in the training masks")
+    mask_guidance: float = option(1.0, "with `mask_source`: guidance scale toward the asked classes (1 = none)")
+    mask_steps: int = option(50, "with `mask_source`: DDIM steps per generated mask")
+    mask_min_area: int = option(0, "with `mask_source`: components of fewer pixels are removed from the generated "
+                                   "masks (filled with the class around them); 0 = keep all")
 
     def validate(self) -> None:
         super().validate()
+        self.validate_mask_source()
         require(bool(self.model_path) or self.mode == "paste", "model_path",
                 "is required: a checkpoint file or a train/finetune run folder (only mode 'paste' needs none)")
         require(self.num_samples >= 1, "num_samples", f"must be at least 1, got {self.num_samples}")
@@ -471,6 +533,26 @@ class SampleConfig(CommonConfig):
         if self.hardness_args is not None:
             with within("hardness_args"):
                 self.hardness_args.validate()
+
+    def validate_mask_source(self) -> None:
+        """The keys of generated masks: only with mask_source, and only for modes that need no real image."""
+        if not self.mask_source:
+            require(not self.mask_classes, "mask_classes", "applies to generated masks; set mask_source too")
+            return
+        require(self.mode in ("noise", "inpaint"), "mask_source",
+                f"makes new masks for mode 'noise' or 'inpaint'; mode {self.mode!r} needs the real image of each "
+                f"dataset mask")
+        require(self.hardness_args is None, "hardness_args",
+                "scores dataset masks and does not apply to generated ones (mask_source); remove one of them")
+        allowed = f"0..{self.num_classes - 1} (num_classes {self.num_classes})" if self.num_classes else ">= 0"
+        for class_id in self.mask_classes:
+            require(class_id >= 0 and (self.num_classes is None or class_id < self.num_classes), "mask_classes",
+                    f"holds class id {class_id}, outside {allowed}")
+        require(self.mask_guidance >= 1.0, "mask_guidance",
+                f"is a guidance scale and must be >= 1 (1 = none), got {self.mask_guidance}")
+        require(self.mask_steps >= 2, "mask_steps", f"must be at least 2, got {self.mask_steps}")
+        require(self.mask_min_area >= 0, "mask_min_area", f"must be >= 0 pixels (0 = keep all), got "
+                                                          f"{self.mask_min_area}")
 
 
 EXPORT_FORMATS = ("coco", "yolo-seg", "yolo-det", "semantic")
@@ -551,7 +633,7 @@ class ImportConfig:
                 "is required for format id-map: a JSON file mapping label ids to class ids")
 
 
-CONFIG_CLASSES = {"train": TrainConfig, "finetune": FinetuneConfig, "sample": SampleConfig,
+CONFIG_CLASSES = {"train": TrainConfig, "finetune": FinetuneConfig, "masks": MaskTrainConfig, "sample": SampleConfig,
                   "export": ExportConfig, "import": ImportConfig}
 # ISDM's actions: their config files share one flat key set (ISDM passes the whole file on), so a key of one of
 # them is accepted by the others and reported as ignored. export and import have files of their own shape.
@@ -603,7 +685,7 @@ def config_from_dict(action: str, values: dict[str, Any], source: str = "config"
         raise ConfigError(f"unknown key '{key}' for {action}{hint}")
 
     try:
-        config = isdm_spellings(read(CONFIG_CLASSES[action], values, unknown=unknown))
+        config = mask_generator_keys(isdm_spellings(read(CONFIG_CLASSES[action], values, unknown=unknown)))
         config.validate()
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None

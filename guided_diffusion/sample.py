@@ -4,11 +4,14 @@ Masks come from the dataset split named by `mask_split` ("val" = the masks held 
 with the training run's seed and val_fraction), taken in dataset order and cycled until `num_samples`, or, with
 `balance_args`, chosen (and augmented) by balance.py so the classes end up balanced, or, with `hardness_args`,
 drawn by hardness (mask_selection.py). The hardness is measured by evaluation's scorer, which this package does
-not import: the caller passes `measure_hardness` (main.py and the study pass evaluation.freemask's). Image i
+not import: the caller passes `measure_hardness` (main.py and the study pass evaluation.freemask's). With
+`mask_source` the masks are new ones from a mask generator instead (masks_model.py; with `balance_args` chosen
+among generated candidates), and masks_report.md compares them with the real train/ masks. Image i
 starts from noise of its own generator (seeded by `seed` and i), so it is the same whatever `batch_size`.
 `mode` variation / inpaint start from the mask's real image / paint defects onto backgrounds (see inpaint.py);
 `mode` paste needs no model: it copies the masks' real defect pixels onto backgrounds (see paste.py).
-Outputs follow ISDM's layout: images/ labels/ colored_labels/ samples/ with the same stem, plus grid.png.
+Outputs follow ISDM's layout: images/ labels/ colored_labels/ samples/ with the same stem, plus grid.png
+(generated masks have no real image: no images/ file).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -34,6 +37,8 @@ from .guidance import conditional_denoiser
 from .hardness import MeasureHardness, write_selection_reports
 from .inpaint import Batch, ModePlan, defect_candidates, plan_modes
 from .mask_selection import TrainedWith, mask_splits, select_masks
+from .masks_model import generate_for_sampling
+from .masks_report import write_mask_report
 from .model_setup import bf16_autocast, build_model, select_device
 from .paste import resolve_paste_config, run_paste
 from .results import SampleWriter, new_run_dir, to_uint8_image, write_grid, write_json, write_legend
@@ -120,6 +125,30 @@ def resolve_sampling_config(config: SampleConfig, given: set[str], source: str):
     return config, trained, path, payload
 
 
+class MaskSources(NamedTuple):
+    """The mask of each image a run makes, how they were chosen, and the real set (train/'s pairs)."""
+
+    sources: list[ChosenMask]
+    selection_report: dict[str, Any] | None  # balance.json / hardness.json
+    masks_report: dict[str, Any] | None  # masks_report.json of generated masks (mask_source)
+    real_pairs: list[Pair]
+    without_defects: int  # split masks defect_candidates left out (inpaint)
+
+
+def choose_sources(config: SampleConfig, trained: TrainedWith, device: torch.device | str, log=print,
+                   measure_hardness: MeasureHardness | None = None) -> MaskSources:
+    """Dataset masks (mask_split, balance_args, hardness_args: mask_selection.py), or with mask_source new masks
+    from a mask generator (masks_model.generate_for_sampling), with the reports of their choice."""
+    splits, real_pairs = mask_splits(config, trained)
+    if config.mask_source:
+        names = read_class_names(config.data_dir, config.num_classes)
+        generated = generate_for_sampling(config, real_pairs, device, names, log)
+        return MaskSources(generated.sources, generated.selection_report, generated.quality_report, real_pairs, 0)
+    splits, without_defects = defect_candidates(config, splits)
+    sources, report = select_masks(config, splits, real_pairs, log, measure_hardness)
+    return MaskSources(sources, report, None, real_pairs, without_defects)
+
+
 def preview_mask_selection(config: SampleConfig, given: set[str] = frozenset(), source: str = "config",
                            log=print, measure_hardness: MeasureHardness | None = None) -> Path:
     """`main.py sample --dry-run` with balance_args or hardness_args: choose the masks and write the reports
@@ -129,14 +158,14 @@ def preview_mask_selection(config: SampleConfig, given: set[str] = frozenset(), 
         (config, trained), path = resolve_paste_config(config, log), None
     else:
         config, trained, path, _ = resolve_sampling_config(config, set(given), source)
-    splits, real_pairs = mask_splits(config, trained)
-    splits, _ = defect_candidates(config, splits)
-    _, report = select_masks(config, splits, real_pairs, log, measure_hardness)
+    chosen = choose_sources(config, trained, select_device(config.device), log, measure_hardness)
     run_dir = new_run_dir(config.root_log_dir, "sample")
     resolved = {} if path is None else {"resolved_model_path": str(path)}
     write_json(run_dir / "config.json", {**config_to_dict(config), **resolved, "dry_run": True})
-    if report is not None:
-        write_selection_reports(run_dir, report)
+    if chosen.selection_report is not None:
+        write_selection_reports(run_dir, chosen.selection_report)
+    if chosen.masks_report is not None:
+        write_mask_report(run_dir, chosen.masks_report)
     log(f"dry run: wrote the mask selection report to {run_dir}; nothing was sampled")
     return run_dir
 
@@ -164,6 +193,7 @@ class SamplingJob:
     dataset: SegmentationDataset  # the real images and masks of plan's sources
     position: dict[Pair, int]  # a pair's index in `dataset`
     selection_report: dict[str, Any] | None
+    masks_report: dict[str, Any] | None = None  # generated masks (mask_source): masks_report.md/json/png
 
     @property
     def num_images(self) -> int:
@@ -176,16 +206,16 @@ def prepare_sampling(config: SampleConfig, given: set[str], source: str, log=pri
     device = select_device(config.device)
     config, trained, model, checkpoint_path = load_sampling_model(config, given, source, device)
     class_names = read_class_names(config.data_dir, config.num_classes)  # a bad classes.json fails before any work
-    splits, real_pairs = mask_splits(config, trained)
-    splits, without_defects = defect_candidates(config, splits)
-    sources, selection_report = select_masks(config, splits, real_pairs, log, measure_hardness)
+    sources, selection_report, masks_report, real_pairs, without_defects = choose_sources(
+        config, trained, device, log, measure_hardness)
     unique = list(dict.fromkeys(s.pair for s in sources if s.pair is not None))
     dataset = SegmentationDataset(unique, config.image_size, config.dataset_mode, config.resize_mode,
                                   image_channels=config.image_channels)
     diffusion = sampling_diffusion(config, trained)
     plan = plan_modes(config, diffusion, sources, real_pairs, without_defects, log)
     return SamplingJob(config, device, bf16_autocast(config.precision, device), model, checkpoint_path, class_names,
-                       diffusion, plan, dataset, {pair: i for i, pair in enumerate(unique)}, selection_report)
+                       diffusion, plan, dataset, {pair: i for i, pair in enumerate(unique)}, selection_report,
+                       masks_report)
 
 
 def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: str = "config",
@@ -207,8 +237,9 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
     if world.is_main:
         write_start_files(job, run_dir)
     config = job.config
+    masks_from = f"masks from {config.mask_source}" if config.mask_source else f"masks from split '{config.mask_split}'"
     log(f"sampling {job.num_images} images from {job.checkpoint_path} with {job.diffusion.num_timesteps} "
-        f"{config.sampler} steps, guidance s={config.s}, masks from split '{config.mask_split}' "
+        f"{config.sampler} steps, guidance s={config.s}, {masks_from} "
         f"({len({s.stem for s in job.plan.sources})} distinct)")
     started = time.perf_counter()
     grid_rows = sample_my_batches(job, SampleWriter(run_dir, config.num_classes))
@@ -227,6 +258,8 @@ def write_start_files(job: SamplingJob, run_dir: Path) -> None:
     write_json(run_dir / "config.json", {**config_to_dict(job.config), "resolved_model_path": str(job.checkpoint_path)})
     if job.selection_report is not None:
         write_selection_reports(run_dir, job.selection_report)
+    if job.masks_report is not None:
+        write_mask_report(run_dir, job.masks_report)
     if job.plan.placements:
         write_json(run_dir / "inpaint.json", job.plan.listing())
 
@@ -289,5 +322,6 @@ def sampling_summary(job: SamplingJob, seconds: float) -> dict[str, Any]:
     config = job.config
     return {"num_samples": job.num_images, "checkpoint": str(job.checkpoint_path), "sampler": config.sampler,
             "steps": job.diffusion.num_timesteps, "guidance_scale": config.s, "mask_split": config.mask_split,
+            **({"mask_source": config.mask_source} if config.mask_source else {}),
             "seconds": round(seconds, 3), "seconds_per_image": round(seconds / job.num_images, 4),
             "device": str(job.device), **job.plan.summary()}

@@ -192,8 +192,7 @@ class Trainer:
         self.class_names = read_class_names(config.data_dir, config.num_classes)
         config = self.config = resolve_image_channels(config, index.train, self.log)
         self.train_pairs, self.val_pairs = split_train_val(index.train, config.val_fraction, config.seed)
-        self.dataset = SegmentationDataset(self.train_pairs, config.image_size, config.dataset_mode,
-                                           config.resize_mode, image_channels=config.image_channels)
+        self.dataset = self.make_dataset(config)
         self.diffusion = build_diffusion(config)
         self.model = build_model(config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -220,6 +219,12 @@ class Trainer:
             self.checkpoint_dir.mkdir()
             write_json(self.run_dir / "config.json", config_to_dict(config))
         self.log(f"run folder: {self.run_dir}")
+
+    def make_dataset(self, config: TrainConfig) -> torch.utils.data.Dataset:
+        """The items trained on, made from `self.train_pairs`: {"image": C×S×S in [-1, 1], "mask": S×S class ids,
+        "index"}. The mask generator's trainer (masks_train.py) trains on encoded masks instead."""
+        return SegmentationDataset(self.train_pairs, config.image_size, config.dataset_mode, config.resize_mode,
+                                   image_channels=config.image_channels)
 
     # --- starting point ---------------------------------------------------------------------------------
     def start_from(self, path: Path) -> str:
@@ -576,25 +581,26 @@ class Trainer:
             ckpt.save_checkpoint(self.checkpoint_dir / "best.pt", self._payload(full=False))
 
 
-def run_training(config: TrainConfig, action: str, log=print) -> TrainResult:
-    """`main.py train|finetune`: start where the config says (auto_resume: the newest `latest.pt` of an earlier
-    run of this action under root_log_dir; else resume_checkpoint, a file or run folder) and train."""
+def run_training(config: TrainConfig, action: str, log=print, trainer_class: type[Trainer] = Trainer) -> TrainResult:
+    """`main.py train|finetune|masks`: start where the config says (auto_resume: the newest `latest.pt` of an
+    earlier run of this action under root_log_dir; else resume_checkpoint, a file or run folder) and train with
+    `trainer_class` (the mask generator's: masks_train.MaskTrainer)."""
     start = ckpt.find_resumable(config.root_log_dir, action) if config.auto_resume else None
     if start is None and config.resume_checkpoint:
-        prefer = "latest" if action == "train" else "best"
+        prefer = "best" if action == "finetune" else "latest"
         start = ckpt.resolve_checkpoint(config.resume_checkpoint, key="resume_checkpoint", prefer=prefer,
                                         actions=("train",) if action == "finetune" else (action,))
-    trainer = Trainer(config, action, log)
+    trainer = trainer_class(config, action, log)
     if start is not None:
         trainer.log(trainer.start_from(start))
     return trainer.run()
 
 
-def train_action(config: TrainConfig, action: str, log=print) -> int | None:
-    """`main.py train|finetune`: train (see run_training) and return the exit status: None when the run ended,
-    REQUEUE_EXIT_STATUS (75) when SIGTERM/SIGUSR1 ended it with latest.pt saved, so that sbatch requeues the job.
-    A diverged run raises TrainingDiverged (one line, status 2)."""
-    if run_training(config, action, log).stop_signal:
+def train_action(config: TrainConfig, action: str, log=print, trainer_class: type[Trainer] = Trainer) -> int | None:
+    """`main.py train|finetune|masks`: train (see run_training) and return the exit status: None when the run
+    ended, REQUEUE_EXIT_STATUS (75) when SIGTERM/SIGUSR1 ended it with latest.pt saved, so that sbatch requeues the
+    job. A diverged run raises TrainingDiverged (one line, status 2)."""
+    if run_training(config, action, log, trainer_class).stop_signal:
         distributed.ignore_stop_signals()  # exit in order even when srun ends the step on another rank's exit
         return distributed.REQUEUE_EXIT_STATUS
     return None

@@ -104,7 +104,7 @@ def test_an_ignored_key_is_named_as_the_file_spells_it():
 
 def test_export_and_import_refuse_keys_of_the_isdm_actions_and_say_whose_they_are():
     message = error_for("export", {"source": "runs/sample_001", "lr": 1e-4})
-    assert message == "configs/x.json: unknown key 'lr' for export (a key of train/finetune)"
+    assert message == "configs/x.json: unknown key 'lr' for export (a key of train/finetune/masks)"
     message = error_for("sample", {**SAMPLE_BASE, "contact_sheet": 4})
     assert message == "configs/x.json: unknown key 'contact_sheet' for sample (a key of export)"
 

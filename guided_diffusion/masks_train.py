@@ -1,0 +1,75 @@
+"""Training the mask generator (`main.py masks`): the SDM's Trainer on encoded masks, conditioned on presence.
+
+The loop, run folders (`masks_NNN/`), EMA, best epoch, exact resume, progress bar, stop signals and several
+processes are train.py's. What differs (see masks_model.py for why):
+- the items: each train/ mask at the generator's image_size, its "image" the one-hot mask scaled to [-1, 1];
+- the condition: the network gets the presence vector of the batch's label map (PresenceConditioned), so the
+  Trainer's null-label dropout (drop_rate = presence_drop) drops it;
+- the checkpoints also hold the table of the training masks' presence vectors (sampling draws from it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .balance import load_masks
+from .config import MaskTrainConfig, config_from_dict
+from .errors import CheckpointError
+from .masks_model import ACTION, FORMAT, EncodedMaskDataset, PresenceConditioned, PresenceTable
+from .train import Trainer, TrainResult, run_training, train_action
+
+
+class MaskTrainer(Trainer):
+    """The SDM's Trainer on encoded masks, conditioned on their presence vectors."""
+
+    presence_table: PresenceTable
+
+    def __init__(self, config: MaskTrainConfig, action: str = ACTION, log=print):
+        super().__init__(config, action, log)
+        self.forward = PresenceConditioned(self.forward)
+        rates = ", ".join(f"{name} {100 * rate:.0f}%" for name, rate in
+                          zip(self.class_names, self.presence_table.class_rates()))
+        self.log(f"mask generator: {len(self.dataset)} masks at {config.image_size} px; share holding each class: "
+                 f"{rates}")
+
+    def start_from(self, path: Path) -> str:
+        """Resume a masks run (or start from its weights); an image model's checkpoint is refused in one line."""
+        if "mask_generator" not in ckpt.load_checkpoint(path):
+            raise CheckpointError(f"resume_checkpoint {str(path)!r}: not a mask generator checkpoint; a masks run "
+                                  f"starts from a masks run only")
+        return super().start_from(path)
+
+    def make_dataset(self, config: MaskTrainConfig) -> torch.utils.data.Dataset:
+        masks = load_masks(self.train_pairs, config.image_size, config.dataset_mode, config.resize_mode)
+        self.presence_table = PresenceTable.of_masks(masks, config.num_classes)
+        return EncodedMaskDataset(masks, config.num_classes)
+
+    def _payload(self, full: bool) -> dict[str, Any]:
+        payload = super()._payload(full)
+        payload["mask_generator"] = {"format": FORMAT, "presence": self.presence_table.to_dict(),
+                                     "class_names": list(self.class_names)}
+        return payload
+
+
+def mask_config(values: dict[str, Any], source: str = "config") -> MaskTrainConfig:
+    """A strict, validated mask generator config from JSON values (one ConfigError line naming the key)."""
+    config, _ = config_from_dict(ACTION, values, source)
+    return config
+
+
+def train_mask_generator(config: MaskTrainConfig | dict[str, Any], log=print) -> TrainResult:
+    """Train a mask generator on `data_dir`'s train/ masks into a fresh `<root_log_dir>/masks_NNN/`; starts as
+    `main.py train` does (auto_resume: the newest latest.pt of an earlier masks run; else resume_checkpoint).
+    Returns the Trainer's TrainResult (run_dir, checkpoints, state, stop reason)."""
+    if isinstance(config, dict):
+        config = mask_config(config)
+    return run_training(config, ACTION, log, MaskTrainer)
+
+
+def masks_action(config: MaskTrainConfig, log=print) -> int | None:
+    """`main.py masks`: train_mask_generator, with train's exit status (75 = stopped by a signal, requeue)."""
+    return train_action(config, ACTION, log, MaskTrainer)

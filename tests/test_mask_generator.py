@@ -1,0 +1,369 @@
+"""The mask generator (masks_model.py) and the mask quality report (masks_report.py), on CPU at toy sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main
+from guided_diffusion import masks_model as mm
+from guided_diffusion.config import config_from_dict
+from guided_diffusion.masks_train import mask_config, train_mask_generator
+from guided_diffusion.errors import CheckpointError, ConfigError, DatasetError
+from guided_diffusion.masks_report import mask_report, wasserstein_1, write_mask_report
+from guided_diffusion.sample import preview_mask_selection, run_sampling
+
+TOY_GENERATOR = {"image_size": 16, "channel_mult": "1,2", "attention_resolutions": "8", "batch_size": 4,
+                 "log_interval": 1, "save_interval": 2}
+
+
+def generator_config(data_dir: Path, root: Path, **changes) -> dict:
+    return {"data_dir": str(data_dir), "num_classes": 4, "root_log_dir": str(root), **TOY_GENERATOR, **changes}
+
+
+@pytest.fixture(scope="module")
+def generator_run(demo_dir, tmp_path_factory) -> Path:
+    """A toy generator (16 px) trained for 4 steps on the demo dataset: tests read it, none trains it further."""
+    root = tmp_path_factory.mktemp("masks")
+    return train_mask_generator(generator_config(demo_dir, root, max_steps=4), log=lambda *_: None).run_dir
+
+
+# --- encoding -------------------------------------------------------------------------------------------------
+
+def test_decode_of_encode_is_the_mask():
+    mask = torch.randint(0, 5, (3, 9, 7))
+    encoded = mm.encode(mask, 5)
+    assert encoded.shape == (3, 5, 9, 7) and set(encoded.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(mm.decode(encoded), mask)
+
+
+def test_encode_refuses_class_ids_outside_the_classes():
+    with pytest.raises(ValueError, match=r"class ids 0\.\.5 outside 0\.\.4"):
+        mm.encode(torch.tensor([[[0, 5]]]), 5)
+
+
+def test_the_presence_vector_is_the_set_of_classes_and_a_dropped_label_is_null():
+    """The training step passes the one-hot mask (zeroed when dropped); the network gets its presence map."""
+    seen = {}
+
+    def network(x, t, labels):
+        seen["labels"] = labels
+        return x
+
+    mask = torch.tensor([[[0, 2], [2, 2]], [[1, 1], [1, 1]]])
+    labels = mm.one_hot(mask, 4)
+    labels[1] = 0  # the second sample's label dropped (drop_rate / presence_drop)
+    mm.PresenceConditioned(network)(torch.zeros(2, 4, 2, 2), torch.zeros(2), labels)
+    assert seen["labels"].shape == (2, 4, 1, 1)
+    assert seen["labels"][:, :, 0, 0].tolist() == [[1, 0, 1, 0], [0, 0, 0, 0]]
+    assert mm.presence(mask, 4).tolist() == [[1, 0, 1, 0], [0, 1, 0, 0]]
+
+
+# --- training and sampling ----------------------------------------------------------------------------------
+
+def test_training_writes_a_masks_run_whose_checkpoint_carries_config_and_presence(generator_run):
+    assert generator_run.name == "masks_001"
+    payload = torch.load(generator_run / "checkpoints" / "latest.pt", weights_only=True)
+    assert payload["action"] == "masks" and payload["config"]["num_classes"] == 4
+    assert payload["config"]["image_channels"] == 4 and payload["train_state"]["step"] == 4
+    table = payload["mask_generator"]["presence"]
+    assert sum(table["counts"]) == 12 and all(row[0] == 1 for row in table["vectors"])  # all hold background
+
+
+def test_a_masks_run_resumes_from_another_and_counts_its_steps_on(generator_run, demo_dir):
+    result = train_mask_generator(generator_config(demo_dir, generator_run.parent, max_steps=6,
+                                                   resume_checkpoint=str(generator_run)), log=lambda *_: None)
+    assert result.run_dir.name == "masks_002" and result.state.step == 6
+
+
+def test_a_masks_run_cannot_start_from_an_image_model(trained_run, demo_dir, tmp_path):
+    with pytest.raises(CheckpointError, match=r"not a mask generator checkpoint; a masks run starts from a masks "
+                                              r"run only"):
+        train_mask_generator(generator_config(demo_dir, tmp_path, max_steps=1, resume_checkpoint=str(trained_run)))
+
+
+def test_the_shipped_config_loads():
+    values = json.loads((Path(__file__).resolve().parents[1] / "configs" / "config_masks.json").read_text())
+    config = mask_config(values)
+    assert config.image_channels == config.num_classes == 4 and config.drop_rate == config.presence_drop
+
+
+def test_sampling_gives_integer_masks_in_the_class_range_at_the_asked_size(generator_run):
+    generator = mm.load_mask_generator(generator_run)
+    masks = mm.sample_masks(generator, 3, steps=3, image_size=32, seed=5)
+    assert masks.shape == (3, 32, 32) and masks.dtype == np.int64
+    assert masks.min() >= 0 and masks.max() <= 3
+
+
+def test_a_mask_is_the_same_whatever_the_batch_size(generator_run):
+    generator = mm.load_mask_generator(generator_run)
+    together = mm.sample_masks(generator, 3, steps=2, seed=7, batch_size=3)
+    one_by_one = mm.sample_masks(generator, 3, steps=2, seed=7, batch_size=1)
+    assert np.array_equal(together, one_by_one)
+
+
+def test_the_presence_condition_reaches_the_network_when_sampling(generator_run):
+    """Mechanical: the asked presence vectors are what the network receives, and they change its output (the
+    next test checks that the condition is learned)."""
+    generator = mm.load_mask_generator(generator_run)
+    received = []
+    model = generator.model
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, t, labels):
+            received.append(labels.clone())
+            return self.inner(x, t, labels)
+
+    generator.model = Recording()
+    mm.sample_masks(generator, 4, steps=3, seed=0, required_classes=[3])  # 2 evaluations
+    labels = received[0]
+    assert len(received) == 2 and all(torch.equal(r, labels) for r in received)
+    assert labels.shape == (4, 4, 1, 1) and bool((labels[:, 3] == 1).all())
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    with torch.no_grad():
+        with_crack = model(x, t, mm.presence_map(torch.tensor([[1.0, 0, 0, 1]])))
+        without = model(x, t, mm.presence_map(torch.tensor([[1.0, 1, 0, 0]])))
+    assert not torch.allclose(with_crack, without)
+
+
+def test_the_presence_condition_is_learned_on_a_toy_set(tmp_path):
+    """Learned, at toy size: 16 masks of 8 px whose top half is class 1 or class 2 (the presence vector is the
+    only clue which); 200 steps (~8 s on one CPU thread). Asked for class 1 or 2, 30-31 of 32 masks hold it as
+    their larger class at guidance 2 (seeds 0 and 1; 28-29 without guidance); 16 would be chance."""
+    for kind in ("images", "masks"):
+        (tmp_path / "toy" / "train" / kind).mkdir(parents=True)
+    for i in range(16):
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:4] = 1 + i % 2
+        Image.fromarray(mask).save(tmp_path / "toy" / "train" / "masks" / f"{i:03d}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "toy" / "train" / "images" / f"{i:03d}.png")
+    config = {"data_dir": str(tmp_path / "toy"), "num_classes": 3, "root_log_dir": str(tmp_path / "runs"),
+              "image_size": 8, "channel_mult": "1", "attention_resolutions": "", "batch_size": 8, "max_steps": 200,
+              "max_epochs": 1000, "lr": 1e-3, "ema_rate": 0.99}
+    generator = mm.load_mask_generator(train_mask_generator(config, log=lambda *_: None).run_dir)
+    honoured = 0
+    for asked in (1, 2):
+        rows = np.zeros((16, 3))
+        rows[:, [0, asked]] = 1
+        masks = mm.sample_masks(generator, 16, steps=10, presence_rows=rows, seed=1, guidance_scale=2.0)
+        honoured += sum(int((mask == asked).sum() > (mask == 3 - asked).sum()) for mask in masks)
+    assert honoured >= 26
+
+
+def test_presence_vectors_for_required_classes_hold_them_at_their_training_rates():
+    masks = [np.array([[0, 3]]), np.array([[0, 3], [1, 1]]), np.array([[0, 0]]), np.array([[0, 3]])]
+    table = mm.PresenceTable.of_masks(masks, 4)
+    draws = [tuple(table.draw([3], np.random.default_rng(i))) for i in range(200)]
+    assert set(draws) == {(1, 0, 0, 1), (1, 1, 0, 1)}
+    assert 0.5 < draws.count((1, 0, 0, 1)) / len(draws) < 0.85  # 2 of the 3 masks with class 3
+
+
+def test_the_mean_mask_is_that_of_the_training_masks_with_the_presence_vector():
+    table = mm.PresenceTable.of_masks([np.array([[0, 0], [0, 3]]), np.array([[0, 0], [0, 0]])], 4)
+    assert table.mean_mask(np.array([1, 0, 0, 1])).tolist() == [0.5, -1.0, -1.0, -0.5]
+    assert table.mean_mask(np.zeros(4)).tolist() == [0.75, -1.0, -1.0, -0.75]  # null: all training masks
+
+
+def test_the_top_step_takes_the_mean_mask_as_its_prediction_of_x0():
+    diffusion = mm.sampling_diffusion(mask_config({"data_dir": "x", "num_classes": 3}), 10)
+    a_top, a_below = (float(diffusion.alphas_cumprod[i]) for i in (-1, -2))
+    mean, eps = torch.tensor([[0.9, -0.8, -1.0]]), torch.randn(1, 3, 4, 4)
+    x_top = a_top ** 0.5 * mean[:, :, None, None] + (1 - a_top) ** 0.5 * eps
+    expected = a_below ** 0.5 * mean[:, :, None, None] + (1 - a_below) ** 0.5 * eps  # DDIM with x0 = the mean
+    assert torch.allclose(mm.first_step(diffusion, x_top, mean), expected, atol=1e-6)
+
+
+def test_asking_for_a_class_no_training_mask_holds_is_one_error_line():
+    table = mm.PresenceTable.of_masks([np.array([[0, 1]])], 3)
+    with pytest.raises(ConfigError, match=r"no training mask of the generator holds classes \[2\]"):
+        table.draw([2], np.random.default_rng(0))
+
+
+def test_a_generator_of_another_class_count_than_the_image_model_is_one_error_line(generator_run):
+    generator = mm.load_mask_generator(generator_run)
+    with pytest.raises(ConfigError, match=r"makes masks of 4 classes but the image model has 6; train the mask "
+                                          r"generator on the same dataset and num_classes"):
+        mm.check_num_classes(generator, 6)
+
+
+def test_an_empty_dataset_is_one_error_line(tmp_path):
+    for kind in ("images", "masks"):
+        (tmp_path / "data" / "train" / kind).mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"train/masks is empty \(no \.png files\)"):
+        train_mask_generator(generator_config(tmp_path / "data", tmp_path / "runs", max_steps=1))
+
+
+def test_an_image_model_is_not_a_mask_generator(trained_run):
+    with pytest.raises(CheckpointError, match="not a mask generator checkpoint"):
+        mm.load_mask_generator(trained_run)
+
+
+def test_config_keys_are_checked_strictly(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'presence_drop' must be in \[0, 1\), got 1\.5"):
+        mask_config({"data_dir": "x", "num_classes": 4, "presence_drop": 1.5})
+    with pytest.raises(ConfigError, match=r"unknown key 'guidance' for masks"):
+        mask_config({"data_dir": "x", "num_classes": 4, "guidance": 2})
+    config = mask_config({"data_dir": "x", "num_classes": 5, "presence_drop": 0.3})
+    assert config.image_channels == 5 and config.drop_rate == 0.3 and config.unet_spec().in_channels == 5
+
+
+# --- post-processing -----------------------------------------------------------------------------------------
+
+def _largest_step(mask: np.ndarray) -> int:
+    """The largest jump, from one row to the next, of the column where a class-1-then-0 row turns to 0."""
+    edge = [int((row == 0).argmax()) for row in mask if (row == 0).any()]
+    return int(np.abs(np.diff(edge)).max())
+
+
+def test_upsampling_rounds_staircases_and_keeps_the_class_shares():
+    small = (np.add.outer(np.arange(8), np.arange(8)) < 8).astype(np.int64)  # a diagonal edge
+    big = mm.upsample_mask(small, 32, 2)
+    nearest = np.kron(small, np.ones((4, 4), np.int64))
+    assert big.shape == (32, 32) and set(np.unique(big)) == {0, 1}
+    assert _largest_step(nearest) == 4 and _largest_step(big) <= 2
+    assert abs(int(big.sum()) - int(nearest.sum())) <= 0.05 * nearest.size
+    assert np.array_equal(mm.upsample_mask(small, 8, 2), small)
+
+
+def test_small_components_are_filled_with_the_class_around_them():
+    mask = np.zeros((12, 12), np.int64)
+    mask[2:8, 2:8] = 1
+    mask[4, 4] = 0  # a one-pixel hole in class 1
+    mask[10, 10:12] = 2  # a two-pixel speckle of class 2 on the background
+    cleaned = mm.remove_small_components(mask, min_area=3)
+    expected = mask.copy()
+    expected[4, 4], expected[10, 10:12] = 1, 0
+    assert np.array_equal(cleaned, expected)
+
+
+# --- the report ---------------------------------------------------------------------------------------------
+
+def _square(size: int, top: int, left: int, side: int, class_id: int = 1) -> np.ndarray:
+    mask = np.zeros((size, size), np.int64)
+    mask[top:top + side, left:left + side] = class_id
+    return mask
+
+
+def test_a_copy_of_a_training_mask_has_novelty_iou_one():
+    real = [_square(16, 2, 2, 4), _square(16, 8, 8, 6, 2)]
+    generated = [real[1].copy(), _square(16, 2, 4, 4)]  # a copy, and a square shifted by half its side
+    novelty = mask_report(generated, real, 3)["novelty"]
+    assert novelty["iou_with_nearest"] == [1.0, pytest.approx(8 / 24, abs=1e-6)]
+    assert novelty["nearest_real"] == [1, 0] and novelty["near_copy_share"] == 0.5
+
+
+def test_the_report_counts_shares_objects_sizes_and_speckles():
+    real = [_square(10, 0, 0, 5), _square(10, 5, 5, 5)]  # one 25-pixel object each
+    generated = [_square(10, 0, 0, 5) | _square(10, 8, 8, 1), _square(10, 0, 0, 10, 0)]  # +1 speckle; empty
+    report = mask_report(generated, real, 2, min_area=4)
+    assert report["pixel_share"]["real"] == [0.75, 0.25]
+    assert report["pixel_share"]["generated"] == [0.87, 0.13]
+    assert report["holding_share"]["generated"] == [1.0, 0.5]
+    assert report["objects_per_mask"]["generated"][1] == 1.0 and report["objects_per_mask"]["real"][1] == 1.0
+    # class 1 sizes: real log10(0.25) twice; generated log10(0.25) and log10(0.01): W1 = half of log10(25)
+    assert report["object_sizes"]["classes"]["class_1"]["w1_log10_size"] == pytest.approx(np.log10(25) / 2, abs=1e-6)
+    validity = report["validity"]
+    assert validity["speckle_share_generated"] == pytest.approx(1 / 4)  # 4 components: 2 backgrounds, 2 of class 1
+    assert validity["speckle_share_real"] == 0.0
+
+
+def test_wasserstein_1_is_the_earth_movers_distance():
+    from scipy.stats import wasserstein_distance
+    rng = np.random.default_rng(0)
+    u, v = rng.normal(size=50), rng.normal(1.0, 2.0, size=30)
+    assert wasserstein_1(u, v) == pytest.approx(wasserstein_distance(u, v))
+    assert wasserstein_1(u, u) == 0.0 and wasserstein_1(u, []) is None
+
+
+def test_the_report_files_are_written(tmp_path):
+    report = mask_report([_square(16, 2, 2, 4)], [_square(16, 2, 2, 4), _square(16, 9, 9, 3, 2)], 3,
+                         class_names=["background", "scratch", "spot"])
+    write_mask_report(tmp_path, report)
+    text = (tmp_path / "masks_report.md").read_text()
+    assert "near-copies (IoU > 0.9): 100.0%" in text and "| 1 scratch |" in text
+    assert Image.open(tmp_path / "masks_report.png").size[0] > 0 and (tmp_path / "masks_report.json").is_file()
+
+
+# --- sampling images for generated masks (key mask_source) and main.py masks ------------------------------------
+
+def sample_with_generator(demo_dir: Path, model_path: Path, mask_source: Path, root: Path, **changes) -> Path:
+    values = {"data_dir": str(demo_dir), "model_path": str(model_path), "mask_source": str(mask_source),
+              "root_log_dir": str(root), "num_samples": 3, "batch_size": 3, "sampler": "ddim", "steps": 2, "s": 1.0,
+              "mask_steps": 2, **changes}
+    config, _ = config_from_dict("sample", values)
+    return Path(run_sampling(config, given=set(values), log=lambda *_: None)["run_dir"])
+
+
+def test_sampling_with_a_mask_source_writes_the_generated_masks_as_labels_and_the_report(
+        demo_dir, trained_run, generator_run, tmp_path):
+    run_dir = sample_with_generator(demo_dir, trained_run, generator_run, tmp_path, seed=3)
+    labels = {p.name: np.asarray(Image.open(p)) for p in sorted((run_dir / "labels").glob("*.png"))}
+    assert list(labels) == ["00000_gen00000.png", "00001_gen00001.png", "00002_gen00002.png"]
+    assert not list((run_dir / "images").glob("*.png"))  # a generated mask has no real image
+    expected = mm.sample_masks(mm.load_mask_generator(generator_run), 3, seed=3, steps=2, image_size=32)
+    assert all(np.array_equal(label, mask) for label, mask in zip(labels.values(), expected))
+    assert "near-copies" in (run_dir / "masks_report.md").read_text()
+    assert (run_dir / "masks_report.png").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["mask_source"] == str(generator_run)
+
+
+def test_balance_args_choose_among_generated_masks_asked_for_each_class(demo_dir, trained_run, generator_run,
+                                                                         tmp_path):
+    run_dir = sample_with_generator(demo_dir, trained_run, generator_run, tmp_path, num_samples=4,
+                                    balance_args={"max_class_dif": 0.5})
+    report = json.loads((run_dir / "balance.json").read_text())
+    assert report["candidates"] == 8 and list(report["candidate_groups"]) == ["none", "1", "2", "3"]
+    assert len(list((run_dir / "labels").glob("*.png"))) == 4
+
+
+def toy_dataset(root: Path, num_classes: int, count: int = 4, size: int = 16) -> Path:
+    """`count` masks holding a square of class 1 + i % (num_classes - 1), with blank images beside them."""
+    for kind in ("images", "masks"):
+        (root / "train" / kind).mkdir(parents=True)
+    for i in range(count):
+        mask = _square(size, i, i, size // 2, 1 + i % (num_classes - 1)).astype(np.uint8)
+        Image.fromarray(mask).save(root / "train" / "masks" / f"{i:03d}.png")
+        Image.fromarray(np.zeros((size, size), np.uint8)).save(root / "train" / "images" / f"{i:03d}.png")
+    return root
+
+
+def test_a_dry_run_with_balance_args_chooses_generated_masks_and_samples_nothing(demo_dir, trained_run,
+                                                                                generator_run, tmp_path):
+    values = {"data_dir": str(demo_dir), "model_path": str(trained_run), "mask_source": str(generator_run),
+              "root_log_dir": str(tmp_path), "num_samples": 2, "mask_steps": 2, "balance_args": {}}
+    config, _ = config_from_dict("sample", values)
+    run_dir = preview_mask_selection(config, set(values), log=lambda *_: None)
+    assert (run_dir / "balance.json").is_file() and (run_dir / "masks_report.md").is_file()
+    assert not (run_dir / "samples").exists()
+
+
+def test_a_mask_source_of_another_class_count_is_one_error_line(demo_dir, trained_run, tmp_path):
+    data = toy_dataset(tmp_path / "three", num_classes=3)
+    three = train_mask_generator(generator_config(data, tmp_path / "runs", num_classes=3, max_steps=1),
+                                 log=lambda *_: None).run_dir
+    with pytest.raises(ConfigError, match=r"makes masks of 3 classes but the image model \(model_path\) has 4; "
+                                          r"train the mask generator on the same dataset and num_classes"):
+        sample_with_generator(demo_dir, trained_run, three, tmp_path)
+
+
+def test_a_mask_source_needs_a_mode_without_real_images(demo_dir):
+    with pytest.raises(ConfigError, match=r"key 'mask_source' makes new masks for mode 'noise' or 'inpaint'; mode "
+                                          r"'variation' needs the real image"):
+        config_from_dict("sample", {"data_dir": str(demo_dir), "model_path": "m", "mask_source": "g",
+                                    "mode": "variation", "strength": 0.5})
+
+
+def test_main_masks_trains_a_generator_into_a_masks_run(demo_dir, tmp_path):
+    config = tmp_path / "config_masks.json"
+    config.write_text(json.dumps(generator_config(demo_dir, tmp_path / "runs", max_steps=1)))
+    assert main.main(["masks", "-c", str(config)]) == 0
+    assert (tmp_path / "runs" / "masks_001" / "checkpoints" / "best.pt").is_file()
