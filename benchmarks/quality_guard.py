@@ -29,9 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guided_diffusion.config import config_from_dict  # noqa: E402
 from guided_diffusion.data import SegmentationDataset, index_dataset, one_hot, split_train_val  # noqa: E402
-from guided_diffusion.guidance import conditional_denoiser  # noqa: E402
 from guided_diffusion.results import to_uint8_image  # noqa: E402
-from guided_diffusion.sample import load_sampling_model, sampling_diffusion  # noqa: E402
+from guided_diffusion.sample import load_sampling_model, sampling_denoiser, sampling_diffusion  # noqa: E402
 from guided_diffusion.samplers import PerImageNoise, image_seed, run_sampler  # noqa: E402
 
 
@@ -51,7 +50,7 @@ def sample_run(model, config, trained, masks: torch.Tensor, sampler: str, steps:
                       PerImageNoise([image_seed(step_noise_seed, i) for i in ids], (channels, size, size)))
         x_T = start_noise()
         with torch.no_grad():
-            denoise = conditional_denoiser(model, one_hot(masks[ids], config.num_classes), config.s)
+            denoise = sampling_denoiser(run_config, model, one_hot(masks[ids], config.num_classes), diffusion)
             images = run_sampler(sampler, diffusion, denoise, x_T, step_noise, clip_denoised=True)
         outputs += [to_uint8_image(image) for image in images]
     return np.stack(outputs), (time.perf_counter() - start) / len(masks)
@@ -64,13 +63,16 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--s", type=float, default=1.5)
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="guide only at diffusion times t/T in [LOW, HIGH] (key guidance_interval)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--solver-steps", default="10,15,25")
     parser.add_argument("--segmenter-steps", type=int, default=400, help="0 = skip the label-alignment score")
     args = parser.parse_args()
 
     base, _ = config_from_dict("sample", {"data_dir": args.data_dir, "model_path": args.model, "s": args.s,
-                                          "seed": args.seed, "device": "cpu"})
+                                          "guidance_interval": args.guidance_interval, "seed": args.seed,
+                                          "device": "cpu"})
     config, trained, model, path = load_sampling_model(base, set(), "quality_guard", torch.device("cpu"))
     index = index_dataset(config.data_dir, config.dataset_mode, config.num_classes, require_test=False)
     train_pairs, val_pairs = split_train_val(index.train, trained.val_fraction, trained.seed)
@@ -79,7 +81,8 @@ def main() -> None:
                               image_channels=config.image_channels)
     items = [val[i] for i in range(len(val))]
     masks = torch.stack([item["mask"] for item in items])
-    print(f"model {path}; {len(masks)} val masks at {config.image_size} px, guidance s={config.s}", flush=True)
+    print(f"model {path}; {len(masks)} val masks at {config.image_size} px, guidance s={config.s}"
+          f"{'' if config.guidance_interval is None else f' at t/T in {config.guidance_interval}'}", flush=True)
 
     runs = [("ancestral", 0, args.seed), ("ancestral", 0, args.seed + 1), ("dpm++2m", 100, args.seed),
             ("ddim", 50, args.seed), ("ancestral", 50, args.seed)]

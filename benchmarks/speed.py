@@ -7,8 +7,10 @@
 Columns: config, device, dtype, batch, train images/s, peak memory, sampler, steps, s/image, model FLOP/s and
 its share of the device's peak (known GPUs only). FLOPs are counted by torch.utils.flop_counter on one forward
 at batch 1; a training step counts 3 forwards (forward + backward), a guided sampling step 2 (cond + null).
-Sampling runs with classifier-free guidance s = 1.5. Runs longer than --max-sample-steps are timed over that
-many steps and scaled to the full count (marked "~"). The first step of everything is an untimed warm-up.
+Sampling runs with classifier-free guidance s = 1.5, at every step or (--guidance-interval LOW HIGH) only at the
+steps whose t/T is in [LOW, HIGH], which run 2 forwards, the others 1. Runs longer than --max-sample-steps are
+timed over that many steps and scaled to the full count (marked "~"). The first step of everything is an untimed
+warm-up.
 
 "naive" = what the reference code does: fp32, attention as explicit softmax(q k^T / sqrt(d)) v instead of PyTorch's
 fused SDPA kernel, and guidance as two separate forwards per step, with ISDM's 300 ancestral steps.
@@ -112,8 +114,11 @@ def time_training(model, diffusion, images, labels, steps: int, autocast: bool, 
 
 
 def time_sampling(model, labels, sampler: str, steps: int, max_steps: int, batched: bool, autocast: bool,
-                  device, channels: int = 3) -> tuple[float, bool]:
-    """Seconds per image for `steps` guided steps of `sampler` (timed over at most max_steps)."""
+                  device, channels: int = 3,
+                  guidance_interval: list[float] | None = None) -> tuple[float, bool, float]:
+    """Seconds per image for `steps` guided steps of `sampler` (timed over at most max_steps), guided at every
+    step or only inside `guidance_interval` (t/T), whether it was timed over fewer steps, and the model forwards
+    per image and step (2 guided, 1 outside the interval; averaged over the steps)."""
     model_process = GaussianDiffusion.create(1000, "linear", rescale_timesteps=True)
     timed = min(steps, max_steps)
     grid = log_snr_timesteps(model_process, timed) if sampler == "dpm++2m" else space_timesteps(1000, str(timed))
@@ -121,14 +126,32 @@ def time_sampling(model, labels, sampler: str, steps: int, max_steps: int, batch
     size = labels.shape[-1]
     noise = PerImageNoise(list(range(len(labels))), (channels, size, size), device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        denoise = conditional_denoiser(model, labels, 1.5, batched=batched)
-        denoise(noise(), torch.zeros(len(labels), device=device))  # warm-up
+        denoise = conditional_denoiser(model, labels, 1.5, batched=batched, guidance_interval=guidance_interval,
+                                       time_range=diffusion.model_time_range)
+        warm_times = [0.0]
+        if guidance_interval is not None:
+            warm_times.append(sum(guidance_interval) / 2 * diffusion.model_time_range)
+        for t in warm_times:  # warm-up of each batch shape the run uses (a compiled model compiles each)
+            denoise(noise(), torch.full((len(labels),), t, device=device))
         synchronize(device)
         start = time.perf_counter()
         run_sampler(sampler, diffusion, denoise, noise(), noise)
         synchronize(device)
     seconds = time.perf_counter() - start
-    return seconds / timed * steps / len(labels), timed < steps
+    return seconds / timed * steps / len(labels), timed < steps, 1.0 + guided_share(diffusion, guidance_interval)
+
+
+def interval_label(guidance_interval: list[float] | None) -> str:
+    """' guided t/T 0.1-0.6' after the sampler's name in the table when guidance is limited, else ''."""
+    return "" if guidance_interval is None else f" guided t/T {guidance_interval[0]:g}-{guidance_interval[1]:g}"
+
+
+def guided_share(diffusion: GaussianDiffusion, guidance_interval: list[float] | None) -> float:
+    """The share of `diffusion`'s steps that are guided (two forwards) with `guidance_interval` (None: all)."""
+    if guidance_interval is None:
+        return 1.0
+    fraction = diffusion.model_timesteps(torch.arange(diffusion.num_timesteps)).double() / diffusion.model_time_range
+    return float(((fraction >= guidance_interval[0]) & (fraction <= guidance_interval[1])).double().mean())
 
 
 def measure(args, path: str, sampler_runs: list[tuple[str, int]]) -> list[Row]:
@@ -163,14 +186,16 @@ def measure(args, path: str, sampler_runs: list[tuple[str, int]]) -> list[Row]:
         rows.append(Row(args.config, str(device), dtype, b, path, train_ips=ips, peak_mib=peak_memory_mib(device),
                         flops_per_s=3 * flops * ips))
     forward.eval()
+    interval = None if naive else args.guidance_interval
     for sampler, steps in sampler_runs:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds, estimated = time_sampling(forward, labels, sampler, steps, args.max_sample_steps,
-                                           batched=not naive, autocast=autocast, device=device, channels=channels)
+        seconds, estimated, forwards = time_sampling(forward, labels, sampler, steps, args.max_sample_steps,
+                                                     batched=not naive, autocast=autocast, device=device,
+                                                     channels=channels, guidance_interval=interval)
         rows.append(Row(args.config, str(device), dtype, b, path, peak_mib=peak_memory_mib(device),
-                        sampler=sampler, steps=steps, s_per_image=seconds, estimated=estimated,
-                        flops_per_s=2 * flops * steps / seconds))
+                        sampler=sampler + interval_label(interval), steps=steps, s_per_image=seconds,
+                        estimated=estimated, flops_per_s=forwards * flops * steps / seconds))
     print(f"# {path}: {args.config} config, {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{flops / 1e12:.3f} TFLOP per forward at batch 1, {torch.get_num_threads()} CPU threads", flush=True)
     return rows
@@ -209,7 +234,8 @@ def parse_sampler_runs(text: str) -> list[tuple[str, int]]:
     return runs
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with the device-dependent defaults filled in (benchmarks/gpu_check.py calls it too)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -223,18 +249,26 @@ def main() -> None:
     parser.add_argument("--max-sample-steps", type=int, default=None,
                         help="time at most this many steps of a run and scale to its full length; default: 60 "
                              "on CUDA, 10 on CPU")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="guide only the sampling steps at diffusion times t/T in [LOW, HIGH] (the sample key "
+                             "guidance_interval); the others run one forward")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--compare-naive", action="store_true",
                         help="also time the straightforward fp32 path (no SDPA, two-forward guidance, 300 "
                              "ancestral steps) and print the speed-up of each run over it")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.batch_size = args.batch_size or (8 if cuda else 4)
     args.train_steps = (20 if cuda else 5) if args.train_steps is None else args.train_steps
     args.max_sample_steps = args.max_sample_steps or (60 if cuda else 10)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     rows = measure(args, "ours", parse_sampler_runs(args.samplers))
     if args.compare_naive:
         naive_rows = measure(args, "naive", [("ancestral", 300)])

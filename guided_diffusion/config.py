@@ -459,6 +459,10 @@ class SampleConfig(CommonConfig):
                                  "except with `mode: \"paste\"`", SAME)
     num_samples: int = option(16, "images to synthesise", SAME)
     s: float = option(1.5, "classifier-free guidance scale (1 = none; needs a finetuned model)", SAME)
+    guidance_interval: list[float] | None = option(
+        None, "`[low, high]`: guide only the steps whose diffusion time t/T is in [low, high] (0 = clean, 1 = pure "
+              "noise); the others run the conditional model alone, one forward instead of two (Kynkäänniemi et al. "
+              "2024); null = every step; no effect with `s` 1. See [docs/sampling.md](sampling.md#guidance-interval)")
     diffusion_steps: int = option(300, "steps of the rescaled schedule (a linear schedule over N steps, timesteps "
                                        "rescaled to the model's 0..1000)", SAME)
     timestep_respacing: str | int = option("", "instead: respace the model's own process, e.g. `50` or `\"ddim50\"` "
@@ -512,6 +516,11 @@ class SampleConfig(CommonConfig):
                 "is required: a checkpoint file or a train/finetune run folder (only mode 'paste' needs none)")
         require(self.num_samples >= 1, "num_samples", f"must be at least 1, got {self.num_samples}")
         require(self.s >= 1.0, "s", f"is the guidance scale and must be >= 1 (1 = no guidance), got {self.s}")
+        if self.guidance_interval is not None:
+            interval = self.guidance_interval
+            require(len(interval) == 2 and 0.0 <= interval[0] < interval[1] <= 1.0, "guidance_interval",
+                    f"must be [low, high] with 0 <= low < high <= 1 (fractions of the diffusion time t/T), got "
+                    f"{interval}")
         require(0.0 <= self.ddim_eta <= 1.0, "ddim_eta", f"must be in [0, 1], got {self.ddim_eta}")
         require(self.steps >= 0, "steps", f"must be >= 0 (0 = the sampler's default), got {self.steps}")
         require(not (self.steps and self.timestep_respacing), "steps",

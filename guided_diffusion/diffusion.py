@@ -170,6 +170,12 @@ class GaussianDiffusion:
             return mapped.float() * (1000.0 / self.original_num_steps)
         return mapped
 
+    @property
+    def model_time_range(self) -> float:
+        """The model timestep of diffusion time t/T = 1: `model_timesteps(t) / model_time_range` is step t's
+        place in the model's process, from 0 (the last, nearly clean step) to (T-1)/T (the first, noisiest)."""
+        return 1000.0 if self.rescale_timesteps else float(self.original_num_steps)
+
     # --- forward process ----------------------------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x_0)."""

@@ -239,7 +239,7 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
     config = job.config
     masks_from = f"masks from {config.mask_source}" if config.mask_source else f"masks from split '{config.mask_split}'"
     log(f"sampling {job.num_images} images from {job.checkpoint_path} with {job.diffusion.num_timesteps} "
-        f"{config.sampler} steps, guidance s={config.s}, {masks_from} "
+        f"{config.sampler} steps, guidance s={config.s}{interval_text(config)}, {masks_from} "
         f"({len({s.stem for s in job.plan.sources})} distinct)")
     started = time.perf_counter()
     grid_rows = sample_my_batches(job, SampleWriter(run_dir, config.num_classes))
@@ -251,6 +251,14 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
         write_json(run_dir / "summary.json", summary)
     log(f"wrote {job.num_images} samples to {run_dir} ({summary['seconds_per_image']:.3f} s/image)")
     return {**summary, "run_dir": str(run_dir)}
+
+
+def interval_text(config: SampleConfig) -> str:
+    """' at t/T in [0.1, 0.6]' for the log line when guidance is limited to an interval, else ''."""
+    if config.guidance_interval is None or config.s <= 1.0:
+        return ""
+    low, high = config.guidance_interval
+    return f" at t/T in [{low:g}, {high:g}]"
 
 
 def write_start_files(job: SamplingJob, run_dir: Path) -> None:
@@ -296,11 +304,21 @@ def sample_batch(job: SamplingJob, ids: list[int], progress) -> tuple[torch.Tens
     batch = job.plan.prepare(ids, items, noise, device)
     labels = one_hot(batch.masks, config.num_classes).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.autocast):
-        denoise = conditional_denoiser(job.model, labels, config.s)
+        denoise = sampling_denoiser(config, job.model, labels, job.diffusion)
         images = run_sampler(config.sampler, job.diffusion, denoise, batch.x, noise,
                              clip_denoised=config.clip_denoised, eta=config.ddim_eta, progress=progress,
                              start_step=job.plan.start_step, hook=batch.hook, resample_steps=job.plan.resample_steps)
     return images, batch
+
+
+def sampling_denoiser(config: SampleConfig, model: torch.nn.Module, labels: torch.Tensor,
+                      diffusion: GaussianDiffusion):
+    """The model conditioned on `labels` with the config's guidance: scale `s`, only inside `guidance_interval`
+    (fractions of `diffusion`'s model time) when one is given. Every mode's sampling (noise, variation, inpaint)
+    evaluates the model through it. Only the eps channels are guided, never the learned variance (a grey model
+    has 1 + 1 output channels)."""
+    return conditional_denoiser(model, labels, config.s, image_channels=config.image_channels,
+                                guidance_interval=config.guidance_interval, time_range=diffusion.model_time_range)
 
 
 def write_batch(job: SamplingJob, ids: list[int], images: torch.Tensor, batch: Batch,
@@ -322,6 +340,7 @@ def sampling_summary(job: SamplingJob, seconds: float) -> dict[str, Any]:
     config = job.config
     return {"num_samples": job.num_images, "checkpoint": str(job.checkpoint_path), "sampler": config.sampler,
             "steps": job.diffusion.num_timesteps, "guidance_scale": config.s, "mask_split": config.mask_split,
+            **({"guidance_interval": config.guidance_interval} if config.guidance_interval is not None else {}),
             **({"mask_source": config.mask_source} if config.mask_source else {}),
             "seconds": round(seconds, 3), "seconds_per_image": round(seconds / job.num_images, 4),
             "device": str(job.device), **job.plan.summary()}

@@ -113,3 +113,53 @@ def test_default_sampling_is_the_rescaled_300_step_schedule():
     diffusion = sampling_diffusion(config)
     assert diffusion.num_timesteps == 300
     assert diffusion.model_timesteps(torch.tensor([299])).item() == pytest.approx(299 * 1000 / 300)
+
+
+def test_a_guidance_interval_covering_every_step_writes_the_same_images(demo_dir, trained_run, tmp_path):
+    everywhere = sample(demo_dir, trained_run, tmp_path / "a", s=1.5)
+    covering = sample(demo_dir, trained_run, tmp_path / "b", s=1.5, guidance_interval=[0.0, 1.0])
+    before, after = pngs(everywhere / "samples"), pngs(covering / "samples")
+    assert len(before) == 3 and before.keys() == after.keys()
+    assert all(np.array_equal(before[name], after[name]) for name in before)
+    assert json.loads((covering / "summary.json").read_text())["guidance_interval"] == [0.0, 1.0]
+    assert "guidance_interval" not in json.loads((everywhere / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("mode", [{"mode": "noise"}, {"mode": "variation", "strength": 0.6}], ids=lambda m: m["mode"])
+def test_every_mode_guides_only_the_steps_inside_the_interval(demo_dir, trained_run, tmp_path, monkeypatch, mode):
+    from guided_diffusion import sample as sample_module
+    calls, real = [], sample_module.conditional_denoiser
+
+    def recording(model, one_hot, scale, **options):
+        def counted(x, t, y):
+            calls.append((x.shape[0], float(t[0]) / options["time_range"], one_hot.shape[0]))
+            return model(x, t, y)
+        return real(counted, one_hot, scale, **options)
+
+    monkeypatch.setattr(sample_module, "conditional_denoiser", recording)
+    sample(demo_dir, trained_run, tmp_path, s=1.5, guidance_interval=[0.5, 1.0], timestep_respacing="8", **mode)
+    assert calls and all(rows == (2 * batch if 0.5 <= fraction <= 1.0 else batch) for rows, fraction, batch in calls)
+    assert {rows == 2 * batch for rows, _, batch in calls} == {True, False}  # both kinds of step ran
+
+
+def test_guidance_of_a_grey_model_scales_its_eps_channel_and_leaves_its_learned_variance(tmp_path):
+    """A 1-channel model outputs eps and the variance interpolation v: s extrapolates eps only (guiding v would
+    push the ancestral sampler's variance outside the range the model learned)."""
+    from guided_diffusion.diffusion import GaussianDiffusion
+    from guided_diffusion.sample import sampling_denoiser
+
+    class Fixed(torch.nn.Module):  # eps 1 and v 0.5 for a real mask, eps 0 and v -0.5 for the null label
+        def forward(self, x, t, one_hot):
+            real = one_hot.flatten(1).abs().sum(1).gt(0).float().view(-1, 1, 1, 1)
+            return torch.cat([real.expand_as(x), (real - 0.5).expand_as(x)], dim=1)
+
+    config = config_from_dict("sample", {"data_dir": str(tmp_path), "num_classes": 2, "image_size": 8,
+                                         "image_channels": 1, "s": 3.0, "model_path": "x",
+                                         "attention_resolutions": "4"})[0]
+    labels = torch.zeros(2, 2, 8, 8)
+    labels[:, 1] = 1.0
+    denoise = sampling_denoiser(config, Fixed(), labels, GaussianDiffusion(np.linspace(1e-4, 0.02, 10)))
+    out = denoise(torch.zeros(2, 1, 8, 8), torch.tensor([5, 5]))
+    assert out.shape == (2, 2, 8, 8)
+    assert torch.all(out[:, 0] == 3.0)  # 0 + 3 * (1 - 0)
+    assert torch.all(out[:, 1] == 0.5)  # the conditional v, unguided

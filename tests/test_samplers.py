@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY_MODEL
 from guided_diffusion.config import config_from_dict
-from guided_diffusion.diffusion import GaussianDiffusion, space_timesteps
+from guided_diffusion.diffusion import GaussianDiffusion, make_betas, space_timesteps
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.guidance import conditional_denoiser
 from guided_diffusion.sample import DEFAULT_SOLVER_STEPS, sampling_diffusion
@@ -163,3 +163,103 @@ def test_dpm_solver_end_to_end_writes_samples(demo_dir, trained_run, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["sampler"], summary["steps"]) == ("dpm++2m", 4)
     assert len(pngs(run_dir / "samples")) == 3
+
+
+# --- guidance in a limited interval (guidance_interval) -------------------------------------------------------
+
+class CountingModel(torch.nn.Module):
+    """The tiny model, counting the images it evaluates (a batched cond + null forward of B images counts 2B)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.images, self.calls = model, 0, 0
+
+    def forward(self, x, t, y):
+        self.images += x.shape[0]
+        self.calls += 1
+        return self.model(x, t, y)
+
+
+def interval_run(tiny_model, sampler: str, interval, scale: float = 1.5, batched: bool = True,
+                 diffusion: GaussianDiffusion | None = None):
+    """Two images sampled from fixed seeds over a 10-step process; the images and the counting model."""
+    model_process = GaussianDiffusion.create(1000, "linear", rescale_timesteps=True)
+    diffusion = diffusion or model_process.respaced(
+        log_snr_timesteps(model_process, 10) if sampler == "dpm++2m" else space_timesteps(1000, "10"))
+    noise = PerImageNoise([5, 6], (3, 32, 32))
+    counting = CountingModel(tiny_model)
+    with torch.no_grad():
+        denoise = conditional_denoiser(counting, masks_for(2), scale, batched=batched, guidance_interval=interval,
+                                       time_range=diffusion.model_time_range)
+        images = run_sampler(sampler, diffusion, denoise, noise(), noise)
+    return images, counting
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpm++2m"])
+def test_a_guidance_interval_covering_every_step_samples_bit_for_bit_as_without(tiny_model, sampler):
+    without, _ = interval_run(tiny_model, sampler, None)
+    covering, _ = interval_run(tiny_model, sampler, [0.0, 1.0])
+    assert torch.equal(without, covering)
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim", "dpm++2m"])
+def test_steps_outside_the_interval_run_one_forward_of_the_conditional_model(tiny_model, sampler):
+    model_process = GaussianDiffusion.create(1000, "linear", rescale_timesteps=True)
+    grid = log_snr_timesteps(model_process, 10) if sampler == "dpm++2m" else space_timesteps(1000, "10")
+    inside = sum(0.2 <= step / 1000 <= 0.6 for step in grid)
+    assert 0 < inside < 10
+    _, everywhere = interval_run(tiny_model, sampler, None)
+    limited, counting = interval_run(tiny_model, sampler, [0.2, 0.6])
+    assert everywhere.images == 2 * 2 * 10  # batch 2, cond + null, 10 steps
+    assert counting.images == 2 * 2 * inside + 2 * (10 - inside)
+    assert counting.calls == everywhere.calls == 10  # batched: one forward per step either way
+    _, separate = interval_run(tiny_model, sampler, [0.2, 0.6], batched=False)
+    assert separate.calls == 2 * inside + (10 - inside)
+    assert not torch.equal(limited, interval_run(tiny_model, sampler, None)[0])
+
+
+def test_an_interval_holding_no_step_samples_bit_for_bit_as_no_guidance(tiny_model):
+    unguided, _ = interval_run(tiny_model, "ddim", None, scale=1.0)
+    outside, counting = interval_run(tiny_model, "ddim", [0.9995, 1.0])
+    assert torch.equal(unguided, outside) and counting.images == 2 * 10
+
+
+def test_the_interval_is_a_fraction_of_the_model_time_of_any_process(tiny_model):
+    """A rescaled 40-step schedule like ISDM's 300-step one (model time t * 1000 / 40) and a 1000-step process
+    without rescaling (model time = step): steps 0..T-1 are at t/T, so [0, 0.5) of either holds half its steps."""
+    rescaled = GaussianDiffusion(make_betas("linear", 40), rescale_timesteps=True)
+    plain = GaussianDiffusion.create(1000, "linear", rescale_timesteps=False).respaced(list(range(0, 1000, 100)))
+    for diffusion, steps in ((rescaled, 40), (plain, 10)):
+        _, counting = interval_run(tiny_model, "ddim", [0.0, 0.499], diffusion=diffusion)
+        assert counting.images == 2 * 2 * (steps // 2) + 2 * (steps // 2)
+
+
+def test_a_batch_of_mixed_steps_guides_only_the_images_inside(tiny_model):
+    one_hot, x = masks_for(2), torch.randn(2, 3, 32, 32)
+    t = torch.tensor([100.0, 800.0])
+    with torch.no_grad():
+        mixed = conditional_denoiser(tiny_model, one_hot, 2.0, guidance_interval=[0.5, 1.0])(x, t)
+        guided = conditional_denoiser(tiny_model, one_hot, 2.0)(x, t)
+        plain = tiny_model(x, t, one_hot)
+    assert torch.allclose(mixed[1], guided[1], atol=1e-5) and torch.allclose(mixed[0], plain[0], atol=1e-5)
+    assert not torch.allclose(mixed[0], guided[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("interval", [[0.5, 0.2], [0.3, 0.3], [-0.1, 0.5], [0.2, 1.5], [0.5], [0.1, 0.2, 0.3]])
+def test_a_bad_guidance_interval_is_one_line_naming_the_key(interval):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict("sample", {"data_dir": "d", "model_path": "m", "guidance_interval": interval}, "x.json")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("x.json: key 'guidance_interval' must be [low, high] with 0 <= low < high <= 1")
+    assert str(interval) in message
+
+
+def test_a_guidance_interval_of_the_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match="key 'guidance_interval' must be a list of a number or null, got \"0.5\""):
+        sample_config(guidance_interval="0.5")
+
+
+def test_guidance_interval_defaults_to_every_step():
+    assert sample_config().guidance_interval is None
+    assert sample_config(guidance_interval=[0, 1]).guidance_interval == [0.0, 1.0]
