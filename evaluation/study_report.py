@@ -22,6 +22,7 @@ from .report import markdown_table
 
 if TYPE_CHECKING:
     from .study import Split, Study
+    from .study_config import Variant
 
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 24: 2.064, 29: 2.045}
@@ -95,8 +96,45 @@ def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for name in study.class_names:
                 record[f"iou_{name}"] = float(np.nanmean([cell[s][f"iou_{name}"] for s in seeds]))
             record["selected_steps"] = [cell[s].get("selected_step") for s in seeds]
+            without = without_sdm(study, variant, fraction)
+            if without is not None and by_cell.get((fraction, without)):
+                other = by_cell[(fraction, without)]
+                paired = [cell[s]["miou_no_bg"] - other[s]["miou_no_bg"] for s in seeds if s in other]
+                record["without_sdm"] = without
+                record["sdm_diff"], record["sdm_ci_low"], record["sdm_ci_high"] = paired_interval(paired)
             records.append(record)
     return records
+
+
+def _sdm_share(records: list[dict[str, Any]]) -> list[str]:
+    """The report's table of what the SDM adds: each SDM variant paired against itself without the SDM."""
+    rows = [r for r in records if "without_sdm" in r]
+    if not rows:
+        return []
+    body = [[f"{100 * r['real_fraction']:.0f} %", r["variant"], r["without_sdm"], _points(r["sdm_diff"]),
+             "–" if math.isnan(r["sdm_ci_low"]) else f"[{_points(r['sdm_ci_low'])}, {_points(r['sdm_ci_high'])}]",
+             verdict({"is_baseline": False, "ci_low": r["sdm_ci_low"], "ci_high": r["sdm_ci_high"]})]
+            for r in rows]
+    return ["### What the SDM adds", "",
+            "Each variant with SDM data against the same variant without it (same real images, augmentation and "
+            "other generators), paired by seed: the SDM's own share of the difference.", "",
+            markdown_table(["real", "variant", "without the SDM", "diff (points)", "95 % interval", "verdict"], body),
+            ""]
+
+
+def without_sdm(study: Study, variant: Variant, fraction: float) -> str | None:
+    """The variant of the same fraction that is `variant` without its SDM generators (same real images, same
+    augmentation, the other generators), so the SDM's own share of a gain can be paired out; None when `variant`
+    uses no SDM or no such variant is studied."""
+    kinds = study.config.generators
+    if variant.real is False or not any(kinds[n].kind == "sdm" for n in variant.synthetic):
+        return None
+    rest = sorted(n for n in variant.synthetic if kinds[n].kind != "sdm")
+    for other in study.config.variants_at(fraction):
+        if other.real == variant.real and other.augment == variant.augment and sorted(other.synthetic) == rest \
+                and other.max_synthetic == variant.max_synthetic:
+            return other.name
+    return None
 
 
 def verdict(record: dict[str, Any]) -> str:
@@ -299,8 +337,9 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
                      f"{_fmt(r['miou'])} ± {_fmt(r['miou_std'])}",
                      "baseline" if r["is_baseline"] else _points(r["diff"]), interval, verdict(r),
                      " ".join(str(step) for step in r["selected_steps"])])
-    lines += [markdown_table(header, body), "", "![paired differences](paired_differences.png)", "",
-              "## Per-class IoU (mean over seeds)", ""]
+    lines += [markdown_table(header, body), "", "![paired differences](paired_differences.png)", ""]
+    lines += _sdm_share(records)
+    lines += ["## Per-class IoU (mean over seeds)", ""]
     lines += [markdown_table(["real", "variant"] + study.class_names,
                              [[f"{100 * r['real_fraction']:.0f} %", r["variant"]]
                               + [_fmt(r[f"iou_{n}"]) for n in study.class_names] for r in records]), ""]
@@ -330,6 +369,7 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         "background_class": config.background_class, "ignore_index": config.ignore_index,
         "variants": [{**{k: r[k] for k in ("real_fraction", "variant", "generator", "miou_no_bg", "diff", "ci_low",
                                            "ci_high", "miou", "real_images", "synthetic_images", "seeds")},
+                      **{k: r[k] for k in ("without_sdm", "sdm_diff", "sdm_ci_low", "sdm_ci_high") if k in r},
                       "verdict": verdict(r)} for r in records],
         "per_class_iou": [{"real_fraction": r["real_fraction"], "variant": r["variant"],
                            **{n: r[f"iou_{n}"] for n in study.class_names}} for r in records],

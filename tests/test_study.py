@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import types
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from evaluation.study import Ledger, main as study_main, run_study
 from evaluation.study_config import study_from_dict
-from evaluation.study_report import paired_interval
+from evaluation.study_report import paired_interval, without_sdm
 from guided_diffusion.errors import ConfigError
 
 from conftest import TINY_MODEL
@@ -287,3 +288,24 @@ def test_without_background_class_the_no_bg_mean_is_the_mean_over_every_class():
     assert with_bg.miou_no_bg == pytest.approx(2 / 3)  # class 1 alone
     assert none.miou_no_bg == pytest.approx(none.miou)
     assert other.miou_no_bg == pytest.approx(1 / 2)  # class 0 alone
+
+
+def test_the_sdm_share_pairs_each_sdm_variant_with_itself_without_the_sdm(finished_study, demo_dir, tmp_path):
+    root, _ = finished_study
+    summary = json.loads((root / "summary.json").read_text())
+    cells = {(v["real_fraction"], v["variant"]): v for v in summary["variants"]}
+    sdm = cells[(0.5, "sdm")]
+    assert sdm["without_sdm"] == "real" and sdm["sdm_diff"] == pytest.approx(sdm["diff"])
+    assert "without_sdm" not in cells[(0.5, "sdm_only")]  # no real images: nothing to pair it with
+    assert "without_sdm" not in cells[(0.5, "paste")]
+    assert "### What the SDM adds" in (root / "report.md").read_text()
+
+    values = study_values(demo_dir, tmp_path / "s")
+    values["variants"] += [{"name": "paste+sdm", "synthetic": ["sdm", "paste"]},
+                           {"name": "paste+inpaint", "synthetic": ["paste", "sdm_inpaint"], "augment": "strong"}]
+    config = study_from_dict(values, "test")
+    study = types.SimpleNamespace(config=config)
+    variants = {v.name: v for v in config.variants}
+    assert without_sdm(study, variants["paste+sdm"], 0.5) == "paste"
+    assert without_sdm(study, variants["paste+inpaint"], 0.5) is None  # no strong-augmented paste variant
+    assert without_sdm(study, variants["paste"], 0.5) is None
