@@ -90,14 +90,14 @@ def child_parity(fixture: str, device_name: str) -> None:
     """The fixture's model output: strict fp32 against the reference, bf16 autocast against fp32."""
     import torch
     from guided_diffusion.config import config_from_dict
-    from guided_diffusion.unet import SDMUNet
+    from guided_diffusion.model_setup import build_model
     torch.backends.cuda.matmul.allow_tf32 = False  # strict fp32: PyTorch lets cuDNN convolutions use TF32 otherwise
     torch.backends.cudnn.allow_tf32 = False
     device = torch.device(device_name)
     reference = torch.load(fixture, map_location="cpu", weights_only=True)
     keys = {k: v for k, v in reference["config"].items() if k != "use_fp16"}
     config, _ = config_from_dict("train", {**keys, "data_dir": "unused"}, fixture)
-    model = SDMUNet(config.unet_spec())
+    model = build_model(config)
     model.load_state_dict(reference["state_dict"], strict=True)
     model = model.to(device).eval()
     vectors = reference["vectors"]

@@ -34,6 +34,7 @@ from guided_diffusion.config import config_from_dict  # noqa: E402
 from guided_diffusion.data import one_hot  # noqa: E402
 from guided_diffusion.diffusion import GaussianDiffusion, space_timesteps  # noqa: E402
 from guided_diffusion.guidance import conditional_denoiser  # noqa: E402
+from guided_diffusion.model_setup import build_model  # noqa: E402
 from guided_diffusion.samplers import PerImageNoise, log_snr_timesteps, run_sampler  # noqa: E402
 from guided_diffusion.unet import AttentionBlock, SDMUNet  # noqa: E402
 
@@ -162,7 +163,7 @@ def measure(args, path: str, sampler_runs: list[tuple[str, int]]) -> list[Row]:
     torch.manual_seed(0)
     config, _ = config_from_dict("train", {"data_dir": "unused", **CONFIGS[args.config],
                                            "use_checkpoint": args.checkpointing})
-    model = SDMUNet(config.unet_spec()).to(device)
+    model = build_model(config).to(device)
     if naive:
         for block in model.modules():
             if isinstance(block, AttentionBlock):
