@@ -1,12 +1,13 @@
 """Single entry point: `python main.py train|finetune|masks|sample|export|import -c configs/config_<action>.json`;
-`python main.py keys [action]` prints the config keys (the tables of docs/configuration.md).
+`python main.py keys [section]` prints the config keys (the tables of docs/configuration.md).
 
 Thin on purpose: parse the action and config, make a fresh run folder, call one stage. A mistake in the user's
 input (config, dataset, checkpoint) prints one line and exits with status 2.
 
 The top of the layers: it may import evaluation/, which guided_diffusion never does. A sample config with
 `hardness_args` needs evaluation's scorer; this file hands `evaluation.freemask.measure_hardness` to the sample
-action (imported only then: the scorer's packages load only when used).
+action (imported only then: the scorer's packages load only when used). `keys` adds evaluation's config
+(`evaluate`, of evaluation/evaluate.sh) to guided_diffusion's sections here, at the top.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ import argparse
 import json
 import sys
 
+from evaluation.config import EvaluateConfig
 from guided_diffusion.config import ACTIONS, LoadedConfig, config_to_dict, load_config
 from guided_diffusion.distributed import current_world, process_group
 from guided_diffusion.errors import exit_status
-from guided_diffusion.keys import keys_text
+from guided_diffusion.keys import keys_text, sections
+
+# config sections of the layers above guided_diffusion, after its own in `main.py keys` and docs/configuration.md
+KEY_SECTIONS = (("evaluate", EvaluateConfig),)
 
 DEFAULT_CONFIGS = {action: f"configs/config_{action}.json" for action in ACTIONS}
 
@@ -27,12 +32,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["keys"]:
         keys = argparse.ArgumentParser(prog="main.py keys", description="Print the config keys (default, ISDM name, "
-                                       "meaning) as Markdown: one action's table, or without an action the whole "
+                                       "meaning) as Markdown: one section's table (an action, a nested object such "
+                                       "as balance_args, or evaluate), or without one the whole "
                                        "docs/configuration.md page.")
-        keys.add_argument("action", nargs="?", choices=ACTIONS)
+        keys.add_argument("action", nargs="?", choices=list(sections(KEY_SECTIONS)), metavar="section")
         return argparse.Namespace(command="keys", **vars(keys.parse_args(argv[1:])))
     parser = argparse.ArgumentParser(description="Semantic Diffusion Model: train, finetune, sample.",
-                                     epilog="python main.py keys [action]: the config keys of an action (or all)")
+                                     epilog="python main.py keys [section]: the config keys of an action (or all)")
     parser.add_argument("action", choices=ACTIONS)
     parser.add_argument("-c", "--config", help="JSON config (default: configs/config_<action>.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -110,7 +116,7 @@ def hardness_measure(config):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.command == "keys":
-        sys.stdout.write(keys_text(args.action))
+        sys.stdout.write(keys_text(args.action, KEY_SECTIONS))
         return 0
 
     def action() -> int | None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guided_diffusion.checks import did_you_mean, expected, read, setting, to_json_dict
-from guided_diffusion.config import ARCHITECTURE_NAMES, canonical_architecture  # noqa: F401 (re-exported)
+from guided_diffusion.checks import did_you_mean, expected, read, to_json_dict
+from guided_diffusion.config import ARCHITECTURE_NAMES, canonical_architecture, option  # noqa: F401 (re-exported)
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError
 
@@ -27,36 +27,57 @@ ignored pixels) less the images the filter dropped."""
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Every setting of an evaluation run, with its default; `expect` words what a key takes."""
+    """`evaluation/evaluate.sh`: its own keys (a JSON config, command-line options, `--set key=value`), not those
+    of `main.py`.
 
-    data_dir: str = setting("", expect="a folder path")
-    sample_dirs: list[str] = setting(factory=list, expect="a list of sample run folders")
-    mixes: list[str] = setting(factory=lambda: ["RALLF000", "RALLFALL"],
-                               expect="a list of mix names such as [\"RALLF000\", \"RALLF100\"]")
-    seeds: list[int] = setting(factory=lambda: [0, 1, 2], expect="a list of integers")
-    models: list[str] = setting(factory=lambda: ["unetplusplus", "fpn", "deeplabv3plus"],
-                                expect="a list of segmenter names")
-    encoder: str = setting("resnet18", expect="an encoder name such as \"resnet18\"")
-    encoder_weights: str | None = setting(None, expect="a weights file path or null")
-    dataset_mode: str = setting("multi-class", expect="\"multi-class\" or \"binary\"")
-    num_classes: int | None = setting(None, expect="an integer or null")
-    image_size: int = 256
-    resize_mode: str = setting("resize", expect=" or ".join(f'"{m}"' for m in RESIZE_MODES))
-    batch_size: int = 8
-    steps: int = 2000
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    augment: bool = setting(True, expect="true or false")
-    device: str = setting("auto", expect="\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
-    root_log_dir: str = setting("Results", expect="a folder path")
-    label_alignment: bool = setting(True, expect="true or false")
-    inception_weights: str | None = setting(None, expect="a weights file path or null")
-    synthetic_labels: str = setting("raw", expect="\"raw\" (labels/) or \"filtered\" (labels_filtered/ of "
-                                                  "evaluation/filter.sh)")
-    background_class: int | None = setting(0, expect="the class id left out of 'without background' means, or null "
-                                                     "for none")
-    ignore_index: int | None = setting(None, expect="a label value that losses and metrics skip (e.g. 255), or "
-                                                    "null")
+    Every setting of an evaluation run, with its default and meaning (`option`); `expect` words what a key takes."""
+
+    data_dir: str = option("", "dataset with `train/` and `test/` (`images/`, `masks/`); required",
+                           expect="a folder path")
+    sample_dirs: list[str] = option(doc="sample run folders, or folders of `sample_NNN` runs (option `--samples`)",
+                                    factory=list, expect="a list of sample run folders")
+    mixes: list[str] = option(doc="mix names, `R<real>F<synthetic>` (docs/evaluation.md)",
+                              factory=lambda: ["RALLF000", "RALLFALL"],
+                              expect="a list of mix names such as [\"RALLF000\", \"RALLF100\"]")
+    seeds: list[int] = option(doc="one training run per seed; tables show mean ± std (n − 1)",
+                              factory=lambda: [0, 1, 2], expect="a list of integers")
+    models: list[str] = option(doc="segmenters: `unetplusplus` (`unet++`), `fpn`, `deeplabv3plus` (`deeplabv3+`), "
+                                   "`unet`", factory=lambda: ["unetplusplus", "fpn", "deeplabv3plus"],
+                               expect="a list of segmenter names")
+    encoder: str = option("resnet18", "any smp encoder (`resnet18`, `resnet50`, `tu-<timm name>`, ...)",
+                          expect="an encoder name such as \"resnet18\"")
+    encoder_weights: str | None = option(None, "local encoder state dict (torchvision/timm names); `null` = random "
+                                               "init", expect="a weights file path or null")
+    dataset_mode: str = option("multi-class", "as for training: `multi-class` or `binary`",
+                               expect="\"multi-class\" or \"binary\"")
+    num_classes: int | None = option(None, "as for training; `null` = binary → 2, else `classes.json`, else the "
+                                           "sample folder's `config.json`", expect="an integer or null")
+    image_size: int = option(256, "side all images are resized to (multiple of 32); test masks are scored at this "
+                                  "size")
+    resize_mode: str = option("resize", "`resize` (stretch) or `crop` (short side + centre crop)",
+                              expect=" or ".join(f'"{m}"' for m in RESIZE_MODES))
+    batch_size: int = option(8, "images per step; >= 2 (AdamW with cosine decay, Dice + cross-entropy loss)")
+    steps: int = option(2000, "optimizer steps per training run (the same for every mix)")
+    lr: float = option(1e-3, "AdamW learning rate (cosine decay); > 0")
+    weight_decay: float = option(1e-4, "AdamW weight decay; >= 0")
+    augment: bool = option(True, "random horizontal and vertical flips", expect="true or false")
+    device: str = option("auto", "`auto`, `cpu`, `cuda`, `cuda:N`", expect="\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
+    root_log_dir: str = option("Results", "where `evaluate_NNN/` is made", expect="a folder path")
+    label_alignment: bool = option(True, "score the sample folders with the `RALLF000` segmenters (added to the "
+                                         "mixes when missing)", expect="true or false")
+    inception_weights: str | None = option(None, "local Inception-v3 weights file: adds FID/KID",
+                                           expect="a weights file path or null")
+    synthetic_labels: str = option("raw", "`raw` (`labels/`) or `filtered` (`labels_filtered/` of "
+                                          "evaluation/filter.sh, see docs/filtering.md)",
+                                   expect="\"raw\" (labels/) or \"filtered\" (labels_filtered/ of "
+                                          "evaluation/filter.sh)")
+    background_class: int | None = option(0, "class left out of the \"w/o bg\" means; `null` (option value `none`) "
+                                             "when no class is background (scene datasets whose class 0 is sky or "
+                                             "road)", expect="the class id left out of 'without background' means, "
+                                                             "or null for none")
+    ignore_index: int | None = option(None, "label value that training and metrics skip, e.g. 255 = void; real "
+                                            "masks may hold it; with filtered labels `null` means 255",
+                                      expect="a label value that losses and metrics skip (e.g. 255), or null")
 
     def validate(self) -> None:
         """Range and content checks that need more than a type (raises ConfigError naming the key)."""

@@ -70,14 +70,15 @@ NO_ISDM = "—"  # ISDM/SDM have no such key
 
 
 def option(default: Any = dataclasses.MISSING, doc: str = "", isdm: str = NO_ISDM, *,
-           factory: Any = dataclasses.MISSING, alias: str = "", canonical: Any = None) -> Any:
+           factory: Any = dataclasses.MISSING, alias: str = "", canonical: Any = None, expect: str = "") -> Any:
     """A config key: its default, its meaning (`doc`), its ISDM/SDM name (`isdm`: SAME, NO_ISDM or a note), an
-    accepted alternative spelling (`alias`) and the function giving a value's one form (`canonical`, see
-    checks.setting). The one place each is written: `python main.py keys` and docs/configuration.md are generated
-    from these fields, and the loader takes the aliases from them."""
+    accepted alternative spelling (`alias`), the function giving a value's one form (`canonical`) and the expected
+    value in words (`expect`; both see checks.setting). The one place each is written: `python main.py keys` and
+    docs/configuration.md are generated from these fields (of the action configs and of the nested objects), and
+    the loader takes the aliases from them."""
     if not doc:
         raise TypeError("a config key needs its doc")
-    return setting(default, factory=factory, alias=alias, canonical=canonical, doc=doc, isdm=isdm)
+    return setting(default, factory=factory, alias=alias, canonical=canonical, expect=expect, doc=doc, isdm=isdm)
 
 
 def _dataset_mode(value: str, key: str) -> str:
@@ -350,19 +351,23 @@ def canonical_architecture(name: str, key: str = "models") -> str:
 
 @dataclass(frozen=True)
 class ScorerSettings:
-    """How a FreeMask scorer (evaluation/freemask.py) is trained; part of its cache key. `image_size` None = the
-    size of what it scores (the samples' size)."""
+    """How a FreeMask scorer (evaluation/freemask.py) is trained: the `hardness_args.scorer` sub-keys of a sample
+    config, and the `--scorer-*` options of evaluation/filter.sh; part of the scorer's cache key. `image_size` None =
+    the size of what it scores (the samples' size)."""
 
-    architecture: str = setting("fpn", canonical=canonical_architecture)
-    encoder: str = "resnet18"
-    image_size: int | None = None
-    resize_mode: str = "resize"
-    steps: int = 1000
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    augment: bool = True
-    seed: int = 0
+    architecture: str = option("fpn", "smp segmenter (`unetplusplus`, `fpn`, `deeplabv3plus`, `unet`), random init",
+                               canonical=canonical_architecture)
+    encoder: str = option("resnet18", "smp encoder of the segmenter, random init")
+    image_size: int | None = option(None, "size it is trained and scores at; multiple of 32; `null` = the samples' "
+                                          "size (filter) / the sampling `image_size` (hardness)")
+    resize_mode: str = option("resize", "how the real images are brought to that size: `resize` (stretch) or `crop` "
+                                        "(short side + centre crop)")
+    steps: int = option(1000, "optimizer steps of its training (AdamW with cosine decay, as for `evaluate.sh`)")
+    batch_size: int = option(8, "images per step; >= 2")
+    lr: float = option(1e-3, "learning rate; > 0")
+    weight_decay: float = option(1e-4, "AdamW weight decay; >= 0")
+    augment: bool = option(True, "random horizontal and vertical flips")
+    seed: int = option(0, "seed of its training run")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "scorer") -> ScorerSettings:
@@ -396,12 +401,18 @@ class ScorerSettings:
 class BalanceArgs:
     """The `balance_args` sub-keys of a sample config (ISDM's names), with their defaults (docs/balancing.md)."""
 
-    max_class_dif: float = 0.1
-    based_on_generated_data_only: bool = False
-    based_on_pixel_count: bool = True
-    ejection_classes: tuple[int, ...] = setting((0,), expect="a list of class ids (integers)",
-                                                canonical=lambda ids, key: tuple(sorted(set(ids))))
-    use_mask_augmentation: bool = False
+    max_class_dif: float = option(0.1, "largest allowed relative difference between the classes' shares, (max - "
+                                       "min) / min (docs/balancing.md); >= 0", SAME)
+    based_on_generated_data_only: bool = option(False, "balance the synthetic set alone (`true`) or real + synthetic "
+                                                       "(`false`: the real counts are the starting point)", SAME)
+    based_on_pixel_count: bool = option(True, "count pixels per class (`true`) or objects: 8-connected components "
+                                              "per class (`false`)", SAME)
+    ejection_classes: tuple[int, ...] = option((0,), "class ids that take no part (the background); any list of ids "
+                                                     "in `0..num_classes-1`", SAME,
+                                               expect="a list of class ids (integers)",
+                                               canonical=lambda ids, key: tuple(sorted(set(ids))))
+    use_mask_augmentation: bool = option(False, "make new masks when the existing ones cannot reach the balance "
+                                                "(docs/balancing.md)", SAME)
 
     def validate(self, num_classes: int | None = None) -> None:
         """Class ids in ejection_classes are checked against num_classes when it is known (a sample config takes
@@ -434,10 +445,15 @@ class HardnessArgs:
     `scorer` holds the scorer's training settings (part of the cache key; image_size null = the sampling
     image_size), so the scorer that filters a sample run is the one found here when both use the defaults."""
 
-    exponent: float = setting(1.0, expect="a number >= 0 (0 = hardness has no effect)")
-    scorer_dir: str = setting(DEFAULT_SCORER_DIR, expect="a folder path")
-    allow_training: bool = False
-    scorer: ScorerSettings = setting(factory=ScorerSettings, expect="an object of scorer settings")
+    exponent: float = option(1.0, "weight = (hardness / mean hardness)^exponent; 0 = all masks alike, larger = hard "
+                                  "masks still more often; >= 0", expect="a number >= 0 (0 = hardness has no effect)")
+    scorer_dir: str = option(DEFAULT_SCORER_DIR, "the scorer cache", expect="a folder path")
+    allow_training: bool = option(False, "train the scorer when the cache has none (else a one-line error with the "
+                                         "command that trains it)")
+    scorer: ScorerSettings = option(doc="scorer settings, an object of its own keys "
+                                        "([`hardness_args.scorer`](#hardness_argsscorer)); part of the cache key; "
+                                        "`{}` = the defaults, `image_size` = the sampling `image_size`",
+                                    factory=ScorerSettings, expect="an object of scorer settings")
 
     def validate(self) -> None:
         require(self.exponent >= 0, "exponent", f"must be a number >= 0 (0 = hardness has no effect), got "
@@ -477,11 +493,13 @@ class SampleConfig(CommonConfig):
     mask_split: Literal["train", "val", "test", "all"] = option(
         "val", "masks from `val` (held out of training), `train`, `test` or `all`")
     use_ema: bool = option(True, "sample with the EMA weights")
-    balance_args: BalanceArgs | None = option(None, "class-balanced mask selection, an object of its own keys: see "
-                                             "[docs/balancing.md](balancing.md); null = masks in dataset order, "
-                                             "cycled", SAME)
-    hardness_args: HardnessArgs | None = option(None, "hardness-aware mask selection, an object of its own keys: see "
-                                              "[docs/filtering.md](filtering.md); null = off")
+    balance_args: BalanceArgs | None = option(None, "class-balanced mask selection, an object of its own keys "
+                                                    "([`balance_args`](#balance_args)), see "
+                                                    "[docs/balancing.md](balancing.md); null = masks in dataset "
+                                                    "order, cycled", SAME)
+    hardness_args: HardnessArgs | None = option(None, "hardness-aware mask selection, an object of its own keys "
+                                                      "([`hardness_args`](#hardness_args)), see "
+                                                      "[docs/filtering.md](filtering.md); null = off")
     # variations and inpainting (inpaint.py); copy-paste without a model (paste.py)
     mode: Literal["noise", "variation", "inpaint", "paste"] = option(
         "noise", "`noise`, `variation` (SDEdit from the mask's real image), `inpaint` (RePaint on a defect-free "
