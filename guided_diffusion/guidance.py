@@ -22,7 +22,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance_scale: float = 1.0,
-                         image_channels: int = 3, batched: bool = True,
+                         batched: bool = True,
                          guidance_interval: tuple[float, float] | list[float] | None = None,
                          time_range: float = 1000.0) -> Denoiser:
     """The model conditioned on `one_hot`, with classifier-free guidance when guidance_scale > 1.
@@ -33,15 +33,18 @@ def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance
     `guidance_interval` (low, high): guide only where low <= t / time_range <= high, t being the model timesteps
     the denoiser is called with and `time_range` the model timestep of t/T = 1 (the sampled process's
     `GaussianDiffusion.model_time_range`); other steps are the conditional model alone (scale 1, one forward).
-    None guides at every step, exactly as without the option."""
+    None guides at every step, exactly as without the option.
+
+    Only the eps channels (as many as x has) are guided; the learned-variance channels after them are the
+    conditional model's."""
     if guidance_scale <= 1.0:
         return lambda x, t: model(x, t, one_hot)
     null_mask = torch.zeros_like(one_hot)
     both_masks = torch.cat([one_hot, null_mask])
 
-    def combine(cond: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
-        eps = null[:, :image_channels] + guidance_scale * (cond[:, :image_channels] - null[:, :image_channels])
-        return torch.cat([eps, cond[:, image_channels:]], dim=1)
+    def combine(cond: torch.Tensor, null: torch.Tensor, channels: int) -> torch.Tensor:
+        eps = null[:, :channels] + guidance_scale * (cond[:, :channels] - null[:, :channels])
+        return torch.cat([eps, cond[:, channels:]], dim=1)
 
     def cond_and_null(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if batched:
@@ -49,7 +52,7 @@ def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance
         return model(x, t, one_hot), model(x, t, null_mask)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return combine(*cond_and_null(x, t))
+        return combine(*cond_and_null(x, t), x.shape[1])
 
     if guidance_interval is None:
         return guided
@@ -63,6 +66,6 @@ def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance
         if not bool(inside.any()):
             return model(x, t, one_hot)
         cond, null = cond_and_null(x, t)  # a batch of mixed steps: guide only its rows inside
-        return torch.where(inside.reshape(-1, *([1] * (x.dim() - 1))), combine(cond, null), cond)
+        return torch.where(inside.reshape(-1, *([1] * (x.dim() - 1))), combine(cond, null, x.shape[1]), cond)
 
     return guided_in_interval

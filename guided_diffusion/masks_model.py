@@ -326,7 +326,7 @@ def sample_masks(generator: MaskGenerator, num_samples: int, *, seed: int = 0, r
         rows = presence_rows[start:start + len(ids)]
         labels = presence_map(torch.from_numpy(rows).to(device))
         means = torch.from_numpy(np.stack([generator.presence_table.mean_mask(row) for row in rows])).to(device)
-        denoise = conditional_denoiser(model, labels, guidance_scale, image_channels=k)
+        denoise = conditional_denoiser(model, labels, guidance_scale)
         x = run_sampler(sampler, diffusion, denoise, first_step(diffusion, noise(), means), noise,
                         progress=progress, start_step=diffusion.num_timesteps - 2)
         out.append(decode(x.float()).cpu())

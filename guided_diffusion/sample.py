@@ -317,7 +317,7 @@ def sampling_denoiser(config: SampleConfig, model: torch.nn.Module, labels: torc
     (fractions of `diffusion`'s model time) when one is given. Every mode's sampling (noise, variation, inpaint)
     evaluates the model through it. Only the eps channels are guided, never the learned variance (a grey model
     has 1 + 1 output channels)."""
-    return conditional_denoiser(model, labels, config.s, image_channels=config.image_channels,
+    return conditional_denoiser(model, labels, config.s,
                                 guidance_interval=config.guidance_interval, time_range=diffusion.model_time_range)
 
 
