@@ -113,7 +113,7 @@ def _sdm_share(records: list[dict[str, Any]]) -> list[str]:
         return []
     body = [[f"{100 * r['real_fraction']:.0f} %", r["variant"], r["without_sdm"], _points(r["sdm_diff"]),
              "–" if math.isnan(r["sdm_ci_low"]) else f"[{_points(r['sdm_ci_low'])}, {_points(r['sdm_ci_high'])}]",
-             verdict({"is_baseline": False, "ci_low": r["sdm_ci_low"], "ci_high": r["sdm_ci_high"]})]
+             interval_verdict(r["sdm_ci_low"], r["sdm_ci_high"])]
             for r in rows]
     return ["### What the SDM adds", "",
             "Each variant with SDM data against the same variant without it (same real images, augmentation and "
@@ -138,14 +138,17 @@ def without_sdm(study: Study, variant: Variant, fraction: float) -> str | None:
 
 
 def verdict(record: dict[str, Any]) -> str:
-    """'helps' when the paired 95 % interval lies above 0, 'hurts' when below, else 'no clear effect'."""
-    if record["is_baseline"]:
-        return "baseline"
-    if math.isnan(record["ci_low"]):
+    """A variant's verdict on its paired difference to the baseline (interval_verdict)."""
+    return "baseline" if record["is_baseline"] else interval_verdict(record["ci_low"], record["ci_high"])
+
+
+def interval_verdict(low: float, high: float) -> str:
+    """'helps' when a paired 95 % interval lies above 0, 'hurts' when below, else 'no clear effect'."""
+    if math.isnan(low):
         return "too few seeds"
-    if record["ci_low"] > 0:
+    if low > 0:
         return "helps"
-    if record["ci_high"] < 0:
+    if high < 0:
         return "hurts"
     return "no clear effect"
 
