@@ -438,6 +438,11 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
         config_from_dict("sample", values, f"study generators.{name}")
 
 
+def subset_key_of(pairs: list[Pair], data_dir: str) -> str:
+    """What identifies a real subset in the keys of the units trained or sampled on it."""
+    return fingerprint([p.stem for p in pairs], data_dir)
+
+
 def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", log: Callable[[str], None] = print,
               progress: bool = True, report_only: bool = False) -> Path:
     """Run the study (or, with `report_only`, run nothing and report the units the ledger holds)."""
@@ -482,19 +487,28 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
                                [p.stem for p in split.val], [p.stem for p in split.test])
     rows: list[dict[str, Any]] = []
     generator_runs: dict[str, dict[str, Any]] = {}
+    sdm_runs: dict[float, Path | None] = {}
+
+    def sdm_of(fraction: float, name: str) -> Path | None:
+        """The SDM a generator samples: its `sdm_fraction`'s (default: this fraction's), trained once."""
+        generator = config.generators[name]
+        if generator.kind != "sdm" or generator.labels == "filtered":
+            return None
+        trained_at = generator.sdm_fraction if generator.sdm_fraction is not None else fraction
+        if trained_at not in sdm_runs:
+            pairs = split.subsets[trained_at]
+            sdm_runs[trained_at] = train_generator(study, trained_at, lay_out_subset(study, trained_at, pairs),
+                                                   subset_key_of(pairs, config.data_dir))
+        return sdm_runs[trained_at]
+
     for fraction in config.real_fractions:
         tag = fraction_tag(fraction)
         pairs = split.subsets[fraction]
-        subset_key = fingerprint([p.stem for p in pairs], config.data_dir)
+        subset_key = subset_key_of(pairs, config.data_dir)
         data_dir = lay_out_subset(study, fraction, pairs)
-        needed = config.generators_at(fraction)
-        model_dir = None
-        if any(config.generators[name].kind == "sdm" for name in needed):
-            model_dir = train_generator(study, fraction, data_dir, subset_key)
         runs: dict[str, dict[str, Any]] = {}
-        for name in needed:  # sources of filtered generators come first
-            runs[name] = generate(study, fraction, name, data_dir,
-                                  model_dir if config.generators[name].kind == "sdm" else None, subset_key, runs)
+        for name in config.generators_at(fraction):  # sources of filtered generators come first
+            runs[name] = generate(study, fraction, name, data_dir, sdm_of(fraction, name), subset_key, runs)
         runs = {name: run for name, run in runs.items() if run is not None}  # None: report-only, not done
         for name, run in runs.items():
             generator_runs[f"{tag}/{name}"] = run
@@ -505,8 +519,11 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
             if any(name not in runs for name in variant.synthetic):
                 continue  # report-only: its data is not generated yet
             sources = {name: runs[name]["fingerprint"] for name in variant.synthetic}
+            # what decides its segmenters (not `fractions`, which says where the variant runs: a config that runs
+            # it at one more fraction reuses the segmenters already trained at the others)
+            recipe = {k: v for k, v in dataclasses.asdict(variant).items() if k != "fractions"}
             for seed in config.segmenter.seeds:
-                key = fingerprint("segmenter", protocol_key, subset_key, dataclasses.asdict(variant), sources, seed)
+                key = fingerprint("segmenter", protocol_key, subset_key, recipe, sources, seed)
                 needs = {n: synthetic[n] for n in variant.synthetic}
                 row = study.unit("segmenter", key, f"segmenter {tag} {variant.name} seed {seed}",
                                  lambda: train_and_score(study, fraction, variant, seed, real, needs, val, test, key))

@@ -98,6 +98,9 @@ class Generator:
     labels: str = "raw"
     source: str | None = setting(None, expect="the name of the generator whose images are filtered")
     filter: FilterSettings = setting(factory=FilterSettings, expect="an object of filter settings")
+    # the real fraction whose SDM samples this generator (None: the fraction it is used at). The subsets are
+    # nested, so a smaller fraction's SDM saw only images of every larger subset: one SDM serves every fraction
+    sdm_fraction: float | None = setting(None, expect="a value of real_fractions or null")
 
     @property
     def sample_keys(self) -> dict[str, Any]:
@@ -112,7 +115,11 @@ class Generator:
                                                  f"generator's images), got {json.dumps(self.labels)}")
         if self.labels == "filtered":
             require(not self.sample, "sample", "does not apply: a filtered generator reuses the images of its source")
+            require(self.sdm_fraction is None, "sdm_fraction",
+                    "does not apply: a filtered generator reuses the images of its source")
             return
+        require(self.sdm_fraction is None or self.kind == "sdm", "sdm_fraction",
+                f"only applies to kind sdm, not {self.kind}")
         require(self.source is None and self.filter == FilterSettings(), "source",
                 "and 'filter' only apply with labels \"filtered\"")
         for owned in SET_BY_THE_STUDY + ("model_path",):
@@ -204,6 +211,20 @@ class StudyConfig:
         self._validate_generators()
         self._validate_sdm()
         self._validate_variants()
+        self._validate_sdm_fractions()
+
+    def _validate_sdm_fractions(self) -> None:
+        """A generator sampled from another fraction's SDM: that SDM's subset lies inside every subset it serves."""
+        for name, generator in self.generators.items():
+            if generator.sdm_fraction is None:
+                continue
+            key = f"generators.{name}.sdm_fraction"
+            require(generator.sdm_fraction in self.real_fractions, key,
+                    f"must be one of real_fractions {self.real_fractions}, got {generator.sdm_fraction}")
+            below = [f for f in self.real_fractions if name in self.generators_at(f) and f < generator.sdm_fraction]
+            require(not below, key, f"is {generator.sdm_fraction}, but the generator is used at real fraction "
+                                    f"{min(below or [0])}: that SDM was trained on images the smaller subset "
+                                    "does not hold")
 
     def _validate_generators(self) -> None:
         for name, generator in self.generators.items():

@@ -356,12 +356,18 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
                               for a in alignment]) if alignment else "no generators", ""]
     lines += ["## Generator", ""]
     lines += (["![SDM training loss](generator_loss.png)", ""] if has_curve else ["no SDM in this study", ""])
+    lines += [f"- {name} at every fraction from {100 * fraction:g} % up samples the SDM trained on the "
+              f"{100 * fraction:g} % subset (`sdm_fraction`); every other SDM generator samples its own fraction's SDM"
+              for name, fraction in ((n, g.sdm_fraction) for n, g in config.generators.items())
+              if fraction is not None]
+    lines += [""] if any(g.sdm_fraction is not None for g in config.generators.values()) else []
     for name, link in grid_links:
         lines += [f"### {name}", "", "rows: mask | real image of the mask (or background) | synthetic", "",
                   f"![{name}]({link})", ""]
     lines += ["## Wall time", "",
               markdown_table(["stage", "minutes"], [[kind, f"{value / 60:.1f}"] for kind, value in times.items()]
-                             + [["loading real data (this run)", f"{load_seconds / 60:.1f}"],
+                             + [["all stages", f"{sum(times.values()) / 60:.1f}"],
+                                ["loading real data (this run)", f"{load_seconds / 60:.1f}"],
                                 ["this invocation", f"{seconds / 60:.1f}"]]), "",
               "Stage times add up the units this report uses, over every invocation of the study (a resumed study counts its earlier work; superseded units are left out).", ""]
     (root / "report.md").write_text("\n".join(lines), encoding="utf-8")

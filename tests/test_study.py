@@ -220,6 +220,15 @@ def test_paired_interval_is_the_student_t_interval():
      "key 'generators.f.source' must name the generator whose images are filtered"),
     ({"generators": {"s": {"kind": "sdm", "labels": "filtered", "source": "p"}, "p": {"kind": "paste"}}},
      "key 'generators.s.source' must name a generator of raw labels of the same kind (sdm)"),
+    ({"generators": {"p": {"kind": "paste", "sdm_fraction": 0.5}}},
+     "key 'generators.p.sdm_fraction' only applies to kind sdm, not paste"),
+    ({"generators": {"s": {"kind": "sdm", "sdm_fraction": 0.3}},
+      "variants": [{"name": "real"}, {"name": "s", "synthetic": ["s"]}]},
+     "key 'generators.s.sdm_fraction' must be one of real_fractions [0.5, 1.0], got 0.3"),
+    ({"generators": {"s": {"kind": "sdm", "sdm_fraction": 1.0}},
+      "variants": [{"name": "real"}, {"name": "s", "synthetic": ["s"]}]},
+     "key 'generators.s.sdm_fraction' is 1.0, but the generator is used at real fraction 0.5: that SDM was "
+     "trained on images the smaller subset does not hold"),
 ])
 def test_a_bad_study_key_is_one_line_naming_it(demo_dir, tmp_path, change, message):
     with pytest.raises(ConfigError) as caught:
@@ -309,3 +318,33 @@ def test_the_sdm_share_pairs_each_sdm_variant_with_itself_without_the_sdm(finish
     assert without_sdm(study, variants["paste+sdm"], 0.5) == "paste"
     assert without_sdm(study, variants["paste+inpaint"], 0.5) is None  # no strong-augmented paste variant
     assert without_sdm(study, variants["paste"], 0.5) is None
+
+
+def test_one_sdm_serves_every_fraction_with_sdm_fraction(demo_dir, tmp_path):
+    """sdm_fraction 0.5: the SDM is trained once, on the 50 % subset, and paints into the 100 % subset's
+    tiles too (the subsets are nested, so it never saw an image the 100 % subset lacks)."""
+    values = study_values(demo_dir, tmp_path / "study",
+                          variants=[{"name": "real"}, {"name": "sdm_inpaint", "synthetic": ["sdm_inpaint"]}])
+    values["generators"] = {"sdm_inpaint": {**values["generators"]["sdm_inpaint"], "sdm_fraction": 0.5}}
+    root = run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False)
+    entries = [json.loads(line) for line in (root / "ledger.jsonl").read_text().splitlines()]
+    (trained,) = [e for e in entries if e["kind"] == "sdm-train"]
+    assert "/generator/r050/" in trained["run_dir"]
+    samples = {Path(e["run_dir"]).parts[-3]: e for e in entries if e["kind"] == "sample"}
+    assert set(samples) == {"r050", "r100"}
+    for tag, sample in samples.items():
+        config = json.loads((Path(sample["run_dir"]) / "config.json").read_text())
+        assert "/generator/r050/" in config["model_path"]
+        assert config["data_dir"].endswith(f"data/{tag}"), "masks and tiles come from the fraction's own subset"
+    summary = json.loads((root / "summary.json").read_text())
+    assert {(v["real_fraction"], v["variant"]) for v in summary["variants"]} == \
+        {(0.5, "real"), (0.5, "sdm_inpaint"), (1.0, "real"), (1.0, "sdm_inpaint")}
+    assert "sdm_inpaint at every fraction from 50 % up samples the SDM trained on the 50 % subset" in \
+        (root / "report.md").read_text()
+    # the same study with sdm_inpaint at 50 % only, then at both again: `fractions` says where a variant runs,
+    # not what its segmenters are, so nothing is trained twice
+    before = (root / "ledger.jsonl").read_text().splitlines()
+    narrow = {**values, "variants": [{"name": "real"},
+                                     {"name": "sdm_inpaint", "synthetic": ["sdm_inpaint"], "fractions": [0.5]}]}
+    run_study(study_from_dict(narrow, "test"), narrow, log=lambda *_: None, progress=False)
+    assert (root / "ledger.jsonl").read_text().splitlines() == before
