@@ -3,7 +3,8 @@
 # the real images, generates every synthetic variant (SDM modes, copy-paste), trains segmenters on each over
 # paired seeds and writes <output_dir>/report.md + summary.json. A killed study resumes where it stopped.
 #
-#   evaluation/experiment.sh -c configs/experiment_magnetic_tile.json            # the full study
+#   evaluation/experiment.sh -c configs/experiment_magnetic_tile.json            # the 2-hour study
+#   evaluation/experiment.sh -c configs/experiment_magnetic_tile_full.json       # every variant, about 3 hours
 #   evaluation/experiment.sh -c configs/experiment_magnetic_tile.json --quick    # the same at toy size, minutes
 #   evaluation/experiment.sh --help
 #
@@ -11,4 +12,8 @@
 set -euo pipefail
 repo_root="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${repo_root}${PYTHONPATH:+:${PYTHONPATH}}"
+for arg in "$@"; do
+    # tqdm reads TQDM_DISABLE when it is imported, before the study parses its options: set it here
+    if [[ "${arg}" == "--no-progress" ]]; then export TQDM_DISABLE=1; fi
+done
 exec "${PYTHON:-python3}" -m evaluation.study "$@"

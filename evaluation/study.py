@@ -7,7 +7,8 @@ One command runs every stage into one folder (`output_dir`), and a killed study 
               one); each subset is laid out as a dataset folder of links, `data/r025/train/{images,masks}`.
 2. generator  for each fraction whose variants use an SDM: `main.py train` then `main.py finetune` on that
               subset only (keys from `sdm.model` + `sdm.train` / `sdm.finetune`).
-3. synthetic  each generator's `main.py sample` run on the subset (SDM modes, or `paste`).
+3. synthetic  each generator's `main.py sample` run on the subset (SDM modes, or `paste`); a generator with a
+              `mask_generator` first trains one (`main.py masks`) on the subset's masks and paints its new masks.
 4. segmenters every variant x seed at each fraction: the same architecture, steps, batch and schedule; the
               weights of the check with the best mIoU (without background) on the real validation split are
               kept; then scored once on the real test split. The real-only segmenters also score each
@@ -193,10 +194,10 @@ def _common_keys(study: Study, data_dir: Path) -> dict[str, Any]:
             "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device}
 
 
-def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: str) -> Path | None:
-    """Train (and finetune) the SDM on the subset; returns the run folder to sample from (None: not trained yet
-    in a report-only run)."""
-    sdm = study.config.sdm
+def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: str, sdm: dict[str, Any]
+                    ) -> Path | None:
+    """Train (and finetune) an SDM of settings `sdm` (model, train, finetune keys) on the subset; returns the run
+    folder to sample from (None: not trained yet in a report-only run)."""
     common = {**_common_keys(study, data_dir), **sdm.get("model", {})}
     train_values = {**common, **sdm["train"]}
     key = fingerprint("sdm-train", train_values, subset_key)
@@ -226,6 +227,29 @@ def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: s
     tuned = study.unit("sdm-finetune", key, f"finetuning the SDM with null labels ({fraction_tag(fraction)})",
                        lambda: train("finetune", finetune_values))
     return None if tuned is None else Path(tuned["run_dir"])
+
+
+def train_mask_generator(study: Study, fraction: float, name: str, data_dir: Path, subset_key: str) -> Path | None:
+    """Train generator `name`'s mask generator (`main.py masks` keys) on the subset's masks; returns its run
+    folder (None: not trained yet in a report-only run)."""
+    from guided_diffusion.masks_train import mask_config, train_mask_generator as train_masks
+
+    values = {"data_dir": str(data_dir), "dataset_mode": study.config.dataset_mode,
+              "num_classes": study.num_classes, "device": study.config.device, "seed": study.config.seed,
+              **(study.config.generators[name].mask_generator or {})}
+    key = fingerprint("masks-train", values, subset_key)
+
+    def work() -> dict[str, Any]:
+        config = mask_config({**values, "root_log_dir": str(study.root / "masks" / fraction_tag(fraction) / key),
+                              "auto_resume": True}, f"study generators.{name}.mask_generator")
+        result = train_masks(config, study.log)
+        if result.stop_signal:
+            raise KeyboardInterrupt(f"masks stopped by {result.stop_signal}")
+        return {"run_dir": str(result.run_dir), "steps": result.state.step, "stop_reason": result.stop_reason}
+
+    done = study.unit("masks-train", key, f"training the mask generator of {name} on the masks of "
+                                          f"{fraction_tag(fraction)}", work)
+    return None if done is None else Path(done["run_dir"])
 
 
 def filter_generated(study: Study, name: str, source: dict[str, Any], data_dir: Path) -> dict[str, Any] | None:
@@ -278,12 +302,17 @@ def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir
         return None if source is None else filter_generated(study, name, source, data_dir)
     if generator.kind == "sdm" and model_dir is None:
         return None  # report-only, the SDM not trained yet
-    values = {**_common_keys(study, data_dir), **study.config.sdm.get("model", {}), "seed": study.config.seed,
-              **generator.sample_keys}
+    model_keys = study.config.sdm_settings(name).get("model", {})
+    values = {**_common_keys(study, data_dir), **model_keys, "seed": study.config.seed, **generator.sample_keys}
     if generator.kind == "paste":
-        values = {k: v for k, v in values.items() if k not in study.config.sdm.get("model", {})}
+        values = {k: v for k, v in values.items() if k not in model_keys}
     if model_dir is not None:
         values["model_path"] = str(model_dir)
+    if generator.mask_generator is not None:
+        masks_run = train_mask_generator(study, fraction, name, data_dir, subset_key)
+        if masks_run is None:
+            return None  # report-only, the mask generator not trained yet
+        values["mask_source"] = str(masks_run)
     key = fingerprint("sample", values, subset_key, generator.kind)
     root = study.root / "synthetic" / fraction_tag(fraction) / f"{name}-{key}"
 
@@ -423,19 +452,25 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
     check_label_keys(config.background_class, config.ignore_index, num_classes)
     common = {"data_dir": config.data_dir, "dataset_mode": config.dataset_mode, "num_classes": num_classes,
               "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device}
-    model = config.sdm.get("model", {})
-    if any(g.kind == "sdm" for g in config.generators.values()):
-        config_from_dict("train", {**common, **model, **config.sdm["train"]}, "study sdm.train")
-        if config.sdm.get("finetune") is not None:
-            config_from_dict("finetune", {**common, **model, **config.sdm["finetune"], "resume_checkpoint": "x"},
-                             "study sdm.finetune")
+    checked: set[str] = set()
     for name, generator in config.generators.items():
         if generator.labels == "filtered":
             continue  # its filter settings were checked where the file was read
-        values = {**common, **generator.sample_keys, "model_path": "x"}
-        if generator.kind == "sdm":
-            values = {**model, **values}
-        config_from_dict("sample", values, f"study generators.{name}")
+        sdm = config.sdm_settings(name) if generator.kind == "sdm" else {}
+        model = sdm.get("model", {})
+        where = f"study generators.{name}.sdm" if generator.sdm else "study sdm"
+        if generator.kind == "sdm" and fingerprint(sdm) not in checked:
+            checked.add(fingerprint(sdm))
+            config_from_dict("train", {**common, **model, **sdm["train"]}, f"{where}.train")
+            if sdm.get("finetune") is not None:
+                config_from_dict("finetune", {**common, **model, **sdm["finetune"], "resume_checkpoint": "x"},
+                                 f"{where}.finetune")
+        masks = {} if generator.mask_generator is None else {"mask_source": "x"}
+        config_from_dict("sample", {**model, **common, **generator.sample_keys, "model_path": "x", **masks},
+                         f"study generators.{name}")
+        if generator.mask_generator is not None:
+            config_from_dict("masks", {**{k: common[k] for k in ("data_dir", "dataset_mode", "num_classes", "device")},
+                                       **generator.mask_generator}, f"study generators.{name}.mask_generator")
 
 
 def subset_key_of(pairs: list[Pair], data_dir: str) -> str:
@@ -487,19 +522,22 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
                                [p.stem for p in split.val], [p.stem for p in split.test])
     rows: list[dict[str, Any]] = []
     generator_runs: dict[str, dict[str, Any]] = {}
-    sdm_runs: dict[float, Path | None] = {}
+    sdm_runs: dict[tuple[float, str], Path | None] = {}
 
     def sdm_of(fraction: float, name: str) -> Path | None:
-        """The SDM a generator samples: its `sdm_fraction`'s (default: this fraction's), trained once."""
+        """The SDM a generator samples: of its settings (`sdm_settings`), trained on its `sdm_fraction`'s subset
+        (default: this fraction's); each (subset, settings) trained once."""
         generator = config.generators[name]
         if generator.kind != "sdm" or generator.labels == "filtered":
             return None
         trained_at = generator.sdm_fraction if generator.sdm_fraction is not None else fraction
-        if trained_at not in sdm_runs:
+        settings = config.sdm_settings(name)
+        if (trained_at, fingerprint(settings)) not in sdm_runs:
             pairs = split.subsets[trained_at]
-            sdm_runs[trained_at] = train_generator(study, trained_at, lay_out_subset(study, trained_at, pairs),
-                                                   subset_key_of(pairs, config.data_dir))
-        return sdm_runs[trained_at]
+            sdm_runs[trained_at, fingerprint(settings)] = train_generator(
+                study, trained_at, lay_out_subset(study, trained_at, pairs), subset_key_of(pairs, config.data_dir),
+                settings)
+        return sdm_runs[trained_at, fingerprint(settings)]
 
     for fraction in config.real_fractions:
         tag = fraction_tag(fraction)
@@ -576,8 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
 
-    if args.no_progress:
-        os.environ["TQDM_DISABLE"] = "1"  # the SDM's and sampler's bars too (tqdm reads it)
+    if args.no_progress:  # for processes started from here; this one's tqdm read it at import (experiment.sh
+        os.environ["TQDM_DISABLE"] = "1"  # sets it before Python starts)
 
     def action() -> None:
         config, values = load_study(args.config, args.overrides, args.quick, args.output_dir)

@@ -41,6 +41,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SDM_KEYS = ("model", "train", "finetune")
 SET_BY_THE_STUDY = ("data_dir", "root_log_dir", "num_classes", "dataset_mode", "image_size")
 """Keys of the SDM's and the generators' configs that the study sets (from its own keys and the subset)."""
+MASKS_SET_BY_THE_STUDY = ("data_dir", "root_log_dir", "num_classes", "dataset_mode", "resume_checkpoint",
+                          "auto_resume")
+"""Keys of a generator's mask_generator that the study sets (its image_size, the masks' side, is the user's)."""
 
 QUICK: dict[str, Any] = {
     "image_size": 32,
@@ -53,9 +56,11 @@ QUICK: dict[str, Any] = {
         "finetune": {"max_steps": 4, "batch_size": 4, "save_interval": 2, "crop_size": 0},
     },
     "sample": {"num_samples": 8, "batch_size": 8, "steps": 4, "resample_steps": 0},
+    "mask_generator": {"image_size": 16, "channel_mult": "1,2", "max_steps": 12, "batch_size": 4,
+                       "save_interval": 6},
 }
-"""What `--quick` changes: toy image size, segmenter steps, SDM size and steps, and sample counts. Every other
-key, every stage and every variant stay as configured."""
+"""What `--quick` changes: toy image size, segmenter steps, SDM and mask generator size and steps, and sample
+counts. Every other key, every stage and every variant stay as configured."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,13 @@ class Generator:
     # the real fraction whose SDM samples this generator (None: the fraction it is used at). The subsets are
     # nested, so a smaller fraction's SDM saw only images of every larger subset: one SDM serves every fraction
     sdm_fraction: float | None = setting(None, expect="a value of real_fractions or null")
+    # keys of the study's `sdm` changed for this generator's SDM (a lever's ablation, e.g. {"train":
+    # {"min_snr_gamma": 0}}): it trains an SDM of its own; generators with the same settings share one
+    sdm: dict[str, dict[str, Any] | None] = setting(
+        factory=dict, expect="an object with 'model', 'train' and/or 'finetune' keys changed from the study's sdm")
+    # keys of `main.py masks`: the study trains a mask generator on the fraction's subset, and the SDM paints
+    # images for its new masks (sample key mask_source) instead of the subset's masks
+    mask_generator: dict[str, Any] | None = setting(None, expect="an object of `main.py masks` keys, or null")
 
     @property
     def sample_keys(self) -> dict[str, Any]:
@@ -115,11 +127,26 @@ class Generator:
                                                  f"generator's images), got {json.dumps(self.labels)}")
         if self.labels == "filtered":
             require(not self.sample, "sample", "does not apply: a filtered generator reuses the images of its source")
-            require(self.sdm_fraction is None, "sdm_fraction",
-                    "does not apply: a filtered generator reuses the images of its source")
+            for key in ("sdm_fraction", "sdm", "mask_generator"):
+                require(not getattr(self, key), key, "does not apply: a filtered generator reuses the images of "
+                                                     "its source")
             return
         require(self.sdm_fraction is None or self.kind == "sdm", "sdm_fraction",
                 f"only applies to kind sdm, not {self.kind}")
+        require(not self.sdm or self.kind == "sdm", "sdm", f"only applies to kind sdm, not {self.kind}")
+        if self.mask_generator is not None:
+            require(self.kind == "sdm", "mask_generator", f"only applies to kind sdm, not {self.kind}")
+            require("mask_source" not in self.sample, "sample.mask_source",
+                    "is set by the study when the generator has a mask_generator; remove one of them")
+            for owned in MASKS_SET_BY_THE_STUDY:
+                require(owned not in self.mask_generator, f"mask_generator.{owned}", "is set by the study; remove it")
+        for key, part in self.sdm.items():
+            require(key in SDM_KEYS, f"sdm.{key}", f"is unknown{did_you_mean(key, list(SDM_KEYS))}; sdm takes "
+                                                   f"{', '.join(SDM_KEYS)}")
+            require(isinstance(part, dict) or (key == "finetune" and part is None), f"sdm.{key}",
+                    "must be an object of config keys" + (" (or null: no finetuning)" if key == "finetune" else ""))
+            for owned in SET_BY_THE_STUDY + ("resume_checkpoint", "auto_resume"):
+                require(owned not in (part or {}), f"sdm.{key}.{owned}", "is set by the study; remove it")
         require(self.source is None and self.filter == FilterSettings(), "source",
                 "and 'filter' only apply with labels \"filtered\"")
         for owned in SET_BY_THE_STUDY + ("model_path",):
@@ -175,6 +202,16 @@ class StudyConfig:
     generators: dict[str, Generator] = setting(factory=dict, expect="an object of name: {kind, sample}")
     variants: list[Variant] = setting(factory=list, expect="a non-empty list of variants")
     quick: bool = False  # set by --quick (study_from_dict), not by the file
+
+    def sdm_settings(self, name: str) -> dict[str, Any]:
+        """The `sdm` keys (model, train, finetune) of generator `name`'s SDM: the study's, with its changes."""
+        merged = copy.deepcopy(self.sdm)
+        for part, keys in self.generators[name].sdm.items():
+            if keys is None or merged.get(part) is None:
+                merged[part] = copy.deepcopy(keys)  # finetune null: none; a part the study lacks: taken whole
+            else:
+                merged[part] = {**merged[part], **keys}
+        return merged
 
     def variants_at(self, fraction: float) -> list[Variant]:
         return [v for v in self.variants if v.fractions is None or fraction in v.fractions]
@@ -244,8 +281,9 @@ class StudyConfig:
 
     def _validate_sdm(self) -> None:
         """The keys of `sdm` are the actions' (checked as train / finetune configs by study.check_study)."""
-        refuse_unknown_sub_keys(self.sdm, list(SDM_KEYS), "sdm")
         for key, part in self.sdm.items():
+            require(key in SDM_KEYS, f"sdm.{key}", f"is unknown{did_you_mean(key, list(SDM_KEYS))}; sdm takes "
+                                                   f"{', '.join(SDM_KEYS)}")
             require(part is not None or key == "finetune", f"sdm.{key}", "must be an object of config keys")
             for owned in SET_BY_THE_STUDY + ("resume_checkpoint", "auto_resume"):
                 require(owned not in (part or {}), f"sdm.{key}.{owned}", "is set by the study; remove it")
@@ -304,6 +342,12 @@ def apply_quick(values: dict[str, Any]) -> dict[str, Any]:
     for name, generator in generators.items():
         if isinstance(generator, dict) and generator.get("labels", "raw") == "raw":
             generator["sample"] = deep_merge(generator.get("sample") or {}, QUICK["sample"])
+            if isinstance(generator.get("mask_generator"), dict):
+                generator["mask_generator"] = deep_merge(generator["mask_generator"], QUICK["mask_generator"])
+            changes = generator.get("sdm")
+            if isinstance(changes, dict):  # its own SDM at toy size too (the parts it changes)
+                generator["sdm"] = {part: deep_merge(keys, QUICK["sdm"].get(part, {})) if isinstance(keys, dict)
+                                    else keys for part, keys in changes.items()}
     fractions = values.get("real_fractions") or []
     if isinstance(fractions, list):
         values["real_fractions"] = fractions[: QUICK["real_fractions_max"]]

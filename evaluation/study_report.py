@@ -8,6 +8,7 @@ mean of those differences over seeds: mean +- t(0.975, n - 1) * sd / sqrt(n).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import shutil
 from collections import defaultdict
@@ -360,7 +361,9 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
               f"{100 * fraction:g} % subset (`sdm_fraction`); every other SDM generator samples its own fraction's SDM"
               for name, fraction in ((n, g.sdm_fraction) for n, g in config.generators.items())
               if fraction is not None]
-    lines += [""] if any(g.sdm_fraction is not None for g in config.generators.values()) else []
+    lines += [f"- {name} samples an SDM of its own: the study's `sdm` with `{json.dumps(g.sdm)}`"
+              for name, g in config.generators.items() if g.sdm]
+    lines += [""] if any(g.sdm_fraction is not None or g.sdm for g in config.generators.values()) else []
     for name, link in grid_links:
         lines += [f"### {name}", "", "rows: mask | real image of the mask (or background) | synthetic", "",
                   f"![{name}]({link})", ""]

@@ -291,7 +291,7 @@ def load_weights(net: torch.nn.Module, weights: Mapping[str, torch.Tensor], path
 # --------------------------------------------------------------------------------------------------------------
 
 CHECKPOINT_FILES = {"best": ("best.pt", "latest.pt"), "latest": ("latest.pt", "best.pt")}
-_RUN_NAME = re.compile(r"^(train|finetune)_(\d+)$")
+_RUN_NAME = re.compile(r"^([a-z]+)_(\d+)$")  # <action>_NNN: train_001, finetune_002, masks_001
 
 
 def _run_checkpoint(run_dir: Path, prefer: str) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,3 +23,19 @@ def test_speed_benchmark_prints_the_table_and_the_naive_comparison():
     assert len(rows) == 5  # ours: train, dpm++2m, ancestral; naive: train, ancestral
     assert any("| dpm++2m | 3 |" in row for row in rows) and any("~" in row for row in rows)  # 300 timed over 2
     assert "sampling dpm++2m 3 steps:" in result.stdout
+
+
+def test_mask_generator_check_compares_generated_and_held_out_masks_with_the_training_masks(tmp_path):
+    from guided_diffusion.demo import make_demo_dataset
+    data = make_demo_dataset(tmp_path / "demo", num_train=12, num_test=2, image_size=32)
+    command = [sys.executable, "benchmarks/mask_generator_check.py", "--data", str(data), "--size", "16",
+               "--steps", "2", "--batch-size", "4", "--samples", "4", "--sample-steps", "3", "--out",
+               str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "| against the training masks | generated | held-out real |" in result.stdout
+    assert "near-copies (IoU > 0.9 with a training mask)" in result.stdout
+    assert re.search(r"^asked for \w+ \(guidance 2\): [\d.]+% of 4 masks hold it", result.stdout, re.M)
+    for name in ("generated_vs_train.json", "held_out_vs_train.json", "generated_masks.png"):
+        assert (tmp_path / "out" / name).is_file(), name

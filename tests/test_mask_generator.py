@@ -81,6 +81,13 @@ def test_a_masks_run_resumes_from_another_and_counts_its_steps_on(generator_run,
     assert result.run_dir.name == "masks_002" and result.state.step == 6
 
 
+def test_mask_source_may_name_the_folder_of_masks_runs(generator_run):
+    """As model_path takes Results/demo (its newest train/finetune run), mask_source takes a folder of masks_NNN
+    runs: the one whose checkpoint was written last."""
+    newest = max((p for p in generator_run.parent.glob("masks_*/checkpoints/best.pt")), key=lambda p: p.stat().st_mtime)
+    assert mm.load_mask_generator(generator_run.parent).checkpoint_path == newest
+
+
 def test_a_masks_run_cannot_start_from_an_image_model(trained_run, demo_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"not a mask generator checkpoint; a masks run starts from a masks "
                                               r"run only"):

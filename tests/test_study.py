@@ -220,6 +220,16 @@ def test_paired_interval_is_the_student_t_interval():
      "key 'generators.f.source' must name the generator whose images are filtered"),
     ({"generators": {"s": {"kind": "sdm", "labels": "filtered", "source": "p"}, "p": {"kind": "paste"}}},
      "key 'generators.s.source' must name a generator of raw labels of the same kind (sdm)"),
+    ({"generators": {"p": {"kind": "paste", "sdm": {"train": {"lr": 0.1}}}}},
+     "key 'generators.p.sdm' only applies to kind sdm, not paste"),
+    ({"generators": {"s": {"kind": "sdm", "sdm": {"trian": {"lr": 0.1}}}}},
+     "key 'generators.s.sdm.trian' is unknown (did you mean 'train'?)"),
+    ({"generators": {"s": {"kind": "sdm", "sdm": {"train": {"data_dir": "x"}}}}},
+     "key 'generators.s.sdm.train.data_dir' is set by the study; remove it"),
+    ({"generators": {"p": {"kind": "paste", "mask_generator": {}}}},
+     "key 'generators.p.mask_generator' only applies to kind sdm, not paste"),
+    ({"generators": {"s": {"kind": "sdm", "mask_generator": {"data_dir": "x"}}}},
+     "key 'generators.s.mask_generator.data_dir' is set by the study; remove it"),
     ({"generators": {"p": {"kind": "paste", "sdm_fraction": 0.5}}},
      "key 'generators.p.sdm_fraction' only applies to kind sdm, not paste"),
     ({"generators": {"s": {"kind": "sdm", "sdm_fraction": 0.3}},
@@ -348,3 +358,104 @@ def test_one_sdm_serves_every_fraction_with_sdm_fraction(demo_dir, tmp_path):
                                      {"name": "sdm_inpaint", "synthetic": ["sdm_inpaint"], "fractions": [0.5]}]}
     run_study(study_from_dict(narrow, "test"), narrow, log=lambda *_: None, progress=False)
     assert (root / "ledger.jsonl").read_text().splitlines() == before
+
+
+def test_no_progress_leaves_no_bar_in_the_log(demo_dir, tmp_path):
+    """--no-progress: not one progress bar, the sampler's and the paste mode's included (tqdm reads its switch at
+    import, so experiment.sh sets it before Python starts)."""
+    import os
+    import subprocess
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
+    values["generators"] = {"paste": values["generators"]["paste"]}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(values))
+    script = Path(__file__).resolve().parents[1] / "evaluation" / "experiment.sh"
+    done = subprocess.run(["bash", str(script), "-c", str(path), "--no-progress"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "report:" in done.stdout
+    assert "it/s" not in done.stderr + done.stdout and "image/s" not in done.stderr + done.stdout
+    assert "|" not in done.stderr, done.stderr
+
+
+def test_a_generator_can_change_the_sdm_keys_for_a_lever_ablation(demo_dir, tmp_path, capsys):
+    """generators.<name>.sdm changes keys of the study's SDM for that generator alone: it trains an SDM of its
+    own (the other generators share the study's), and a bad changed key stops the study in one line."""
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "sdm", "synthetic": ["sdm"]},
+                                    {"name": "no_min_snr", "synthetic": ["no_min_snr"]},
+                                    {"name": "sdm_inpaint", "synthetic": ["sdm_inpaint"]}])
+    sample = values["generators"]["sdm"]["sample"]
+    values["generators"] = {"sdm": values["generators"]["sdm"], "sdm_inpaint": values["generators"]["sdm_inpaint"],
+                            "no_min_snr": {"kind": "sdm", "sample": sample,
+                                           "sdm": {"train": {"min_snr_gamma": 0.0, "lr": 2e-4}, "finetune": None}}}
+    values["sdm"]["train"]["min_snr_gamma"] = 5.0
+    config = study_from_dict(values, "test")
+    assert config.sdm_settings("no_min_snr")["train"]["max_steps"] == 3  # the study's keys stay where not changed
+    assert config.sdm_settings("no_min_snr")["finetune"] is None
+    assert config.sdm_settings("sdm") == values["sdm"]
+    root = run_study(config, values, log=lambda *_: None, progress=False)
+    entries = [json.loads(line) for line in (root / "ledger.jsonl").read_text().splitlines()]
+    trained = [json.loads((Path(e["run_dir"]) / "config.json").read_text()) for e in entries if e["kind"] == "sdm-train"]
+    (lever, default) = sorted(trained, key=lambda c: c["min_snr_gamma"])
+    assert (lever["min_snr_gamma"], lever["lr"]) == (0.0, 2e-4)
+    assert default["min_snr_gamma"] == 5.0 and default["lr"] != 2e-4
+    assert len([e for e in entries if e["kind"] == "sdm-finetune"]) == 1, "no_min_snr is not finetuned"
+    report = (root / "report.md").read_text()
+    assert 'no_min_snr samples an SDM of its own: the study\'s `sdm` with `{"train": {"min_snr_gamma": 0.0' in report
+    summary = json.loads((root / "summary.json").read_text())
+    assert {a["generator"] for a in summary["label_alignment"]} == {"sdm", "sdm_inpaint", "no_min_snr"}
+
+    values["generators"]["no_min_snr"]["sdm"]["train"]["min_snr_gama"] = 1.0
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**values, "output_dir": str(tmp_path / "bad")}))
+    assert study_main(["-c", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: study generators.no_min_snr.sdm.train: unknown key 'min_snr_gama'"), err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs")
+                                        .glob("experiment_*.json")))
+def test_the_shipped_study_configs_pass_their_dry_run(name, monkeypatch, capsys):
+    repo = Path(__file__).resolve().parents[1]
+    values = json.loads((repo / "configs" / name).read_text())
+    if not (repo / values["data_dir"]).is_dir():
+        pytest.skip(f"{values['data_dir']} is not on this machine")
+    monkeypatch.chdir(repo)
+    assert study_main(["-c", f"configs/{name}", "--dry-run"]) == 0, capsys.readouterr().err
+
+
+def test_a_generator_with_a_mask_generator_paints_new_masks_learned_from_the_subset(demo_dir, tmp_path, capsys):
+    """mask_generator: the study trains `main.py masks` on the subset's masks, and the SDM paints images for the
+    new masks it samples (new layouts, not the subset's masks)."""
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[0.5],
+                          variants=[{"name": "real"}, {"name": "sdm_new_masks", "synthetic": ["sdm_new_masks"]}])
+    values["generators"] = {"sdm_new_masks": {
+        "kind": "sdm", "sample": {"num_samples": 4, "sampler": "ddim", "steps": 2, "mask_steps": 2},
+        "mask_generator": {"image_size": 16, "channel_mult": "1,2", "max_steps": 2, "batch_size": 4,
+                           "save_interval": 2}}}
+    root = run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False)
+    entries = [json.loads(line) for line in (root / "ledger.jsonl").read_text().splitlines()]
+    (masks,) = [e for e in entries if e["kind"] == "masks-train"]
+    masks_config = json.loads((Path(masks["run_dir"]) / "config.json").read_text())
+    assert masks_config["data_dir"].endswith("data/r050") and masks_config["image_size"] == 16
+    (sample,) = [e for e in entries if e["kind"] == "sample"]
+    sample_dir = Path(sample["run_dir"])
+    assert json.loads((sample_dir / "config.json").read_text())["mask_source"] == masks["run_dir"]
+    assert not list((sample_dir / "images").glob("*.png")), "a new mask has no real image"
+    assert len(list((sample_dir / "labels").iterdir())) == 4
+    summary = json.loads((root / "summary.json").read_text())
+    assert {(v["variant"], v["synthetic_images"]) for v in summary["variants"]} == {("real", 0), ("sdm_new_masks", 4)}
+    assert "masks-train" in summary["stage_seconds"]
+    before = (root / "ledger.jsonl").read_text()
+    run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False)
+    assert (root / "ledger.jsonl").read_text() == before, "resumed: nothing is trained again"
+
+    values["generators"]["sdm_new_masks"]["mask_generator"]["max_stpes"] = 3
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**values, "output_dir": str(tmp_path / "bad")}))
+    assert study_main(["-c", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: study generators.sdm_new_masks.mask_generator: unknown key 'max_stpes'"), err

@@ -1,0 +1,189 @@
+"""Does the mask generator make masks like the dataset's, and new ones? Figures for docs/mask_generator.md.
+
+    OMP_NUM_THREADS=2 python3 benchmarks/mask_generator_check.py [--data ../shared/datasets/magnetic-tile]
+        [--size 64] [--steps 1500] [--samples 200] [--out DIR] [--sdm RUN [--image-size 128]]
+
+1. The dataset's train/ masks are split into a training part and a held-out real part (15 %, seeded).
+2. A mask generator (`main.py masks`, the keys of configs/config_masks.json at --size px) trains on the training
+   part only, for --steps steps.
+3. It samples --samples masks with no class asked, and --samples asked to hold the rarest class (the
+   non-background class held by the fewest training masks).
+4. `masks_report.mask_report` compares the generated masks with the training part, and, as the yardstick, the
+   held-out real masks with the same training part: what two real sets of this dataset differ by. The
+   generator is close when its distances are near the yardstick's; a generator that copies its training masks
+   shows near-copies (IoU > 0.9) far above the held-out masks' own share.
+5. One Markdown table is printed; the two reports (JSON) and a picture of generated masks go to --out.
+6. With --sdm (an image model's run folder of the same classes), `main.py sample` paints images for 8 generated
+   masks at --image-size: its grid.png (mask | synthetic) is copied to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from guided_diffusion.balance import load_masks  # noqa: E402
+from guided_diffusion.config import config_from_dict  # noqa: E402
+from guided_diffusion.data import index_dataset, read_class_names, split_train_val  # noqa: E402
+from evaluation.image_sets import infer_num_classes  # noqa: E402
+from guided_diffusion.masks_model import load_mask_generator, sample_masks  # noqa: E402
+from guided_diffusion.masks_report import mask_report  # noqa: E402
+from guided_diffusion.masks_train import train_mask_generator  # noqa: E402
+from guided_diffusion.results import palette  # noqa: E402
+
+CONFIG = REPO / "configs" / "config_masks.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "magnetic-tile"))
+    parser.add_argument("--dataset-mode", default="multi-class")
+    parser.add_argument("--size", type=int, default=64, help="the masks' side (px)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps of the mask generator")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=200, help="masks sampled, unasked and asked each")
+    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per mask")
+    parser.add_argument("--guidance", type=float, default=2.0, help="mask guidance when a class is asked")
+    parser.add_argument("--min-area", type=int, default=0, help="mask_min_area of the sampled masks")
+    parser.add_argument("--held-out", type=float, default=0.15, help="share of train/ masks held out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="", help="folder for the reports and pictures (default: a temporary one)")
+    parser.add_argument("--sdm", default="", help="an image model's run folder: paint 8 generated masks")
+    parser.add_argument("--image-size", type=int, default=128, help="the image model's size (with --sdm)")
+    return parser.parse_args(argv)
+
+
+def link_part(pairs, folder: Path) -> Path:
+    """The pairs as a dataset folder of links (train/ only), with the source's classes.json."""
+    for kind, attribute in (("images", "image"), ("masks", "mask")):
+        target = folder / "train" / kind
+        target.mkdir(parents=True, exist_ok=True)
+        for pair in pairs:
+            (target / getattr(pair, attribute).name).symlink_to(Path(os.path.abspath(getattr(pair, attribute))))
+    return folder
+
+
+def mask_picture(masks: np.ndarray, num_classes: int, columns: int = 10, rows: int = 4) -> Image.Image:
+    """The first columns x rows masks in the palette colours, 2 px apart."""
+    colours = palette(num_classes)
+    size = masks.shape[1]
+    canvas = np.full((rows * (size + 2), columns * (size + 2), 3), 255, np.uint8)
+    for i, mask in enumerate(masks[:columns * rows]):
+        r, c = divmod(i, columns)
+        canvas[r * (size + 2):r * (size + 2) + size, c * (size + 2):c * (size + 2) + size] = colours[mask]
+    return Image.fromarray(canvas)
+
+
+def distances(report: dict, names: list[str]) -> dict[str, float | None]:
+    """The report's figures of closeness: total variation of pixel shares and of holding shares, mean W1 of
+    object sizes over the classes both sides hold, near-copy share, mean nearest IoU, speckle share."""
+    pixel, holding = report["pixel_share"], report["holding_share"]
+    w1 = [report["object_sizes"]["classes"][n]["w1_log10_size"] for n in names[1:]]
+    w1 = [v for v in w1 if v is not None]
+    return {
+        "pixel_share_tv": 0.5 * float(np.abs(np.subtract(pixel["generated"], pixel["real"])).sum()),
+        "holding_share_mean_abs": float(np.abs(np.subtract(holding["generated"], holding["real"]))[1:].mean()),
+        "w1_log10_size_mean": float(np.mean(w1)) if w1 else None,
+        "near_copy_share": report["novelty"]["near_copy_share"],
+        "mean_nearest_iou": report["novelty"]["mean_iou"],
+        "speckle_share": report["validity"]["speckle_share_generated"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out or tempfile.mkdtemp(prefix="mask_check_"))
+    out.mkdir(parents=True, exist_ok=True)
+    num_classes = infer_num_classes(None, args.dataset_mode, args.data, [], "--data")
+    index = index_dataset(args.data, args.dataset_mode, num_classes, require_test=False)
+    names = read_class_names(args.data, num_classes)
+    training, held_out = split_train_val(index.train, args.held_out, args.seed)
+    work = Path(tempfile.mkdtemp(prefix="mask_check_data_"))
+    data_dir = link_part(training, work / "data")
+    real_train = np.stack(load_masks(training, args.size, args.dataset_mode, "resize")).astype(np.int64)
+    real_held = np.stack(load_masks(held_out, args.size, args.dataset_mode, "resize")).astype(np.int64)
+    holding = (np.stack([np.bincount(m.ravel(), minlength=num_classes) for m in real_train]) > 0).mean(0)
+    rare = int(np.argmin(np.where(np.arange(num_classes) == 0, np.inf, np.where(holding > 0, holding, np.inf))))
+    print(f"{len(training)} training masks, {len(held_out)} held out, {num_classes} classes; rarest class "
+          f"{rare} {names[rare]} (held by {100 * holding[rare]:.1f}% of the training masks)", flush=True)
+
+    values = {k: v for k, v in json.loads(CONFIG.read_text()).items() if not k.startswith("_")}
+    values.update({"data_dir": str(data_dir), "dataset_mode": args.dataset_mode, "num_classes": num_classes,
+                   "image_size": args.size, "root_log_dir": str(out / "runs"), "batch_size": args.batch_size,
+                   "max_epochs": 100000, "max_steps": args.steps, "save_interval": max(1, args.steps // 3),
+                   "seed": args.seed})
+    started = time.perf_counter()
+    result = train_mask_generator(values, log=lambda *_: None)
+    train_seconds = time.perf_counter() - started
+    generator = load_mask_generator(result.run_dir)
+
+    started = time.perf_counter()
+    plain = sample_masks(generator, args.samples, seed=args.seed, steps=args.sample_steps, min_area=args.min_area)
+    sample_seconds = time.perf_counter() - started
+    asked = sample_masks(generator, args.samples, seed=args.seed + 1, required_classes=[rare],
+                         guidance_scale=args.guidance, steps=args.sample_steps, min_area=args.min_area)
+    holds_rare = float(np.mean([(m == rare).any() for m in asked]))
+    report_kwargs = {"class_names": names, "min_area": max(args.min_area, 4)}
+    generated_report = mask_report(list(plain), list(real_train), num_classes, **report_kwargs)
+    held_report = mask_report(list(real_held), list(real_train), num_classes, **report_kwargs)
+    (out / "generated_vs_train.json").write_text(json.dumps(generated_report))
+    (out / "held_out_vs_train.json").write_text(json.dumps(held_report))
+    mask_picture(plain, num_classes).save(out / "generated_masks.png")
+    mask_picture(real_held, num_classes).save(out / "held_out_masks.png")
+    mask_picture(asked, num_classes).save(out / f"generated_masks_{names[rare]}.png")
+
+    gen, held = distances(generated_report, names), distances(held_report, names)
+    print(f"\nmask generator: {args.size} px, {args.steps} steps of batch {args.batch_size} in "
+          f"{train_seconds / 60:.1f} min ({args.steps * args.batch_size / train_seconds:.1f} masks/s); sampling "
+          f"{args.sample_steps} DDIM steps: {sample_seconds / args.samples:.2f} s/mask\n")
+    print("| against the training masks | generated | held-out real |")
+    print("|---|---|---|")
+    labels = {"pixel_share_tv": "pixel shares, total variation", "holding_share_mean_abs":
+              "share of masks holding a class, mean abs. difference", "w1_log10_size_mean":
+              "object sizes, mean W1 of log10 size", "near_copy_share": "near-copies (IoU > 0.9 with a training mask)",
+              "mean_nearest_iou": "mean IoU with the nearest training mask", "speckle_share":
+              f"speckles (components < {report_kwargs['min_area']} px)"}
+    for key, label in labels.items():
+        a, b = gen[key], held[key]
+        print(f"| {label} | {'—' if a is None else f'{a:.3f}'} | {'—' if b is None else f'{b:.3f}'} |")
+    print(f"\nper class (pixel share generated / held-out / train; masks holding it):")
+    for k, name in enumerate(names):
+        print(f"  {k} {name}: {100 * generated_report['pixel_share']['generated'][k]:.2f}% / "
+              f"{100 * held_report['pixel_share']['generated'][k]:.2f}% / "
+              f"{100 * generated_report['pixel_share']['real'][k]:.2f}%; "
+              f"{100 * generated_report['holding_share']['generated'][k]:.0f}% / "
+              f"{100 * held_report['holding_share']['generated'][k]:.0f}% / "
+              f"{100 * generated_report['holding_share']['real'][k]:.0f}%; W1 size generated "
+              f"{generated_report['object_sizes']['classes'][name]['w1_log10_size']}, held-out "
+              f"{held_report['object_sizes']['classes'][name]['w1_log10_size']}")
+    print(f"\nasked for {names[rare]} (guidance {args.guidance:g}): {100 * holds_rare:.1f}% of {args.samples} masks "
+          f"hold it; unasked {100 * generated_report['holding_share']['generated'][rare]:.1f}%, training masks "
+          f"{100 * holding[rare]:.1f}%")
+
+    if args.sdm:
+        sample_values = {"data_dir": str(data_dir), "dataset_mode": args.dataset_mode, "num_classes": num_classes,
+                         "image_size": args.image_size, "model_path": args.sdm, "mask_source": str(result.run_dir),
+                         "num_samples": 8, "batch_size": 8, "sampler": "dpm++2m", "steps": 15, "s": 1.5,
+                         "root_log_dir": str(out / "painted"), "seed": args.seed}
+        config, _ = config_from_dict("sample", sample_values, "mask_generator_check --sdm")
+        from guided_diffusion.sample import run_sampling
+        summary = run_sampling(config, set(sample_values), "mask_generator_check --sdm", lambda *_: None)
+        shutil.copyfile(Path(summary["run_dir"]) / "grid.png", out / "generated_masks_painted.png")
+    print(f"\nfiles: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
