@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64, help="the masks' side (px)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps of the mask generator")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native)")
     parser.add_argument("--samples", type=int, default=200, help="masks sampled, unasked and asked each")
     parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per mask")
     parser.add_argument("--guidance", type=float, default=2.0, help="mask guidance when a class is asked")
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     values.update({"data_dir": str(data_dir), "dataset_mode": args.dataset_mode, "num_classes": num_classes,
                    "image_size": args.size, "root_log_dir": str(out / "runs"), "batch_size": args.batch_size,
                    "max_epochs": 100000, "max_steps": args.steps, "save_interval": max(1, args.steps // 3),
-                   "seed": args.seed})
+                   "seed": args.seed, "precision": args.precision})
     started = time.perf_counter()
     result = train_mask_generator(values, log=lambda *_: None)
     train_seconds = time.perf_counter() - started
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     mask_picture(asked, num_classes).save(out / f"generated_masks_{names[rare]}.png")
 
     gen, held = distances(generated_report, names), distances(held_report, names)
-    print(f"\nmask generator: {args.size} px, {args.steps} steps of batch {args.batch_size} in "
+    print(f"\nmask generator: {args.size} px, {args.steps} steps of batch {args.batch_size} ({args.precision}) in "
           f"{train_seconds / 60:.1f} min ({args.steps * args.batch_size / train_seconds:.1f} masks/s); sampling "
           f"{args.sample_steps} DDIM steps: {sample_seconds / args.samples:.2f} s/mask\n")
     print("| against the training masks | generated | held-out real |")

@@ -558,8 +558,8 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
                 continue  # report-only: its data is not generated yet
             sources = {name: runs[name]["fingerprint"] for name in variant.synthetic}
             # what decides its segmenters (not `fractions`, which says where the variant runs: a config that runs
-            # it at one more fraction reuses the segmenters already trained at the others)
-            recipe = {k: v for k, v in dataclasses.asdict(variant).items() if k != "fractions"}
+            # it at one more fraction reuses the segmenters already trained at the others; nor `versus`, a report)
+            recipe = {k: v for k, v in dataclasses.asdict(variant).items() if k not in ("fractions", "versus")}
             for seed in config.segmenter.seeds:
                 key = fingerprint("segmenter", protocol_key, subset_key, recipe, sources, seed)
                 needs = {n: synthetic[n] for n in variant.synthetic}

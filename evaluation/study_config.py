@@ -169,6 +169,9 @@ class Variant:
     augment: str = setting("flip", expect=" or ".join(AUGMENTATIONS))
     fractions: list[float] | None = None  # None = every real fraction
     max_synthetic: int = setting(0, expect="an integer >= 0 (0 = all)")  # 0 = every synthetic pair
+    # other variants this one is paired against, seed by seed, besides real-only (e.g. a lever's SDM against the
+    # default SDM): the report's "Against other variants" table
+    versus: list[str] = setting(factory=list, expect="a list of variant names")
 
     @property
     def is_baseline(self) -> bool:
@@ -309,6 +312,10 @@ class StudyConfig:
         names = [v.name for v in self.variants]
         for name in names:
             require(names.count(name) == 1, "variants", f"names variant {name!r} twice")
+        for variant in self.variants:
+            for other in variant.versus:
+                require(other in names and other != variant.name, f"variants.{variant.name}.versus",
+                        f"must name other variants of the study, got {other!r}{did_you_mean(other, names)}")
         for fraction in self.real_fractions:
             baselines = sum(v.is_baseline for v in self.variants_at(fraction))
             require(baselines >= 1, "variants",

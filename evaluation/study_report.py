@@ -103,6 +103,14 @@ def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 paired = [cell[s]["miou_no_bg"] - other[s]["miou_no_bg"] for s in seeds if s in other]
                 record["without_sdm"] = without
                 record["sdm_diff"], record["sdm_ci_low"], record["sdm_ci_high"] = paired_interval(paired)
+            record["versus"] = []
+            for other_name in variant.versus:
+                other = by_cell.get((fraction, other_name), {})
+                paired = [cell[s]["miou_no_bg"] - other[s]["miou_no_bg"] for s in seeds if s in other]
+                if paired:
+                    diff, low, high = paired_interval(paired)
+                    record["versus"].append({"variant": other_name, "diff": diff, "ci_low": low, "ci_high": high,
+                                             "seeds": len(paired), "verdict": interval_verdict(low, high)})
             records.append(record)
     return records
 
@@ -121,6 +129,19 @@ def _sdm_share(records: list[dict[str, Any]]) -> list[str]:
             "other generators), paired by seed: the SDM's own share of the difference.", "",
             markdown_table(["real", "variant", "without the SDM", "diff (points)", "95 % interval", "verdict"], body),
             ""]
+
+
+def _versus(records: list[dict[str, Any]]) -> list[str]:
+    """The report's table of the pairings that variants ask for (`versus`), e.g. a lever against the default."""
+    body = [[f"{100 * r['real_fraction']:.0f} %", r["variant"], v["variant"], _points(v["diff"]),
+             "–" if math.isnan(v["ci_low"]) else f"[{_points(v['ci_low'])}, {_points(v['ci_high'])}]", v["verdict"]]
+            for r in records for v in r["versus"]]
+    if not body:
+        return []
+    return ["### Against other variants", "",
+            "Variants paired by seed with the variants they name in `versus` (e.g. a generator lever against the "
+            "default generator): mIoU without background, in points.", "",
+            markdown_table(["real", "variant", "against", "diff (points)", "95 % interval", "verdict"], body), ""]
 
 
 def without_sdm(study: Study, variant: Variant, fraction: float) -> str | None:
@@ -343,6 +364,7 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
                      " ".join(str(step) for step in r["selected_steps"])])
     lines += [markdown_table(header, body), "", "![paired differences](paired_differences.png)", ""]
     lines += _sdm_share(records)
+    lines += _versus(records)
     lines += ["## Per-class IoU (mean over seeds)", ""]
     lines += [markdown_table(["real", "variant"] + study.class_names,
                              [[f"{100 * r['real_fraction']:.0f} %", r["variant"]]
@@ -382,6 +404,7 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         "variants": [{**{k: r[k] for k in ("real_fraction", "variant", "generator", "miou_no_bg", "diff", "ci_low",
                                            "ci_high", "miou", "real_images", "synthetic_images", "seeds")},
                       **{k: r[k] for k in ("without_sdm", "sdm_diff", "sdm_ci_low", "sdm_ci_high") if k in r},
+                      **({"versus": r["versus"]} if r["versus"] else {}),
                       "verdict": verdict(r)} for r in records],
         "per_class_iou": [{"real_fraction": r["real_fraction"], "variant": r["variant"],
                            **{n: r[f"iou_{n}"] for n in study.class_names}} for r in records],

@@ -230,6 +230,8 @@ def test_paired_interval_is_the_student_t_interval():
      "key 'generators.p.mask_generator' only applies to kind sdm, not paste"),
     ({"generators": {"s": {"kind": "sdm", "mask_generator": {"data_dir": "x"}}}},
      "key 'generators.s.mask_generator.data_dir' is set by the study; remove it"),
+    ({"variants": [{"name": "real"}, {"name": "paste", "synthetic": ["paste"], "versus": ["pastte"]}]},
+     "key 'variants.paste.versus' must name other variants of the study, got 'pastte' (did you mean 'paste'?)"),
     ({"generators": {"p": {"kind": "paste", "sdm_fraction": 0.5}}},
      "key 'generators.p.sdm_fraction' only applies to kind sdm, not paste"),
     ({"generators": {"s": {"kind": "sdm", "sdm_fraction": 0.3}},
@@ -384,7 +386,7 @@ def test_a_generator_can_change_the_sdm_keys_for_a_lever_ablation(demo_dir, tmp_
     own (the other generators share the study's), and a bad changed key stops the study in one line."""
     values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
                           variants=[{"name": "real"}, {"name": "sdm", "synthetic": ["sdm"]},
-                                    {"name": "no_min_snr", "synthetic": ["no_min_snr"]},
+                                    {"name": "no_min_snr", "synthetic": ["no_min_snr"], "versus": ["sdm"]},
                                     {"name": "sdm_inpaint", "synthetic": ["sdm_inpaint"]}])
     sample = values["generators"]["sdm"]["sample"]
     values["generators"] = {"sdm": values["generators"]["sdm"], "sdm_inpaint": values["generators"]["sdm_inpaint"],
@@ -406,6 +408,12 @@ def test_a_generator_can_change_the_sdm_keys_for_a_lever_ablation(demo_dir, tmp_
     assert 'no_min_snr samples an SDM of its own: the study\'s `sdm` with `{"train": {"min_snr_gamma": 0.0' in report
     summary = json.loads((root / "summary.json").read_text())
     assert {a["generator"] for a in summary["label_alignment"]} == {"sdm", "sdm_inpaint", "no_min_snr"}
+    # the lever's variant is paired with the default SDM's, seed by seed ("Against other variants")
+    cells = {v["variant"]: v for v in summary["variants"]}
+    (versus,) = cells["no_min_snr"]["versus"]
+    assert versus["variant"] == "sdm" and versus["seeds"] == 2
+    assert versus["diff"] == pytest.approx(cells["no_min_snr"]["diff"] - cells["sdm"]["diff"])
+    assert "### Against other variants" in report and "| 100 % | no_min_snr | sdm |" in report
 
     values["generators"]["no_min_snr"]["sdm"]["train"]["min_snr_gama"] = 1.0
     path = tmp_path / "bad.json"
