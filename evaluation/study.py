@@ -532,12 +532,12 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
             return None
         trained_at = generator.sdm_fraction if generator.sdm_fraction is not None else fraction
         settings = config.sdm_settings(name)
-        if (trained_at, fingerprint(settings)) not in sdm_runs:
+        key = (trained_at, fingerprint(settings))
+        if key not in sdm_runs:
             pairs = split.subsets[trained_at]
-            sdm_runs[trained_at, fingerprint(settings)] = train_generator(
-                study, trained_at, lay_out_subset(study, trained_at, pairs), subset_key_of(pairs, config.data_dir),
-                settings)
-        return sdm_runs[trained_at, fingerprint(settings)]
+            sdm_runs[key] = train_generator(study, trained_at, lay_out_subset(study, trained_at, pairs),
+                                            subset_key_of(pairs, config.data_dir), settings)
+        return sdm_runs[key]
 
     for fraction in config.real_fractions:
         tag = fraction_tag(fraction)
