@@ -35,6 +35,8 @@ from test_distributed import (PROCESSES, REPO, STEPS, assert_losses_like_one_pro
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/local/sbin"])
 JOB_TIMEOUT = 240
+ENDED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+                "PREEMPTED")  # the job states after which nothing more runs
 
 
 def missing_binaries() -> list[str]:
@@ -124,7 +126,7 @@ class Cluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             job = self.job(job_id)
-            if job["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            if job["JobState"] in ENDED_STATES:
                 return job
             time.sleep(0.5)
         self.command("scancel", str(job_id), check=False)
@@ -270,7 +272,8 @@ def wait_for_steps(cluster: Cluster, job_id: int, log_csv: Path, steps: int) -> 
     """Wait until the run writing `log_csv` has logged `steps` steps (the job must keep running meanwhile)."""
     deadline = time.monotonic() + JOB_TIMEOUT
     while not (log_csv.is_file() and len(log_csv.read_text().splitlines()) > steps):  # a header, then a row a step
-        assert time.monotonic() < deadline and cluster.job(job_id)["JobState"] in ("PENDING", "RUNNING"), \
+        # A requeue passes through COMPLETING (and REQUEUED) on its way back to PENDING: only an ended job fails.
+        assert time.monotonic() < deadline and cluster.job(job_id)["JobState"] not in ENDED_STATES, \
             cluster.log(job_id)
         time.sleep(0.1)
 
