@@ -302,6 +302,12 @@ class World:
         """Rank 0 alone writes logs, checkpoints and summaries."""
         return self.rank == 0
 
+    @property
+    def bar_disabled(self) -> bool:
+        """No progress bar on other ranks, nor where TQDM_DISABLE asks for none (`--no-progress`): an explicit
+        `disable=` to tqdm overrides that variable, so the bars that pass one must read it themselves."""
+        return not self.is_main or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
+
     def share(self, items: Sequence[T]) -> list[T]:
         """This rank's items when `items` are dealt round-robin: rank r takes items r, r + size, ..."""
         return list(items[self.rank::self.size])

@@ -280,7 +280,7 @@ def sample_my_batches(job: SamplingJob, writer: SampleWriter) -> list[tuple[int,
     config, world = job.config, current_world()
     batches = world.share(range(0, job.num_images, config.batch_size))
     bar = tqdm(total=len(batches) * job.plan.steps_run, desc="sample", unit="step", dynamic_ncols=True,
-               disable=not world.is_main)
+               disable=world.bar_disabled)
     mine = sum(min(config.batch_size, job.num_images - start) for start in batches)
     grid_rows, done = [], 0
     try:

@@ -428,7 +428,7 @@ class Trainer:
         steps = CsvLog(self.run_dir / "log.csv", STEP_FIELDS) if main else _NoLog()
         epochs = CsvLog(self.run_dir / "epochs.csv", EPOCH_FIELDS) if main else _NoLog()
         bar = tqdm(total=plan.total_steps, initial=min(self.state.step, plan.total_steps), desc=self.action,
-                   unit="step", dynamic_ncols=True, disable=not main)
+                   unit="step", dynamic_ncols=True, disable=self.world.bar_disabled)
         return _Progress(steps, epochs, bar)
 
     def _train_and_save(self, plan: EpochPlan, signals: distributed.StopSignals) -> Stop:
