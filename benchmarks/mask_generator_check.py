@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -37,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from guided_diffusion.balance import load_masks  # noqa: E402
 from guided_diffusion.config import config_from_dict  # noqa: E402
 from guided_diffusion.data import index_dataset, read_class_names, split_train_val  # noqa: E402
-from evaluation.image_sets import infer_num_classes  # noqa: E402
+from evaluation.image_sets import infer_num_classes, link_subset  # noqa: E402
 from guided_diffusion.masks_model import load_mask_generator, sample_masks  # noqa: E402
 from guided_diffusion.masks_report import mask_report  # noqa: E402
 from guided_diffusion.masks_train import train_mask_generator  # noqa: E402
@@ -63,17 +62,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default="", help="folder for the reports and pictures (default: a temporary one)")
     parser.add_argument("--sdm", default="", help="an image model's run folder: paint 8 generated masks")
     parser.add_argument("--image-size", type=int, default=128, help="the image model's size (with --sdm)")
+    parser.add_argument("--trained", default="", help="a masks run this script trained before with the same --data, "
+                                                     "--size, --held-out and --seed: sample it, do not train again")
     return parser.parse_args(argv)
 
 
-def link_part(pairs, folder: Path) -> Path:
-    """The pairs as a dataset folder of links (train/ only), with the source's classes.json."""
-    for kind, attribute in (("images", "image"), ("masks", "mask")):
-        target = folder / "train" / kind
-        target.mkdir(parents=True, exist_ok=True)
-        for pair in pairs:
-            (target / getattr(pair, attribute).name).symlink_to(Path(os.path.abspath(getattr(pair, attribute))))
-    return folder
+def check_trained(run_dir: Path, args: argparse.Namespace) -> Path:
+    """A masks run of this script (--trained): its size, seed and steps must be this call's, so that it trained on
+    this call's training part (the split is seeded) for the steps the table names."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"--trained {run_dir}: no readable config.json of a masks run ({error})")
+    for key, wanted in (("image_size", args.size), ("seed", args.seed), ("max_steps", args.steps),
+                        ("batch_size", args.batch_size)):
+        if config.get(key) != wanted:
+            raise SystemExit(f"--trained {run_dir}: its {key} is {config.get(key)!r}, this call's is {wanted!r}")
+    return run_dir
 
 
 def mask_picture(masks: np.ndarray, num_classes: int, columns: int = 10, rows: int = 4) -> Image.Image:
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     names = read_class_names(args.data, num_classes)
     training, held_out = split_train_val(index.train, args.held_out, args.seed)
     work = Path(tempfile.mkdtemp(prefix="mask_check_data_"))
-    data_dir = link_part(training, work / "data")
+    data_dir = link_subset(training, work / "data", args.data)
     real_train = np.stack(load_masks(training, args.size, args.dataset_mode, "resize")).astype(np.int64)
     real_held = np.stack(load_masks(held_out, args.size, args.dataset_mode, "resize")).astype(np.int64)
     holding = (np.stack([np.bincount(m.ravel(), minlength=num_classes) for m in real_train]) > 0).mean(0)
@@ -125,10 +130,13 @@ def main(argv: list[str] | None = None) -> int:
                    "image_size": args.size, "root_log_dir": str(out / "runs"), "batch_size": args.batch_size,
                    "max_epochs": 100000, "max_steps": args.steps, "save_interval": max(1, args.steps // 3),
                    "seed": args.seed, "precision": args.precision})
-    started = time.perf_counter()
-    result = train_mask_generator(values, log=lambda *_: None)
-    train_seconds = time.perf_counter() - started
-    generator = load_mask_generator(result.run_dir)
+    if args.trained:
+        run_dir, train_seconds = check_trained(Path(args.trained), args), None
+    else:
+        started = time.perf_counter()
+        run_dir = train_mask_generator(values, log=lambda *_: None).run_dir
+        train_seconds = time.perf_counter() - started
+    generator = load_mask_generator(run_dir)
 
     started = time.perf_counter()
     plain = sample_masks(generator, args.samples, seed=args.seed, steps=args.sample_steps, min_area=args.min_area)
@@ -146,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     mask_picture(asked, num_classes).save(out / f"generated_masks_{names[rare]}.png")
 
     gen, held = distances(generated_report, names), distances(held_report, names)
-    print(f"\nmask generator: {args.size} px, {args.steps} steps of batch {args.batch_size} ({args.precision}) in "
-          f"{train_seconds / 60:.1f} min ({args.steps * args.batch_size / train_seconds:.1f} masks/s); sampling "
-          f"{args.sample_steps} DDIM steps: {sample_seconds / args.samples:.2f} s/mask\n")
+    trained = (f"reused from {run_dir}" if train_seconds is None else
+               f"in {train_seconds / 60:.1f} min ({args.steps * args.batch_size / train_seconds:.1f} masks/s)")
+    print(f"\nmask generator: {args.size} px, {args.steps} steps of batch {args.batch_size} ({args.precision}) "
+          f"{trained}; sampling {args.sample_steps} DDIM steps: {sample_seconds / args.samples:.2f} s/mask\n")
     print("| against the training masks | generated | held-out real |")
     print("|---|---|---|")
     labels = {"pixel_share_tv": "pixel shares, total variation", "holding_share_mean_abs":
@@ -175,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.sdm:
         sample_values = {"data_dir": str(data_dir), "dataset_mode": args.dataset_mode, "num_classes": num_classes,
-                         "image_size": args.image_size, "model_path": args.sdm, "mask_source": str(result.run_dir),
+                         "image_size": args.image_size, "model_path": args.sdm, "mask_source": str(run_dir),
                          "num_samples": 8, "batch_size": 8, "sampler": "dpm++2m", "steps": 15, "s": 1.5,
                          "root_log_dir": str(out / "painted"), "seed": args.seed}
         config, _ = config_from_dict("sample", sample_values, "mask_generator_check --sdm")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,6 +91,26 @@ def load_pairs(pairs: Sequence[Pair], dataset_mode: str, image_size: int, resize
 
 # ---------------------------------------------------------------------------------------------------------------
 # The real dataset
+
+
+def link_subset(pairs: Sequence[Pair], folder: Path, data_dir: str | os.PathLike) -> Path:
+    """`pairs` as a dataset folder of symbolic links (train/ only), with `data_dir`'s classes.json. Links of an
+    earlier call that `pairs` no longer hold are removed, so `folder` must be the caller's own."""
+    for kind, attribute in (("images", "image"), ("masks", "mask")):
+        target = folder / "train" / kind
+        target.mkdir(parents=True, exist_ok=True)
+        wanted = {getattr(p, attribute).name: getattr(p, attribute) for p in pairs}
+        for existing in target.iterdir():
+            if existing.name not in wanted:
+                existing.unlink()
+        for name, source in wanted.items():
+            link = target / name
+            if not link.is_symlink():
+                link.symlink_to(Path(os.path.abspath(source)))
+    classes = Path(data_dir) / "classes.json"
+    if classes.is_file():
+        shutil.copyfile(classes, folder / "classes.json")
+    return folder
 
 
 def class_names(data_dir: str | os.PathLike, num_classes: int) -> list[str]:

@@ -46,7 +46,7 @@ from guided_diffusion.errors import ConfigError, exit_status
 from guided_diffusion.results import write_json
 
 from .config import check_label_keys
-from .image_sets import (IGNORE_INDEX, ImageSet, class_names, index_sample_folder, infer_num_classes,
+from .image_sets import (IGNORE_INDEX, ImageSet, class_names, index_sample_folder, infer_num_classes, link_subset,
                          load_pairs, load_sample_folder)
 from .metrics import segmentation_metrics
 from .segmenter import SegmenterSpec, Selection, TrainSettings, build_segmenter, predict, train_segmenter
@@ -166,22 +166,7 @@ def check_backgrounds_exist(config: StudyConfig, split: Split) -> None:
 
 def lay_out_subset(study: Study, fraction: float, pairs: list[Pair]) -> Path:
     """The subset as a dataset folder of symbolic links (train/ only; the SDM never sees val or test)."""
-    folder = study.root / "data" / fraction_tag(fraction)
-    for kind, attribute in (("images", "image"), ("masks", "mask")):
-        target = folder / "train" / kind
-        target.mkdir(parents=True, exist_ok=True)
-        wanted = {getattr(p, attribute).name: getattr(p, attribute) for p in pairs}
-        for existing in target.iterdir():
-            if existing.name not in wanted:
-                existing.unlink()  # links of an earlier subset draw (the study's own folder only)
-        for name, source in wanted.items():
-            link = target / name
-            if not link.is_symlink():
-                link.symlink_to(Path(os.path.abspath(source)))
-    classes = Path(study.config.data_dir) / "classes.json"
-    if classes.is_file():
-        shutil.copyfile(classes, folder / "classes.json")
-    return folder
+    return link_subset(pairs, study.root / "data" / fraction_tag(fraction), study.config.data_dir)
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -140,13 +140,7 @@ class Generator:
                     "is set by the study when the generator has a mask_generator; remove one of them")
             for owned in MASKS_SET_BY_THE_STUDY:
                 require(owned not in self.mask_generator, f"mask_generator.{owned}", "is set by the study; remove it")
-        for key, part in self.sdm.items():
-            require(key in SDM_KEYS, f"sdm.{key}", f"is unknown{did_you_mean(key, list(SDM_KEYS))}; sdm takes "
-                                                   f"{', '.join(SDM_KEYS)}")
-            require(isinstance(part, dict) or (key == "finetune" and part is None), f"sdm.{key}",
-                    "must be an object of config keys" + (" (or null: no finetuning)" if key == "finetune" else ""))
-            for owned in SET_BY_THE_STUDY + ("resume_checkpoint", "auto_resume"):
-                require(owned not in (part or {}), f"sdm.{key}.{owned}", "is set by the study; remove it")
+        check_sdm_parts(self.sdm)
         require(self.source is None and self.filter == FilterSettings(), "source",
                 "and 'filter' only apply with labels \"filtered\"")
         for owned in SET_BY_THE_STUDY + ("model_path",):
@@ -284,12 +278,7 @@ class StudyConfig:
 
     def _validate_sdm(self) -> None:
         """The keys of `sdm` are the actions' (checked as train / finetune configs by study.check_study)."""
-        for key, part in self.sdm.items():
-            require(key in SDM_KEYS, f"sdm.{key}", f"is unknown{did_you_mean(key, list(SDM_KEYS))}; sdm takes "
-                                                   f"{', '.join(SDM_KEYS)}")
-            require(part is not None or key == "finetune", f"sdm.{key}", "must be an object of config keys")
-            for owned in SET_BY_THE_STUDY + ("resume_checkpoint", "auto_resume"):
-                require(owned not in (part or {}), f"sdm.{key}.{owned}", "is set by the study; remove it")
+        check_sdm_parts(self.sdm)
         if any(g.kind == "sdm" for g in self.generators.values()):
             require(bool(self.sdm.get("train")), "sdm.train", "is required: an SDM generator is used")
 
@@ -322,6 +311,18 @@ class StudyConfig:
                     f"has no real-only baseline at real fraction {fraction} (real true, no synthetic, augment "
                     "\"flip\"); the paired differences are taken to it")
             require(baselines == 1, "variants", f"has more than one real-only baseline at real fraction {fraction}")
+
+
+def check_sdm_parts(sdm: dict[str, Any]) -> None:
+    """The parts of an `sdm` object (the study's, or a generator's changes to it): model / train / finetune, each
+    an object of config keys (finetune may be null: no finetuning) without the keys the study sets itself."""
+    for key, part in sdm.items():
+        require(key in SDM_KEYS, f"sdm.{key}", f"is unknown{did_you_mean(key, list(SDM_KEYS))}; sdm takes "
+                                               f"{', '.join(SDM_KEYS)}")
+        require(isinstance(part, dict) or (key == "finetune" and part is None), f"sdm.{key}",
+                "must be an object of config keys" + (" (or null: no finetuning)" if key == "finetune" else ""))
+        for owned in SET_BY_THE_STUDY + ("resume_checkpoint", "auto_resume"):
+            require(owned not in (part or {}), f"sdm.{key}.{owned}", "is set by the study; remove it")
 
 
 def deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
