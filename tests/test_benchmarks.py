@@ -39,3 +39,15 @@ def test_mask_generator_check_compares_generated_and_held_out_masks_with_the_tra
     assert re.search(r"^asked for \w+ \(guidance 2\): [\d.]+% of 4 masks hold it", result.stdout, re.M)
     for name in ("generated_vs_train.json", "held_out_vs_train.json", "generated_masks.png"):
         assert (tmp_path / "out" / name).is_file(), name
+
+    # --trained samples that generator again without training; one of another size is refused in one line
+    trained = tmp_path / "out" / "runs" / "masks_001"
+    again = subprocess.run(command + ["--trained", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr
+    assert f"reused from {trained}" in again.stdout and not (tmp_path / "out" / "runs" / "masks_002").exists()
+    other = [*command[:command.index("--size") + 1], "32", *command[command.index("--size") + 2:]]
+    refused = subprocess.run(other + ["--trained", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == f"--trained {trained}: its image_size is 16, this call's is 32"
