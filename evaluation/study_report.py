@@ -206,13 +206,20 @@ def _alignment(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
         base_rows = [r for r in rows if r["fraction"] == fraction and "alignment" in r]
         names = sorted({name for r in base_rows for name in r["alignment"]})
         for name in names:
-            scores = [r["alignment"][name]["miou_no_bg"] for r in base_rows if name in r["alignment"]]
+            seeds = [r for r in base_rows if name in r["alignment"]]  # the real test score of the same seeds
+            scores = [r["alignment"][name]["miou_no_bg"] for r in seeds]
             out.append({"real_fraction": fraction, "generator": name,
                         "kind": study.config.generators[name].kind,
-                        "alignment_miou_no_bg": float(np.nanmean(scores)),
-                        "real_test_miou_no_bg": float(np.nanmean([r["miou_no_bg"] for r in base_rows])),
+                        "alignment_miou_no_bg": _finite_mean(scores),
+                        "real_test_miou_no_bg": _finite_mean([r["miou_no_bg"] for r in seeds]),
                         "seeds": len(scores)})
     return out
+
+
+def _finite_mean(values: list[float]) -> float:
+    """The mean of the values that are not NaN (a class-less toy mask scores NaN); NaN when none is."""
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

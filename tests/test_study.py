@@ -311,6 +311,32 @@ def test_without_background_class_the_no_bg_mean_is_the_mean_over_every_class():
     assert other.miou_no_bg == pytest.approx(1 / 2)  # class 0 alone
 
 
+def test_label_alignment_sits_beside_the_real_test_score_of_the_same_seeds():
+    """A generator aligned on fewer seeds than the baseline has (one added later) is compared with the real test
+    score of those seeds only; seeds whose masks hold no scored class (NaN) are left out without a warning."""
+    import warnings
+    from evaluation.study_report import _alignment
+    SimpleNamespace = types.SimpleNamespace
+    study = SimpleNamespace(config=SimpleNamespace(real_fractions=[0.5], generators={
+        "old": SimpleNamespace(kind="sdm"), "new": SimpleNamespace(kind="paste")}))
+    rows = [{"fraction": 0.5, "miou_no_bg": 0.2, "alignment": {"old": {"miou_no_bg": 0.1}}},
+            {"fraction": 0.5, "miou_no_bg": 0.4, "alignment": {"old": {"miou_no_bg": 0.3},
+                                                              "new": {"miou_no_bg": float("nan")}}},
+            {"fraction": 0.5, "miou_no_bg": 0.6, "alignment": {"old": {"miou_no_bg": 0.5},
+                                                              "new": {"miou_no_bg": 0.7}}}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aligned = {a["generator"]: a for a in _alignment(study, rows)}
+    assert aligned["old"]["alignment_miou_no_bg"] == pytest.approx(0.3)
+    assert aligned["old"]["real_test_miou_no_bg"] == pytest.approx(0.4) and aligned["old"]["seeds"] == 3
+    assert aligned["new"]["alignment_miou_no_bg"] == pytest.approx(0.7)
+    assert aligned["new"]["real_test_miou_no_bg"] == pytest.approx(0.5) and aligned["new"]["seeds"] == 2
+    rows[2]["alignment"]["new"]["miou_no_bg"] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(next(a for a in _alignment(study, rows) if a["generator"] == "new")["alignment_miou_no_bg"])
+
+
 def test_the_sdm_share_pairs_each_sdm_variant_with_itself_without_the_sdm(finished_study, demo_dir, tmp_path):
     root, _ = finished_study
     summary = json.loads((root / "summary.json").read_text())
