@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native)")
     parser.add_argument("--samples", type=int, default=200, help="masks sampled, unasked and asked each")
-    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps per mask")
+    parser.add_argument("--sample-steps", type=int, default=50, help="ancestral sampler steps per mask")
     parser.add_argument("--guidance", type=float, default=2.0, help="mask guidance when a class is asked")
     parser.add_argument("--min-area", type=int, default=0, help="mask_min_area of the sampled masks")
     parser.add_argument("--held-out", type=float, default=0.15, help="share of train/ masks held out")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = (f"reused from {run_dir}" if train_seconds is None else
                f"in {train_seconds / 60:.1f} min ({args.steps * args.batch_size / train_seconds:.1f} masks/s)")
     print(f"\nmask generator: {args.size} px, {args.steps} steps of batch {args.batch_size} ({args.precision}) "
-          f"{trained}; sampling {args.sample_steps} DDIM steps: {sample_seconds / args.samples:.2f} s/mask\n")
+          f"{trained}; sampling {args.sample_steps} ancestral steps: {sample_seconds / args.samples:.2f} s/mask\n")
     print("| against the training masks | generated | held-out real |")
     print("|---|---|---|")
     labels = {"pixel_share_tv": "pixel shares, total variation", "holding_share_mean_abs":

@@ -523,7 +523,7 @@ class SampleConfig(CommonConfig):
     mask_classes: list[int] = option(factory=list, doc="with `mask_source`: classes every generated mask must hold "
                                                        "(e.g. a rare class); `[]` = as often as in the training masks")
     mask_guidance: float = option(1.0, "with `mask_source`: guidance scale toward the asked classes (1 = none)")
-    mask_steps: int = option(50, "with `mask_source`: DDIM steps per generated mask")
+    mask_steps: int = option(50, "with `mask_source`: ancestral sampler steps per generated mask")
     mask_min_area: int = option(0, "with `mask_source`: components of fewer pixels are removed from the generated "
                                    "masks (filled with the class around them); 0 = keep all")
 

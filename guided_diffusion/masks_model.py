@@ -294,14 +294,16 @@ def first_step(diffusion: GaussianDiffusion, noise: torch.Tensor, means: torch.T
 @torch.no_grad()
 def sample_masks(generator: MaskGenerator, num_samples: int, *, seed: int = 0, required_classes: Sequence[int] = (),
                  presence_rows: np.ndarray | None = None, guidance_scale: float = 1.0, steps: int = 50,
-                 sampler: str = "ddim", image_size: int | None = None, min_area: int = 0, batch_size: int = 16,
+                 sampler: str = "ancestral", image_size: int | None = None, min_area: int = 0, batch_size: int = 16,
                  first_index: int = 0, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """num_samples new masks, int64 N×S×S class ids (S = image_size, default the generator's own size).
 
     Each mask is conditioned on a presence vector: the rows of `presence_rows` (N×K of 0/1; all zero = no
     condition) when given, else vectors drawn from the training masks' vectors holding `required_classes` (all
     of them when empty). The top step takes the training masks' mean mask (for that vector) as x0 (`first_step`);
-    `guidance_scale` > 1 applies classifier-free guidance toward the condition in the others. Mask i gets
+    `guidance_scale` > 1 applies classifier-free guidance toward the condition in the others. The default
+    sampler is ancestral: on magnetic-tile (64 px, 6 classes, 700 steps) DDIM and DPM-Solver++ at 25 steps left
+    speckle noise of every class in every mask (background 77-78 % of the pixels, real 94 %), ancestral 96 %. Mask i gets
     the noise and presence of `mask_seed(seed, first_index + i)`, whatever the batch size. Masks made at another size
     are brought to image_size by `upsample_mask` (nearest + majority filter); `min_area` > 0 then removes
     components of fewer pixels (`remove_small_components`)."""
