@@ -63,13 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sdm", default="", help="an image model's run folder: paint 8 generated masks")
     parser.add_argument("--image-size", type=int, default=128, help="the image model's size (with --sdm)")
     parser.add_argument("--trained", default="", help="a masks run this script trained before with the same --data, "
-                                                     "--size, --held-out and --seed: sample it, do not train again")
+                                                     "--held-out, --size, --seed, --steps and --batch-size: sample "
+                                                     "it, do not train again")
     return parser.parse_args(argv)
 
 
 def check_trained(run_dir: Path, args: argparse.Namespace) -> Path:
-    """A masks run of this script (--trained): its size, seed and steps must be this call's, so that it trained on
-    this call's training part (the split is seeded) for the steps the table names."""
+    """A masks run of this script (--trained): its size, seed, steps and batch size must be this call's, so that it
+    trained on this call's training part (the split is seeded) as the table says (--data and --held-out are not
+    recorded in the run: the caller keeps them the same)."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError) as error:
