@@ -49,6 +49,11 @@ def paired_interval(differences: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def paired_differences(cell: dict[int, dict[str, Any]], other: dict[int, dict[str, Any]]) -> list[float]:
+    """mIoU w/o bg of `cell` minus `other`'s, seed by seed, over the seeds both have (rows keyed by seed)."""
+    return [cell[s]["miou_no_bg"] - other[s]["miou_no_bg"] for s in sorted(cell) if s in other]
+
+
 def generator_kind(study: Study, variant_name: str) -> str:
     """Which generator made a variant's extra data: sdm, paste, augment (classic augmentation only) or none."""
     variant = next(v for v in study.config.variants if v.name == variant_name)
@@ -91,7 +96,7 @@ def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 values = [cell[s][metric] for s in seeds]
                 record[metric] = float(np.nanmean(values))
                 record[f"{metric}_std"] = float(np.nanstd(values, ddof=1)) if len(values) > 1 else math.nan
-            paired = [cell[s]["miou_no_bg"] - base[s]["miou_no_bg"] for s in seeds if s in base]
+            paired = paired_differences(cell, base)
             record["diff"], record["ci_low"], record["ci_high"] = paired_interval(paired)
             record["paired_seeds"] = len(paired)
             for name in study.class_names:
@@ -100,13 +105,12 @@ def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             without = without_sdm(study, variant, fraction)
             if without is not None and by_cell.get((fraction, without)):
                 other = by_cell[(fraction, without)]
-                paired = [cell[s]["miou_no_bg"] - other[s]["miou_no_bg"] for s in seeds if s in other]
                 record["without_sdm"] = without
-                record["sdm_diff"], record["sdm_ci_low"], record["sdm_ci_high"] = paired_interval(paired)
+                record["sdm_diff"], record["sdm_ci_low"], record["sdm_ci_high"] = paired_interval(
+                    paired_differences(cell, other))
             record["versus"] = []
             for other_name in variant.versus:
-                other = by_cell.get((fraction, other_name), {})
-                paired = [cell[s]["miou_no_bg"] - other[s]["miou_no_bg"] for s in seeds if s in other]
+                paired = paired_differences(cell, by_cell.get((fraction, other_name), {}))
                 if paired:
                     diff, low, high = paired_interval(paired)
                     record["versus"].append({"variant": other_name, "diff": diff, "ci_low": low, "ci_high": high,
@@ -401,7 +405,8 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
                              + [["all stages", f"{sum(times.values()) / 60:.1f}"],
                                 ["loading real data (this run)", f"{load_seconds / 60:.1f}"],
                                 ["this invocation", f"{seconds / 60:.1f}"]]), "",
-              "Stage times add up the units this report uses, over every invocation of the study (a resumed study counts its earlier work; superseded units are left out).", ""]
+              "Stage times add up the units this report uses, over every invocation of the study (a resumed study "
+              "counts its earlier work; superseded units are left out).", ""]
     (root / "report.md").write_text("\n".join(lines), encoding="utf-8")
     write_json(root / "summary.json", {
         "dataset": config.data_dir, "quick": config.quick, "command": command, "image_size": config.image_size,

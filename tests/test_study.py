@@ -427,7 +427,8 @@ def test_a_generator_can_change_the_sdm_keys_for_a_lever_ablation(demo_dir, tmp_
     assert config.sdm_settings("sdm") == values["sdm"]
     root = run_study(config, values, log=lambda *_: None, progress=False)
     entries = [json.loads(line) for line in (root / "ledger.jsonl").read_text().splitlines()]
-    trained = [json.loads((Path(e["run_dir"]) / "config.json").read_text()) for e in entries if e["kind"] == "sdm-train"]
+    trained = [json.loads((Path(e["run_dir"]) / "config.json").read_text()) for e in entries
+               if e["kind"] == "sdm-train"]
     (lever, default) = sorted(trained, key=lambda c: c["min_snr_gamma"])
     assert (lever["min_snr_gamma"], lever["lr"]) == (0.0, 2e-4)
     assert default["min_snr_gamma"] == 5.0 and default["lr"] != 2e-4
