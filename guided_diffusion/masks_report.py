@@ -5,8 +5,10 @@
   (8-connected components) per mask;
 - object sizes: per class, histograms of log10(component area / mask area) (relative, so sets at different
   sizes compare) and the Wasserstein-1 distance between the generated and real log sizes;
-- novelty: for each generated mask the IoU with its nearest training mask (the mean over the non-background
-  classes either mask holds; 1 when neither holds any), and the share above `near_copy_iou` (near-copies);
+- novelty: for each generated mask that holds a class other than the background (a layout: a mask of background
+  alone is no copy of anything, and defect datasets hold many of them), the IoU with its nearest training mask
+  (the mean over the non-background classes either mask holds) and the share above `near_copy_iou`
+  (near-copies); beside it, the share of background-only masks, generated and real;
 - validity: the share of components smaller than `min_area` pixels (speckles), generated and real.
 `write_mask_report` writes masks_report.md, masks_report.json and masks_report.png into a run folder.
 """
@@ -87,6 +89,13 @@ def nearest_iou(generated: np.ndarray, real: np.ndarray, num_classes: int,
     return iou[np.arange(len(generated)), nearest], nearest
 
 
+def _holds_a_layout(flat_masks: np.ndarray, background: int | None) -> np.ndarray:
+    """Per mask (N×P flattened ids): does it hold a class other than `background` (always, with no background)?"""
+    if background is None:
+        return np.ones(len(flat_masks), bool)
+    return (flat_masks != background).any(axis=1)
+
+
 def _set_statistics(masks: Sequence[np.ndarray], num_classes: int, min_area: int) -> dict[str, Any]:
     pixels = np.zeros(num_classes, np.int64)
     holding = np.zeros(num_classes, np.int64)
@@ -129,8 +138,9 @@ def mask_report(generated: Sequence[np.ndarray], real: Sequence[np.ndarray], num
         gen_array = _nearest_resize(gen_array, size)
     if real_array.shape[1:] != (size, size):
         real_array = _nearest_resize(real_array, size)
-    iou, nearest = nearest_iou(gen_array.reshape(len(gen_array), -1), real_array.reshape(len(real_array), -1),
-                               num_classes, background)
+    gen_flat, real_flat = gen_array.reshape(len(gen_array), -1), real_array.reshape(len(real_array), -1)
+    layouts = np.flatnonzero(_holds_a_layout(gen_flat, background))
+    iou, nearest = nearest_iou(gen_flat[layouts], real_flat, num_classes, background)
 
     sizes = {}
     for class_id, name in enumerate(names):
@@ -153,15 +163,34 @@ def mask_report(generated: Sequence[np.ndarray], real: Sequence[np.ndarray], num
                              "real": _round(real_stats["objects_per_mask"])},
         "object_sizes": {"measure": "log10(component area / mask area), 8-connected components",
                          "bins": _round(SIZE_BINS, 3), "classes": sizes},
-        "novelty": {"iou_with_nearest": _round(iou), "nearest_real": nearest.tolist(),
-                    "mean_iou": round(float(iou.mean()), 6), "median_iou": round(float(np.median(iou)), 6),
+        "novelty": {"compared": len(layouts), "generated_index": layouts.tolist(),
+                    "iou_with_nearest": _round(iou), "nearest_real": nearest.tolist(),
+                    "mean_iou": round(float(iou.mean()), 6) if len(iou) else None,
+                    "median_iou": round(float(np.median(iou)), 6) if len(iou) else None,
                     "near_copy_iou": near_copy_iou,
-                    "near_copy_share": round(float((iou > near_copy_iou).mean()), 6),
+                    "near_copy_share": round(float((iou > near_copy_iou).mean()), 6) if len(iou) else None,
+                    "background_only_share": {
+                        "generated": round(1.0 - len(layouts) / len(gen_flat), 6),
+                        "real": round(1.0 - float(_holds_a_layout(real_flat, background).mean()), 6)},
                     "compared_at": size, "background": background},
         "validity": {"min_area": min_area, "speckle_share_generated": share(gen_stats),
                      "speckle_share_real": share(real_stats),
                      "components_generated": gen_stats["components"], "components_real": real_stats["components"]},
     }
+
+
+def novelty_summary(novelty: dict[str, Any], num_generated: int) -> str:
+    """One sentence on the novelty of `num_generated` masks: how many hold a layout, their nearest-IoU and
+    near-copy share, and the background-only shares."""
+    alone = novelty["background_only_share"]
+    only = (f"{100 * alone['generated']:.0f}% hold the background only (real training masks "
+            f"{100 * alone['real']:.0f}%)")
+    if not novelty["compared"]:
+        return f"No generated mask holds a class other than the background: {only}; novelty not measured."
+    return (f"{novelty['compared']} of {num_generated} generated masks hold a class other than the background "
+            f"({only}); their IoU with the nearest training mask: mean {novelty['mean_iou']:.3f}, median "
+            f"{novelty['median_iou']:.3f}; near-copies (IoU > {novelty['near_copy_iou']:g}): "
+            f"{100 * novelty['near_copy_share']:.1f}%")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -191,10 +220,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Novelty",
         "",
-        f"IoU of each generated mask with its nearest training mask (compared at {novelty['compared_at']} px, mean "
-        f"over the non-background classes either mask holds): mean {novelty['mean_iou']:.3f}, median "
-        f"{novelty['median_iou']:.3f}; near-copies (IoU > {novelty['near_copy_iou']:g}): "
-        f"{100 * novelty['near_copy_share']:.1f}%.",
+        novelty_summary(novelty, report["num_generated"]) + f" (compared at {novelty['compared_at']} px; the IoU "
+        "of two masks is the mean over the non-background classes either holds).",
         "",
         "## Validity",
         "",
@@ -234,8 +261,8 @@ def write_mask_report(run_dir: str | Path, report: dict[str, Any]) -> None:
     novelty = report["novelty"]
     axes[0, 3].hist(novelty["iou_with_nearest"], bins=np.linspace(0, 1, 21), color="tab:green")
     axes[0, 3].axvline(novelty["near_copy_iou"], color="black", linestyle="--", linewidth=1)
-    axes[0, 3].set_title(f"IoU with the nearest training mask\nnear-copies {100 * novelty['near_copy_share']:.1f}%",
-                         fontsize=9)
+    copies = "—" if novelty["near_copy_share"] is None else f"{100 * novelty['near_copy_share']:.1f}%"
+    axes[0, 3].set_title(f"IoU with the nearest training mask\nnear-copies {copies}", fontsize=9)
     for j in range(4, columns):
         axes[0, j].axis("off")
     bins = np.asarray(report["object_sizes"]["bins"])

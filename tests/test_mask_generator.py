@@ -15,7 +15,7 @@ from guided_diffusion import masks_model as mm
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.masks_train import mask_config, train_mask_generator
 from guided_diffusion.errors import CheckpointError, ConfigError, DatasetError
-from guided_diffusion.masks_report import mask_report, wasserstein_1, write_mask_report
+from guided_diffusion.masks_report import markdown, mask_report, wasserstein_1, write_mask_report
 from guided_diffusion.sample import preview_mask_selection, run_sampling
 
 TOY_GENERATOR = {"image_size": 16, "channel_mult": "1,2", "attention_resolutions": "8", "batch_size": 4,
@@ -268,6 +268,20 @@ def test_a_copy_of_a_training_mask_has_novelty_iou_one():
     assert novelty["nearest_real"] == [1, 0] and novelty["near_copy_share"] == 0.5
 
 
+def test_a_mask_of_background_alone_is_no_near_copy_of_the_training_masks():
+    """Defect datasets hold many defect-free masks: an empty generated mask copies no layout. Novelty is measured
+    on the masks that hold a defect, and the background-only shares are reported beside it."""
+    real = [_square(16, 2, 2, 4), np.zeros((16, 16), np.int64)]
+    generated = [np.zeros((16, 16), np.int64), _square(16, 2, 4, 4), np.zeros((16, 16), np.int64)]
+    novelty = mask_report(generated, real, 2)["novelty"]
+    assert novelty["compared"] == 1 and novelty["generated_index"] == [1]
+    assert novelty["iou_with_nearest"] == [pytest.approx(8 / 24, abs=1e-6)] and novelty["near_copy_share"] == 0.0
+    assert novelty["background_only_share"] == {"generated": pytest.approx(2 / 3, abs=1e-6), "real": 0.5}
+    empty = mask_report([np.zeros((16, 16), np.int64)], real, 2)
+    assert empty["novelty"]["compared"] == 0 and empty["novelty"]["near_copy_share"] is None
+    assert "novelty not measured" in markdown(empty)
+
+
 def test_the_report_counts_shares_objects_sizes_and_speckles():
     real = [_square(10, 0, 0, 5), _square(10, 5, 5, 5)]  # one 25-pixel object each
     generated = [_square(10, 0, 0, 5) | _square(10, 8, 8, 1), _square(10, 0, 0, 10, 0)]  # +1 speckle; empty
@@ -318,7 +332,7 @@ def test_sampling_with_a_mask_source_writes_the_generated_masks_as_labels_and_th
     assert not list((run_dir / "images").glob("*.png"))  # a generated mask has no real image
     expected = mm.sample_masks(mm.load_mask_generator(generator_run), 3, seed=3, steps=2, image_size=32)
     assert all(np.array_equal(label, mask) for label, mask in zip(labels.values(), expected))
-    assert "near-copies" in (run_dir / "masks_report.md").read_text()
+    assert "## Novelty" in (run_dir / "masks_report.md").read_text()
     assert (run_dir / "masks_report.png").is_file()
     assert json.loads((run_dir / "summary.json").read_text())["mask_source"] == str(generator_run)
 
