@@ -12,7 +12,8 @@
    held-out real masks with the same training part: what two real sets of this dataset differ by. The
    generator is close when its distances are near the yardstick's; a generator that copies its training masks
    shows near-copies (IoU > 0.9) far above the held-out masks' own share.
-5. One Markdown table is printed; the two reports (JSON) and a picture of generated masks go to --out.
+5. One Markdown table is printed; the two reports (JSON), the masks (masks.npz) and pictures of generated masks
+   go to --out.
 6. With --sdm (an image model's run folder of the same classes), `main.py sample` paints images for 8 generated
    masks at --image-size: its grid.png (mask | synthetic) is copied to --out.
 """
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native)")
     parser.add_argument("--samples", type=int, default=200, help="masks sampled, unasked and asked each")
-    parser.add_argument("--sample-steps", type=int, default=50, help="ancestral sampler steps per mask")
+    parser.add_argument("--sample-steps", type=int, default=25, help="ancestral sampler steps per mask")
     parser.add_argument("--guidance", type=float, default=2.0, help="mask guidance when a class is asked")
     parser.add_argument("--min-area", type=int, default=0, help="mask_min_area of the sampled masks")
     parser.add_argument("--held-out", type=float, default=0.15, help="share of train/ masks held out")
@@ -96,7 +97,8 @@ def mask_picture(masks: np.ndarray, num_classes: int, columns: int = 10, rows: i
 
 def distances(report: dict, names: list[str]) -> dict[str, float | None]:
     """The report's figures of closeness: total variation of pixel shares and of holding shares, mean W1 of
-    object sizes over the classes both sides hold, near-copy share, mean nearest IoU, speckle share."""
+    object sizes over the classes both sides hold, background-only share, near-copy share and mean nearest IoU
+    (of the masks that hold a class other than the background), speckle share."""
     pixel, holding = report["pixel_share"], report["holding_share"]
     w1 = [report["object_sizes"]["classes"][n]["w1_log10_size"] for n in names[1:]]
     w1 = [v for v in w1 if v is not None]
@@ -104,6 +106,7 @@ def distances(report: dict, names: list[str]) -> dict[str, float | None]:
         "pixel_share_tv": 0.5 * float(np.abs(np.subtract(pixel["generated"], pixel["real"])).sum()),
         "holding_share_mean_abs": float(np.abs(np.subtract(holding["generated"], holding["real"]))[1:].mean()),
         "w1_log10_size_mean": float(np.mean(w1)) if w1 else None,
+        "background_only_share": report["novelty"]["background_only_share"]["generated"],
         "near_copy_share": report["novelty"]["near_copy_share"],
         "mean_nearest_iou": report["novelty"]["mean_iou"],
         "speckle_share": report["validity"]["speckle_share_generated"],
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     held_report = mask_report(list(real_held), list(real_train), num_classes, **report_kwargs)
     (out / "generated_vs_train.json").write_text(json.dumps(generated_report))
     (out / "held_out_vs_train.json").write_text(json.dumps(held_report))
+    np.savez_compressed(out / "masks.npz", generated=plain, asked=asked, held_out=real_held)
     mask_picture(plain, num_classes).save(out / "generated_masks.png")
     mask_picture(real_held, num_classes).save(out / "held_out_masks.png")
     mask_picture(asked, num_classes).save(out / f"generated_masks_{names[rare]}.png")
@@ -164,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|")
     labels = {"pixel_share_tv": "pixel shares, total variation", "holding_share_mean_abs":
               "share of masks holding a class, mean abs. difference", "w1_log10_size_mean":
-              "object sizes, mean W1 of log10 size", "near_copy_share": "near-copies (IoU > 0.9 with a training mask)",
-              "mean_nearest_iou": "mean IoU with the nearest training mask", "speckle_share":
+              "object sizes, mean W1 of log10 size", "background_only_share": "masks of background only",
+              "near_copy_share": "near-copies (IoU > 0.9 with a training mask), of the masks with a defect",
+              "mean_nearest_iou": "mean IoU with the nearest training mask, same masks", "speckle_share":
               f"speckles (components < {report_kwargs['min_area']} px)"}
     for key, label in labels.items():
         a, b = gen[key], held[key]

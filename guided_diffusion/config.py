@@ -523,7 +523,8 @@ class SampleConfig(CommonConfig):
     mask_classes: list[int] = option(factory=list, doc="with `mask_source`: classes every generated mask must hold "
                                                        "(e.g. a rare class); `[]` = as often as in the training masks")
     mask_guidance: float = option(1.0, "with `mask_source`: guidance scale toward the asked classes (1 = none)")
-    mask_steps: int = option(50, "with `mask_source`: ancestral sampler steps per generated mask")
+    mask_steps: int = option(25, "with `mask_source`: ancestral sampler steps per generated mask (on "
+                                 "magnetic-tile, 50 steps made 5 of 16 masks mostly defect, 25 none)")
     mask_min_area: int = option(0, "with `mask_source`: components of fewer pixels are removed from the generated "
                                    "masks (filled with the class around them); 0 = keep all")
 
