@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         sample_values = {"data_dir": str(data_dir), "dataset_mode": args.dataset_mode, "num_classes": num_classes,
                          "image_size": args.image_size, "model_path": args.sdm, "mask_source": str(run_dir),
                          "num_samples": 8, "batch_size": 8, "sampler": "dpm++2m", "steps": 15, "s": 1.5,
+                         "mask_steps": args.sample_steps,  # the same area at the image size as --min-area here
+                         "mask_min_area": args.min_area * round((args.image_size / args.size) ** 2),
                          "root_log_dir": str(out / "painted"), "seed": args.seed}
         config, _ = config_from_dict("sample", sample_values, "mask_generator_check --sdm")
         from guided_diffusion.sample import run_sampling
