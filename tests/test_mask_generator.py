@@ -174,6 +174,33 @@ def test_presence_vectors_for_required_classes_hold_them_at_their_training_rates
     assert 0.5 < draws.count((1, 0, 0, 1)) / len(draws) < 0.85  # 2 of the 3 masks with class 3
 
 
+def test_for_inpaint_presence_vectors_hold_a_defect_even_where_most_training_masks_hold_none():
+    masks = [np.array([[0, 0]])] * 50 + [np.array([[0, 2]]), np.array([[1, 2]])]
+    table = mm.PresenceTable.of_masks(masks, 3)
+    draws = {tuple(table.draw([], np.random.default_rng(i), with_defect=True)) for i in range(100)}
+    assert draws == {(1, 0, 1), (0, 1, 1)}
+    assert (1, 0, 0) in {tuple(table.draw([], np.random.default_rng(i))) for i in range(100)}  # without: mostly
+
+
+def test_inpaint_with_a_generator_whose_masks_never_hold_a_defect_is_one_error_line():
+    table = mm.PresenceTable.of_masks([np.array([[0, 0]])], 3)
+    with pytest.raises(ConfigError, match=r"mode 'inpaint' paints defects \(classes other than 0\), but no "
+                                          r"training mask of the mask generator \(mask_source\) holds one$"):
+        table.draw([], np.random.default_rng(0), with_defect=True)
+
+
+def test_generated_masks_without_a_defect_are_redrawn_at_fresh_indices(monkeypatch):
+    def fake_sample_masks(generator, count, *, first_index, **_):  # masks 0, 1 and 3 empty, the others not
+        return np.stack([np.full((2, 2), int(first_index + i not in (0, 1, 3))) for i in range(count)])
+
+    monkeypatch.setattr(mm, "sample_masks", fake_sample_masks)
+    lines = []
+    indices, masks = mm._redraw_defect_free(None, [0, 1, 2], fake_sample_masks(None, 3, first_index=0), 0, [],
+                                            {}, lines.append)
+    assert indices == [5, 4, 2] and all(mask.any() for mask in masks)  # 0 -> 3 (empty) -> 5; 1 -> 4
+    assert lines == ["inpaint: redrew 3 generated masks that held no defect pixel"]
+
+
 def test_the_mean_mask_is_that_of_the_training_masks_with_the_presence_vector():
     table = mm.PresenceTable.of_masks([np.array([[0, 0], [0, 3]]), np.array([[0, 0], [0, 0]])], 4)
     assert table.mean_mask(np.array([1, 0, 0, 1])).tolist() == [0.5, -1.0, -1.0, -0.5]
@@ -335,6 +362,27 @@ def test_sampling_with_a_mask_source_writes_the_generated_masks_as_labels_and_th
     assert "## Novelty" in (run_dir / "masks_report.md").read_text()
     assert (run_dir / "masks_report.png").is_file()
     assert json.loads((run_dir / "summary.json").read_text())["mask_source"] == str(generator_run)
+
+
+def test_inpainting_generated_masks_paints_one_image_per_mask_each_with_a_defect(demo_dir, trained_run,
+                                                                               generator_run, tmp_path, monkeypatch):
+    asked = []
+
+    def masks_with_a_defect_at_odd_indices(generator, count, *, image_size, with_defect, first_index=0, **_):
+        asked.append(with_defect)
+        masks = np.zeros((count, image_size, image_size), np.int64)
+        for i in range(count):
+            masks[i, 4:12, 4:12] = (first_index + i) % 2  # a square of class 1 at odd mask indices
+        return masks
+
+    monkeypatch.setattr(mm, "sample_masks", masks_with_a_defect_at_odd_indices)
+    run_dir = sample_with_generator(demo_dir, trained_run, generator_run, tmp_path, mode="inpaint",
+                                    resample_steps=0)
+    labels = {p.name: np.asarray(Image.open(p)) for p in sorted((run_dir / "labels").glob("*.png"))}
+    assert list(labels) == ["00000_gen00003.png", "00001_gen00001.png", "00002_gen00005.png"]  # 0 -> 3, 2 -> 4 -> 5
+    assert all(label.any() for label in labels.values()) and set(asked) == {True}
+    assert len(list((run_dir / "samples").glob("*.png"))) == 3
+    assert json.loads((run_dir / "summary.json").read_text()).get("skipped_masks_without_defects", 0) == 0
 
 
 def test_balance_args_choose_among_generated_masks_asked_for_each_class(demo_dir, trained_run, generator_run,
