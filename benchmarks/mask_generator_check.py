@@ -66,21 +66,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trained", default="", help="a masks run this script trained before with the same --data, "
                                                      "--held-out, --size, --seed, --steps and --batch-size: sample "
                                                      "it, do not train again")
-    return parser.parse_args(argv)
+    parser.add_argument("--resume", default="", help="a masks run this script trained before with the same --data, "
+                                                    "--held-out, --size, --seed and --batch-size, for fewer steps: "
+                                                    "train it on to --steps (exact resume: as one run of --steps)")
+    args = parser.parse_args(argv)
+    if args.trained and args.resume:
+        parser.error("give --trained or --resume, not both")
+    return args
 
 
-def check_trained(run_dir: Path, args: argparse.Namespace) -> Path:
-    """A masks run of this script (--trained): its size, seed, steps and batch size must be this call's, so that it
-    trained on this call's training part (the split is seeded) as the table says (--data and --held-out are not
-    recorded in the run: the caller keeps them the same)."""
+def check_trained(run_dir: Path, args: argparse.Namespace, option: str = "--trained") -> Path:
+    """A masks run of this script (--trained, or --resume to train it on): its size, seed, batch size and (for
+    --trained) steps must be this call's, with fewer steps for --resume, so that it trained on this call's
+    training part (the split is seeded) as the table says (--data and --held-out are not recorded in the run: the
+    caller keeps them the same)."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError) as error:
-        raise SystemExit(f"--trained {run_dir}: no readable config.json of a masks run ({error})")
-    for key, wanted in (("image_size", args.size), ("seed", args.seed), ("max_steps", args.steps),
-                        ("batch_size", args.batch_size)):
+        raise SystemExit(f"{option} {run_dir}: no readable config.json of a masks run ({error})")
+    checked = [("image_size", args.size), ("seed", args.seed), ("batch_size", args.batch_size)]
+    for key, wanted in checked + ([("max_steps", args.steps)] if option == "--trained" else []):
         if config.get(key) != wanted:
-            raise SystemExit(f"--trained {run_dir}: its {key} is {config.get(key)!r}, this call's is {wanted!r}")
+            raise SystemExit(f"{option} {run_dir}: its {key} is {config.get(key)!r}, this call's is {wanted!r}")
+    steps = config.get("max_steps")
+    if option == "--resume" and not (isinstance(steps, int) and steps < args.steps):
+        raise SystemExit(f"--resume {run_dir}: it trained {steps!r} steps, not fewer than --steps {args.steps}")
     return run_dir
 
 
@@ -138,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.trained:
         run_dir, train_seconds = check_trained(Path(args.trained), args), None
     else:
+        if args.resume:
+            values["resume_checkpoint"] = str(check_trained(Path(args.resume), args, "--resume"))
         started = time.perf_counter()
         run_dir = train_mask_generator(values, log=lambda *_: None).run_dir
         train_seconds = time.perf_counter() - started
