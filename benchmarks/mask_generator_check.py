@@ -2,10 +2,12 @@
 
     OMP_NUM_THREADS=2 python3 benchmarks/mask_generator_check.py [--data ../shared/datasets/magnetic-tile]
         [--size 64] [--steps 1500] [--samples 200] [--out DIR] [--sdm RUN [--image-size 128]]
+        [--trained RUN | --resume RUN]
 
 1. The dataset's train/ masks are split into a training part and a held-out real part (15 %, seeded).
 2. A mask generator (`main.py masks`, the keys of configs/config_masks.json at --size px) trains on the training
-   part only, for --steps steps.
+   part only, for --steps steps (--trained: a run of this script is sampled as it is; --resume: a shorter run of
+   this script is trained on to --steps, an exact resume).
 3. It samples --samples masks with no class asked, and --samples asked to hold the rarest class (the
    non-background class held by the fewest training masks).
 4. `masks_report.mask_report` compares the generated masks with the training part, and, as the yardstick, the

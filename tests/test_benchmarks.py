@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -51,3 +52,14 @@ def test_mask_generator_check_compares_generated_and_held_out_masks_with_the_tra
                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == f"--trained {trained}: its image_size is 16, this call's is 32"
+
+    # --resume trains that generator on to --steps in a new run; a run of as many steps or more is refused
+    steps_at = command.index("--steps") + 1
+    longer = [*command[:steps_at], "3", *command[steps_at + 1:]]
+    resumed = subprocess.run(longer + ["--resume", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((tmp_path / "out" / "runs" / "masks_002" / "summary.json").read_text())["steps"] == 3
+    refused = subprocess.run(command + ["--resume", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert refused.stderr.strip().splitlines()[-1] == f"--resume {trained}: it trained 2 steps, not fewer than --steps 2"
