@@ -312,7 +312,8 @@ def sample_masks(generator: MaskGenerator, num_samples: int, *, seed: int = 0, r
 
     Each mask is conditioned on a presence vector: the rows of `presence_rows` (N×K of 0/1; all zero = no
     condition) when given, else vectors drawn from the training masks' vectors holding `required_classes` (all
-    of them when empty; with `with_defect`, vectors that hold some class other than 0). The top step takes the training masks' mean mask (for that vector) as x0 (`first_step`);
+    of them when empty; with `with_defect`, vectors that hold some class other than 0). The top step takes the
+    training masks' mean mask (for that vector) as x0 (`first_step`);
     `guidance_scale` > 1 applies classifier-free guidance toward the condition in the others. The default
     sampler is ancestral: on magnetic-tile (64 px, 6 classes, 700 steps) DDIM and DPM-Solver++ at 25 steps left
     speckle noise of every class in every mask (background 75-78 % of the pixels, real 94 %), ancestral 97 %,

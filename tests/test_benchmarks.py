@@ -62,4 +62,5 @@ def test_mask_generator_check_compares_generated_and_held_out_masks_with_the_tra
     assert json.loads((tmp_path / "out" / "runs" / "masks_002" / "summary.json").read_text())["steps"] == 3
     refused = subprocess.run(command + ["--resume", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True,
                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert refused.stderr.strip().splitlines()[-1] == f"--resume {trained}: it trained 2 steps, not fewer than --steps 2"
+    assert refused.stderr.strip().splitlines()[-1] == (f"--resume {trained}: it trained 2 steps, not fewer than "
+                                                       "--steps 2")
