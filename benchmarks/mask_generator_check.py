@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1500, help="training steps of the mask generator")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native)")
+    parser.add_argument("--prediction", default="eps", choices=["eps", "v"], help="what the generator predicts")
     parser.add_argument("--samples", type=int, default=200, help="masks sampled, unasked and asked each")
     parser.add_argument("--sample-steps", type=int, default=25, help="ancestral sampler steps per mask")
     parser.add_argument("--guidance", type=float, default=2.0, help="mask guidance when a class is asked")
@@ -86,7 +87,9 @@ def check_trained(run_dir: Path, args: argparse.Namespace, option: str = "--trai
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError) as error:
         raise SystemExit(f"{option} {run_dir}: no readable config.json of a masks run ({error})")
-    checked = [("image_size", args.size), ("seed", args.seed), ("batch_size", args.batch_size)]
+    checked = [("image_size", args.size), ("seed", args.seed), ("batch_size", args.batch_size),
+               ("prediction", args.prediction)]
+    config.setdefault("prediction", "eps")  # runs from before the key predicted eps
     for key, wanted in checked + ([("max_steps", args.steps)] if option == "--trained" else []):
         if config.get(key) != wanted:
             raise SystemExit(f"{option} {run_dir}: its {key} is {config.get(key)!r}, this call's is {wanted!r}")
@@ -146,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     values.update({"data_dir": str(data_dir), "dataset_mode": args.dataset_mode, "num_classes": num_classes,
                    "image_size": args.size, "root_log_dir": str(out / "runs"), "batch_size": args.batch_size,
                    "max_epochs": 100000, "max_steps": args.steps, "save_interval": max(1, args.steps // 3),
-                   "seed": args.seed, "precision": args.precision})
+                   "seed": args.seed, "precision": args.precision, "prediction": args.prediction})
     if args.trained:
         run_dir, train_seconds = check_trained(Path(args.trained), args), None
     else:
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     gen, held = distances(generated_report, names), distances(held_report, names)
     trained = (f"reused from {run_dir}" if train_seconds is None else
                f"in {train_seconds / 60:.1f} min ({args.steps * args.batch_size / train_seconds:.1f} masks/s)")
-    print(f"\nmask generator: {args.size} px, {args.steps} steps of batch {args.batch_size} ({args.precision}) "
+    print(f"\nmask generator: {args.size} px, {args.prediction} prediction, {args.steps} steps of batch "
+          f"{args.batch_size} ({args.precision}) "
           f"{trained}; sampling {args.sample_steps} ancestral steps: {sample_seconds / args.samples:.2f} s/mask\n")
     print("| against the training masks | generated | held-out real |")
     print("|---|---|---|")

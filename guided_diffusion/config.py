@@ -296,6 +296,9 @@ class MaskTrainConfig(TrainConfig):
     attention_resolutions: str | list[int] = option("8", "resolutions (image_size / 2^k) with self-attention")
     num_head_channels: int = option(32, "channels per attention head (-1 = use `num_heads`)")
     noise_schedule: Literal["linear", "cosine"] = option("cosine", "`cosine` or `linear` beta schedule")
+    prediction: Literal["eps", "v"] = option("eps", "what the network predicts: `eps` (the noise, as the SDM) or "
+                                                    "`v` (Salimans and Ho 2022), whose x0 estimate stays well "
+                                                    "conditioned at the top noise levels, where masks take shape")
     image_channels: int | Literal["auto"] = option(
         "auto", "the UNet's input channels: the one-hot mask's, num_classes (`auto` = num_classes; leave it out)")
     lr: float = option(3e-4, "AdamW learning rate")

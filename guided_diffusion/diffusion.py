@@ -104,13 +104,25 @@ class MeanVariance:
     eps: torch.Tensor
 
 
+PREDICTIONS = ("eps", "v")
+"""What the model's first channels predict: eps (the SDM's, guided-diffusion's), or v = sqrt(a) eps - sqrt(1 - a) x0
+(Salimans and Ho, ICLR 2022; a = alpha_bar), whose x0 = sqrt(a) x_t - sqrt(1 - a) v stays well conditioned where a
+is near 0; an eps model's x0 = (x_t - sqrt(1 - a) eps) / sqrt(a) multiplies its error by 1 / sqrt(a) there."""
+
+
 class GaussianDiffusion:
-    """A diffusion process whose model predicts eps and (with learn_sigma) interpolates its log-variance."""
+    """A diffusion process whose model predicts eps (or v: `prediction`) and (with learn_sigma) interpolates its
+    log-variance. Everything downstream of `p_mean_variance` (the samplers, guidance, the VB term) sees eps and
+    x0 whatever the model predicts."""
 
     def __init__(self, betas: np.ndarray, *, learn_sigma: bool = True, rescale_timesteps: bool = False,
-                 timestep_map: list[int] | None = None, original_num_steps: int | None = None):
+                 timestep_map: list[int] | None = None, original_num_steps: int | None = None,
+                 prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {prediction!r}")
         betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(betas)
+        self.prediction = prediction
         self.learn_sigma = learn_sigma
         self.rescale_timesteps = rescale_timesteps
         self.original_num_steps = original_num_steps or self.num_timesteps
@@ -142,10 +154,11 @@ class GaussianDiffusion:
     # --- construction -------------------------------------------------------------------------------------
     @classmethod
     def create(cls, num_steps: int = 1000, noise_schedule: str = "linear", respacing: str | int | list[int] = "",
-               *, learn_sigma: bool = True, rescale_timesteps: bool = False) -> GaussianDiffusion:
+               *, learn_sigma: bool = True, rescale_timesteps: bool = False,
+               prediction: str = "eps") -> GaussianDiffusion:
         """The model's `num_steps` process, respaced to `respacing` steps when given."""
         base = cls(make_betas(noise_schedule, num_steps), learn_sigma=learn_sigma,
-                   rescale_timesteps=rescale_timesteps)
+                   rescale_timesteps=rescale_timesteps, prediction=prediction)
         if respacing in ("", None) or respacing == num_steps or respacing == str(num_steps):
             return base
         return base.respaced(space_timesteps(num_steps, respacing))
@@ -161,7 +174,7 @@ class GaussianDiffusion:
         return GaussianDiffusion(np.array(betas), learn_sigma=self.learn_sigma,
                                  rescale_timesteps=self.rescale_timesteps,
                                  timestep_map=[int(self.timestep_map[i]) for i in kept],
-                                 original_num_steps=self.original_num_steps)
+                                 original_num_steps=self.original_num_steps, prediction=self.prediction)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The timesteps to feed the model for this process's step indices t."""
@@ -197,13 +210,25 @@ class GaussianDiffusion:
         return ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
                 / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
+    def v_target(self, x_start, t, noise):
+        """v = sqrt(a) eps - sqrt(1 - a) x0, a = alpha_bar_t: what a v-predicting model learns."""
+        return (_extract(self.sqrt_alphas_cumprod, t, noise) * noise
+                - _extract(self.sqrt_one_minus_alphas_cumprod, t, noise) * x_start)
+
+    def eps_and_xstart(self, x_t, t, prediction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps, x0) from the model's prediction channels at (x_t, t), for either `prediction`."""
+        if self.prediction == "v":
+            a, b = _extract(self.sqrt_alphas_cumprod, t, x_t), _extract(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+            return a * prediction + b * x_t, a * x_t - b * prediction
+        return prediction, self.predict_xstart_from_eps(x_t, t, prediction)
+
     # --- reverse process ----------------------------------------------------------------------------------
     def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                         clip_denoised: bool = True) -> MeanVariance:
-        """p(x_{t-1} | x_t) from the model's output at (x_t, t): eps, and the learned variance if any."""
+        """p(x_{t-1} | x_t) from the model's output at (x_t, t): eps (or v), and the learned variance if any."""
         channels = x_t.shape[1]
         if self.learn_sigma:
-            eps, var_values = model_output.split(channels, dim=1)
+            predicted, var_values = model_output.split(channels, dim=1)
             min_log = _extract(self.posterior_log_variance_clipped, t, x_t)
             max_log = _extract(self.log_betas, t, x_t)
             frac = (var_values + 1) / 2  # the model outputs values in [-1, 1]
@@ -211,11 +236,11 @@ class GaussianDiffusion:
             variance = torch.exp(log_variance)
         else:
             # Fixed large variance (betas, with the posterior variance at t = 0), as guided-diffusion.
-            eps = model_output
+            predicted = model_output
             fixed = torch.cat([self.posterior_variance[1:2], self.betas[1:]])
             variance = _extract(fixed, t, x_t).expand_as(x_t)
             log_variance = _extract(torch.log(fixed), t, x_t).expand_as(x_t)
-        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
+        eps, pred_xstart = self.eps_and_xstart(x_t, t, predicted)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
@@ -224,7 +249,8 @@ class GaussianDiffusion:
     # --- training -----------------------------------------------------------------------------------------
     def training_losses(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_start: torch.Tensor,
                         t: torch.Tensor, noise: torch.Tensor, min_snr_gamma: float = 0.0) -> dict[str, torch.Tensor]:
-        """The hybrid loss per sample: MSE on eps + the variational bound for the learned variance.
+        """The hybrid loss per sample: MSE on eps (on v for a v model) + the variational bound for the learned
+        variance.
 
         `model(x_t, model_timesteps)` returns the raw output. As in improved DDPM, the VB term sees the
         predicted mean detached, so it trains the variance only. With `min_snr_gamma` > 0 the loss takes the MSE
@@ -234,12 +260,13 @@ class GaussianDiffusion:
         model_output = model(x_t, self.model_timesteps(t))
         terms: dict[str, torch.Tensor] = {}
         if self.learn_sigma:
-            eps, var_values = model_output.split(x_t.shape[1], dim=1)
-            frozen = torch.cat([eps.detach(), var_values], dim=1)
+            predicted, var_values = model_output.split(x_t.shape[1], dim=1)
+            frozen = torch.cat([predicted.detach(), var_values], dim=1)
             terms["vb"] = self.vb_terms_bpd(frozen, x_start, x_t, t)
         else:
-            eps = model_output
-        terms["mse"] = mean_flat((noise - eps) ** 2)
+            predicted = model_output
+        target = self.v_target(x_start, t, noise) if self.prediction == "v" else noise
+        terms["mse"] = mean_flat((target - predicted) ** 2)
         mse = terms["mse"] * self.min_snr_weights(t, min_snr_gamma).to(terms["mse"]) if min_snr_gamma else terms["mse"]
         terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         return terms
@@ -248,10 +275,12 @@ class GaussianDiffusion:
         """Min-SNR-gamma (Hang et al., ICCV 2023) for an eps-predicting model: min(SNR(t), gamma) / SNR(t) per
         sample, float64, with SNR(t) = alpha_bar_t / (1 - alpha_bar_t). It is 1 where SNR <= gamma (noisy steps) and
         gamma / SNR below that, so the nearly clean steps, whose eps is hard to predict and matters little for the
-        image, stop dominating the gradient."""
+        image, stop dominating the gradient. For a v model, min(SNR(t), gamma) / (SNR(t) + 1): the squared v error
+        is the squared x0 error times SNR + 1 (the eps error's, times SNR), so both weight the x0 error by
+        min(SNR, gamma)."""
         alpha_bar = self.alphas_cumprod.to(t.device)[t]
         snr = alpha_bar / (1.0 - alpha_bar)
-        return snr.clamp(max=gamma) / snr
+        return snr.clamp(max=gamma) / (snr + 1.0 if self.prediction == "v" else snr)
 
     def vb_terms_bpd(self, model_output, x_start, x_t, t) -> torch.Tensor:
         """The variational bound term in bits per dimension: KL(q || p) for t > 0, the decoder NLL at t = 0."""

@@ -263,7 +263,8 @@ def sampling_diffusion(config: MaskTrainConfig, steps: int) -> GaussianDiffusion
     if not 2 <= steps <= config.diffusion_steps:
         raise ConfigError(f"mask sampling steps must be in 2..{config.diffusion_steps}, got {steps}")
     return GaussianDiffusion.create(config.diffusion_steps, config.noise_schedule, steps,
-                                    learn_sigma=config.learn_sigma, rescale_timesteps=config.rescale_timesteps)
+                                    learn_sigma=config.learn_sigma, rescale_timesteps=config.rescale_timesteps,
+                                    prediction=config.prediction)
 
 
 MASK_STREAM = 16

@@ -3,6 +3,7 @@
 The loop, run folders (`masks_NNN/`), EMA, best epoch, exact resume, progress bar, stop signals and several
 processes are train.py's. What differs (see masks_model.py for why):
 - the items: each train/ mask at the generator's image_size, its "image" the one-hot mask scaled to [-1, 1];
+- the process: it may predict v instead of eps (key `prediction`; see masks_model.py);
 - the condition: the network gets the presence vector of the batch's label map (PresenceConditioned), so the
   Trainer's null-label dropout (drop_rate = presence_drop) drops it;
 - the checkpoints also hold the table of the training masks' presence vectors (sampling draws from it).
@@ -18,6 +19,7 @@ import torch
 from . import checkpoint as ckpt
 from .balance import load_masks
 from .config import MaskTrainConfig, config_from_dict
+from .diffusion import GaussianDiffusion
 from .errors import CheckpointError
 from .masks_model import ACTION, FORMAT, EncodedMaskDataset, PresenceConditioned, PresenceTable
 from .train import Trainer, TrainResult, run_training, train_action
@@ -42,6 +44,10 @@ class MaskTrainer(Trainer):
             raise CheckpointError(f"resume_checkpoint {str(path)!r}: not a mask generator checkpoint; a masks run "
                                   f"starts from a masks run only")
         return super().start_from(path)
+
+    def make_diffusion(self, config: MaskTrainConfig) -> GaussianDiffusion:
+        return GaussianDiffusion.create(config.diffusion_steps, config.noise_schedule, learn_sigma=config.learn_sigma,
+                                        rescale_timesteps=config.rescale_timesteps, prediction=config.prediction)
 
     def make_dataset(self, config: MaskTrainConfig) -> torch.utils.data.Dataset:
         masks = load_masks(self.train_pairs, config.image_size, config.dataset_mode, config.resize_mode)

@@ -193,7 +193,7 @@ class Trainer:
         config = self.config = resolve_image_channels(config, index.train, self.log)
         self.train_pairs, self.val_pairs = split_train_val(index.train, config.val_fraction, config.seed)
         self.dataset = self.make_dataset(config)
-        self.diffusion = build_diffusion(config)
+        self.diffusion = self.make_diffusion(config)
         self.model = build_model(config).to(self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -225,6 +225,10 @@ class Trainer:
         "index"}. The mask generator's trainer (masks_train.py) trains on encoded masks instead."""
         return SegmentationDataset(self.train_pairs, config.image_size, config.dataset_mode, config.resize_mode,
                                    image_channels=config.image_channels)
+
+    def make_diffusion(self, config: TrainConfig) -> GaussianDiffusion:
+        """The training process; the mask generator's may predict v instead of eps (masks_train.py)."""
+        return build_diffusion(config)
 
     # --- starting point ---------------------------------------------------------------------------------
     def start_from(self, path: Path) -> str:

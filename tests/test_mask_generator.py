@@ -142,6 +142,50 @@ def test_the_presence_condition_reaches_the_network_when_sampling(generator_run)
     assert not torch.allclose(with_crack, without)
 
 
+# --- v prediction ---------------------------------------------------------------------------------------------
+
+def test_a_v_model_that_predicts_the_true_v_gives_the_true_x0_and_eps_and_zero_mse():
+    from guided_diffusion.diffusion import GaussianDiffusion
+    diffusion = GaussianDiffusion.create(1000, "cosine", prediction="v", rescale_timesteps=True)
+    g = torch.Generator().manual_seed(0)
+    x_start, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = diffusion.q_sample(x_start, t, noise)
+    v = diffusion.v_target(x_start, t, noise)
+    out = diffusion.p_mean_variance(torch.cat([v, torch.zeros_like(v)], 1), x_t, t, clip_denoised=False)
+    torch.testing.assert_close(out.pred_xstart, x_start, atol=1e-5, rtol=0)  # well conditioned even at t = 999
+    torch.testing.assert_close(out.eps, noise, atol=1e-5, rtol=0)
+    terms = diffusion.training_losses(lambda x, ts: torch.cat([v, torch.zeros_like(v)], 1), x_start, t, noise)
+    assert terms["mse"].abs().max() < 1e-10
+    respaced = diffusion.respaced(list(range(0, 1000, 40)))
+    assert respaced.prediction == "v"
+
+
+def test_min_snr_for_a_v_model_weights_the_x0_error_as_for_an_eps_model():
+    from guided_diffusion.diffusion import GaussianDiffusion
+    t = torch.tensor([0, 300, 999])
+    eps_model, v_model = (GaussianDiffusion.create(1000, "cosine", prediction=p) for p in ("eps", "v"))
+    alpha_bar = eps_model.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    # the squared eps error is SNR x the squared x0 error, the squared v error (SNR + 1) x it: both weight it min(SNR, 5)
+    torch.testing.assert_close(eps_model.min_snr_weights(t, 5.0) * snr, snr.clamp(max=5.0))
+    torch.testing.assert_close(v_model.min_snr_weights(t, 5.0) * (snr + 1), snr.clamp(max=5.0))
+
+
+def test_a_v_generator_trains_samples_and_keeps_its_prediction_in_the_checkpoint(demo_dir, tmp_path):
+    run = train_mask_generator(generator_config(demo_dir, tmp_path, max_steps=2, prediction="v"),
+                               log=lambda *_: None).run_dir
+    generator = mm.load_mask_generator(run)
+    assert generator.config.prediction == "v" and mm.sampling_diffusion(generator.config, 5).prediction == "v"
+    masks = mm.sample_masks(generator, 2, steps=3)
+    assert masks.shape == (2, 16, 16) and 0 <= masks.min() and masks.max() < 4
+
+
+def test_an_unknown_prediction_is_one_error_line(demo_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"key .prediction. must be one of .eps., .v., got \"x0\"$"):
+        mask_config(generator_config(demo_dir, tmp_path, prediction="x0"))
+
+
 def test_the_presence_condition_is_learned_on_a_toy_set(tmp_path):
     """Learned, at toy size: 16 masks of 8 px whose top half is class 1 or class 2 (the presence vector is the
     only clue which); 200 steps (~8 s on one CPU thread). Asked for class 1 or 2, 30-31 of 32 masks hold it as
