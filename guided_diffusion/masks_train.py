@@ -22,7 +22,7 @@ from .config import MaskTrainConfig, config_from_dict
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError
 from .masks_model import ACTION, FORMAT, EncodedMaskDataset, PresenceConditioned, PresenceTable
-from .train import Trainer, TrainResult, run_training, train_action
+from .train import Trainer, TrainResult, build_diffusion, run_training, train_action
 
 
 class MaskTrainer(Trainer):
@@ -46,8 +46,7 @@ class MaskTrainer(Trainer):
         return super().start_from(path)
 
     def make_diffusion(self, config: MaskTrainConfig) -> GaussianDiffusion:
-        return GaussianDiffusion.create(config.diffusion_steps, config.noise_schedule, learn_sigma=config.learn_sigma,
-                                        rescale_timesteps=config.rescale_timesteps, prediction=config.prediction)
+        return build_diffusion(config, config.prediction)
 
     def make_dataset(self, config: MaskTrainConfig) -> torch.utils.data.Dataset:
         masks = load_masks(self.train_pairs, config.image_size, config.dataset_mode, config.resize_mode)

@@ -61,10 +61,11 @@ def crop_windows(batch: torch.Tensor, top: torch.Tensor, left: torch.Tensor, siz
     return torch.stack([item[..., y:y + size, x:x + size] for item, y, x in zip(batch, top.tolist(), left.tolist())])
 
 
-def build_diffusion(config) -> GaussianDiffusion:
-    """The model's training process (diffusion_steps, usually 1000)."""
+def build_diffusion(config, prediction: str = "eps") -> GaussianDiffusion:
+    """The model's training process (diffusion_steps, usually 1000); `prediction`: what the model predicts (the
+    SDM eps; the mask generator's key `prediction` may choose v)."""
     return GaussianDiffusion.create(config.diffusion_steps, config.noise_schedule, learn_sigma=config.learn_sigma,
-                                    rescale_timesteps=config.rescale_timesteps)
+                                    rescale_timesteps=config.rescale_timesteps, prediction=prediction)
 
 
 def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
