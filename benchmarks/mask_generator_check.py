@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=200, help="masks sampled, unasked and asked each")
     parser.add_argument("--sample-steps", type=int, default=25, help="ancestral sampler steps per mask")
     parser.add_argument("--guidance", type=float, default=2.0, help="mask guidance when a class is asked")
+    parser.add_argument("--plain-guidance", type=float, default=1.0,
+                        help="mask guidance of the masks no class is asked for (toward the presence vector drawn "
+                             "for each; the sample key mask_guidance)")
     parser.add_argument("--min-area", type=int, default=0, help="mask_min_area of the sampled masks")
     parser.add_argument("--held-out", type=float, default=0.15, help="share of train/ masks held out")
     parser.add_argument("--seed", type=int, default=0)
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     generator = load_mask_generator(run_dir)
 
     started = time.perf_counter()
-    plain = sample_masks(generator, args.samples, seed=args.seed, steps=args.sample_steps, min_area=args.min_area)
+    plain = sample_masks(generator, args.samples, seed=args.seed, steps=args.sample_steps, min_area=args.min_area,
+                         guidance_scale=args.plain_guidance)
     sample_seconds = time.perf_counter() - started
     asked = sample_masks(generator, args.samples, seed=args.seed + 1, required_classes=[rare],
                          guidance_scale=args.guidance, steps=args.sample_steps, min_area=args.min_area)
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                f"in {train_seconds / 60:.1f} min ({args.steps * args.batch_size / train_seconds:.1f} masks/s)")
     print(f"\nmask generator: {args.size} px, {args.prediction} prediction, {args.steps} steps of batch "
           f"{args.batch_size} ({args.precision}) "
-          f"{trained}; sampling {args.sample_steps} ancestral steps: {sample_seconds / args.samples:.2f} s/mask\n")
+          f"{trained}; sampling {args.sample_steps} ancestral steps (guidance {args.plain_guidance:g}): "
+          f"{sample_seconds / args.samples:.2f} s/mask\n")
     print("| against the training masks | generated | held-out real |")
     print("|---|---|---|")
     labels = {"pixel_share_tv": "pixel shares, total variation", "holding_share_mean_abs":
