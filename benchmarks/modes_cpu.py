@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from guided_diffusion.config import config_from_dict  # noqa: E402
 from guided_diffusion.results import colorize  # noqa: E402
 from guided_diffusion.sample import run_sampling  # noqa: E402
+from guided_diffusion.samplers import SAMPLERS  # noqa: E402
 from guided_diffusion.train import Trainer  # noqa: E402
 
 SMALL_MODEL = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2,2",
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "magnetic-tile"))
     parser.add_argument("--model", default="", help="checkpoint or run folder; default: train a small model")
     parser.add_argument("--train-steps", type=int, default=600)
-    parser.add_argument("--sampler", default="ancestral", choices=("ancestral", "ddim", "dpm++2m"))
+    parser.add_argument("--sampler", default="ancestral", choices=SAMPLERS)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)

@@ -13,6 +13,9 @@ seeds) with guidance scale s. Printed per sampler and step count:
   split segments each run's images; mIoU against the masks that conditioned them (SDM's measure of whether the
   samples follow their masks). The same segmenter on the real val images gives the ceiling.
 - `s/image`: wall time per image on this machine.
+The fast samplers (`--solvers`, each at every `--solver-steps`) run in fp32 and, with `--bf16`, also under bf16
+autocast; the references stay fp32. With `--guidance-interval` every run, the references included, guides only
+inside the interval, so `dist ode` is the distance to that guidance's own converged result.
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ from guided_diffusion.samplers import PerImageNoise, image_seed, run_sampler  # 
 
 
 def sample_run(model, config, trained, masks: torch.Tensor, sampler: str, steps: int, seed: int,
-               step_noise_seed: int, batch_size: int) -> tuple[np.ndarray, float]:
+               step_noise_seed: int, batch_size: int, bf16: bool = False) -> tuple[np.ndarray, float]:
     """uint8 images (N, H, W, 3) for `masks` (a grey model's repeated to RGB) and the seconds per image. x_T comes
     from the per-image seeds of `seed`; the noise drawn during sampling from those of `step_noise_seed` (equal
-    seeds: one stream)."""
+    seeds: one stream). `bf16`: the model runs under bf16 autocast (the solver's arithmetic stays fp32)."""
     run_config, _ = config_from_dict("sample", {**vars(config), "sampler": sampler, "steps": steps,
                                                 "use_ddim": False, "timestep_respacing": "", "balance_args": None})
     diffusion = sampling_diffusion(run_config, trained)
@@ -49,7 +52,7 @@ def sample_run(model, config, trained, masks: torch.Tensor, sampler: str, steps:
         step_noise = (start_noise if step_noise_seed == seed else
                       PerImageNoise([image_seed(step_noise_seed, i) for i in ids], (channels, size, size)))
         x_T = start_noise()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             denoise = sampling_denoiser(run_config, model, one_hot(masks[ids], config.num_classes), diffusion)
             images = run_sampler(sampler, diffusion, denoise, x_T, step_noise, clip_denoised=True)
         outputs += [to_uint8_image(image) for image in images]
@@ -67,6 +70,10 @@ def main() -> None:
                         help="guide only at diffusion times t/T in [LOW, HIGH] (key guidance_interval)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--solver-steps", default="10,15,25")
+    parser.add_argument("--solvers", default="dpm++2m", help="comma-separated fast samplers run at each of "
+                        "--solver-steps (dpm++2m, ddim)")
+    parser.add_argument("--bf16", action="store_true", help="also run each fast sampler under bf16 autocast (the "
+                        "references stay fp32)")
     parser.add_argument("--segmenter-steps", type=int, default=400, help="0 = skip the label-alignment score")
     args = parser.parse_args()
 
@@ -84,16 +91,18 @@ def main() -> None:
     print(f"model {path}; {len(masks)} val masks at {config.image_size} px, guidance s={config.s}"
           f"{'' if config.guidance_interval is None else f' at t/T in {config.guidance_interval}'}", flush=True)
 
-    runs = [("ancestral", 0, args.seed), ("ancestral", 0, args.seed + 1), ("dpm++2m", 100, args.seed),
-            ("ddim", 50, args.seed), ("ancestral", 50, args.seed)]
-    runs += [("dpm++2m", int(k), args.seed) for k in args.solver_steps.split(",")]
+    runs = [("ancestral", 0, args.seed, False), ("ancestral", 0, args.seed + 1, False),
+            ("dpm++2m", 100, args.seed, False), ("ddim", 50, args.seed, False), ("ancestral", 50, args.seed, False)]
+    for solver in args.solvers.split(","):
+        runs += [(solver, int(k), args.seed, bf16) for k in args.solver_steps.split(",")
+                 for bf16 in ((False, True) if args.bf16 else (False,))]
     results = {}
-    for sampler, steps, noise_seed in runs:
+    for sampler, steps, noise_seed, bf16 in runs:
         images, seconds = sample_run(model, config, trained, masks, sampler, steps, args.seed, noise_seed,
-                                     args.batch_size)
-        results[sampler, steps, noise_seed] = (images, seconds)
-        print(f"  sampled {sampler} {steps or 300} steps (step noise seed {noise_seed}): {seconds:.2f} s/image",
-              flush=True)
+                                     args.batch_size, bf16)
+        results[sampler, steps, noise_seed, bf16] = (images, seconds)
+        print(f"  sampled {sampler} {steps or 300} steps (step noise seed {noise_seed}{', bf16' if bf16 else ''}): "
+              f"{seconds:.2f} s/image", flush=True)
 
     alignment = {}
     if args.segmenter_steps:
@@ -111,15 +120,15 @@ def main() -> None:
         for key, (images, _) in results.items():
             alignment[key] = label_alignment_score(segmenter, images, masks.numpy(), config.num_classes).miou
 
-    reference = results["ancestral", 0, args.seed][0].astype(np.float64)
-    ode = results["dpm++2m", 100, args.seed][0].astype(np.float64)
+    reference = results["ancestral", 0, args.seed, False][0].astype(np.float64)
+    ode = results["dpm++2m", 100, args.seed, False][0].astype(np.float64)
     print("\n| sampler | steps | dist ancestral300 | dist ode | label alignment mIoU | s/image |")
     print("|---|---|---|---|---|---|")
     if alignment:
         print(f"| real val images (ceiling) | — | — | — | {alignment['real val images (ceiling)']:.3f} | — |")
-    for (sampler, steps, noise_seed), (images, seconds) in results.items():
-        name = sampler + (", other step noise" if noise_seed != args.seed else "")
-        key = (sampler, steps, noise_seed)
+    for key, (images, seconds) in results.items():
+        sampler, steps, noise_seed, bf16 = key
+        name = sampler + (", other step noise" if noise_seed != args.seed else "") + (", bf16" if bf16 else "")
         dist_ref = np.abs(images - reference).mean()
         dist_ode = np.abs(images - ode).mean()
         score = f"{alignment[key]:.3f}" if key in alignment else "—"

@@ -26,16 +26,40 @@ def test_speed_benchmark_prints_the_table_and_the_naive_comparison():
     assert "sampling dpm++2m 3 steps:" in result.stdout
 
 
+def test_speed_benchmark_names_the_levers_of_our_path_in_its_rows():
+    command = [sys.executable, "benchmarks/speed.py", "--batch-size", "1", "--train-steps", "1",
+               "--samplers", "dpm++2m:2", "--max-sample-steps", "2", "--optimizer", "fused", "--channels-last"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny | cpu |")]
+    assert len(rows) == 2 and all("| ours, channels-last, fused AdamW |" in row for row in rows)
+
+
+def test_quality_guard_compares_fast_samplers_in_fp32_and_bf16_with_the_references(demo_dir, trained_run):
+    command = [sys.executable, "benchmarks/quality_guard.py", "--model", str(trained_run), "--data-dir",
+               str(demo_dir), "--num-images", "2", "--batch-size", "2", "--solver-steps", "3", "--bf16",
+               "--segmenter-steps", "0"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in result.stdout.splitlines()
+            if line.startswith("| ") and " | " in line}
+    assert {"ancestral", "ancestral, other step noise", "dpm++2m", "dpm++2m, bf16", "ddim"} <= set(rows)
+    assert rows["dpm++2m, bf16"].split(" | ")[1] == "3"
+
+
 def test_mask_generator_check_compares_generated_and_held_out_masks_with_the_training_masks(tmp_path):
     from guided_diffusion.demo import make_demo_dataset
     data = make_demo_dataset(tmp_path / "demo", num_train=12, num_test=2, image_size=32)
     command = [sys.executable, "benchmarks/mask_generator_check.py", "--data", str(data), "--size", "16",
-               "--steps", "2", "--batch-size", "4", "--samples", "4", "--sample-steps", "3", "--out",
-               str(tmp_path / "out")]
+               "--steps", "2", "--batch-size", "4", "--samples", "4", "--sample-steps", "3", "--plain-guidance",
+               "1.5", "--out", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert "| against the training masks | generated | held-out real |" in result.stdout
+    assert "sampling 3 ancestral steps (guidance 1.5):" in result.stdout
     assert "near-copies (IoU > 0.9 with a training mask)" in result.stdout
     assert re.search(r"^asked for \w+ \(guidance 2\): [\d.]+% of 4 masks hold it", result.stdout, re.M)
     for name in ("generated_vs_train.json", "held_out_vs_train.json", "generated_masks.png"):
