@@ -48,7 +48,7 @@ def test_the_tiny_check_writes_one_table_to_stdout_and_the_file(tiny_check):
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.read_text(encoding="utf-8") == result.stdout
     assert Path(str(out) + ".log").is_file()
-    assert len(table_rows(result.stdout)) == 10
+    assert len(table_rows(result.stdout)) == 11  # 2 parity, 4 train, 3 sample, 2 torchrun
 
 
 def test_every_row_that_can_run_on_cpu_has_a_result(tiny_check):
@@ -66,7 +66,9 @@ def test_every_row_that_can_run_on_cpu_has_a_result(tiny_check):
         else:
             assert value.endswith(" img/s") and float(value.split()[0]) > 0 and float(peak) > 0
     sample = [(setting, v[0]) for (check, setting), v in rows.items() if check == "sample"]
-    assert [s.split(", ")[1] for s, _ in sample] == ["ancestral 300 steps", "dpm++2m 20 steps"]
+    assert [s.split(", ")[1:] for s, _ in sample] == [["ancestral 300 steps", "guided s=1.5"],
+                                                      ["dpm++2m 20 steps", "guided s=1.5"],
+                                                      ["dpm++2m 20 steps", "guided s=1.5 at t/T 0.08-0.58"]]
     assert all(re.fullmatch(r"~?\d+\.\d{3} s/image", value) for _, value in sample)
     launched = [v for (check, _), v in rows.items() if check == "torchrun"]
     assert len(launched) == 2 and all(value.startswith("ok: ") for value, _, _ in launched)
@@ -77,7 +79,7 @@ def test_rows_that_cannot_run_are_empty_with_the_reason_and_fail_the_check(tmp_p
     result, out = run_check(tmp_path, "--budget", "1", "--fixture", str(tmp_path / "missing.pt"), timeout=120)
     assert result.returncode == 1
     rows = table_rows(out.read_text(encoding="utf-8"))
-    assert len(rows) == 10 and all(value == "" for _, _, value, _, _ in rows)
+    assert len(rows) == 11 and all(value == "" for _, _, value, _, _ in rows)
     assert all(note.startswith("fixture not found") for check, _, _, _, note in rows if check == "parity")
     assert any(note == "not run: the check's 1 s budget was spent" for _, _, _, _, note in rows)
     assert "row(s) without a result" in result.stderr
