@@ -292,8 +292,8 @@ def sample_rows(runner: Runner) -> list[Row]:
         timed = 3 if plan.tiny else steps  # on the GPU every step is timed
         extra = ["--train-steps", "0", "--samplers", f"{sampler}:{steps}", "--max-sample-steps", str(timed),
                  *limited]
-        result, why = runner.run(f"sample {sampler} {steps}{' interval' if limited else ''}", runner.python("--child", "speed",
-                                                                            *speed_args(plan, *extra)), 180)
+        name = f"sample {sampler} {steps}{' interval' if limited else ''}"
+        result, why = runner.run(name, runner.python("--child", "speed", *speed_args(plan, *extra)), 180)
         if result is None:
             row.note, row.failed = why, True
             continue
