@@ -277,16 +277,22 @@ def peak_note(plan: Plan) -> str:
     return "; peak MiB = the process's max RSS" if plan.tiny else "; peak MiB = torch.cuda.max_memory_allocated"
 
 
+FAST_RECIPE_INTERVAL = (0.08, 0.58)
+"""The guidance interval (t/T) of the fast recipe in docs/speed.md, timed as the third sample row."""
+
+
 def sample_rows(runner: Runner) -> list[Row]:
     from guided_diffusion.sample import DEFAULT_SOLVER_STEPS
     plan, rows = runner.plan, []
-    interval = ["--guidance-interval", "0.08", "0.58"]
-    runs = [("ancestral", 300, "ISDM's sampler and count (same cost per step as its rescaled 300-step schedule)", []),
-            ("dpm++2m", DEFAULT_SOLVER_STEPS, "the fast default (sampler dpm++2m, steps 0)", []),
-            ("dpm++2m", DEFAULT_SOLVER_STEPS, "the fast recipe of docs/speed.md: guidance only at t/T 0.08-0.58",
-             interval)]
-    for sampler, steps, what, limited in runs:
-        guided = "guided s=1.5" + (" at t/T 0.08-0.58" if limited else "")
+    low, high = FAST_RECIPE_INTERVAL
+    runs = [("ancestral", 300, "ISDM's sampler and count (same cost per step as its rescaled 300-step schedule)",
+             None),
+            ("dpm++2m", DEFAULT_SOLVER_STEPS, "the fast default (sampler dpm++2m, steps 0)", None),
+            ("dpm++2m", DEFAULT_SOLVER_STEPS, f"the fast recipe of docs/speed.md: guidance only at t/T {low}-{high}",
+             FAST_RECIPE_INTERVAL)]
+    for sampler, steps, what, interval in runs:
+        limited = [] if interval is None else ["--guidance-interval", str(low), str(high)]
+        guided = "guided s=1.5" + (f" at t/T {low}-{high}" if limited else "")
         row = Row("sample", f"{model_name(plan)}, {sampler} {steps} steps, {guided}")
         rows.append(row)
         timed = 3 if plan.tiny else steps  # on the GPU every step is timed

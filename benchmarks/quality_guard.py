@@ -34,7 +34,7 @@ from guided_diffusion.config import config_from_dict  # noqa: E402
 from guided_diffusion.data import SegmentationDataset, index_dataset, one_hot, split_train_val  # noqa: E402
 from guided_diffusion.results import to_uint8_image  # noqa: E402
 from guided_diffusion.sample import load_sampling_model, sampling_denoiser, sampling_diffusion  # noqa: E402
-from guided_diffusion.samplers import PerImageNoise, image_seed, run_sampler  # noqa: E402
+from guided_diffusion.samplers import SAMPLERS, PerImageNoise, image_seed, run_sampler  # noqa: E402
 
 
 def sample_run(model, config, trained, masks: torch.Tensor, sampler: str, steps: int, seed: int,
@@ -76,6 +76,9 @@ def main() -> None:
                         "references stay fp32)")
     parser.add_argument("--segmenter-steps", type=int, default=400, help="0 = skip the label-alignment score")
     args = parser.parse_args()
+    unknown = [name for name in args.solvers.split(",") if name not in SAMPLERS]
+    if unknown:
+        parser.error(f"--solvers: unknown sampler(s) {', '.join(unknown)}; expected some of {', '.join(SAMPLERS)}")
 
     base, _ = config_from_dict("sample", {"data_dir": args.data_dir, "model_path": args.model, "s": args.s,
                                           "guidance_interval": args.guidance_interval, "seed": args.seed,

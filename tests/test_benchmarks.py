@@ -49,6 +49,15 @@ def test_quality_guard_compares_fast_samplers_in_fp32_and_bf16_with_the_referenc
     assert rows["dpm++2m, bf16"].split(" | ")[1] == "3"
 
 
+def test_quality_guard_refuses_an_unknown_solver_in_one_line():
+    command = [sys.executable, "benchmarks/quality_guard.py", "--model", "unused", "--data-dir", "unused",
+               "--solvers", "dpm++2m,euler"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("quality_guard.py: error: --solvers: unknown sampler(s) euler; "
+                                                      "expected some of ancestral, ddim, dpm++2m")
+
+
 def test_mask_generator_check_compares_generated_and_held_out_masks_with_the_training_masks(tmp_path):
     from guided_diffusion.demo import make_demo_dataset
     data = make_demo_dataset(tmp_path / "demo", num_train=12, num_test=2, image_size=32)
