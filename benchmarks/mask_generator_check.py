@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.trained and args.resume:
         parser.error("give --trained or --resume, not both")
+    for option, scale in (("--guidance", args.guidance), ("--plain-guidance", args.plain_guidance)):
+        if not scale >= 1.0:  # checked here, before minutes of training, in argparse's one line
+            parser.error(f"{option} is a guidance scale and must be >= 1 (1 = none), got {scale:g}")
     return args
 
 

@@ -58,6 +58,15 @@ def test_quality_guard_refuses_an_unknown_solver_in_one_line():
                                                       "expected some of ancestral, ddim, dpm++2m")
 
 
+def test_mask_generator_check_refuses_a_guidance_scale_below_one_before_training():
+    for option in ("--guidance", "--plain-guidance"):
+        result = subprocess.run([sys.executable, "benchmarks/mask_generator_check.py", option, "0.5"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (f"mask_generator_check.py: error: {option} is a guidance "
+                                                          "scale and must be >= 1 (1 = none), got 0.5")
+
+
 def test_mask_generator_check_compares_generated_and_held_out_masks_with_the_training_masks(tmp_path):
     from guided_diffusion.demo import make_demo_dataset
     data = make_demo_dataset(tmp_path / "demo", num_train=12, num_test=2, image_size=32)
