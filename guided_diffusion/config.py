@@ -223,6 +223,9 @@ class TrainConfig(CommonConfig):
     lr_anneal_steps: int = option(0, "linear decay of lr to 0 over N steps (0 = off)", SAME)
     microbatch: int = option(-1, "split each batch for gradient accumulation (-1 = off)", SAME)
     compile: bool = option(False, "`torch.compile` the model")
+    data_threads: int = option(4, "background threads that decode and resize the first epoch's images ahead of its "
+                                  "steps (each image is kept in memory, resized, after its first load; 0 = load "
+                                  "each batch in its step; `masks` loads every mask before it trains)")
     # levers for small models on a small budget (0 = off)
     crop_size: int = option(0, "train on random `crop_size` x `crop_size` crops (image and mask alike) of the "
                                "`image_size` images; sampling still makes full-size images; a multiple of the UNet's "
@@ -247,6 +250,7 @@ class TrainConfig(CommonConfig):
         require(self.log_interval >= 1, "log_interval", f"must be at least 1, got {self.log_interval}")
         require(0.0 <= self.drop_rate < 1.0, "drop_rate", f"must be in [0, 1), got {self.drop_rate}")
         require(self.lr_anneal_steps >= 0, "lr_anneal_steps", f"must be >= 0, got {self.lr_anneal_steps}")
+        require(self.data_threads >= 0, "data_threads", f"must be >= 0 (0 = load in the step), got {self.data_threads}")
         require(self.microbatch == -1 or 1 <= self.microbatch, "microbatch",
                 f"must be -1 (off) or a positive size, got {self.microbatch}")
         require(self.diffusion_steps >= 2, "diffusion_steps", "must be at least 2 for training")

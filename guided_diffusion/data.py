@@ -16,7 +16,7 @@ import hashlib
 import io
 import os
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -611,7 +611,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     Items: {"image": float32 CxSxS in [-1, 1], "mask": int64 SxS class ids, "index": int}, C being
     `image_channels` (1: the images loaded as grey, see `load_image`). With `cache` the resized uint8 image and
-    compact mask of each pair are kept in memory after their first load.
+    compact mask of each pair are kept in memory after their first load; `load_ahead` makes those first loads on
+    background threads, in the order the items will be asked for.
     """
 
     def __init__(
@@ -636,23 +637,56 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.cache = cache
         self.image_channels = image_channels
         self._cached: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(self.pairs)
+        self._pending: dict[int, Future] = {}  # loads queued by load_ahead, read and removed by this thread only
+        self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The resized uint8 image and compact mask of one pair, from the cache when present."""
-        arrays = self._cached[index]
-        if arrays is None:
-            pair = self.pairs[index]
-            image, mask = resize_pair(
-                load_image(pair.image, self.image_channels), load_mask(pair.mask, self.dataset_mode),
-                self.image_size, self.resize_mode,
-            )
-            arrays = (image, _compact(mask))
-            if self.cache:
-                self._cached[index] = arrays
+    def load_ahead(self, indices: list[int], threads: int) -> None:
+        """Decode and resize the pairs `indices`, in that order, on `threads` background threads into the cache,
+        so that training's first epoch finds its batches loaded instead of decoding them between its steps (the
+        decoder and the resampler release the GIL). An item asked for before its turn waits for its load. The
+        arrays are the same as those loaded in the step, so results do not change. No-op without `cache`."""
+        if not self.cache or threads < 1:
+            return
+        todo = [i for i in dict.fromkeys(indices) if self._cached[i] is None and i not in self._pending]
+        if not todo:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="load_ahead")
+        for index in todo:
+            self._pending[index] = self._pool.submit(self._load, index)
+
+    def stop_loading(self) -> None:
+        """Cancel the loads not started yet and wait for the running ones (the end of training)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pending.clear()
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Read and resize one pair; into the cache when `cache` (a list slot: safe from a loading thread)."""
+        pair = self.pairs[index]
+        image, mask = resize_pair(
+            load_image(pair.image, self.image_channels), load_mask(pair.mask, self.dataset_mode),
+            self.image_size, self.resize_mode,
+        )
+        arrays = (image, _compact(mask))
+        if self.cache:
+            self._cached[index] = arrays
         return arrays
+
+    def _arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The resized uint8 image and compact mask of one pair: from the cache, from its load ahead (waited
+        for), or loaded now."""
+        pending = self._pending.pop(index, None) if self._pending else None
+        arrays = self._cached[index]
+        if arrays is not None:
+            return arrays
+        if pending is not None and not pending.cancelled():
+            return pending.result()  # a failed load raises its error here, in the step that needs the pair
+        return self._load(index)
 
     def __getitem__(self, index: int) -> dict:
         image, mask = self._arrays(index)

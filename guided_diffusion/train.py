@@ -440,6 +440,7 @@ class Trainer:
         """The epochs, then latest.pt; a divergence ends them as a Stop (no checkpoint is written with it)."""
         progress = self._open_progress(plan)
         try:
+            self._load_ahead(plan)
             stop = self._train_epochs(plan, progress, signals)
             self.save_latest()
             return stop
@@ -452,6 +453,19 @@ class Trainer:
             raise
         finally:
             progress.close()
+            if isinstance(self.dataset, SegmentationDataset):
+                self.dataset.stop_loading()
+
+    def _load_ahead(self, plan: EpochPlan) -> None:
+        """Queue the loads of this rank's pairs for the rest of the current epoch (`data_threads` background
+        threads decode and resize them into the dataset's cache while the steps run; later epochs read the
+        cache)."""
+        if not isinstance(self.dataset, SegmentationDataset) or self.config.data_threads < 1:
+            return
+        order = epoch_order(plan.num_items, self.config.seed, self.state.epoch)
+        wanted = [i for b in range(self.state.batch_in_epoch, plan.batches_per_epoch)
+                  for i in self._rank_items(order[b * plan.global_batch:(b + 1) * plan.global_batch])[0]]
+        self.dataset.load_ahead(wanted, self.config.data_threads)
 
     def _train_epochs(self, plan: EpochPlan, progress: _Progress, signals: distributed.StopSignals) -> Stop:
         epoch_start = time.perf_counter()
@@ -545,14 +559,20 @@ class Trainer:
 
     def _step_on(self, indices: list[int]) -> torch.Tensor:
         """Load this rank's slice of the global batch `indices` and train one step; its per-sample terms."""
-        start, stop = distributed.shard_bounds(len(indices), self.world)
-        padding = start == stop
-        rows = slice(0, 1) if padding else slice(start, stop)
-        items = [self.dataset[i] for i in indices[rows]]
+        mine, rows, padding = self._rank_items(indices)
+        items = [self.dataset[i] for i in mine]
         images = torch.stack([it["image"] for it in items])
         masks = torch.stack([it["mask"] for it in items])
         per_sample = self.train_step(images, masks, rows, len(indices), padding)
         return per_sample[:0] if padding else per_sample
+
+    def _rank_items(self, indices: list[int]) -> tuple[list[int], slice, bool]:
+        """The items of the global batch `indices` this rank loads, their rows in it, and whether they are
+        padding (a batch smaller than the world: the rank computes on the batch's first item and counts nothing)."""
+        start, stop = distributed.shard_bounds(len(indices), self.world)
+        padding = start == stop
+        rows = slice(0, 1) if padding else slice(start, stop)
+        return list(indices[rows]), rows, padding
 
     def _mean_over_ranks(self, per_sample: torch.Tensor) -> list[float]:
         """The step's mean [loss, mse, vb] over the global batch (all-reduced from every rank's terms)."""

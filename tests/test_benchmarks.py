@@ -36,6 +36,19 @@ def test_speed_benchmark_names_the_levers_of_our_path_in_its_rows():
     assert len(rows) == 2 and all("| ours, channels-last, fused AdamW |" in row for row in rows)
 
 
+def test_loader_benchmark_times_uncached_ahead_and_cached_loading_per_size(tmp_path):
+    command = [sys.executable, "benchmarks/loader.py", "--data", "", "--large", "64x48", "--sizes", "16,32",
+               "--images", "8", "--batch-size", "4", "--ahead-threads", "2"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| generated 64x48 RGB")]
+    assert [row[3] for row in rows] == ["16", "32"] and all(len(row) == 8 for row in rows)
+    assert "| uncached img/s, 2 threads ahead |" in result.stdout
+    bad = subprocess.run([*command[:2], "--sizes", "x"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("--sizes: expected comma-separated "
+                                                                                 "integers, got 'x'")
+
+
 def test_quality_guard_compares_fast_samplers_in_fp32_and_bf16_with_the_references(demo_dir, trained_run):
     command = [sys.executable, "benchmarks/quality_guard.py", "--model", str(trained_run), "--data-dir",
                str(demo_dir), "--num-images", "2", "--batch-size", "2", "--solver-steps", "3", "--bf16",

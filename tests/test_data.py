@@ -470,6 +470,47 @@ def test_dataset_has_no_randomness_and_caches_items(tmp_path):
     assert torch.equal(first["image"], second["image"]) and torch.equal(first["mask"], second["mask"])
 
 
+def test_loading_ahead_on_threads_fills_the_cache_with_the_arrays_a_step_would_load(tmp_path):
+    for stem in "abcdef":
+        add_pair(tmp_path, "train", stem, size=(40, 24))
+    pairs = pairs_from(tmp_path)
+    in_step = SegmentationDataset(pairs, 16, "multi-class")
+    ahead = SegmentationDataset(pairs, 16, "multi-class")
+    ahead.load_ahead([4, 2, 0, 1, 3, 5], threads=2)
+    items = [ahead[i] for i in (4, 2, 0, 1, 3, 5)]  # each waits for its load when it is not done yet
+    assert all(entry is not None for entry in ahead._cached) and not ahead._pending
+    for item in items:
+        expected = in_step[item["index"]]
+        assert torch.equal(item["image"], expected["image"]) and torch.equal(item["mask"], expected["mask"])
+    ahead.stop_loading()
+
+
+def test_loads_cancelled_by_stop_loading_are_made_in_the_step_and_failures_surface_there(tmp_path):
+    for stem in "abc":
+        add_pair(tmp_path, "train", stem)
+    pairs = pairs_from(tmp_path)
+    dataset = SegmentationDataset(pairs, 8, "multi-class")
+    dataset.load_ahead([0, 1, 2], threads=1)
+    dataset.stop_loading()  # queued loads are cancelled; items still load, in the step
+    assert [dataset[i]["index"] for i in range(3)] == [0, 1, 2]
+
+    broken = SegmentationDataset(pairs, 8, "multi-class")
+    (tmp_path / "train" / "images" / "b.png").write_bytes(b"not an image")
+    broken.load_ahead([1], threads=1)
+    with pytest.raises(Exception):
+        broken[1]
+    broken.stop_loading()
+
+
+def test_without_cache_or_threads_nothing_is_loaded_ahead(tmp_path):
+    make_dataset(tmp_path)
+    pairs = pairs_from(tmp_path)
+    for dataset, threads in ((SegmentationDataset(pairs, 8, "multi-class", cache=False), 2),
+                             (SegmentationDataset(pairs, 8, "multi-class"), 0)):
+        dataset.load_ahead([0, 1, 2], threads)
+        assert dataset._pool is None and not dataset._pending
+
+
 def test_binary_dataset_masks_are_0_and_1(tmp_path):
     binary = Image.fromarray(np.array([[0, 255], [255, 0]], dtype=np.uint8))
     add_pair(tmp_path, "train", "a", size=(2, 2), mask=binary)

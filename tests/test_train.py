@@ -58,6 +58,18 @@ def test_resume_continues_exactly(demo_dir, tmp_path):
         assert torch.equal(tensor, best_resumed["ema"][name]), name
 
 
+def test_loading_the_first_epoch_ahead_on_threads_changes_no_weight(demo_dir, tmp_path):
+    in_step = make_trainer(demo_dir, tmp_path / "a", max_steps=4, data_threads=0)
+    in_step.run()
+    ahead = make_trainer(demo_dir, tmp_path / "b", max_steps=4, data_threads=2)
+    ahead.run()
+    assert all(entry is not None for entry in ahead.dataset._cached)  # 4 steps of 4 cover the 10 images
+    assert ahead.dataset._pool is None  # the threads are gone when training ends
+    a, b = weights(in_step), weights(ahead)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_best_checkpoint_holds_the_epoch_with_the_lowest_mean_loss(demo_dir, tmp_path):
     trainer = make_trainer(demo_dir, tmp_path, max_epochs=3)
     result = trainer.run()
