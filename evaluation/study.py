@@ -372,6 +372,13 @@ def weights_path(study: Study, key: str) -> Path:
     return study.root / "segmenters" / f"{key}.pt"
 
 
+def save_weights(model, path: Path) -> None:
+    """A segmenter's weights, written whole or not at all (a kill leaves no half file)."""
+    path.parent.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
 def train_and_score(study: Study, fraction: float, variant: Variant, seed: int, real: ImageSet,
                     synthetic: dict[str, ImageSet], val: ImageSet, test: ImageSet, key: str) -> dict[str, Any]:
     """Train one segmenter of a variant and seed, keep the best validation check, score it on test. A
@@ -379,10 +386,7 @@ def train_and_score(study: Study, fraction: float, variant: Variant, seed: int, 
     model, row = _train(study, fraction, variant, seed, real, synthetic, val)
     metrics = _metrics(study, model, test.images, test.masks)
     if variant.is_baseline:
-        path = weights_path(study, key)
-        path.parent.mkdir(exist_ok=True)
-        torch.save(model.state_dict(), path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+        save_weights(model, weights_path(study, key))
     study.log(f"  {fraction_tag(fraction)} {variant.name} seed {seed}: test mIoU {metrics.miou:.4f}, without "
               f"background {metrics.miou_no_bg:.4f} (step {row['selected_step']} chosen on val)")
     return {**row, **metrics.row(study.class_names)}
@@ -410,7 +414,8 @@ def _train(study: Study, fraction: float, variant: Variant, seed: int, real: Ima
 def align(study: Study, fraction: float, variant: Variant, seed: int, real: ImageSet, val: ImageSet,
           key: str, generated: ImageSet) -> dict[str, Any]:
     """Label alignment of one generator: the real-only segmenter (weights saved by its unit, or trained again,
-    which is deterministic, when they are gone) segments the generator's images against their masks."""
+    which is deterministic, when they are gone, and saved for the next generator) segments the generator's images
+    against their masks."""
     path = weights_path(study, key)
     if path.is_file():
         protocol = study.config.segmenter
@@ -420,6 +425,7 @@ def align(study: Study, fraction: float, variant: Variant, seed: int, real: Imag
     else:
         study.log(f"  {path} is gone: training the real-only segmenter of seed {seed} again")
         model, _ = _train(study, fraction, variant, seed, real, {}, val)
+        save_weights(model, path)
     return _metrics(study, model, generated.images, generated.masks).scalars()
 
 

@@ -151,6 +151,25 @@ def test_adding_a_seed_or_a_generator_redoes_nothing_already_done(demo_dir, tmp_
     assert alignment == {"paste": 3, "paste2": 3}
 
 
+def test_alignment_retrains_a_real_only_segmenter_whose_weights_are_gone_once_per_seed(demo_dir, tmp_path):
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0], variants=[{"name": "real"}])
+    values["generators"] = {"paste": values["generators"]["paste"]}
+    root = tmp_path / "study"
+    run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False)
+    for weights in (root / "segmenters").glob("*.pt"):
+        weights.unlink()  # e.g. a study folder copied without its weights
+    more = {**values, "generators": {name: {**values["generators"]["paste"], "sample": {
+        **values["generators"]["paste"]["sample"], "seed": seed}} for name, seed in (("paste2", 2), ("paste3", 3))}}
+    more["variants"] = [{"name": "real"}, {"name": "paste2", "synthetic": ["paste2"]},
+                        {"name": "paste3", "synthetic": ["paste3"]}]
+    lines = []
+    run_study(study_from_dict(more, "test"), more, log=lines.append, progress=False)
+    assert sum("is gone: training the real-only segmenter" in line for line in lines) == 2  # seeds 0 and 1
+    assert len(list((root / "segmenters").glob("*.pt"))) == 2
+    aligned = {a["generator"]: a["seeds"] for a in json.loads((root / "summary.json").read_text())["label_alignment"]}
+    assert aligned == {"paste2": 2, "paste3": 2}
+
+
 def test_report_only_runs_nothing_and_reports_the_finished_units(demo_dir, tmp_path):
     values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
                           variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
