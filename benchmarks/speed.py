@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -163,7 +164,7 @@ def guided_share(diffusion: GaussianDiffusion, guidance_interval: list[float] | 
     return float(((fraction >= guidance_interval[0]) & (fraction <= guidance_interval[1])).double().mean())
 
 
-def measure(args, path: str, sampler_runs: list[tuple[str, int]]) -> list[Row]:
+def measure(args, path: str, sampler_runs: list[tuple[str, int]], quiet: bool = False) -> list[Row]:
     device = torch.device(args.device)
     naive = path == "naive"
     dtype = "fp32" if naive else args.dtype
@@ -210,9 +211,21 @@ def measure(args, path: str, sampler_runs: list[tuple[str, int]]) -> list[Row]:
         rows.append(Row(args.config, str(device), dtype, b, path, peak_mib=peak_memory_mib(device),
                         sampler=sampler + interval_label(interval), steps=steps, s_per_image=seconds,
                         estimated=estimated, flops_per_s=forwards * flops * steps / seconds))
-    print(f"# {path}: {args.config} config, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{flops / 1e12:.3f} TFLOP per forward at batch 1, {torch.get_num_threads()} CPU threads", flush=True)
+    if not quiet:
+        print(f"# {path}: {args.config} config, {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{flops / 1e12:.3f} TFLOP per forward at batch 1, {torch.get_num_threads()} CPU threads", flush=True)
     return rows
+
+
+def training_pairs(args, first: tuple[float, float]) -> list[tuple[float, float]]:
+    """(ours, naive) training images/s: the pair of the table's rows, then `args.repeats` - 1 more, each path
+    timed right after the other with a fresh model, so that the machine's drift over a run (another process,
+    clocks, heat) falls on both paths of a pair alike."""
+    pairs = [first]
+    for _ in range(args.repeats - 1):
+        ours = measure(args, "ours", [], quiet=True)[0].train_ips
+        pairs.append((ours, measure(args, "naive", [], quiet=True)[0].train_ips))
+    return pairs
 
 
 def device_peak(device: str, dtype: str) -> float | None:
@@ -274,7 +287,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare-naive", action="store_true",
                         help="also time the straightforward fp32 path (no SDPA, two-forward guidance, 300 "
                              "ancestral steps) and print the speed-up of each run over it")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="with --compare-naive: time training this many times on each path, in (ours, naive) "
+                             "pairs, and give the training speed-up as the median of the pairs' ratios")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.batch_size = args.batch_size or (8 if cuda else 4)
@@ -289,16 +307,23 @@ def main() -> None:
     if args.compare_naive:
         naive_rows = measure(args, "naive", [("ancestral", 300)])
         rows += naive_rows
+    pairs = []
+    if args.compare_naive and args.train_steps:
+        pairs = training_pairs(args, (rows[0].train_ips, naive_rows[0].train_ips))
     print_table(rows)
+    if len(pairs) > 1:
+        print(f"\ntraining images/s in {len(pairs)} (ours, naive) pairs: "
+              + ", ".join(f"({ours:.2f}, {naive:.2f})" for ours, naive in pairs))
     if args.compare_naive:
-        naive_train = next((r.train_ips for r in naive_rows if r.train_ips), None)
         naive_sample = next(r.s_per_image for r in naive_rows if r.s_per_image)
         print("\nspeed-up over the naive path:")
+        if pairs:
+            ratios = sorted(ours / naive for ours, naive in pairs)
+            spread = f" (median of {len(ratios)} pairs; {ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+            print(f"  training: {statistics.median(ratios):.2f}x images/s{spread}")
         for r in rows:
             if r.path == "naive":
                 continue
-            if r.train_ips and naive_train:
-                print(f"  training: {r.train_ips / naive_train:.2f}x images/s")
             if r.s_per_image:
                 print(f"  sampling {r.sampler} {r.steps} steps: {naive_sample / r.s_per_image:.2f}x less time "
                       f"per image than naive ancestral 300")

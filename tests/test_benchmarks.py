@@ -14,7 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def test_speed_benchmark_prints_the_table_and_the_naive_comparison():
     command = [sys.executable, "benchmarks/speed.py", "--batch-size", "1", "--train-steps", "1",
-               "--samplers", "dpm++2m:3,ancestral:300", "--max-sample-steps", "2", "--compare-naive"]
+               "--samplers", "dpm++2m:3,ancestral:300", "--max-sample-steps", "2", "--compare-naive", "--repeats", "2"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
@@ -24,6 +24,9 @@ def test_speed_benchmark_prints_the_table_and_the_naive_comparison():
     assert len(rows) == 5  # ours: train, dpm++2m, ancestral; naive: train, ancestral
     assert any("| dpm++2m | 3 |" in row for row in rows) and any("~" in row for row in rows)  # 300 timed over 2
     assert "sampling dpm++2m 3 steps:" in result.stdout
+    assert re.search(r"^training images/s in 2 \(ours, naive\) pairs: \([\d.]+, [\d.]+\), \([\d.]+, [\d.]+\)$",
+                     result.stdout, re.M)
+    assert re.search(r"^  training: [\d.]+x images/s \(median of 2 pairs; [\d.]+-[\d.]+\)$", result.stdout, re.M)
 
 
 def test_speed_benchmark_names_the_levers_of_our_path_in_its_rows():
