@@ -19,6 +19,7 @@ import numpy as np
 
 from guided_diffusion.results import write_json
 
+from .contrast import INNER, OUTER, Contrast
 from .report import markdown_table
 
 if TYPE_CHECKING:
@@ -220,6 +221,22 @@ def _alignment(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
+def _contrast_section(study: Study, contrasts: dict[float, dict[str, dict[int, Contrast]]]) -> list[str]:
+    """The defect-contrast table: per fraction, the real subset's images and each generator's."""
+    if not contrasts:
+        return []
+    classes = next(iter(next(iter(contrasts.values())).values())).keys()
+    body = [[f"{100 * fraction:.0f} %", "real subset" if name == "real" else name]
+            + [by_class[c].text() for c in classes]
+            for fraction, sets in contrasts.items() for name, by_class in sets.items()]
+    return ["## Defect contrast", "",
+            f"How dark (-) or bright (+) each class is drawn: the mean grey level (0..255) of its pixels minus that "
+            f"of a ring {INNER}-{OUTER} px around them, mean ± std over the images that hold the class (their "
+            "count). A generator should draw each class about as the real subset's images show it; near 0 where "
+            "the real contrast is not, the class is painted invisibly.", "",
+            markdown_table(["real", "images"] + [study.class_names[c] for c in classes], body), ""]
+
+
 def _finite_mean(values: list[float]) -> float:
     """The mean of the values that are not NaN (a class-less toy mask scores NaN); NaN when none is."""
     finite = [v for v in values if not math.isnan(v)]
@@ -320,8 +337,10 @@ def _stage_times(study: Study) -> dict[str, float]:
 
 
 def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[str, dict[str, Any]], split: Split,
-                 command: str, seconds: float, load_seconds: float) -> None:
+                 command: str, seconds: float, load_seconds: float,
+                 contrasts: dict[float, dict[str, dict[int, Contrast]]] | None = None) -> None:
     root, config = study.root, study.config
+    contrasts = contrasts or {}
     records = summarize(study, rows)
     alignment = _alignment(study, rows)
     _write_csv(root / "results.csv", rows)
@@ -388,6 +407,7 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
                              [[f"{100 * a['real_fraction']:.0f} %", a["generator"], a["kind"],
                                _fmt(a["alignment_miou_no_bg"]), _fmt(a["real_test_miou_no_bg"]), a["seeds"]]
                               for a in alignment]) if alignment else "no generators", ""]
+    lines += _contrast_section(study, contrasts)
     lines += ["## Generator", ""]
     lines += (["![SDM training loss](generator_loss.png)", ""] if has_curve else ["no SDM in this study", ""])
     lines += [f"- {name} at every fraction from {100 * fraction:g} % up samples the SDM trained on the "
@@ -421,6 +441,10 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         "per_class_iou": [{"real_fraction": r["real_fraction"], "variant": r["variant"],
                            **{n: r[f"iou_{n}"] for n in study.class_names}} for r in records],
         "label_alignment": alignment,
+        "defect_contrast": [{"real_fraction": fraction, "images": name,
+                             **{study.class_names[c]: {"mean": v.mean, "std": v.std, "images": v.images}
+                                for c, v in by_class.items()}}
+                            for fraction, sets in contrasts.items() for name, by_class in sets.items()],
         "stage_seconds": {k: round(v, 1) for k, v in times.items()},
         "seconds_this_invocation": round(seconds, 1),
     })

@@ -427,3 +427,19 @@ def test_evaluate_sh_runs_two_mixes_end_to_end(tmp_path: Path, defect_pairs) -> 
     assert "FID skipped (no local Inception weights given)" in result.stdout
     assert json.loads((run / "config.json").read_text())["mixes_resolved"]["RALLF006"] == {"real": 444,
                                                                                           "synthetic": 6}
+
+
+def test_defect_contrast_is_the_class_mean_minus_its_ring_mean_per_image():
+    from evaluation.contrast import class_contrast
+
+    images = np.full((2, 40, 40), 200, np.uint8)
+    masks = np.zeros((2, 40, 40), np.int64)
+    images[0, 10:20, 10:20], masks[0, 10:20, 10:20] = 50, 1  # a dark square: -150
+    images[1, 5:9, 5:9], masks[1, 5:9, 5:9] = 230, 1  # a bright one: +30
+    masks[1, 30:40, 30:40] = 255  # ignored pixels far from it change nothing
+    rgb = np.repeat(images[..., None], 3, axis=-1)  # colour images are read as the mean of their channels
+    found = class_contrast(rgb, masks, [1, 2], ignore_index=255)
+    assert found[1].images == 2 and found[1].mean == pytest.approx(-60.0) and found[1].std == pytest.approx(90.0)
+    assert found[2].images == 0 and found[2].text() == "–"  # a class no image holds
+    images[0, 10:20, 26:29] = 0  # a ring pixel darker: the ring's mean falls, the contrast rises
+    assert class_contrast(images[:1], masks[:1], [1])[1].mean > -150.0

@@ -79,8 +79,8 @@ def test_study_writes_report_summary_and_every_variant(finished_study):
     assert cells[(0.5, "sdm_only")]["real_images"] == 0 and cells[(0.5, "sdm_only")]["synthetic_images"] == 4
     assert cells[(0.5, "paste")]["synthetic_images"] == 4
     report = (root / "report.md").read_text()
-    for heading in ("## mIoU on the real test split", "## Per-class IoU", "## Label alignment", "## Generator",
-                    "## Wall time"):
+    for heading in ("## mIoU on the real test split", "## Per-class IoU", "## Label alignment", "## Defect contrast",
+                    "## Generator", "## Wall time"):
         assert heading in report
     assert "test command" in report
     for picture in ("paired_differences.png", "generator_loss.png", "grids/r050_sdm.png", "grids/r100_paste.png"):
@@ -88,6 +88,15 @@ def test_study_writes_report_summary_and_every_variant(finished_study):
     alignment = {(a["real_fraction"], a["generator"]) for a in summary["label_alignment"]}
     assert alignment == {(0.5, "paste"), (0.5, "sdm"), (0.5, "sdm_inpaint"), (0.5, "sdm_filtered"), (1.0, "paste")}
     assert set(summary["stage_seconds"]) == {"sdm-train", "sdm-finetune", "sample", "filter", "segmenter", "alignment"}
+    # defect contrast: the real subset and every generator's images, per fraction, each class but the background
+    contrast = {(c["real_fraction"], c["images"]): c for c in summary["defect_contrast"]}
+    assert set(contrast) == {(0.5, "real"), (0.5, "paste"), (0.5, "sdm"), (0.5, "sdm_inpaint"),
+                             (0.5, "sdm_filtered"), (1.0, "real"), (1.0, "paste")}
+    for cell in contrast.values():
+        assert set(cell) == {"real_fraction", "images", "scratch", "spot", "crack"}  # the demo's classes
+        assert all(set(cell[name]) == {"mean", "std", "images"} for name in ("scratch", "spot", "crack"))
+    assert contrast[(0.5, "real")]["scratch"]["images"] > 0
+    assert "| 50 % | real subset |" in report
 
 
 def test_a_filtered_generator_trains_on_the_filtered_labels_of_its_source(finished_study):
