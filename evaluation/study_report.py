@@ -410,13 +410,15 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
     lines += _contrast_section(study, contrasts)
     lines += ["## Generator", ""]
     lines += (["![SDM training loss](generator_loss.png)", ""] if has_curve else ["no SDM in this study", ""])
+    used = {name: config.generators[name] for fraction in config.real_fractions  # generators of no variant: unsaid
+            for name in config.generators_at(fraction)}
     lines += [f"- {name} at every fraction from {100 * fraction:g} % up samples the SDM trained on the "
               f"{100 * fraction:g} % subset (`sdm_fraction`); every other SDM generator samples its own fraction's SDM"
-              for name, fraction in ((n, g.sdm_fraction) for n, g in config.generators.items())
+              for name, fraction in ((n, g.sdm_fraction) for n, g in used.items())
               if fraction is not None]
     lines += [f"- {name} samples an SDM of its own: the study's `sdm` with `{json.dumps(g.sdm)}`"
-              for name, g in config.generators.items() if g.sdm]
-    lines += [""] if any(g.sdm_fraction is not None or g.sdm for g in config.generators.values()) else []
+              for name, g in used.items() if g.sdm]
+    lines += [""] if any(g.sdm_fraction is not None or g.sdm for g in used.values()) else []
     for name, link in grid_links:
         lines += [f"### {name}", "", "rows: mask | real image of the mask (or background) | synthetic", "",
                   f"![{name}]({link})", ""]
