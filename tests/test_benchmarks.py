@@ -12,11 +12,16 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    """A benchmark script's command line, run from the repository root on one CPU thread; its output captured."""
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_speed_benchmark_prints_the_table_and_the_naive_comparison():
     command = [sys.executable, "benchmarks/speed.py", "--batch-size", "1", "--train-steps", "1",
                "--samplers", "dpm++2m:3,ancestral:300", "--max-sample-steps", "2", "--compare-naive", "--repeats", "2"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run(command)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert any(line.startswith("| config | device | path | dtype | batch | train img/s") for line in lines)
@@ -32,8 +37,7 @@ def test_speed_benchmark_prints_the_table_and_the_naive_comparison():
 def test_speed_benchmark_names_the_levers_of_our_path_in_its_rows():
     command = [sys.executable, "benchmarks/speed.py", "--batch-size", "1", "--train-steps", "1",
                "--samplers", "dpm++2m:2", "--max-sample-steps", "2", "--optimizer", "fused", "--channels-last"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run(command)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| tiny | cpu |")]
     assert len(rows) == 2 and all("| ours, channels-last, fused AdamW |" in row for row in rows)
@@ -42,12 +46,12 @@ def test_speed_benchmark_names_the_levers_of_our_path_in_its_rows():
 def test_loader_benchmark_times_uncached_ahead_and_cached_loading_per_size(tmp_path):
     command = [sys.executable, "benchmarks/loader.py", "--data", "", "--large", "64x48", "--sizes", "16,32",
                "--images", "8", "--batch-size", "4", "--ahead-threads", "2"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    result = run(command)
     assert result.returncode == 0, result.stderr
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| generated 64x48 RGB")]
     assert [row[3] for row in rows] == ["16", "32"] and all(len(row) == 8 for row in rows)
     assert "| uncached img/s, 2 threads ahead |" in result.stdout
-    bad = subprocess.run([*command[:2], "--sizes", "x"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    bad = run([*command[:2], "--sizes", "x"])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("--sizes: expected comma-separated "
                                                                                  "integers, got 'x'")
 
@@ -56,8 +60,7 @@ def test_quality_guard_compares_fast_samplers_in_fp32_and_bf16_with_the_referenc
     command = [sys.executable, "benchmarks/quality_guard.py", "--model", str(trained_run), "--data-dir",
                str(demo_dir), "--num-images", "2", "--batch-size", "2", "--solver-steps", "3", "--bf16",
                "--segmenter-steps", "0"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run(command)
     assert result.returncode == 0, result.stderr
     rows = {line.split(" | ")[0].lstrip("| "): line for line in result.stdout.splitlines()
             if line.startswith("| ") and " | " in line}
@@ -68,7 +71,7 @@ def test_quality_guard_compares_fast_samplers_in_fp32_and_bf16_with_the_referenc
 def test_quality_guard_refuses_an_unknown_solver_in_one_line():
     command = [sys.executable, "benchmarks/quality_guard.py", "--model", "unused", "--data-dir", "unused",
                "--solvers", "dpm++2m,euler"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    result = run(command)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("quality_guard.py: error: --solvers: unknown sampler(s) euler; "
                                                       "expected some of ancestral, ddim, dpm++2m")
@@ -76,8 +79,7 @@ def test_quality_guard_refuses_an_unknown_solver_in_one_line():
 
 def test_mask_generator_check_refuses_a_guidance_scale_below_one_before_training():
     for option in ("--guidance", "--plain-guidance"):
-        result = subprocess.run([sys.executable, "benchmarks/mask_generator_check.py", option, "0.5"], cwd=REPO_ROOT,
-                                capture_output=True, text=True, timeout=600)
+        result = run([sys.executable, "benchmarks/mask_generator_check.py", option, "0.5"])
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1] == (f"mask_generator_check.py: error: {option} is a guidance "
                                                           "scale and must be >= 1 (1 = none), got 0.5")
@@ -89,8 +91,7 @@ def test_mask_generator_check_compares_generated_and_held_out_masks_with_the_tra
     command = [sys.executable, "benchmarks/mask_generator_check.py", "--data", str(data), "--size", "16",
                "--steps", "2", "--batch-size", "4", "--samples", "4", "--sample-steps", "3", "--plain-guidance",
                "1.5", "--out", str(tmp_path / "out")]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = run(command)
     assert result.returncode == 0, result.stderr
     assert "| against the training masks | generated | held-out real |" in result.stdout
     assert "sampling 3 ancestral steps (guidance 1.5):" in result.stdout
@@ -101,24 +102,20 @@ def test_mask_generator_check_compares_generated_and_held_out_masks_with_the_tra
 
     # --trained samples that generator again without training; one of another size is refused in one line
     trained = tmp_path / "out" / "runs" / "masks_001"
-    again = subprocess.run(command + ["--trained", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True,
-                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    again = run(command + ["--trained", str(trained)])
     assert again.returncode == 0, again.stderr
     assert f"reused from {trained}" in again.stdout and not (tmp_path / "out" / "runs" / "masks_002").exists()
     other = [*command[:command.index("--size") + 1], "32", *command[command.index("--size") + 2:]]
-    refused = subprocess.run(other + ["--trained", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    refused = run(other + ["--trained", str(trained)])
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1] == f"--trained {trained}: its image_size is 16, this call's is 32"
 
     # --resume trains that generator on to --steps in a new run; a run of as many steps or more is refused
     steps_at = command.index("--steps") + 1
     longer = [*command[:steps_at], "3", *command[steps_at + 1:]]
-    resumed = subprocess.run(longer + ["--resume", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = run(longer + ["--resume", str(trained)])
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((tmp_path / "out" / "runs" / "masks_002" / "summary.json").read_text())["steps"] == 3
-    refused = subprocess.run(command + ["--resume", str(trained)], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    refused = run(command + ["--resume", str(trained)])
     assert refused.stderr.strip().splitlines()[-1] == (f"--resume {trained}: it trained 2 steps, not fewer than "
                                                        "--steps 2")

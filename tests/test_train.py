@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_train_config
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.config import config_from_dict
-from guided_diffusion.errors import CheckpointError
+from guided_diffusion.errors import CheckpointError, ConfigError
 from guided_diffusion import distributed
 from guided_diffusion import train as train_module
 from guided_diffusion.train import Trainer, train_action
@@ -68,6 +68,12 @@ def test_loading_the_first_epoch_ahead_on_threads_changes_no_weight(demo_dir, tm
     a, b = weights(in_step), weights(ahead)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_a_negative_data_threads_is_one_line_naming_the_key():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict("train", {"data_dir": "datasets/demo", "num_classes": 4, "data_threads": -1}, "configs/x.json")
+    assert str(info.value) == "configs/x.json: key 'data_threads' must be >= 0 (0 = load in the step), got -1"
 
 
 def test_best_checkpoint_holds_the_epoch_with_the_lowest_mean_loss(demo_dir, tmp_path):
