@@ -40,7 +40,8 @@ from guided_diffusion.balance import load_masks  # noqa: E402
 from guided_diffusion.config import config_from_dict  # noqa: E402
 from guided_diffusion.data import index_dataset, read_class_names, split_train_val  # noqa: E402
 from evaluation.image_sets import infer_num_classes, link_subset  # noqa: E402
-from guided_diffusion.masks_model import load_mask_generator, sample_masks  # noqa: E402
+from guided_diffusion.masks_model import (load_mask_generator, presence_misses, presence_vectors,  # noqa: E402
+                                          sample_masks)
 from guided_diffusion.masks_report import mask_report  # noqa: E402
 from guided_diffusion.masks_train import train_mask_generator  # noqa: E402
 from guided_diffusion.results import palette  # noqa: E402
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="mask guidance of the masks no class is asked for (toward the presence vector drawn "
                              "for each; the sample key mask_guidance)")
     parser.add_argument("--min-area", type=int, default=0, help="mask_min_area of the sampled masks")
+    parser.add_argument("--retries", type=int, default=0,
+                        help="mask_retries: redraw a mask whose classes differ from its presence vector up to this "
+                             "many times")
     parser.add_argument("--held-out", type=float, default=0.15, help="share of train/ masks held out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="folder for the reports and pictures (default: a temporary one)")
@@ -81,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for option, scale in (("--guidance", args.guidance), ("--plain-guidance", args.plain_guidance)):
         if not scale >= 1.0:  # checked here, before minutes of training, in argparse's one line
             parser.error(f"{option} is a guidance scale and must be >= 1 (1 = none), got {scale:g}")
+    if args.retries < 0:
+        parser.error(f"--retries must be >= 0 (0 = off), got {args.retries}")
     return args
 
 
@@ -168,10 +174,12 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     plain = sample_masks(generator, args.samples, seed=args.seed, steps=args.sample_steps, min_area=args.min_area,
-                         guidance_scale=args.plain_guidance)
+                         guidance_scale=args.plain_guidance, retries=args.retries, log=print)
     sample_seconds = time.perf_counter() - started
     asked = sample_masks(generator, args.samples, seed=args.seed + 1, required_classes=[rare],
-                         guidance_scale=args.guidance, steps=args.sample_steps, min_area=args.min_area)
+                         guidance_scale=args.guidance, steps=args.sample_steps, min_area=args.min_area,
+                         retries=args.retries, log=print)
+    matched = float(np.mean(presence_misses(plain, presence_vectors(generator, args.samples, args.seed)) == 0))
     holds_rare = float(np.mean([(m == rare).any() for m in asked]))
     report_kwargs = {"class_names": names, "min_area": max(args.min_area, 4)}
     generated_report = mask_report(list(plain), list(real_train), num_classes, **report_kwargs)
@@ -188,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                f"in {train_seconds / 60:.1f} min ({args.steps * args.batch_size / train_seconds:.1f} masks/s)")
     print(f"\nmask generator: {args.size} px, {args.prediction} prediction, {args.steps} steps of batch "
           f"{args.batch_size} ({args.precision}) "
-          f"{trained}; sampling {args.sample_steps} ancestral steps (guidance {args.plain_guidance:g}): "
-          f"{sample_seconds / args.samples:.2f} s/mask\n")
+          f"{trained}; sampling {args.sample_steps} ancestral steps (guidance {args.plain_guidance:g}, "
+          f"mask_retries {args.retries}): {sample_seconds / args.samples:.2f} s/mask; "
+          f"{100 * matched:.0f}% of the unasked masks hold exactly the classes of their presence vector\n")
     print("| against the training masks | generated | held-out real |")
     print("|---|---|---|")
     labels = {"pixel_share_tv": "pixel shares, total variation", "holding_share_mean_abs":

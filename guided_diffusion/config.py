@@ -534,6 +534,9 @@ class SampleConfig(CommonConfig):
                                  "magnetic-tile, 50 steps made 5 of 16 masks mostly defect, 25 none)")
     mask_min_area: int = option(0, "with `mask_source`: components of fewer pixels are removed from the generated "
                                    "masks (filled with the class around them); 0 = keep all")
+    mask_retries: int = option(0, "with `mask_source`: a generated mask that holds other classes than the presence "
+                                  "vector it was drawn for (after `mask_min_area`) is drawn again with new noise, up "
+                                  "to this many times, keeping the closest draw; 0 = off")
 
     def validate(self) -> None:
         super().validate()
@@ -588,6 +591,7 @@ class SampleConfig(CommonConfig):
         require(self.mask_steps >= 2, "mask_steps", f"must be at least 2, got {self.mask_steps}")
         require(self.mask_min_area >= 0, "mask_min_area", f"must be >= 0 pixels (0 = keep all), got "
                                                           f"{self.mask_min_area}")
+        require(self.mask_retries >= 0, "mask_retries", f"must be >= 0 (0 = off), got {self.mask_retries}")
 
 
 EXPORT_FORMATS = ("coco", "yolo-seg", "yolo-det", "semantic")

@@ -271,9 +271,19 @@ MASK_STREAM = 16
 """Tags the random streams of generated masks, so that mask i's noise is not image i's (samplers.image_seed)."""
 
 
-def mask_seed(seed: int, index: int) -> int:
-    """The seed of generated mask `index` of a run seeded with `seed` (independent of the images' seeds)."""
-    return int(np.random.SeedSequence([seed, index, MASK_STREAM]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def mask_seed(seed: int, index: int, attempt: int = 0) -> int:
+    """The seed of generated mask `index` of a run seeded with `seed` (independent of the images' seeds); draw
+    `attempt` > 0 of the same mask (`mask_retries`) gets a seed of its own."""
+    entropy = [seed, index, MASK_STREAM] + ([attempt] if attempt else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def presence_misses(masks: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per mask, how many classes differ between what it holds and its presence vector (classes asked for and
+    missing, plus classes held and not asked for); 0 for the null (all-zero) vector, which asks for nothing."""
+    held = presence(torch.from_numpy(np.asarray(masks, np.int64)), rows.shape[1]).numpy() > 0
+    wanted = np.asarray(rows) > 0
+    return np.where(wanted.any(axis=1), (held != wanted).sum(axis=1), 0)
 
 
 def presence_vectors(generator: MaskGenerator, count: int, seed: int, required_classes: Sequence[int] = (),
@@ -307,8 +317,8 @@ def first_step(diffusion: GaussianDiffusion, noise: torch.Tensor, means: torch.T
 def sample_masks(generator: MaskGenerator, num_samples: int, *, seed: int = 0, required_classes: Sequence[int] = (),
                  presence_rows: np.ndarray | None = None, guidance_scale: float = 1.0, steps: int = 25,
                  sampler: str = "ancestral", image_size: int | None = None, min_area: int = 0, batch_size: int = 16,
-                 first_index: int = 0, with_defect: bool = False,
-                 progress: Callable[[int], None] | None = None) -> np.ndarray:
+                 first_index: int = 0, with_defect: bool = False, retries: int = 0,
+                 progress: Callable[[int], None] | None = None, log: Callable[[str], None] | None = None) -> np.ndarray:
     """num_samples new masks, int64 N×S×S class ids (S = image_size, default the generator's own size).
 
     Each mask is conditioned on a presence vector: the rows of `presence_rows` (N×K of 0/1; all zero = no
@@ -323,7 +333,13 @@ def sample_masks(generator: MaskGenerator, num_samples: int, *, seed: int = 0, r
     the mean mask at alpha_bar 0.07, masks were clean but nearly empty (99.9 % background).
     Mask i gets the noise and presence of `mask_seed(seed, first_index + i)`, whatever the batch size. Masks made
     at another size are brought to image_size by `upsample_mask` (nearest + majority filter); `min_area` > 0 then
-    removes components of fewer pixels (`remove_small_components`)."""
+    removes components of fewer pixels (`remove_small_components`).
+
+    `retries` > 0 (key `mask_retries`): a finished mask (upsampled and cleaned) whose classes differ from its
+    presence vector is drawn again with the same vector and new noise (`mask_seed`'s `attempt`), up to `retries`
+    more times, and the draw with the fewest differing classes is kept (the first of equals). A real mask holds
+    exactly the classes of its vector, so this keeps only draws the true conditional distribution could give;
+    it corrects the generator's masks that come out emptier than asked. `log` gets one line of what was redrawn."""
     config, model = generator.config, generator.model
     k = config.num_classes
     if sampler not in SAMPLERS:
@@ -335,27 +351,50 @@ def sample_masks(generator: MaskGenerator, num_samples: int, *, seed: int = 0, r
     presence_rows = np.asarray(presence_rows, np.float32)
     if presence_rows.shape != (num_samples, k):
         raise ValueError(f"presence_rows must be {num_samples}x{k}, got {presence_rows.shape}")
+    if retries < 0:
+        raise ConfigError(f"mask_retries must be >= 0 (0 = off), got {retries}")
     diffusion = sampling_diffusion(config, steps)
     device = next(model.parameters()).device
     size = config.image_size
-    out = []
-    for start in range(0, num_samples, batch_size):
-        ids = range(start, min(start + batch_size, num_samples))
-        noise = PerImageNoise([mask_seed(seed, first_index + i) for i in ids], (k, size, size), device)
-        rows = presence_rows[start:start + len(ids)]
-        labels = presence_map(torch.from_numpy(rows).to(device))
-        means = torch.from_numpy(np.stack([generator.presence_table.mean_mask(row) for row in rows])).to(device)
-        denoise = conditional_denoiser(model, labels, guidance_scale)
-        x = run_sampler(sampler, diffusion, denoise, first_step(diffusion, noise(), means), noise,
-                        progress=progress, start_step=diffusion.num_timesteps - 2)
-        out.append(decode(x.float()).cpu())
-    masks = torch.cat(out).numpy()
     target = image_size or size
-    if target != size:
-        masks = upsample_mask(masks, target, k)
-    if min_area > 0:
-        masks = np.stack([remove_small_components(m, min_area) for m in masks])
-    return masks.astype(np.int64)
+
+    def draw(indices: Sequence[int], attempt: int) -> np.ndarray:
+        """Masks `indices` (of this call), finished at `target` px, from draw `attempt` of their noise."""
+        out = []
+        for start in range(0, len(indices), batch_size):
+            ids = indices[start:start + batch_size]
+            noise = PerImageNoise([mask_seed(seed, first_index + i, attempt) for i in ids], (k, size, size), device)
+            rows = presence_rows[list(ids)]
+            labels = presence_map(torch.from_numpy(rows).to(device))
+            means = torch.from_numpy(np.stack([generator.presence_table.mean_mask(row) for row in rows])).to(device)
+            denoise = conditional_denoiser(model, labels, guidance_scale)
+            x = run_sampler(sampler, diffusion, denoise, first_step(diffusion, noise(), means), noise,
+                            progress=progress, start_step=diffusion.num_timesteps - 2)
+            out.append(decode(x.float()).cpu())
+        masks = torch.cat(out).numpy()
+        if target != size:
+            masks = upsample_mask(masks, target, k)
+        if min_area > 0:
+            masks = np.stack([remove_small_components(m, min_area) for m in masks])
+        return masks.astype(np.int64)
+
+    masks = draw(range(num_samples), 0)
+    if retries:
+        misses = presence_misses(masks, presence_rows)
+        differed, redrawn = int((misses > 0).sum()), 0
+        for attempt in range(1, retries + 1):
+            redo = np.flatnonzero(misses > 0)
+            if not len(redo):
+                break
+            fresh = draw(redo.tolist(), attempt)
+            fresh_misses = presence_misses(fresh, presence_rows[redo])
+            better = fresh_misses < misses[redo]
+            masks[redo[better]], misses[redo[better]] = fresh[better], fresh_misses[better]
+            redrawn += len(redo)
+        if log is not None and differed:
+            log(f"generated masks: {differed} of {num_samples} held other classes than their presence vector; "
+                f"{redrawn} redrawn (mask_retries {retries}), {int((misses > 0).sum())} still differ")
+    return masks
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,7 +498,7 @@ def generate_for_sampling(config: SampleConfig, real_pairs: Sequence[Pair], devi
                           f"{'them together' if len(required) > 1 else 'it'}; ask for classes its train/ masks hold")
     options = {"guidance_scale": config.mask_guidance, "steps": config.mask_steps, "image_size": config.image_size,
                "min_area": config.mask_min_area, "batch_size": config.batch_size,
-               "with_defect": config.mode == "inpaint"}
+               "with_defect": config.mode == "inpaint", "retries": config.mask_retries, "log": log}
     real = load_masks(real_pairs, config.image_size, config.dataset_mode, config.resize_mode)
     log(f"generating masks with {generator.checkpoint_path} ({generator.config.image_size} px, {config.mask_steps} "
         f"steps, guidance {config.mask_guidance:g}" + (f", holding classes {required}" if required else "") + ")")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -480,3 +481,64 @@ def test_main_masks_trains_a_generator_into_a_masks_run(demo_dir, tmp_path):
     config.write_text(json.dumps(generator_config(demo_dir, tmp_path / "runs", max_steps=1)))
     assert main.main(["masks", "-c", str(config)]) == 0
     assert (tmp_path / "runs" / "masks_001" / "checkpoints" / "best.pt").is_file()
+
+
+# --- mask_retries: redraw masks that hold other classes than their presence vector ---------------------------
+
+def test_presence_misses_count_the_classes_asked_for_and_missing_or_held_and_not_asked_for():
+    masks = np.array([[[0, 1], [1, 0]], [[0, 0], [0, 0]], [[2, 3], [0, 0]], [[3, 3], [3, 3]]])
+    rows = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    # exact; class 1 missing; class 3 held and not asked for; the null vector asks for nothing
+    assert mm.presence_misses(masks, rows).tolist() == [0, 1, 1, 0]
+
+
+def test_a_redrawn_mask_gets_noise_of_its_own_and_the_first_draw_keeps_the_seed_it_had():
+    assert mm.mask_seed(3, 7, 0) == mm.mask_seed(3, 7)
+    assert len({mm.mask_seed(3, 7, attempt) for attempt in range(4)}) == 4
+
+
+def fake_sampler_holding_class_1_where_its_noise_says(sampler, diffusion, denoise, x, noise, **_):
+    """Stands in for the sampler: mask i is background, plus class 1 in a corner when x[i, 0, 0, 0] > x[i, 0, 0, 1]
+    (the mean mask the top step adds is the same at every pixel, so the draw's noise decides: half the draws)."""
+    out = torch.full_like(x, -1.0)
+    out[:, 0] = 1.0
+    out[:, 1, :2, :2] = torch.where(x[:, 0, 0, 0] > x[:, 0, 0, 1], 2.0, -1.0)[:, None, None]
+    return out
+
+
+def test_mask_retries_redraw_only_masks_that_differ_from_their_vector_and_keep_the_closest_draw(
+        generator_run, monkeypatch):
+    monkeypatch.setattr(mm, "run_sampler", fake_sampler_holding_class_1_where_its_noise_says)
+    generator = mm.load_mask_generator(generator_run)
+    rows = np.array([[1, 1, 0, 0]] * 12)  # every mask asked to hold background and class 1
+    first = mm.sample_masks(generator, 12, steps=2, seed=4, presence_rows=rows)
+    lines = []
+    redrawn = mm.sample_masks(generator, 12, steps=2, seed=4, presence_rows=rows, retries=5, log=lines.append)
+    before, after = mm.presence_misses(first, rows), mm.presence_misses(redrawn, rows)
+    assert 0 < (before > 0).sum() < 12  # the seeds give some masks class 1 at the first draw, not all
+    assert np.array_equal(redrawn[before == 0], first[before == 0])  # a matching mask is never redrawn
+    differed, left = int((before > 0).sum()), int((after > 0).sum())
+    assert (after <= before).all() and left < differed  # up to 5 more draws, each holding class 1 about 1/2
+    assert len(lines) == 1 and re.fullmatch(
+        rf"generated masks: {differed} of 12 held other classes than their presence vector; (\d+) redrawn "
+        rf"\(mask_retries 5\), {left} still differ", lines[0])
+    assert int(re.search(r"; (\d+) redrawn", lines[0]).group(1)) >= differed  # each differing mask once at least
+    again = mm.sample_masks(generator, 12, steps=2, seed=4, presence_rows=rows, retries=5, batch_size=5)
+    assert np.array_equal(again, redrawn)  # deterministic, whatever the batch size
+
+
+def test_mask_retries_never_keep_a_draw_further_from_the_vector(generator_run):
+    """On the toy generator's real (untrained, noisy) masks: per mask, the kept draw differs from its vector in
+    no more classes than the first draw did."""
+    generator = mm.load_mask_generator(generator_run)
+    rows = np.array([[1, 0, 0, 1]] * 4 + [[1, 1, 0, 0]] * 4)
+    first = mm.sample_masks(generator, 8, steps=2, seed=2, presence_rows=rows)
+    kept = mm.sample_masks(generator, 8, steps=2, seed=2, presence_rows=rows, retries=2)
+    before, after = mm.presence_misses(first, rows), mm.presence_misses(kept, rows)
+    assert (after <= before).all() and np.array_equal(kept[before == 0], first[before == 0])
+
+
+def test_negative_mask_retries_are_one_error_line(demo_dir):
+    with pytest.raises(ConfigError, match=r"key 'mask_retries' must be >= 0 \(0 = off\), got -1"):
+        config_from_dict("sample", {"data_dir": str(demo_dir), "model_path": "x", "mode": "noise",
+                                    "mask_source": "y", "mask_retries": -1})
