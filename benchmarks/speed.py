@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guided_diffusion.config import config_from_dict  # noqa: E402
 from guided_diffusion.data import one_hot  # noqa: E402
 from guided_diffusion.diffusion import GaussianDiffusion, space_timesteps  # noqa: E402
-from guided_diffusion.guidance import conditional_denoiser  # noqa: E402
+from guided_diffusion.guidance import conditional_denoiser, guided_share  # noqa: E402
 from guided_diffusion.model_setup import build_model  # noqa: E402
 from guided_diffusion.samplers import PerImageNoise, log_snr_timesteps, run_sampler  # noqa: E402
 from guided_diffusion.unet import AttentionBlock, SDMUNet  # noqa: E402
@@ -154,14 +154,6 @@ def time_sampling(model, labels, sampler: str, steps: int, max_steps: int, batch
 def interval_label(guidance_interval: list[float] | None) -> str:
     """' guided t/T 0.1-0.6' after the sampler's name in the table when guidance is limited, else ''."""
     return "" if guidance_interval is None else f" guided t/T {guidance_interval[0]:g}-{guidance_interval[1]:g}"
-
-
-def guided_share(diffusion: GaussianDiffusion, guidance_interval: list[float] | None) -> float:
-    """The share of `diffusion`'s steps that are guided (two forwards) with `guidance_interval` (None: all)."""
-    if guidance_interval is None:
-        return 1.0
-    fraction = diffusion.model_timesteps(torch.arange(diffusion.num_timesteps)).double() / diffusion.model_time_range
-    return float(((fraction >= guidance_interval[0]) & (fraction <= guidance_interval[1])).double().mean())
 
 
 def measure(args, path: str, sampler_runs: list[tuple[str, int]], quiet: bool = False) -> list[Row]:

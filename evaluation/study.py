@@ -601,6 +601,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key (value read as JSON; dots reach into objects, e.g. segmenter.steps=500)")
     parser.add_argument("--dry-run", action="store_true", help="check the config, print it resolved and exit")
+    parser.add_argument("--estimate", action="store_true",
+                        help="check the config, time a few steps of each of its models on this machine, print the "
+                             "study's estimated wall time by stage and exit (writes nothing; about a minute)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write report.md and summary.json from the units finished so far")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
@@ -619,6 +622,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             check_study(config, resolve_num_classes(config))
             print(json.dumps(dataclasses.asdict(config), indent=2, default=str))
+            return
+        if args.estimate:
+            from .estimate import estimate_study  # noqa: PLC0415 - only --estimate needs it
+
+            num_classes = resolve_num_classes(config)
+            check_study(config, num_classes)
+            done = len(Ledger(Path(config.output_dir) / "ledger.jsonl").entries)
+            if done:
+                print(f"{config.output_dir}: {done} units are already in its ledger; a rerun skips them, the "
+                      "estimate below counts the whole study")
+            print(estimate_study(config, num_classes, make_split(config, num_classes), print))
             return
         run_study(config, values, shlex.join([PROG, *argv]), progress=not args.no_progress,
                   report_only=args.report_only)

@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .diffusion import GaussianDiffusion
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -69,3 +71,12 @@ def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance
         return torch.where(inside.reshape(-1, *([1] * (x.dim() - 1))), combine(cond, null, x.shape[1]), cond)
 
     return guided_in_interval
+
+
+def guided_share(diffusion: GaussianDiffusion, guidance_interval: tuple[float, float] | list[float] | None) -> float:
+    """The share of `diffusion`'s steps that run guided (the cond + null pair, two forwards' worth) with
+    `guidance_interval` (None: every step)."""
+    if guidance_interval is None:
+        return 1.0
+    fraction = diffusion.model_timesteps(torch.arange(diffusion.num_timesteps)).double() / diffusion.model_time_range
+    return float(((fraction >= guidance_interval[0]) & (fraction <= guidance_interval[1])).double().mean())

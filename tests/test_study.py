@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evaluation.estimate import (ModelCosts, SegmenterCosts, SplitSizes, Stage, format_duration, format_estimate,
+                                 plan_study)
 from evaluation.study import Ledger, main as study_main, run_study
 from evaluation.study_config import study_from_dict
 from evaluation.study_report import paired_interval, without_sdm
@@ -524,3 +526,84 @@ def test_a_generator_with_a_mask_generator_paints_new_masks_learned_from_the_sub
     assert study_main(["-c", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: study generators.sdm_new_masks.mask_generator: unknown key 'max_stpes'"), err
+
+
+class FixedTimings:
+    """Per-step seconds chosen by the test, so the estimate's arithmetic can be checked exactly."""
+
+    def sdm(self, values):
+        return ModelCosts(train_step=2.0, finetune_step=3.0, forward_row=0.5)
+
+    def masks(self, values):
+        return ModelCosts(train_step=1.0, finetune_step=0.0, forward_row=0.25)
+
+    def segmenter(self):
+        return SegmenterCosts(train_step=0.1, predict_image=0.01)
+
+
+def test_the_estimate_counts_every_unit_of_the_study_at_the_timed_costs(demo_dir, tmp_path):
+    """--estimate's table: each stage is its runs x (steps, sampled forwards, predicted images) x the timed
+    seconds; guidance doubles a step's forwards, a filter adds its scorer, label alignment segments every
+    generated image once per seed."""
+    values = study_values(demo_dir, tmp_path / "study")
+    values["generators"]["sdm"]["sample"]["s"] = 2.0  # ddim, 2 steps, guided: 4 forwards an image
+    values["generators"]["sdm_inpaint"]["sample"]["s"] = 1.0  # 2 steps, unguided: 2 forwards
+    config = study_from_dict(values, "test")
+    sizes = SplitSizes(val=3, subsets={0.5: 4, 1.0: 8}, test=2)
+    stages = {stage.name: stage for stage in plan_study(config, 4, sizes, FixedTimings())}
+
+    segmenter = 4 * 0.1 + (2 * 3 + 2) * 0.01  # 4 steps, checks at steps 2 and 4 on 3 val images, 2 test images
+    assert stages == {
+        "SDM training (r050, as sdm)": Stage("SDM training (r050, as sdm)", 1, "3 steps of batch 4 at 32 px", 6.0),
+        "SDM finetuning (r050, as sdm)": Stage("SDM finetuning (r050, as sdm)", 1, "2 steps of batch 4", 6.0),
+        "generator sdm (r050)": Stage("generator sdm (r050)", 1, "4 images x 4 forwards at 32 px", 8.0),
+        "FreeMask filter sdm_filtered (r050)": Stage("FreeMask filter sdm_filtered (r050)", 1,
+                                                     "a scorer of 4 steps + 4 images segmented",
+                                                     pytest.approx(0.4 + 0.04)),
+        "generator sdm_inpaint (r050)": Stage("generator sdm_inpaint (r050)", 1, "4 images x 2 forwards at 32 px",
+                                              4.0),
+        "generator paste (r050)": Stage("generator paste (r050)", 1, "4 images, no model", 0.0),
+        "segmenters (r050)": Stage("segmenters (r050)", 7 * 2, "4 steps of batch 4 + 2 checks on 3 val images + "
+                                                               "2 test images", pytest.approx(segmenter)),
+        "label alignment (r050)": Stage("label alignment (r050)", 2, "16 generated images segmented",
+                                        pytest.approx(0.16)),
+        "generator paste (r100)": Stage("generator paste (r100)", 1, "4 images, no model", 0.0),
+        "segmenters (r100)": Stage("segmenters (r100)", 3 * 2, "4 steps of batch 4 + 2 checks on 3 val images + "
+                                                               "2 test images", pytest.approx(segmenter)),
+        "label alignment (r100)": Stage("label alignment (r100)", 2, "4 generated images segmented",
+                                        pytest.approx(0.04)),
+    }
+    total = sum(stage.total for stage in stages.values())
+    assert total == pytest.approx(6 + 6 + 8 + 0.44 + 4 + 20 * segmenter + 2 * 0.16 + 2 * 0.04)
+    table = format_estimate(list(stages.values()), "a test machine")
+    assert f"| **total** | | | | **{format_duration(total)}** |" in table
+
+
+def test_the_estimate_counts_the_mask_generator_of_a_generator_that_paints_new_masks(demo_dir, tmp_path):
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[0.5],
+                          variants=[{"name": "real"}, {"name": "new", "synthetic": ["new"]}])
+    values["generators"] = {"new": {
+        "kind": "sdm", "sample": {"num_samples": 4, "sampler": "ddim", "steps": 2, "s": 1.0, "mask_steps": 5,
+                                  "mask_guidance": 2.0},
+        "mask_generator": {"image_size": 16, "channel_mult": "1,2", "max_steps": 7, "batch_size": 4}}}
+    stages = {s.name: s for s in plan_study(study_from_dict(values, "test"), 4,
+                                            SplitSizes(3, {0.5: 4}, 2), FixedTimings())}
+    assert stages["mask generator of new (r050)"] == Stage("mask generator of new (r050)", 1,
+                                                           "7 steps of batch 4 at 16 px", 7.0)
+    assert stages["new masks for new (r050)"] == Stage("new masks for new (r050)", 1, "4 masks x 10 forwards",
+                                                       4 * 10 * 0.25)
+
+
+def test_estimate_times_the_models_here_and_writes_nothing_into_the_study_folder(demo_dir, tmp_path, capsys):
+    values = study_values(demo_dir, tmp_path / "study")
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(values))
+    assert study_main(["-c", str(path), "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated wall time on this machine (cpu, " in out
+    for stage in ("SDM training (r050, as sdm)", "generator sdm (r050)", "FreeMask filter sdm_filtered (r050)",
+                  "segmenters (r100)", "**total**"):
+        assert f"| {stage} |" in out, stage
+    minutes = [line.split("|")[5].strip() for line in out.splitlines() if line.startswith("| segmenters (r050)")]
+    assert minutes and minutes[0] not in ("", "0 s"), "a segmenter's time was measured, not left at zero"
+    assert not (tmp_path / "study").exists()

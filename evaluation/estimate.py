@@ -1,0 +1,393 @@
+"""How long a study will take on this machine: `evaluation/experiment.sh -c <config> --estimate`.
+
+The same config can take 2 hours on one 2-core CPU and 8 on another (bf16 autocast or not, AVX-512 or not), so a
+wall time measured elsewhere says little. The estimate times the study's own models here, for a few steps each:
+
+- each SDM's training step at its batch and crop (train and finetune), and its forward pass at the image size;
+- each mask generator's training step and forward pass;
+- the segmenter's training step at the protocol's batch, and its prediction per image;
+
+and multiplies them by the work the config asks for: steps, sampled images x sampler steps x forwards per step
+(2 where classifier-free guidance runs), segmenters x (steps + validation checks + the test split), label
+alignment, FreeMask's scorer. Nothing is written into the study folder. What it leaves out (data loading,
+checkpoints, plots, patience stopping a run early) is small on the measured configs, and it says so.
+
+`plan_study` does the counting with any `Timings`, so the arithmetic is tested without timing anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from guided_diffusion.config import config_from_dict
+from guided_diffusion.data import one_hot
+from guided_diffusion.guidance import guided_share
+from guided_diffusion.inpaint import start_step
+from guided_diffusion.mask_selection import TrainedWith
+from guided_diffusion.masks_model import POOL_FACTOR
+from guided_diffusion.masks_train import MaskTrainer
+from guided_diffusion.model_setup import bf16_autocast, cpu_bf16_support, select_device
+from guided_diffusion.sample import sampling_diffusion
+from guided_diffusion.train import Trainer
+
+from .image_sets import link_subset
+from .segmenter import SegmenterSpec, TrainSettings, build_segmenter, predict, train_segmenter
+from .study_config import StudyConfig
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Seconds on this machine of one diffusion model (an SDM or a mask generator)."""
+
+    train_step: float  # one optimiser step at the train config's batch (and crop)
+    finetune_step: float  # the same at the finetune config's (0 when there is none)
+    forward_row: float  # one image through the network at the sampled size, no gradient
+
+
+@dataclass(frozen=True)
+class SegmenterCosts:
+    train_step: float  # one optimiser step at the protocol's batch and the study's image size
+    predict_image: float  # one image segmented (validation checks, test, label alignment, filtering)
+
+
+class Timings(Protocol):
+    """Where the per-step seconds come from: `MeasuredTimings` times the study's models on this machine."""
+
+    def sdm(self, values: dict[str, Any]) -> ModelCosts: ...
+
+    def masks(self, values: dict[str, Any]) -> ModelCosts: ...
+
+    def segmenter(self) -> SegmenterCosts: ...
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A row of the estimate: `runs` runs of `work`, each taking `seconds` here."""
+
+    name: str
+    runs: int
+    work: str
+    seconds: float
+
+    @property
+    def total(self) -> float:
+        return self.runs * self.seconds
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    val: int
+    subsets: dict[float, int]
+    test: int
+
+
+def _key(*parts: Any) -> str:
+    """A cache key of JSON-able settings."""
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def _tag(fraction: float) -> str:
+    return f"r{round(fraction * 100):03d}"
+
+
+def _training_steps(config, num_images: int) -> int:
+    """Steps a train/finetune/masks run takes at most: max_steps, else max_epochs whole epochs."""
+    if config.max_steps:
+        return config.max_steps
+    return config.max_epochs * math.ceil(num_images / config.batch_size)
+
+
+def _sampled_forwards(sample, trained_steps: int) -> float:
+    """Forward rows per image of a sample config: steps run x (1 + resampling jumps) x (2 where guided)."""
+    diffusion = sampling_diffusion(sample, TrainedWith(diffusion_steps=trained_steps))
+    steps = diffusion.num_timesteps if sample.mode == "noise" else start_step(diffusion, sample.strength) + 1
+    jumps = 1 + (sample.resample_steps if sample.mode == "inpaint" else 0)
+    guided = guided_share(diffusion, sample.guidance_interval) if sample.s > 1.0 else 0.0
+    return steps * jumps * (1.0 + guided)
+
+
+def _checks(steps: int, every: int) -> int:
+    """Validation checks of a segmenter run: every `every` steps and at the end."""
+    if not every:
+        return 0
+    return steps // every + (1 if steps % every else 0)
+
+
+def _sdm_runs(config: StudyConfig) -> dict[tuple[float, str], str]:
+    """The SDMs the study trains: (subset fraction, settings) -> a generator using it, in first-use order."""
+    runs: dict[tuple[float, str], str] = {}
+    for fraction in config.real_fractions:
+        for name in config.generators_at(fraction):
+            generator = config.generators[name]
+            if generator.kind != "sdm" or generator.labels == "filtered":
+                continue
+            trained_at = generator.sdm_fraction if generator.sdm_fraction is not None else fraction
+            runs.setdefault((trained_at, _key(config.sdm_settings(name))), name)
+    return runs
+
+
+def plan_study(config: StudyConfig, num_classes: int, sizes: SplitSizes, timings: Timings) -> list[Stage]:
+    """The study's work as stages with their seconds on `timings`, in the order the study runs them."""
+    common = {"data_dir": config.data_dir, "dataset_mode": config.dataset_mode, "num_classes": num_classes,
+              "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device}
+    stages: list[Stage] = []
+    sdm_values: dict[str, dict[str, Any]] = {}  # generator name -> the train values of its SDM
+
+    for (fraction, _), name in _sdm_runs(config).items():
+        settings = config.sdm_settings(name)
+        model = settings.get("model", {})
+        train, _ = config_from_dict("train", {**common, **model, **settings["train"]}, "study sdm.train")
+        costs = timings.sdm({**common, **model, **settings["train"]})
+        images = sizes.subsets[fraction]
+        steps = _training_steps(train, images)
+        crop = f", {train.crop_size} px crops" if train.crop_size else f" at {train.image_size} px"
+        stages.append(Stage(f"SDM training ({_tag(fraction)}, as {name})", 1,
+                            f"{steps:,} steps of batch {train.batch_size}{crop}", steps * costs.train_step))
+        if settings.get("finetune") is not None:
+            tune, _ = config_from_dict("finetune", {**common, **model, **settings["finetune"],
+                                                    "resume_checkpoint": "x"}, "study sdm.finetune")
+            steps = _training_steps(tune, images)
+            stages.append(Stage(f"SDM finetuning ({_tag(fraction)}, as {name})", 1,
+                                f"{steps:,} steps of batch {tune.batch_size}", steps * costs.finetune_step))
+
+    protocol = config.segmenter
+    segmenter = timings.segmenter()
+    checks = _checks(protocol.steps, protocol.select_every)
+    scorer_seconds = protocol.steps * segmenter.train_step
+    for fraction in config.real_fractions:
+        tag = _tag(fraction)
+        generated: dict[str, int] = {}
+        scored = False
+        for name in config.generators_at(fraction):
+            generator = config.generators[name]
+            if generator.labels == "filtered":
+                images = generated.get(generator.source, 0)
+                generated[name] = images
+                work = f"{images} images segmented"
+                seconds = images * segmenter.predict_image
+                if not scored:  # one scorer per subset, cached under scorers/
+                    scored = True
+                    work = f"a scorer of {protocol.steps:,} steps + " + work
+                    seconds += scorer_seconds
+                stages.append(Stage(f"FreeMask filter {name} ({tag})", 1, work, seconds))
+                continue
+            model = config.sdm_settings(name).get("model", {}) if generator.kind == "sdm" else {}
+            values = {**common, **model, **generator.sample_keys}
+            if generator.mask_generator is not None:
+                values["mask_source"] = "x"
+            if generator.kind == "sdm":
+                values["model_path"] = "x"
+            else:
+                values = {k: v for k, v in values.items() if k not in model}
+            sample, _ = config_from_dict("sample", values, f"study generators.{name}")
+            generated[name] = sample.num_samples
+            if generator.mask_generator is not None:
+                masks_values = {**{k: common[k] for k in ("data_dir", "dataset_mode", "num_classes", "device")},
+                                **generator.mask_generator}
+                masks_config, _ = config_from_dict("masks", masks_values, f"study generators.{name}.mask_generator")
+                masks = timings.masks(masks_values)
+                steps = _training_steps(masks_config, sizes.subsets[fraction])
+                stages.append(Stage(f"mask generator of {name} ({tag})", 1,
+                                    f"{steps:,} steps of batch {masks_config.batch_size} at "
+                                    f"{masks_config.image_size} px", steps * masks.train_step))
+                pool = POOL_FACTOR if sample.balance_args else 1  # candidates to choose among
+                per_mask = sample.mask_steps * (2.0 if sample.mask_guidance > 1.0 else 1.0)
+                stages.append(Stage(f"new masks for {name} ({tag})", 1,
+                                    f"{pool * sample.num_samples} masks x {per_mask:g} forwards",
+                                    pool * sample.num_samples * per_mask * masks.forward_row))
+            if generator.kind != "sdm":
+                stages.append(Stage(f"generator {name} ({tag})", 1, f"{sample.num_samples} images, no model", 0.0))
+                continue
+            train_values = {**common, **model, **config.sdm_settings(name)["train"]}
+            trained, _ = config_from_dict("train", train_values, "study sdm.train")
+            forwards = _sampled_forwards(sample, trained.diffusion_steps)
+            costs = timings.sdm(train_values)
+            stages.append(Stage(f"generator {name} ({tag})", 1,
+                                f"{sample.num_samples} images x {forwards:g} forwards at {config.image_size} px",
+                                sample.num_samples * forwards * costs.forward_row))
+        variants = config.variants_at(fraction)
+        seeds = len(protocol.seeds)
+        stages.append(Stage(f"segmenters ({tag})", len(variants) * seeds,
+                            f"{protocol.steps:,} steps of batch {protocol.batch_size} + {checks} checks on "
+                            f"{sizes.val} val images + {sizes.test} test images",
+                            protocol.steps * segmenter.train_step
+                            + (checks * sizes.val + sizes.test) * segmenter.predict_image))
+        aligned = sum(generated.values())
+        if aligned and any(v.is_baseline for v in variants):
+            stages.append(Stage(f"label alignment ({tag})", seeds, f"{aligned} generated images segmented",
+                                aligned * segmenter.predict_image))
+    return stages
+
+
+# -------------------------------------------------------------------------------------------------------------
+# timing on this machine
+
+
+def seconds_per_call(work: Callable[[], Any], budget: float = 2.0, most: int = 5) -> float:
+    """The median seconds of `work` after one untimed warm-up call: calls until `budget` seconds are spent (at
+    least one, at most `most`)."""
+    work()
+    times: list[float] = []
+    while not times or (len(times) < most and sum(times) < budget):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+class MeasuredTimings:
+    """Times the study's models on this machine, each distinct setting once. Trainers are built on `data_dir` (a
+    folder of links to a subset) and make their run folders in `scratch`, which the caller removes."""
+
+    def __init__(self, config: StudyConfig, num_classes: int, device: torch.device, bf16: bool, data_dir: Path,
+                 scratch: Path, log: Callable[[str], None] = print):
+        self.config, self.num_classes, self.device, self.bf16, self.log = config, num_classes, device, bf16, log
+        self.data_dir, self.scratch = data_dir, scratch
+        self.cache: dict[str, Any] = {}
+
+    def _trainer(self, action: str, values: dict[str, Any]):
+        config, _ = config_from_dict(action, {**values, "data_dir": str(self.data_dir), "auto_resume": False,
+                                              "root_log_dir": tempfile.mkdtemp(dir=self.scratch)}, f"study {action}")
+        return (MaskTrainer if action == "masks" else Trainer)(config, action, lambda *_: None)
+
+    def _costs(self, action: str, values: dict[str, Any], finetune: dict[str, Any] | None) -> ModelCosts:
+        trainer = self._trainer(action, values)
+        step = seconds_per_call(lambda: _train_step(trainer))
+        tune = step
+        if finetune is not None and any(finetune.get(k) != values.get(k) for k in ("batch_size", "crop_size")):
+            tuning = self._trainer("train", finetune)  # the same network and step at the finetune batch and crop
+            tune = seconds_per_call(lambda: _train_step(tuning))
+        rows = min(8, 2 * trainer.config.batch_size)
+        forward = seconds_per_call(lambda: _forward(trainer, rows)) / rows
+        return ModelCosts(step, tune, forward)
+
+    def sdm(self, values: dict[str, Any]) -> ModelCosts:
+        key = _key("sdm", values)
+        if key not in self.cache:
+            self.log(f"timing an SDM's training step and forward pass here (batch {values.get('batch_size', 'default')}"
+                     f"{', crop ' + str(values['crop_size']) if values.get('crop_size') else ''})")
+            self.cache[key] = self._costs("train", values, self._finetune_of(values))
+        return self.cache[key]
+
+    def _finetune_of(self, values: dict[str, Any]) -> dict[str, Any] | None:
+        """The train values of the finetuning that goes with the SDM of train `values` (None: no finetuning)."""
+        for name, generator in self.config.generators.items():
+            if generator.kind != "sdm" or generator.labels == "filtered":
+                continue
+            settings = self.config.sdm_settings(name)
+            if settings.get("finetune") is None:
+                continue
+            if all(values.get(k) == v for k, v in {**settings.get("model", {}), **settings["train"]}.items()):
+                keys = {k: v for k, v in settings["finetune"].items() if k in ("batch_size", "crop_size")}
+                return {**values, **keys}
+        return None
+
+    def masks(self, values: dict[str, Any]) -> ModelCosts:
+        key = _key("masks", values)
+        if key not in self.cache:
+            self.log("timing a mask generator's training step and forward pass here")
+            self.cache[key] = self._costs("masks", values, None)
+        return self.cache[key]
+
+    def segmenter(self) -> SegmenterCosts:
+        if "segmenter" not in self.cache:
+            self.log("timing a segmenter's training step and prediction here")
+            self.cache["segmenter"] = _segmenter_costs(self.config, self.num_classes, self.device, self.bf16)
+        return self.cache["segmenter"]
+
+
+def _train_step(trainer) -> None:
+    size = trainer.config.batch_size
+    items = [trainer.dataset[i % len(trainer.dataset)] for i in range(size)]
+    trainer.train_step(torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items]))
+
+
+@torch.no_grad()
+def _forward(trainer, rows: int) -> None:
+    item = trainer.dataset[0]
+    x = torch.randn(rows, *item["image"].shape, device=trainer.device)
+    labels = one_hot(item["mask"][None].expand(rows, -1, -1), trainer.config.num_classes).to(trainer.device)
+    t = torch.full((rows,), 500, device=trainer.device)
+    trainer.model.eval()
+    with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.autocast):
+        trainer.forward(x, t, labels)
+
+
+def _segmenter_costs(config: StudyConfig, num_classes: int, device: torch.device, bf16: bool
+                     ) -> SegmenterCosts:
+    protocol, size = config.segmenter, config.image_size
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (protocol.batch_size * 2, size, size, 3), dtype=np.uint8)
+    masks = rng.integers(0, num_classes, (protocol.batch_size * 2, size, size)).astype(np.uint8)
+    spec = SegmenterSpec(protocol.architecture, num_classes, protocol.encoder)
+
+    def train(steps: int) -> float:
+        settings = TrainSettings(steps, protocol.batch_size, protocol.lr, protocol.weight_decay, "flip", 0, None,
+                                 bf16, 0)
+        started = time.perf_counter()
+        train_segmenter(images, masks, spec, settings, device, progress=False)
+        return time.perf_counter() - started
+
+    train(1)  # warm-up
+    one, five = train(1), train(5)  # the difference is 4 steps without building the model
+    step = max(five - one, 0.0) / 4
+    model = build_segmenter(spec).to(device).eval()
+    predicting = seconds_per_call(lambda: predict(model, images, device, bf16=bf16)) / len(images)
+    return SegmenterCosts(step, predicting)
+
+
+def format_duration(seconds: float) -> str:
+    """'4 h 05 min', '12 min', '40 s'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def format_estimate(stages: list[Stage], machine: str) -> str:
+    lines = [f"estimated wall time on this machine ({machine}):", "",
+             "| stage | runs | work per run | per run | total |", "|---|---|---|---|---|"]
+    for stage in stages:
+        lines.append(f"| {stage.name} | {stage.runs} | {stage.work} | {format_duration(stage.seconds)} | "
+                     f"{format_duration(stage.total)} |")
+    total = sum(stage.total for stage in stages)
+    lines += [f"| **total** | | | | **{format_duration(total)}** |", "",
+              "From a few timed steps of each model here, times the work the config asks for. Not counted: "
+              "data loading, checkpoints, reports and plots (a few minutes), masks drawn again (`mask_retries`), "
+              "nor a run that patience stops early. "
+              "A resumed study skips the units already in its ledger."]
+    return "\n".join(lines)
+
+
+def machine_text(device: torch.device, bf16: bool) -> str:
+    """'cpu, 2 threads, fp32 (CPU bf16: none)' or 'cuda NVIDIA H200, bf16 autocast' (the segmenters'
+    precision; each SDM's follows its own `precision` key, auto by default, and is timed as it will run)."""
+    precision = "bf16 autocast" if bf16 else "fp32"
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)}, {precision}"
+    return f"{device.type}, {torch.get_num_threads()} threads, {precision} (CPU bf16: {cpu_bf16_support()})"
+
+
+def estimate_study(config: StudyConfig, num_classes: int, split, log: Callable[[str], None] = print) -> str:
+    """The estimate's table for `config` on this machine, with the study's `split` (study.make_split). Writes
+    nothing into the study folder: the timed trainers work on links to the smallest subset in a temporary
+    folder, removed at the end."""
+    device = select_device(config.device)
+    bf16 = bf16_autocast(config.segmenter.precision, device)
+    sizes = SplitSizes(len(split.val), {f: len(p) for f, p in split.subsets.items()}, len(split.test))
+    with tempfile.TemporaryDirectory(prefix="study-estimate-") as scratch:
+        data_dir = link_subset(split.subsets[min(split.subsets)], Path(scratch) / "data", config.data_dir)
+        timings = MeasuredTimings(config, num_classes, device, bf16, data_dir, Path(scratch), log)
+        stages = plan_study(config, num_classes, sizes, timings)
+    return format_estimate(stages, machine_text(device, bf16))
