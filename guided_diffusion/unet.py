@@ -95,9 +95,43 @@ class SPADEGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, one_hot: torch.Tensor) -> torch.Tensor:
         normalized = self.norm(_at_least_float32(x)).type(x.dtype)
-        segmap = F.interpolate(one_hot.type(x.dtype), size=x.shape[2:], mode="nearest")
-        hidden = self.mlp_shared(segmap)
-        return normalized * (1 + self.mlp_gamma(hidden)) + self.mlp_beta(hidden)
+        if one_hot.shape[2:] == (1, 1) and min(x.shape[2:]) > CONSTANT_MAP_SIDE:
+            gamma, beta = self._constant_modulation(one_hot.type(x.dtype), x.shape[2], x.shape[3])
+        else:
+            segmap = F.interpolate(one_hot.type(x.dtype), size=x.shape[2:], mode="nearest")
+            hidden = self.mlp_shared(segmap)
+            gamma, beta = self.mlp_gamma(hidden), self.mlp_beta(hidden)
+        return normalized * (1 + gamma) + beta
+
+    def _constant_modulation(self, one_hot: torch.Tensor, height: int, width: int
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scale and shift maps of a 1×1 condition (the mask generator's presence vector), which is the same
+        at every pixel. Two zero-padded 3x3 convolutions of a constant map give a map that is constant except in
+        the 2 pixels next to each border, so they are computed on a 5×5 map (2 border rows and columns each
+        side, one inner) and its rows and columns are spread to height × width: the same values as the full-size
+        convolutions, at the cost of 25 pixels instead of height × width."""
+        side = CONSTANT_MAP_SIDE
+        hidden = self.mlp_shared(one_hot.expand(-1, -1, side, side))
+        gamma, beta = self.mlp_gamma(hidden), self.mlp_beta(hidden)
+        rows, cols = _spread_index(height, one_hot.device), _spread_index(width, one_hot.device)
+
+        def spread(small: torch.Tensor) -> torch.Tensor:
+            return small.index_select(2, rows).index_select(3, cols)
+
+        return spread(gamma), spread(beta)
+
+
+CONSTANT_MAP_SIDE = 5
+"""The side of the map SPADE computes a 1×1 condition's modulation on: 2 border pixels each side + 1 inner."""
+
+
+def _spread_index(size: int, device: torch.device) -> torch.Tensor:
+    """For each of `size` positions, the position of the 5-wide map holding its value: 0, 1, then the inner 2
+    for all but the last two, then 3, 4."""
+    index = torch.full((size,), 2, dtype=torch.long, device=device)
+    index[:2] = torch.tensor([0, 1], device=device)
+    index[-2:] = torch.tensor([3, 4], device=device)
+    return index
 
 
 class Upsample(nn.Module):

@@ -542,3 +542,22 @@ def test_negative_mask_retries_are_one_error_line(demo_dir):
     with pytest.raises(ConfigError, match=r"key 'mask_retries' must be >= 0 \(0 = off\), got -1"):
         config_from_dict("sample", {"data_dir": str(demo_dir), "model_path": "x", "mode": "noise",
                                     "mask_source": "y", "mask_retries": -1})
+
+
+@pytest.mark.parametrize("height, width", [(6, 6), (6, 9), (17, 32), (64, 64)])
+def test_a_presence_vector_modulates_as_the_same_condition_spread_over_every_pixel(height, width):
+    """SPADE computes a 1×1 condition's scale and shift on a 5×5 map and spreads it (the mask generator's speed-up):
+    the output is the full-size computation's, and so are the gradients."""
+    from guided_diffusion.unet import SPADEGroupNorm
+
+    torch.manual_seed(0)
+    layer = SPADEGroupNorm(32, 6)
+    x = torch.randn(2, 32, height, width, requires_grad=True)
+    presence = torch.tensor([[1.0, 0, 1, 0, 0, 1], [1, 1, 0, 0, 0, 0]])[:, :, None, None]
+    spread = presence.expand(-1, -1, height, width)
+    fast, full = layer(x, presence), layer(x, spread)
+    torch.testing.assert_close(fast, full, rtol=1e-6, atol=1e-6)
+    inputs = [x, *layer.parameters()]
+    for got, want in zip(torch.autograd.grad(fast.square().sum(), inputs),
+                         torch.autograd.grad(full.square().sum(), inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
