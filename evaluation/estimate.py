@@ -138,11 +138,11 @@ def _sdm_runs(config: StudyConfig) -> dict[tuple[float, str], str]:
 
 
 def plan_study(config: StudyConfig, num_classes: int, sizes: SplitSizes, timings: Timings) -> list[Stage]:
-    """The study's work as stages with their seconds on `timings`, in the order the study runs them."""
+    """The study's work as stages with their seconds on `timings`: the SDMs first, then each fraction's
+    generators, segmenters and label alignment."""
     common = {"data_dir": config.data_dir, "dataset_mode": config.dataset_mode, "num_classes": num_classes,
               "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device}
     stages: list[Stage] = []
-    sdm_values: dict[str, dict[str, Any]] = {}  # generator name -> the train values of its SDM
 
     for (fraction, _), name in _sdm_runs(config).items():
         settings = config.sdm_settings(name)
