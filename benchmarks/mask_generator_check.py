@@ -1,7 +1,7 @@
 """Does the mask generator make masks like the dataset's, and new ones? Figures for docs/mask_generator.md.
 
     OMP_NUM_THREADS=2 python3 benchmarks/mask_generator_check.py [--data ../shared/datasets/magnetic-tile]
-        [--size 64] [--steps 1500] [--samples 200] [--out DIR] [--sdm RUN [--image-size 128]]
+        [--size 64 [--crop-size 32]] [--steps 1500] [--samples 200] [--out DIR] [--sdm RUN [--image-size 128]]
         [--trained RUN | --resume RUN]
 
 1. The dataset's train/ masks are split into a training part and a held-out real part (15 %, seeded).
@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset-mode", default="multi-class")
     parser.add_argument("--size", type=int, default=64, help="the masks' side (px)")
     parser.add_argument("--steps", type=int, default=1500, help="training steps of the mask generator")
+    parser.add_argument("--crop-size", type=int, default=0,
+                        help="train on random crops of this side of the --size masks, sample at --size (0 = off)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native)")
     parser.add_argument("--prediction", default="eps", choices=["eps", "v"], help="what the generator predicts")
@@ -100,8 +102,9 @@ def check_trained(run_dir: Path, args: argparse.Namespace, option: str = "--trai
     except (OSError, ValueError) as error:
         raise SystemExit(f"{option} {run_dir}: no readable config.json of a masks run ({error})")
     checked = [("image_size", args.size), ("seed", args.seed), ("batch_size", args.batch_size),
-               ("prediction", args.prediction)]
+               ("prediction", args.prediction), ("crop_size", args.crop_size)]
     config.setdefault("prediction", "eps")  # runs from before the key predicted eps
+    config.setdefault("crop_size", 0)
     for key, wanted in checked + ([("max_steps", args.steps)] if option == "--trained" else []):
         if config.get(key) != wanted:
             raise SystemExit(f"{option} {run_dir}: its {key} is {config.get(key)!r}, this call's is {wanted!r}")
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     values.update({"data_dir": str(data_dir), "dataset_mode": args.dataset_mode, "num_classes": num_classes,
                    "image_size": args.size, "root_log_dir": str(out / "runs"), "batch_size": args.batch_size,
                    "max_epochs": 100000, "max_steps": args.steps, "save_interval": max(1, args.steps // 3),
-                   "seed": args.seed, "precision": args.precision, "prediction": args.prediction})
+                   "seed": args.seed, "precision": args.precision, "prediction": args.prediction,
+                   "crop_size": args.crop_size})
     if args.trained:
         run_dir, train_seconds = check_trained(Path(args.trained), args), None
     else:
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     gen, held = distances(generated_report, names), distances(held_report, names)
     trained = (f"reused from {run_dir}" if train_seconds is None else
                f"in {train_seconds / 60:.1f} min ({args.steps * args.batch_size / train_seconds:.1f} masks/s)")
-    print(f"\nmask generator: {args.size} px, {args.prediction} prediction, {args.steps} steps of batch "
+    crops = f" (trained on {args.crop_size} px crops)" if args.crop_size else ""
+    print(f"\nmask generator: {args.size} px{crops}, {args.prediction} prediction, {args.steps} steps of batch "
           f"{args.batch_size} ({args.precision}) "
           f"{trained}; sampling {args.sample_steps} ancestral steps (guidance {args.plain_guidance:g}): "
           f"{sample_seconds / args.samples:.2f} s/mask\n")

@@ -119,3 +119,36 @@ def test_mask_generator_check_compares_generated_and_held_out_masks_with_the_tra
     refused = run(command + ["--resume", str(trained)])
     assert refused.stderr.strip().splitlines()[-1] == (f"--resume {trained}: it trained 2 steps, not fewer than "
                                                        "--steps 2")
+
+
+def test_mask_generator_check_trains_on_crops_and_samples_at_the_full_size(tmp_path):
+    from guided_diffusion.demo import make_demo_dataset
+    data = make_demo_dataset(tmp_path / "demo", num_train=12, num_test=2, image_size=32)
+    command = [sys.executable, "benchmarks/mask_generator_check.py", "--data", str(data), "--size", "32",
+               "--crop-size", "16", "--steps", "2", "--batch-size", "4", "--samples", "2", "--sample-steps", "2",
+               "--out", str(tmp_path / "out")]
+    result = run(command)
+    assert result.returncode == 0, result.stderr
+    assert "mask generator: 32 px (trained on 16 px crops), eps prediction" in result.stdout
+    run_config = json.loads((tmp_path / "out" / "runs" / "masks_001" / "config.json").read_text())
+    assert (run_config["image_size"], run_config["crop_size"]) == (32, 16)
+    import numpy as np
+    assert np.load(tmp_path / "out" / "masks.npz")["generated"].shape == (2, 32, 32)
+
+    # a run trained on full frames is not the one asked for
+    uncropped = [*command[:command.index("--crop-size")], *command[command.index("--crop-size") + 2:]]
+    refused = run(uncropped + ["--trained", str(tmp_path / "out" / "runs" / "masks_001")])
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].endswith("its crop_size is 16, this call's is 0")
+
+
+def test_mask_generator_speed_times_the_1x1_condition_against_the_spread_one():
+    result = run([sys.executable, "benchmarks/mask_generator_speed.py", "--size", "16", "--classes", "3",
+                  "--batch-size", "2", "--sample-batch", "1", "--repeats", "1"])
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 1x1") or line.startswith("| spread")]
+    assert [row.split(" | ")[0] for row in rows] == ["| 1x1 presence vector", "| spread over every pixel"]
+    assert re.search(r"^the 1x1 path: [\d.]+x the training steps/s, [\d.]+x the sampling forwards/s$",
+                     result.stdout, re.M)
+    bad = run([sys.executable, "benchmarks/mask_generator_speed.py", "--size", "0"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("--size must be >= 1, got 0")
