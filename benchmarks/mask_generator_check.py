@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1500, help="training steps of the mask generator")
     parser.add_argument("--crop-size", type=int, default=0,
                         help="train on random crops of this side of the --size masks, sample at --size (0 = off)")
+    parser.add_argument("--class-weight-power", type=float, default=0.0,
+                        help="the generator's class_weight_power (rare classes' pixels weighted up; 0 = off)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native)")
     parser.add_argument("--prediction", default="eps", choices=["eps", "v"], help="what the generator predicts")
@@ -102,9 +104,11 @@ def check_trained(run_dir: Path, args: argparse.Namespace, option: str = "--trai
     except (OSError, ValueError) as error:
         raise SystemExit(f"{option} {run_dir}: no readable config.json of a masks run ({error})")
     checked = [("image_size", args.size), ("seed", args.seed), ("batch_size", args.batch_size),
-               ("prediction", args.prediction), ("crop_size", args.crop_size)]
+               ("prediction", args.prediction), ("crop_size", args.crop_size),
+               ("class_weight_power", args.class_weight_power)]
     config.setdefault("prediction", "eps")  # runs from before the key predicted eps
     config.setdefault("crop_size", 0)
+    config.setdefault("class_weight_power", 0.0)
     for key, wanted in checked + ([("max_steps", args.steps)] if option == "--trained" else []):
         if config.get(key) != wanted:
             raise SystemExit(f"{option} {run_dir}: its {key} is {config.get(key)!r}, this call's is {wanted!r}")
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                    "image_size": args.size, "root_log_dir": str(out / "runs"), "batch_size": args.batch_size,
                    "max_epochs": 100000, "max_steps": args.steps, "save_interval": max(1, args.steps // 3),
                    "seed": args.seed, "precision": args.precision, "prediction": args.prediction,
-                   "crop_size": args.crop_size})
+                   "crop_size": args.crop_size, "class_weight_power": args.class_weight_power})
     if args.trained:
         run_dir, train_seconds = check_trained(Path(args.trained), args), None
     else:
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = (f"reused from {run_dir}" if train_seconds is None else
                f"in {train_seconds / 60:.1f} min ({args.steps * args.batch_size / train_seconds:.1f} masks/s)")
     crops = f" (trained on {args.crop_size} px crops)" if args.crop_size else ""
+    crops += f", class_weight_power {args.class_weight_power:g}" if args.class_weight_power else ""
     print(f"\nmask generator: {args.size} px{crops}, {args.prediction} prediction, {args.steps} steps of batch "
           f"{args.batch_size} ({args.precision}) "
           f"{trained}; sampling {args.sample_steps} ancestral steps (guidance {args.plain_guidance:g}): "

@@ -310,12 +310,18 @@ class MaskTrainConfig(TrainConfig):
     max_epochs: int = option(200, "stop after this many epochs")
     save_interval: int = option(500, "write `checkpoints/latest.pt` every N steps (and at the end)")
     drop_rate: float = option(0.0, "the null-label dropout: set from `presence_drop` (leave it out)")
+    class_weight_power: float = option(0.0, "weight each pixel's squared error in the loss by (share of its class "
+                                            "among the training masks' pixels)^-power, the weights averaging 1 over "
+                                            "those pixels, so small, rare classes count more; 0 = off, 1 = every "
+                                            "class counts as much in total")
     presence_drop: float = option(0.1, "probability that a mask's presence vector (the classes it holds) is replaced "
                                        "by the null vector, so sampling may ask for no class or use guidance; sets "
                                        "`drop_rate`")
 
     def validate(self) -> None:
         require(0.0 <= self.presence_drop < 1.0, "presence_drop", f"must be in [0, 1), got {self.presence_drop}")
+        require(0.0 <= self.class_weight_power <= 1.0, "class_weight_power",
+                f"must be in [0, 1] (0 = off), got {self.class_weight_power}")
         super().validate()
         require(self.drop_rate == self.presence_drop, "drop_rate",
                 f"is set from 'presence_drop' for the mask generator; give presence_drop {self.drop_rate} instead")

@@ -248,13 +248,16 @@ class GaussianDiffusion:
 
     # --- training -----------------------------------------------------------------------------------------
     def training_losses(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_start: torch.Tensor,
-                        t: torch.Tensor, noise: torch.Tensor, min_snr_gamma: float = 0.0) -> dict[str, torch.Tensor]:
+                        t: torch.Tensor, noise: torch.Tensor, min_snr_gamma: float = 0.0,
+                        pixel_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The hybrid loss per sample: MSE on eps (on v for a v model) + the variational bound for the learned
         variance.
 
         `model(x_t, model_timesteps)` returns the raw output. As in improved DDPM, the VB term sees the
         predicted mean detached, so it trains the variance only. With `min_snr_gamma` > 0 the loss takes the MSE
         weighted by `min_snr_weights` (the VB term unchanged); terms["mse"] stays the unweighted MSE.
+        `pixel_weights` (broadcastable to x_start, e.g. B x 1 x H x W) weight each pixel's squared error in the
+        loss's MSE, which is then their weighted mean (the mask generator's class weighting); None = all 1.
         """
         x_t = self.q_sample(x_start, t, noise)
         model_output = model(x_t, self.model_timesteps(t))
@@ -266,8 +269,10 @@ class GaussianDiffusion:
         else:
             predicted = model_output
         target = self.v_target(x_start, t, noise) if self.prediction == "v" else noise
-        terms["mse"] = mean_flat((target - predicted) ** 2)
-        mse = terms["mse"] * self.min_snr_weights(t, min_snr_gamma).to(terms["mse"]) if min_snr_gamma else terms["mse"]
+        squared = (target - predicted) ** 2
+        terms["mse"] = mean_flat(squared)
+        mse = terms["mse"] if pixel_weights is None else mean_flat(squared * pixel_weights.to(squared))
+        mse = mse * self.min_snr_weights(t, min_snr_gamma).to(mse) if min_snr_gamma else mse
         terms["loss"] = mse + terms["vb"] if "vb" in terms else mse
         return terms
 

@@ -231,6 +231,11 @@ class Trainer:
         """The training process; the mask generator's may predict v instead of eps (masks_train.py)."""
         return build_diffusion(config)
 
+    def pixel_weights(self, images: torch.Tensor) -> torch.Tensor | None:
+        """Weights of each pixel's squared error in the loss, for a batch of training images; None = all equal
+        (the SDM). The mask generator's trainer weights its rare classes' pixels up (masks_train.py)."""
+        return None
+
     # --- starting point ---------------------------------------------------------------------------------
     def start_from(self, path: Path) -> str:
         """Resume exactly from a checkpoint of this action, else initialise the weights from it."""
@@ -369,7 +374,8 @@ class Trainer:
             with self.ddp.no_sync() if accumulate else nullcontext():
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                     terms = self.diffusion.training_losses(lambda x, ts: self.forward(x, ts, labels[sl]),
-                                                           images[sl], t[sl], noise[sl], self.config.min_snr_gamma)
+                                                           images[sl], t[sl], noise[sl], self.config.min_snr_gamma,
+                                                           self.pixel_weights(images[sl]))
                 loss = terms["loss"].sum() / divisor
                 (loss * 0.0 if padding else loss).backward()
             per_sample.append(torch.stack([terms["loss"], terms["mse"], terms["vb"]], dim=1).detach().float())

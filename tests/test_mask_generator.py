@@ -173,6 +173,57 @@ def test_min_snr_for_a_v_model_weights_the_x0_error_as_for_an_eps_model():
     torch.testing.assert_close(v_model.min_snr_weights(t, 5.0) * (snr + 1), snr.clamp(max=5.0))
 
 
+# --- class weighting ------------------------------------------------------------------------------------------
+
+def test_pixel_weights_of_one_leave_the_loss_as_it_is_and_others_weight_each_pixel_error():
+    from guided_diffusion.diffusion import GaussianDiffusion
+    diffusion = GaussianDiffusion.create(1000, "cosine")
+    g = torch.Generator().manual_seed(0)
+    x_start, noise = torch.rand(2, 3, 4, 4, generator=g) * 2 - 1, torch.randn(2, 3, 4, 4, generator=g)
+    output = torch.randn(2, 6, 4, 4, generator=g)
+    t = torch.tensor([10, 700])
+    plain = diffusion.training_losses(lambda x, ts: output, x_start, t, noise)
+    ones = diffusion.training_losses(lambda x, ts: output, x_start, t, noise, pixel_weights=torch.ones(2, 1, 4, 4))
+    torch.testing.assert_close(ones["loss"], plain["loss"], rtol=0, atol=0)
+    weights = torch.zeros(2, 1, 4, 4)
+    weights[:, :, 0, 0] = 16.0  # all the weight on one pixel: the loss's MSE is that pixel's squared error
+    one_pixel = diffusion.training_losses(lambda x, ts: output, x_start, t, noise, pixel_weights=weights)
+    expected = ((noise - output[:, :3]) ** 2)[:, :, 0, 0].mean(dim=1)
+    torch.testing.assert_close(one_pixel["loss"] - one_pixel["vb"], expected)
+    torch.testing.assert_close(one_pixel["mse"], plain["mse"])  # the logged MSE stays unweighted
+
+
+def test_class_weights_average_one_over_the_pixels_and_power_one_weighs_every_class_alike():
+    from guided_diffusion.masks_train import class_weights
+    masks = [np.array([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 2]]),
+             np.zeros((4, 4), np.int64)]  # 29 background pixels, 2 of class 1, 1 of class 2, none of class 3
+    counts = np.array([29, 2, 1, 0])
+    off = class_weights(masks, 4, 0.0)
+    assert off.tolist() == [1.0, 1.0, 1.0, 0.0]
+    for power in (0.5, 1.0):
+        weights = class_weights(masks, 4, power).numpy()
+        assert np.isclose((counts * weights).sum() / counts.sum(), 1.0) and weights[3] == 0.0
+        assert weights[2] > weights[1] > weights[0]
+    totals = counts[:3] * class_weights(masks, 4, 1.0).numpy()[:3]
+    assert np.allclose(totals, totals[0])
+
+
+def test_a_class_weighted_generator_weighs_its_batch_pixels_by_class_and_trains(demo_dir, tmp_path):
+    from guided_diffusion.masks_train import MaskTrainer
+    trainer = MaskTrainer(mask_config(generator_config(demo_dir, tmp_path / "w", max_steps=2,
+                                                       class_weight_power=0.5)), log=lambda *_: None)
+    masks = torch.tensor([[[0, 1], [2, 3]]])
+    weights = trainer.pixel_weights(mm.encode(masks, 4))
+    assert weights.shape == (1, 1, 2, 2)
+    assert weights.flatten().tolist() == trainer.class_weights[torch.tensor([0, 1, 2, 3])].tolist()
+    assert trainer.class_weights[0] < 1.0 < trainer.class_weights[1:].min()  # the demo's background is most pixels
+    off = MaskTrainer(mask_config(generator_config(demo_dir, tmp_path / "o", max_steps=2)), log=lambda *_: None)
+    assert off.pixel_weights(mm.encode(masks, 4)) is None  # off: the loss is the plain one, unchanged
+    assert trainer.run().state.step == 2
+    with pytest.raises(ConfigError, match=r"'class_weight_power' must be in \[0, 1\] \(0 = off\), got 2(\.0)?$"):
+        mask_config(generator_config(demo_dir, tmp_path, class_weight_power=2))
+
+
 def test_a_v_generator_trains_samples_and_keeps_its_prediction_in_the_checkpoint(demo_dir, tmp_path):
     run = train_mask_generator(generator_config(demo_dir, tmp_path, max_steps=2, prediction="v"),
                                log=lambda *_: None).run_dir
