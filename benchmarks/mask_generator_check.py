@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from guided_diffusion.balance import load_masks  # noqa: E402
-from guided_diffusion.config import config_from_dict  # noqa: E402
+from guided_diffusion.config import MaskTrainConfig, config_from_dict  # noqa: E402
 from guided_diffusion.data import index_dataset, read_class_names, split_train_val  # noqa: E402
 from evaluation.image_sets import infer_num_classes, link_subset  # noqa: E402
 from guided_diffusion.masks_model import (load_mask_generator, presence_misses, presence_vectors,  # noqa: E402
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1500, help="training steps of the mask generator")
     parser.add_argument("--crop-size", type=int, default=0,
                         help="train on random crops of this side of the --size masks, sample at --size (0 = off)")
-    parser.add_argument("--class-weight-power", type=float, default=0.0,
+    parser.add_argument("--class-weight-power", type=float, default=MaskTrainConfig.class_weight_power,
                         help="the generator's class_weight_power (rare classes' pixels weighted up; 0 = off)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native)")
@@ -108,7 +108,7 @@ def check_trained(run_dir: Path, args: argparse.Namespace, option: str = "--trai
                ("class_weight_power", args.class_weight_power)]
     config.setdefault("prediction", "eps")  # runs from before the key predicted eps
     config.setdefault("crop_size", 0)
-    config.setdefault("class_weight_power", 0.0)
+    config.setdefault("class_weight_power", 0.0)  # runs from before the key trained with the plain loss
     for key, wanted in checked + ([("max_steps", args.steps)] if option == "--trained" else []):
         if config.get(key) != wanted:
             raise SystemExit(f"{option} {run_dir}: its {key} is {config.get(key)!r}, this call's is {wanted!r}")
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = (f"reused from {run_dir}" if train_seconds is None else
                f"in {train_seconds / 60:.1f} min ({args.steps * args.batch_size / train_seconds:.1f} masks/s)")
     crops = f" (trained on {args.crop_size} px crops)" if args.crop_size else ""
-    crops += f", class_weight_power {args.class_weight_power:g}" if args.class_weight_power else ""
+    crops += f", class_weight_power {args.class_weight_power:g}"
     print(f"\nmask generator: {args.size} px{crops}, {args.prediction} prediction, {args.steps} steps of batch "
           f"{args.batch_size} ({args.precision}) "
           f"{trained}; sampling {args.sample_steps} ancestral steps (guidance {args.plain_guidance:g}): "

@@ -121,17 +121,17 @@ def test_mask_generator_check_compares_generated_and_held_out_masks_with_the_tra
                                                        "--steps 2")
 
 
-def test_mask_generator_check_trains_on_crops_and_samples_at_the_full_size(tmp_path):
+def test_mask_generator_check_trains_on_crops_with_class_weights_and_samples_at_the_full_size(tmp_path):
     from guided_diffusion.demo import make_demo_dataset
     data = make_demo_dataset(tmp_path / "demo", num_train=12, num_test=2, image_size=32)
     command = [sys.executable, "benchmarks/mask_generator_check.py", "--data", str(data), "--size", "32",
-               "--crop-size", "16", "--steps", "2", "--batch-size", "4", "--samples", "2", "--sample-steps", "2",
-               "--out", str(tmp_path / "out")]
+               "--crop-size", "16", "--class-weight-power", "0.5", "--steps", "2", "--batch-size", "4",
+               "--samples", "2", "--sample-steps", "2", "--out", str(tmp_path / "out")]
     result = run(command)
     assert result.returncode == 0, result.stderr
-    assert "mask generator: 32 px (trained on 16 px crops), eps prediction" in result.stdout
+    assert "mask generator: 32 px (trained on 16 px crops), class_weight_power 0.5, eps prediction" in result.stdout
     run_config = json.loads((tmp_path / "out" / "runs" / "masks_001" / "config.json").read_text())
-    assert (run_config["image_size"], run_config["crop_size"]) == (32, 16)
+    assert (run_config["image_size"], run_config["crop_size"], run_config["class_weight_power"]) == (32, 16, 0.5)
     import numpy as np
     assert np.load(tmp_path / "out" / "masks.npz")["generated"].shape == (2, 32, 32)
 
