@@ -69,8 +69,8 @@ def test_crop_training_feeds_the_same_window_of_image_and_mask(demo_dir, tmp_pat
     trainer.generator.set_state(state)
     seen = {}
     losses, forward = trainer.diffusion.training_losses, trainer.forward
-    trainer.diffusion.training_losses = lambda model, x, t, noise, gamma: \
-        seen.update(x_start=x, noise=noise) or losses(model, x, t, noise, gamma)
+    trainer.diffusion.training_losses = lambda model, x, t, noise, *rest: \
+        seen.update(x_start=x, noise=noise) or losses(model, x, t, noise, *rest)
     trainer.forward = lambda x, t, y: seen.update(labels=y) or forward(x, t, y)
     trainer.train_step(images, masks)
 
