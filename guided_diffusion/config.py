@@ -310,12 +310,13 @@ class MaskTrainConfig(TrainConfig):
     max_epochs: int = option(200, "stop after this many epochs")
     save_interval: int = option(500, "write `checkpoints/latest.pt` every N steps (and at the end)")
     drop_rate: float = option(0.0, "the null-label dropout: set from `presence_drop` (leave it out)")
-    class_weight_power: float = option(0.25, "weight each pixel's squared error in the loss by (share of its class "
-                                             "among the training masks' pixels)^-power, the weights averaging 1 over "
-                                             "those pixels, so small, rare classes count more; 0 = off (the plain "
-                                             "loss), 1 = every class counts as much in total. 0.25 brought the "
-                                             "generated masks' class pixel shares to the real ones on magnetic-tile "
-                                             "(docs/mask_generator.md)")
+    class_weight_power: float = option(0.0, "weight each pixel's squared error in the loss by (share of its class "
+                                            "among the training masks' pixels)^-power, the weights averaging 1 over "
+                                            "those pixels, so small, rare classes count more; 0 = off (the plain "
+                                            "loss), 1 = every class counts as much in total. With `prediction` v, "
+                                            "0.25 brought the generated masks' class pixel shares to the real ones "
+                                            "on magnetic-tile; with eps it fills every mask with every class "
+                                            "(docs/mask_generator.md)")
     presence_drop: float = option(0.1, "probability that a mask's presence vector (the classes it holds) is replaced "
                                        "by the null vector, so sampling may ask for no class or use guidance; sets "
                                        "`drop_rate`")
