@@ -179,8 +179,12 @@ class PresenceTable:
         if presence.any() and same.any():
             shares = self.pixel_shares[same][0]
         else:
-            shares = (self.pixel_shares * self.counts[:, None]).sum(0) / max(int(self.counts.sum()), 1)
+            shares = self.class_pixel_shares()
         return (2.0 * shares - 1.0).astype(np.float32)
+
+    def class_pixel_shares(self) -> np.ndarray:
+        """Each class's share of all the training masks' pixels (float64 K; the masks are all one size)."""
+        return (self.pixel_shares * self.counts[:, None]).sum(0) / max(int(self.counts.sum()), 1)
 
     def class_rates(self) -> np.ndarray:
         """Share of the training masks that hold each class."""

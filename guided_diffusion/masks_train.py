@@ -12,7 +12,6 @@ processes are train.py's. What differs (see masks_model.py for why):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ class MaskTrainer(Trainer):
     def make_dataset(self, config: MaskTrainConfig) -> torch.utils.data.Dataset:
         masks = load_masks(self.train_pairs, config.image_size, config.dataset_mode, config.resize_mode)
         self.presence_table = PresenceTable.of_masks(masks, config.num_classes)
-        self.class_weights = class_weights(masks, config.num_classes, config.class_weight_power)
+        self.class_weights = class_weights(self.presence_table.class_pixel_shares(), config.class_weight_power)
         return EncodedMaskDataset(masks, config.num_classes)
 
     def pixel_weights(self, images: torch.Tensor) -> torch.Tensor | None:
@@ -71,15 +70,11 @@ class MaskTrainer(Trainer):
         return payload
 
 
-def class_weights(masks: Sequence[np.ndarray], num_classes: int, power: float) -> torch.Tensor:
-    """Per class, (its share of the masks' pixels)^-power, scaled so the pixels' mean weight is 1 (float32 K). The
-    one-hot MSE is mostly background pixels (94 % on magnetic-tile), so a generator learns little of the small
-    classes; power 1 gives every class the same total weight. A class no mask holds gets weight 0 (it has no
-    pixel to weigh)."""
-    counts = np.zeros(num_classes)
-    for mask in masks:
-        counts += np.bincount(np.asarray(mask).ravel().astype(np.int64), minlength=num_classes)[:num_classes]
-    shares = counts / max(counts.sum(), 1.0)
+def class_weights(shares: np.ndarray, power: float) -> torch.Tensor:
+    """Per class, (its share `shares` of the training pixels)^-power, scaled so the pixels' mean weight is 1
+    (float32 K). The one-hot MSE is mostly background pixels (94 % on magnetic-tile), so a generator learns little
+    of the small classes; power 1 gives every class the same total weight. A class no mask holds gets weight 0
+    (it has no pixel to weigh)."""
     weights = np.where(shares > 0, np.maximum(shares, 1e-12) ** -power, 0.0)
     return torch.tensor(weights / max(float((shares * weights).sum()), 1e-12), dtype=torch.float32)
 

@@ -198,13 +198,15 @@ def test_class_weights_average_one_over_the_pixels_and_power_one_weighs_every_cl
     masks = [np.array([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 2]]),
              np.zeros((4, 4), np.int64)]  # 29 background pixels, 2 of class 1, 1 of class 2, none of class 3
     counts = np.array([29, 2, 1, 0])
-    off = class_weights(masks, 4, 0.0)
+    shares = mm.PresenceTable.of_masks(masks, 4).class_pixel_shares()
+    assert np.allclose(shares, counts / counts.sum())
+    off = class_weights(shares, 0.0)
     assert off.tolist() == [1.0, 1.0, 1.0, 0.0]
     for power in (0.5, 1.0):
-        weights = class_weights(masks, 4, power).numpy()
+        weights = class_weights(shares, power).numpy()
         assert np.isclose((counts * weights).sum() / counts.sum(), 1.0) and weights[3] == 0.0
         assert weights[2] > weights[1] > weights[0]
-    totals = counts[:3] * class_weights(masks, 4, 1.0).numpy()[:3]
+    totals = counts[:3] * class_weights(shares, 1.0).numpy()[:3]
     assert np.allclose(totals, totals[0])
 
 
