@@ -43,7 +43,8 @@ from evaluation.image_sets import infer_num_classes, link_subset  # noqa: E402
 from guided_diffusion.masks_model import (load_mask_generator, presence_misses, presence_vectors,  # noqa: E402
                                           sample_masks)
 from guided_diffusion.masks_report import mask_report  # noqa: E402
-from guided_diffusion.masks_train import train_mask_generator  # noqa: E402
+from guided_diffusion.errors import ConfigError  # noqa: E402
+from guided_diffusion.masks_train import mask_config, train_mask_generator  # noqa: E402
 from guided_diffusion.results import palette  # noqa: E402
 
 CONFIG = REPO / "configs" / "config_masks.json"
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                    "max_epochs": 100000, "max_steps": args.steps, "save_interval": max(1, args.steps // 3),
                    "seed": args.seed, "precision": args.precision, "prediction": args.prediction,
                    "crop_size": args.crop_size, "class_weight_power": args.class_weight_power})
+    try:  # the options that become generator keys (--crop-size, --class-weight-power, ...): one line, before work
+        mask_config(values, "mask_generator_check")
+    except ConfigError as error:
+        raise SystemExit(str(error))
     if args.trained:
         run_dir, train_seconds = check_trained(Path(args.trained), args), None
     else:

@@ -152,3 +152,14 @@ def test_mask_generator_speed_times_the_1x1_condition_against_the_spread_one():
                      result.stdout, re.M)
     bad = run([sys.executable, "benchmarks/mask_generator_speed.py", "--size", "0"])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("--size must be >= 1, got 0")
+
+
+def test_mask_generator_check_refuses_a_bad_generator_option_in_one_line(tmp_path):
+    from guided_diffusion.demo import make_demo_dataset
+    data = make_demo_dataset(tmp_path / "demo", num_train=4, num_test=1, image_size=32)
+    bad = run([sys.executable, "benchmarks/mask_generator_check.py", "--data", str(data), "--size", "16",
+               "--class-weight-power", "2", "--out", str(tmp_path / "out")])
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1] == ("mask_generator_check: key 'class_weight_power' must be in [0, 1] "
+                                                   "(0 = off), got 2.0")
+    assert not (tmp_path / "out" / "runs").exists()
