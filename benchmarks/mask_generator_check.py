@@ -41,7 +41,7 @@ from guided_diffusion.config import MaskTrainConfig, config_from_dict  # noqa: E
 from guided_diffusion.data import index_dataset, read_class_names, split_train_val  # noqa: E402
 from evaluation.image_sets import infer_num_classes, link_subset  # noqa: E402
 from guided_diffusion.masks_model import (load_mask_generator, presence_misses, presence_vectors,  # noqa: E402
-                                          sample_masks)
+                                          sample_masks, with_legacy_keys)
 from guided_diffusion.masks_report import mask_report  # noqa: E402
 from guided_diffusion.errors import ConfigError  # noqa: E402
 from guided_diffusion.masks_train import mask_config, train_mask_generator  # noqa: E402
@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the generator's class_weight_power (rare classes' pixels weighted up; 0 = off)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--precision", default="auto", help="fp32, bf16 or auto (bf16 where native)")
-    parser.add_argument("--prediction", default="eps", choices=["eps", "v"], help="what the generator predicts")
+    parser.add_argument("--prediction", default=MaskTrainConfig.prediction, choices=["eps", "v"],
+                        help="what the generator predicts")
     parser.add_argument("--samples", type=int, default=200, help="masks sampled, unasked and asked each")
     parser.add_argument("--sample-steps", type=int, default=25, help="ancestral sampler steps per mask")
     parser.add_argument("--guidance", type=float, default=2.0, help="mask guidance when a class is asked")
@@ -107,9 +108,7 @@ def check_trained(run_dir: Path, args: argparse.Namespace, option: str = "--trai
     checked = [("image_size", args.size), ("seed", args.seed), ("batch_size", args.batch_size),
                ("prediction", args.prediction), ("crop_size", args.crop_size),
                ("class_weight_power", args.class_weight_power)]
-    config.setdefault("prediction", "eps")  # runs from before the key predicted eps
-    config.setdefault("crop_size", 0)
-    config.setdefault("class_weight_power", 0.0)  # runs from before the key trained with the plain loss
+    config = with_legacy_keys(config)  # runs from before a key trained with its old value
     for key, wanted in checked + ([("max_steps", args.steps)] if option == "--trained" else []):
         if config.get(key) != wanted:
             raise SystemExit(f"{option} {run_dir}: its {key} is {config.get(key)!r}, this call's is {wanted!r}")

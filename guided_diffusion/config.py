@@ -300,9 +300,10 @@ class MaskTrainConfig(TrainConfig):
     attention_resolutions: str | list[int] = option("8", "resolutions (image_size / 2^k) with self-attention")
     num_head_channels: int = option(32, "channels per attention head (-1 = use `num_heads`)")
     noise_schedule: Literal["linear", "cosine"] = option("cosine", "`cosine` or `linear` beta schedule")
-    prediction: Literal["eps", "v"] = option("eps", "what the network predicts: `eps` (the noise, as the SDM) or "
-                                                    "`v` (Salimans and Ho 2022), whose x0 estimate stays well "
-                                                    "conditioned at the top noise levels, where masks take shape")
+    prediction: Literal["eps", "v"] = option("v", "what the network predicts: `v` (Salimans and Ho 2022), whose x0 "
+                                                  "estimate stays well conditioned at the top noise levels, where "
+                                                  "masks take shape, or `eps` (the noise, as the SDM; generators "
+                                                  "trained before 2026-12-03 predict eps)")
     image_channels: int | Literal["auto"] = option(
         "auto", "the UNet's input channels: the one-hot mask's, num_classes (`auto` = num_classes; leave it out)")
     lr: float = option(3e-4, "AdamW learning rate")
@@ -310,13 +311,14 @@ class MaskTrainConfig(TrainConfig):
     max_epochs: int = option(200, "stop after this many epochs")
     save_interval: int = option(500, "write `checkpoints/latest.pt` every N steps (and at the end)")
     drop_rate: float = option(0.0, "the null-label dropout: set from `presence_drop` (leave it out)")
-    class_weight_power: float = option(0.0, "weight each pixel's squared error in the loss by (share of its class "
-                                            "among the training masks' pixels)^-power, the weights averaging 1 over "
-                                            "those pixels, so small, rare classes count more; 0 = off (the plain "
-                                            "loss), 1 = every class counts as much in total. With `prediction` v, "
-                                            "0.25 brought the generated masks' class pixel shares to the real ones "
-                                            "on magnetic-tile; with eps it fills every mask with every class "
-                                            "(docs/mask_generator.md)")
+    class_weight_power: float = option(0.25, "weight each pixel's squared error in the loss by (share of its "
+                                             "class among the training masks' pixels)^-power, the weights averaging "
+                                             "1 over those pixels, so small, rare classes count more; 0 = off (the "
+                                             "plain loss), 1 = every class counts as much in total. With `prediction` "
+                                             "v, 0.25 brought the generated masks' class pixel shares and the share "
+                                             "of masks holding each class to the real ones on magnetic-tile; with "
+                                             "eps it fills every mask with every class: use 0 with eps "
+                                             "(docs/mask_generator.md)")
     presence_drop: float = option(0.1, "probability that a mask's presence vector (the classes it holds) is replaced "
                                        "by the null vector, so sampling may ask for no class or use guidance; sets "
                                        "`drop_rate`")

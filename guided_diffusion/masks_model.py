@@ -28,6 +28,13 @@ Design choices, and why
   EMA, best epoch, exact resume, progress bar, signals) with a dataset whose "image" is the encoded mask
   (masks_train.py). Measured: the default model trains at ~19 masks/s at 32 px on one CPU thread; 64 px costs
   about four times that.
+- Parametrisation and loss (defaults since 2026-12-03): the network predicts v (`prediction`), whose x0 estimate
+  stays well conditioned at the top noise levels where masks take shape, and each pixel's error is weighted by
+  its class's rarity (`class_weight_power` 0.25), so the small classes are learned. On magnetic-tile (64 px,
+  1,200 steps) this brought the pixel shares, the share of masks holding each class and the share of
+  background-only masks to what a held-out set of real masks gives; eps with the plain loss, the earlier
+  default, left masks too empty and fragmented (docs/mask_generator.md). Checkpoints without these keys are
+  read with the values they trained with (`LEGACY_KEYS`).
 - The top sampling step takes the training masks' mean mask (for the presence vector) as its prediction of x0
   (`first_step`): at alpha_bar ~ 1e-9 an eps model's x0 is noise, and for masks that noise picks the dominant
   class of the whole mask, which later steps keep (on a toy generator: background 37% of the pixels instead of
@@ -72,6 +79,15 @@ ACTION = "masks"
 """`main.py masks` trains a mask generator; its run folders are `masks_NNN/` (never mixed with the SDM's train
 runs, so auto_resume and resume_checkpoint cannot pick an SDM checkpoint for a mask model or the reverse)."""
 FORMAT = "sdm-mask-generator-v1"
+LEGACY_KEYS = {"prediction": "eps", "class_weight_power": 0.0, "crop_size": 0}
+"""Keys added to the generator after the first checkpoints, with the value those were trained with: a checkpoint
+config that lacks one is read with this value, not today's default (which for `prediction` and
+`class_weight_power` is no longer what they trained with)."""
+
+
+def with_legacy_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A generator checkpoint's (or run's) config dict, with the keys it predates set to what it trained with."""
+    return {**LEGACY_KEYS, **config}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -238,7 +254,7 @@ def load_mask_generator(path: str | Path, device: torch.device | str = "cpu", ke
     if not isinstance(info, dict) or info.get("format") != FORMAT or not payload.get("config"):
         raise CheckpointError(f"{key} {str(path)!r}: not a mask generator checkpoint (train one with "
                               f"`main.py masks`; an SDM image model cannot make masks)")
-    config, _ = config_from_dict(ACTION, payload["config"], f"checkpoint {path}")
+    config, _ = config_from_dict(ACTION, with_legacy_keys(payload["config"]), f"checkpoint {path}")
     model = SDMUNet(config.unet_spec())
     ckpt.load_weights(model, ckpt.extract_state_dict(payload, prefer_ema=use_ema), path, "the mask generator")
     table = PresenceTable.from_dict(info["presence"], config.num_classes)

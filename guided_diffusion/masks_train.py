@@ -22,8 +22,9 @@ from . import checkpoint as ckpt
 from .balance import load_masks
 from .config import MaskTrainConfig, config_from_dict
 from .diffusion import GaussianDiffusion
-from .errors import CheckpointError
-from .masks_model import ACTION, FORMAT, EncodedMaskDataset, PresenceConditioned, PresenceTable
+from .errors import CheckpointError, ConfigError
+from .masks_model import (ACTION, FORMAT, EncodedMaskDataset, PresenceConditioned, PresenceTable,
+                          with_legacy_keys)
 from .train import Trainer, TrainResult, build_diffusion, run_training, train_action
 
 
@@ -42,10 +43,17 @@ class MaskTrainer(Trainer):
                  f"{rates}")
 
     def start_from(self, path: Path) -> str:
-        """Resume a masks run (or start from its weights); an image model's checkpoint is refused in one line."""
-        if "mask_generator" not in ckpt.load_checkpoint(path):
+        """Resume a masks run (or start from its weights); an image model's checkpoint, or a generator that predicts
+        the other target (`prediction`: its weights would be read as the wrong one), is refused in one line."""
+        payload = ckpt.load_checkpoint(path)
+        if "mask_generator" not in payload:
             raise CheckpointError(f"resume_checkpoint {str(path)!r}: not a mask generator checkpoint; a masks run "
                                   f"starts from a masks run only")
+        trained = with_legacy_keys(payload.get("config") or {})["prediction"]
+        if trained != self.config.prediction:
+            raise ConfigError(f"resume_checkpoint {str(path)!r}: that generator predicts {trained}, this run's "
+                              f"'prediction' is {self.config.prediction}; set \"prediction\": \"{trained}\" to "
+                              f"continue it")
         return super().start_from(path)
 
     def make_diffusion(self, config: MaskTrainConfig) -> GaussianDiffusion:

@@ -129,7 +129,7 @@ def test_mask_generator_check_trains_on_crops_with_class_weights_and_samples_at_
                "--samples", "2", "--sample-steps", "2", "--out", str(tmp_path / "out")]
     result = run(command)
     assert result.returncode == 0, result.stderr
-    assert "mask generator: 32 px (trained on 16 px crops), class_weight_power 0.5, eps prediction" in result.stdout
+    assert "mask generator: 32 px (trained on 16 px crops), class_weight_power 0.5, v prediction" in result.stdout
     run_config = json.loads((tmp_path / "out" / "runs" / "masks_001" / "config.json").read_text())
     assert (run_config["image_size"], run_config["crop_size"], run_config["class_weight_power"]) == (32, 16, 0.5)
     import numpy as np

@@ -227,13 +227,37 @@ def test_a_class_weighted_generator_weighs_its_batch_pixels_by_class_and_trains(
         mask_config(generator_config(demo_dir, tmp_path, class_weight_power=2))
 
 
-def test_a_v_generator_trains_samples_and_keeps_its_prediction_in_the_checkpoint(demo_dir, tmp_path):
-    run = train_mask_generator(generator_config(demo_dir, tmp_path, max_steps=2, prediction="v"),
+def test_an_eps_generator_trains_samples_and_keeps_its_prediction_in_the_checkpoint(demo_dir, tmp_path):
+    """v is the default; eps (the SDM's parametrisation) is the other choice, and sampling follows the checkpoint."""
+    run = train_mask_generator(generator_config(demo_dir, tmp_path, max_steps=2, prediction="eps"),
                                log=lambda *_: None).run_dir
     generator = mm.load_mask_generator(run)
-    assert generator.config.prediction == "v" and mm.sampling_diffusion(generator.config, 5).prediction == "v"
+    assert generator.config.prediction == "eps" and mm.sampling_diffusion(generator.config, 5).prediction == "eps"
     masks = mm.sample_masks(generator, 2, steps=3)
     assert masks.shape == (2, 16, 16) and 0 <= masks.min() and masks.max() < 4
+
+
+def test_a_checkpoint_from_before_the_prediction_key_samples_as_the_eps_model_it_is(generator_run, tmp_path):
+    """Generators trained before `prediction` and `class_weight_power` existed predicted eps with the plain loss;
+    their checkpoints lack the keys, and today's defaults (v, 0.25) must not be read into them."""
+    payload = torch.load(generator_run / "checkpoints" / "latest.pt", weights_only=False)
+    assert (payload["config"]["prediction"], payload["config"]["class_weight_power"]) == ("v", 0.25)  # defaults
+    for key in ("prediction", "class_weight_power"):
+        del payload["config"][key]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    generator = mm.load_mask_generator(old)
+    assert (generator.config.prediction, generator.config.class_weight_power) == ("eps", 0.0)
+    assert mm.sampling_diffusion(generator.config, 5).prediction == "eps"
+
+
+def test_resuming_a_generator_with_another_prediction_is_one_error_line(generator_run, demo_dir, tmp_path):
+    latest = generator_run / "checkpoints" / "latest.pt"
+    config = generator_config(demo_dir, tmp_path, max_steps=6, prediction="eps", resume_checkpoint=str(latest))
+    with pytest.raises(ConfigError, match=r"that generator predicts v, this run's 'prediction' is eps; set "
+                                          r"\"prediction\": \"v\" to continue it$"):
+        train_mask_generator(config, log=lambda *_: None)
+    assert not list(tmp_path.glob("masks_*/checkpoints/*.pt"))  # nothing trained
 
 
 def test_an_unknown_prediction_is_one_error_line(demo_dir, tmp_path):
