@@ -59,7 +59,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -71,7 +70,7 @@ from .data import Pair, one_hot
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError
 from .guidance import conditional_denoiser
-from .masks_report import mask_report, novelty_summary
+from .masks_report import mask_report, novelty_summary, remove_small_components
 from .samplers import SAMPLERS, PerImageNoise, run_sampler
 from .unet import SDMUNet
 
@@ -449,40 +448,6 @@ def upsample_mask(masks: np.ndarray, size: int, num_classes: int) -> np.ndarray:
     return result[0] if single else result
 
 
-def remove_small_components(mask: np.ndarray, min_area: int, connectivity: int = 8, passes: int = 3) -> np.ndarray:
-    """The H×W mask with every connected component (of any class, background too) of fewer than `min_area`
-    pixels filled with the most common class around it (its 1-pixel ring). A component that fills the image is
-    kept. Smallest components are filled first; up to `passes` passes, as a fill can leave a new small one."""
-    mask = np.array(mask, copy=True)
-    if min_area <= 1:
-        return mask
-    for _ in range(passes):
-        small = []
-        for class_id in np.unique(mask):
-            count, labels, stats, _ = cv2.connectedComponentsWithStats((mask == class_id).astype(np.uint8),
-                                                                       connectivity=connectivity)
-            for j in range(1, count):
-                if stats[j, cv2.CC_STAT_AREA] < min_area:
-                    small.append((int(stats[j, cv2.CC_STAT_AREA]), labels, j, stats[j]))
-        if not small:
-            break
-        changed = False
-        for _, labels, j, (left, top, width, height, _) in sorted(small, key=lambda item: item[0]):
-            y0, y1 = max(top - 1, 0), min(top + height + 1, mask.shape[0])
-            x0, x1 = max(left - 1, 0), min(left + width + 1, mask.shape[1])
-            inside = labels[y0:y1, x0:x1] == j
-            ring = cv2.dilate(inside.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~inside
-            around = mask[y0:y1, x0:x1][ring]
-            if around.size == 0:
-                continue
-            values, counts = np.unique(around, return_counts=True)
-            mask[y0:y1, x0:x1][inside] = values[np.argmax(counts)]
-            changed = True
-        if not changed:
-            break
-    return mask
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The masks of a sample run (key mask_source)
 
@@ -532,7 +497,7 @@ def generate_for_sampling(config: SampleConfig, real_pairs: Sequence[Pair], devi
         sources, selection = _balanced(generator, config, config.balance_args, real, required, class_names,
                                        options, log)
     quality = mask_report([source.mask for source in sources], real, num_classes, class_names=class_names,
-                          min_area=config.mask_min_area or REPORT_MIN_AREA)
+                          min_area=config.mask_min_area or REPORT_MIN_AREA, clean_real_below=config.mask_min_area)
     log(f"generated masks: {novelty_summary(quality['novelty'], len(sources))}; speckles "
         f"{100 * quality['validity']['speckle_share_generated']:.1f}% (masks_report.md)")
     return GeneratedMasks(sources, selection, quality, generator.checkpoint_path)

@@ -10,6 +10,10 @@
   (the mean over the non-background classes either mask holds) and the share above `near_copy_iou`
   (near-copies); beside it, the share of background-only masks, generated and real;
 - validity: the share of components smaller than `min_area` pixels (speckles), generated and real.
+Generated masks cleaned of small components (`mask_min_area`) are compared with real masks cleaned alike
+(`clean_real_below`): a real set keeps its 1-3 px specks and a cleaned set has none, so the object sizes would
+differ by the cleaning alone (on magnetic-tile at 64 px, cleaning at 4 px: mean W1 0.37 against uncleaned real
+masks, 0.25 against cleaned ones, where two real sets differ by 0.22).
 `write_mask_report` writes masks_report.md, masks_report.json and masks_report.png into a run folder.
 """
 
@@ -117,17 +121,54 @@ def _set_statistics(masks: Sequence[np.ndarray], num_classes: int, min_area: int
             "objects_per_mask": objects / count, "log_sizes": log_sizes, "speckles": speckles, "components": total}
 
 
+def remove_small_components(mask: np.ndarray, min_area: int, connectivity: int = 8, passes: int = 3) -> np.ndarray:
+    """The H×W mask with every connected component (of any class, background too) of fewer than `min_area`
+    pixels filled with the most common class around it (its 1-pixel ring). A component that fills the image is
+    kept. Smallest components are filled first; up to `passes` passes, as a fill can leave a new small one."""
+    mask = np.array(mask, copy=True)
+    if min_area <= 1:
+        return mask
+    for _ in range(passes):
+        small = []
+        for class_id in np.unique(mask):
+            count, labels, stats, _ = cv2.connectedComponentsWithStats((mask == class_id).astype(np.uint8),
+                                                                       connectivity=connectivity)
+            for j in range(1, count):
+                if stats[j, cv2.CC_STAT_AREA] < min_area:
+                    small.append((int(stats[j, cv2.CC_STAT_AREA]), labels, j, stats[j]))
+        if not small:
+            break
+        changed = False
+        for _, labels, j, (left, top, width, height, _) in sorted(small, key=lambda item: item[0]):
+            y0, y1 = max(top - 1, 0), min(top + height + 1, mask.shape[0])
+            x0, x1 = max(left - 1, 0), min(left + width + 1, mask.shape[1])
+            inside = labels[y0:y1, x0:x1] == j
+            ring = cv2.dilate(inside.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~inside
+            around = mask[y0:y1, x0:x1][ring]
+            if around.size == 0:
+                continue
+            values, counts = np.unique(around, return_counts=True)
+            mask[y0:y1, x0:x1][inside] = values[np.argmax(counts)]
+            changed = True
+        if not changed:
+            break
+    return mask
+
+
 def _round(values, digits: int = 6) -> list[float]:
     return [round(float(v), digits) for v in values]
 
 
 def mask_report(generated: Sequence[np.ndarray], real: Sequence[np.ndarray], num_classes: int, *, min_area: int = 4,
                 background: int | None = 0, near_copy_iou: float = 0.9, class_names: Sequence[str] | None = None,
-                compare_size: int | None = COMPARE_SIZE) -> dict[str, Any]:
+                compare_size: int | None = COMPARE_SIZE, clean_real_below: int = 0) -> dict[str, Any]:
     """The mask quality report (a JSON-ready dict) of `generated` against the `real` training masks (H×W class
-    ids each; every mask of a set the same size). See the module docstring for what it holds."""
+    ids each; every mask of a set the same size). `clean_real_below` > 1: the real masks are first cleaned as
+    the generated ones were (`remove_small_components`). See the module docstring for what it holds."""
     if not len(generated) or not len(real):
         raise ValueError(f"mask_report needs generated and real masks, got {len(generated)} and {len(real)}")
+    if clean_real_below > 1:
+        real = [remove_small_components(np.asarray(m), clean_real_below) for m in real]
     names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
     gen_stats = _set_statistics(generated, num_classes, min_area)
     real_stats = _set_statistics(real, num_classes, min_area)
@@ -173,7 +214,8 @@ def mask_report(generated: Sequence[np.ndarray], real: Sequence[np.ndarray], num
                         "generated": round(1.0 - len(layouts) / len(gen_flat), 6),
                         "real": round(1.0 - float(_holds_a_layout(real_flat, background).mean()), 6)},
                     "compared_at": size, "background": background},
-        "validity": {"min_area": min_area, "speckle_share_generated": share(gen_stats),
+        "validity": {"min_area": min_area, "real_cleaned_below": clean_real_below if clean_real_below > 1 else 0,
+                     "speckle_share_generated": share(gen_stats),
                      "speckle_share_real": share(real_stats),
                      "components_generated": gen_stats["components"], "components_real": real_stats["components"]},
     }
@@ -197,10 +239,12 @@ def markdown(report: dict[str, Any]) -> str:
     """masks_report.md: the report's tables."""
     names = report["class_names"]
     novelty, validity = report["novelty"], report["validity"]
+    cleaned = validity.get("real_cleaned_below", 0)
     lines = [
         "# Generated masks",
         "",
-        f"{report['num_generated']} generated masks against {report['num_real']} real training masks.",
+        f"{report['num_generated']} generated masks against {report['num_real']} real training masks"
+        + (f", both cleaned of components under {cleaned} pixels (mask_min_area)." if cleaned else "."),
         "",
         "| class | pixel share gen | real | masks holding it gen | real | objects/mask gen | real | "
         "W1 log10 size |",

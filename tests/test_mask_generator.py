@@ -447,6 +447,21 @@ def test_the_report_counts_shares_objects_sizes_and_speckles():
     assert validity["speckle_share_real"] == 0.0
 
 
+def test_masks_cleaned_of_specks_are_compared_with_real_masks_cleaned_alike():
+    """A real set keeps its specks and a cleaned generated set has none: compared as they are, the sizes and the
+    masks holding a class differ by the cleaning alone; `clean_real_below` cleans the real masks the same way."""
+    real = [_square(10, 0, 0, 5) | _square(10, 8, 8, 1), _square(10, 5, 5, 5)]  # a 25-px object each, +1 speck
+    generated = [_square(10, 0, 0, 5), _square(10, 5, 5, 5)]  # the same, cleaned of its specks (min_area 4)
+    as_they_are = mask_report(generated, real, 2, min_area=4)
+    assert as_they_are["object_sizes"]["classes"]["class_1"]["w1_log10_size"] > 0.3
+    alike = mask_report(generated, real, 2, min_area=4, clean_real_below=4)
+    assert alike["object_sizes"]["classes"]["class_1"]["w1_log10_size"] == 0.0
+    assert alike["pixel_share"]["real"] == alike["pixel_share"]["generated"]
+    assert alike["validity"]["real_cleaned_below"] == 4 and as_they_are["validity"]["real_cleaned_below"] == 0
+    assert "both cleaned of components under 4 pixels" in markdown(alike)
+    assert "cleaned" not in markdown(as_they_are).splitlines()[2]
+
+
 def test_wasserstein_1_is_the_earth_movers_distance():
     from scipy.stats import wasserstein_distance
     rng = np.random.default_rng(0)
