@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
 from .balance import load_masks
 from .config import MaskTrainConfig, config_from_dict
 from .diffusion import GaussianDiffusion
@@ -42,10 +41,10 @@ class MaskTrainer(Trainer):
         self.log(f"mask generator: {len(self.dataset)} masks at {config.image_size} px; share holding each class: "
                  f"{rates}")
 
-    def start_from(self, path: Path) -> str:
-        """Resume a masks run (or start from its weights); an image model's checkpoint, or a generator that predicts
-        the other target (`prediction`: its weights would be read as the wrong one), is refused in one line."""
-        payload = ckpt.load_checkpoint(path)
+    def check_start(self, payload: dict[str, Any], path: Path) -> None:
+        """Resume a masks run (or start from its weights) only: an image model's checkpoint, or a generator that
+        predicts the other target (`prediction`: its weights would be read as the wrong one), is refused in one
+        line."""
         if "mask_generator" not in payload:
             raise CheckpointError(f"resume_checkpoint {str(path)!r}: not a mask generator checkpoint; a masks run "
                                   f"starts from a masks run only")
@@ -54,7 +53,6 @@ class MaskTrainer(Trainer):
             raise ConfigError(f"resume_checkpoint {str(path)!r}: that generator predicts {trained}, this run's "
                               f"'prediction' is {self.config.prediction}; set \"prediction\": \"{trained}\" to "
                               f"continue it")
-        return super().start_from(path)
 
     def make_diffusion(self, config: MaskTrainConfig) -> GaussianDiffusion:
         return build_diffusion(config, config.prediction)

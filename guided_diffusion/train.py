@@ -237,9 +237,14 @@ class Trainer:
         return None
 
     # --- starting point ---------------------------------------------------------------------------------
+    def check_start(self, payload: dict[str, Any], path: Path) -> None:
+        """A hook: raise one error line when the checkpoint at `path` (its loaded `payload`) cannot start this run
+        (the mask generator's refuses image models and the other `prediction`); the SDM accepts any."""
+
     def start_from(self, path: Path) -> str:
         """Resume exactly from a checkpoint of this action, else initialise the weights from it."""
         payload = ckpt.load_checkpoint(path)
+        self.check_start(payload, path)
         same_action = payload.get("action") == self.action and "optimizer" in payload
         state_dict = ckpt.extract_state_dict(payload, prefer_ema=False)
         ema_dict = ckpt.extract_state_dict(payload, prefer_ema=True)
