@@ -208,7 +208,8 @@ class TrainConfig(CommonConfig):
                                  alias="weights_decay")
     ema_rate: float = option(0.9999, "EMA of the weights (sampling uses it)", SAME)
     ema_warmup: bool = option(True, "EMA rate min(ema_rate, (1+step)/(10+step)) so short runs do not average in the "
-                                    "random init", "— (off)")
+                                    "random init; the cap reaches 0.999 at step 8,990 and 0.9999 at step 89,990, so "
+                                    "a shorter run gives the same weights with either (the log says so)", "— (off)")
     max_epochs: int = option(100, "stop after this many epochs")
     max_steps: int = option(0, "stop after this many steps (0 = no step limit)")
     patience: int = option(0, "stop after `patience` epochs (or steps) without a better epoch loss; 0 = off")

@@ -173,6 +173,23 @@ class FirstNonFinite:
         return (None if math.isinf(step) else int(step)), ("inf" if math.isinf(loss) else "NaN")
 
 
+def ema_warmup_rate(step: int) -> float:
+    """The EMA rate cap of `ema_warmup` after `step` optimiser steps: (1+step)/(10+step), an average over about
+    the last step/10 steps, so a short run's EMA does not hold the random initialisation."""
+    return (1 + step) / (10 + step)
+
+
+def ema_warmup_reaches(rate: float) -> int:
+    """The first step at which `ema_warmup`'s cap reaches `rate`: before it, the EMA rate is the cap, whatever
+    `ema_rate` says (0.999 from step 8,990, 0.9999 from step 89,990)."""
+    step = max(0, math.ceil(9 / (1 - rate) - 10))  # the exact answer, give or take a step of rounding
+    while step > 0 and ema_warmup_rate(step - 1) >= rate:
+        step -= 1
+    while ema_warmup_rate(step) < rate:
+        step += 1
+    return step
+
+
 def finite_weights(*modules: torch.nn.Module) -> bool:
     """Whether every parameter of `modules` is finite (one wait for the device, however many tensors)."""
     return bool(torch.stack([torch.isfinite(p).all() for m in modules for p in m.parameters()]).all())
@@ -392,7 +409,7 @@ class Trainer:
     def _update_ema(self) -> None:
         rate = self.config.ema_rate
         if self.config.ema_warmup:  # early on, average over ~step/10 recent steps, not over the random init
-            rate = min(rate, (1 + self.state.step) / (10 + self.state.step))
+            rate = min(rate, ema_warmup_rate(self.state.step))
         ema_params = list(self.ema.parameters())
         params = list(self.model.parameters())
         torch._foreach_lerp_(ema_params, params, 1.0 - rate)
@@ -437,6 +454,13 @@ class Trainer:
                      f"process x {world.size} processes, {plan.batches_per_epoch} batches per epoch, rank 0 on "
                      f"{self.device}")
         self.log("classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(self.class_names)))
+        reaches = ema_warmup_reaches(cfg.ema_rate)
+        if cfg.ema_warmup and 0 < plan.total_steps <= reaches:
+            self.log(f"note: ema_rate {cfg.ema_rate} is never used in this run: with ema_warmup the EMA rate is "
+                     f"min(ema_rate, (1+step)/(10+step)), which reaches {cfg.ema_rate} only at step {reaches:,}; "
+                     f"this run ends by step {plan.total_steps:,} (EMA rate "
+                     f"{ema_warmup_rate(plan.total_steps - 1):.4f} there), so any ema_rate above that gives the "
+                     f"same weights")
 
     def _open_progress(self, plan: EpochPlan) -> _Progress:
         """The CSV logs (rank 0 alone writes them) and the bar of the run's steps."""

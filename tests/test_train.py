@@ -117,6 +117,28 @@ def test_patience_stops_training_without_improvement(demo_dir, tmp_path):
     assert result.state.epoch < 50
 
 
+def test_with_ema_warmup_an_ema_rate_the_run_never_reaches_changes_nothing_and_the_log_says_so(demo_dir, tmp_path):
+    # The warm-up caps the EMA rate at (1+step)/(10+step): 0.1, 0.18, 0.25, 0.31, 0.36 over 5 steps.
+    def run(rate: float, folder: str) -> tuple[Trainer, list[str]]:
+        lines: list[str] = []
+        config, _ = config_from_dict("train", tiny_train_config(demo_dir, tmp_path / folder, max_steps=5,
+                                                                ema_rate=rate))
+        trainer = Trainer(config, "train", log=lines.append)
+        trainer.run()
+        return trainer, lines
+
+    (high, high_log), (higher, higher_log), (low, low_log) = run(0.9, "a"), run(0.9999, "b"), run(0.2, "c")
+    for name, tensor in high.ema.state_dict().items():
+        assert torch.equal(tensor, higher.ema.state_dict()[name]), name
+    assert not all(torch.equal(t, low.ema.state_dict()[n]) for n, t in high.ema.state_dict().items())
+    note = [line for line in higher_log if line.startswith("note: ema_rate")]
+    assert note == ["note: ema_rate 0.9999 is never used in this run: with ema_warmup the EMA rate is "
+                    "min(ema_rate, (1+step)/(10+step)), which reaches 0.9999 only at step 89,990; this run ends by "
+                    "step 5 (EMA rate 0.3571 there), so any ema_rate above that gives the same weights"]
+    assert not [line for line in low_log if line.startswith("note: ema_rate")]  # 0.2 is reached at step 2
+    assert train_module.ema_warmup_reaches(0.999) == 8990 and train_module.ema_warmup_reaches(0.2) == 2
+
+
 def test_finetune_replaces_masks_by_the_null_label_with_drop_rate(demo_dir, tmp_path):
     trained = make_trainer(demo_dir, tmp_path, max_steps=1).run()
     finetune = make_trainer(demo_dir, tmp_path, "finetune", resume_checkpoint=str(trained.best_checkpoint),
