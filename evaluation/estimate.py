@@ -3,8 +3,9 @@
 The same config can take 2 hours on one 2-core CPU and 8 on another (bf16 autocast or not, AVX-512 or not), so a
 wall time measured elsewhere says little. The estimate times the study's own models here, for a few steps each:
 
-- each SDM's training step at its batch and crop (train and finetune), and its forward pass at the image size;
-- each mask generator's training step and forward pass;
+- each SDM's training step at its batch and crop (train and finetune), and its forward pass at the image size
+  with as many images as the sampler sends per call (its batch, doubled where classifier-free guidance runs);
+- each mask generator's training step and forward pass, the same way;
 - the segmenter's training step at the protocol's batch, and its prediction per image;
 
 and multiplies them by the work the config asks for: steps, sampled images x sampler steps x forwards per step
@@ -48,11 +49,10 @@ from .study_config import StudyConfig
 
 @dataclass(frozen=True)
 class ModelCosts:
-    """Seconds on this machine of one diffusion model (an SDM or a mask generator)."""
+    """Training seconds on this machine of one diffusion model (an SDM or a mask generator)."""
 
     train_step: float  # one optimiser step at the train config's batch (and crop)
     finetune_step: float  # the same at the finetune config's (0 when there is none)
-    forward_row: float  # one image through the network at the sampled size, no gradient
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,13 @@ class Timings(Protocol):
     def sdm(self, values: dict[str, Any]) -> ModelCosts: ...
 
     def masks(self, values: dict[str, Any]) -> ModelCosts: ...
+
+    def forward(self, action: str, values: dict[str, Any], rows: int) -> float:
+        """Seconds of one no-gradient forward call of `rows` images through the model of `action` ("train": an
+        SDM, "masks": a mask generator) built from `values`, at its image size. It is timed at the rows the
+        sampler sends, because the seconds per image depend on them (the study's 128 px SDM on 2 AVX2 cores: 0.59
+        s an image at 8 rows and 0.77 at 32 in one session)."""
+        ...
 
     def segmenter(self) -> SegmenterCosts: ...
 
@@ -108,13 +115,29 @@ def _training_steps(config, num_images: int) -> int:
     return config.max_epochs * math.ceil(num_images / config.batch_size)
 
 
-def _sampled_forwards(sample, trained_steps: int) -> float:
-    """Forward rows per image of a sample config: steps run x (1 + resampling jumps) x (2 where guided)."""
+def _sampled_forwards(sample, trained_steps: int) -> tuple[float, float]:
+    """Forward rows per image of a sample config, steps run x (1 + resampling jumps) x (2 where guided), and the
+    guided share of its steps."""
     diffusion = sampling_diffusion(sample, TrainedWith(diffusion_steps=trained_steps))
     steps = diffusion.num_timesteps if sample.mode == "noise" else start_step(diffusion, sample.strength) + 1
     jumps = 1 + (sample.resample_steps if sample.mode == "inpaint" else 0)
     guided = guided_share(diffusion, sample.guidance_interval) if sample.s > 1.0 else 0.0
-    return steps * jumps * (1.0 + guided)
+    return steps * jumps * (1.0 + guided), guided
+
+
+def _sampling_seconds(count: int, forwards: float, guided: float, batch: int, action: str, values: dict[str, Any],
+                      timings: Timings) -> float:
+    """Seconds to sample `count` images (or masks) of `forwards` forward rows each, of which the `guided` share
+    runs beside its null-label twin. The sampler sends `batch` images per network call, so an unguided call has
+    `batch` rows and a guided one 2 x `batch` (the last, smaller batch is counted at the same cost per image)."""
+    calls = forwards / (1.0 + guided)  # network calls each image takes part in
+    rows = max(1, min(batch, count))
+    seconds = 0.0
+    if guided < 1.0:
+        seconds += (1.0 - guided) * timings.forward(action, values, rows)
+    if guided > 0.0:
+        seconds += guided * timings.forward(action, values, 2 * rows)
+    return count * calls * seconds / rows
 
 
 def _checks(steps: int, every: int) -> int:
@@ -202,20 +225,22 @@ def plan_study(config: StudyConfig, num_classes: int, sizes: SplitSizes, timings
                                     f"{steps:,} steps of batch {masks_config.batch_size} at "
                                     f"{masks_config.image_size} px", steps * masks.train_step))
                 pool = POOL_FACTOR if sample.balance_args else 1  # candidates to choose among
-                per_mask = sample.mask_steps * (2.0 if sample.mask_guidance > 1.0 else 1.0)
-                stages.append(Stage(f"new masks for {name} ({tag})", 1,
-                                    f"{pool * sample.num_samples} masks x {per_mask:g} forwards",
-                                    pool * sample.num_samples * per_mask * masks.forward_row))
+                guided = 1.0 if sample.mask_guidance > 1.0 else 0.0
+                per_mask = sample.mask_steps * (1.0 + guided)
+                count = pool * sample.num_samples
+                stages.append(Stage(f"new masks for {name} ({tag})", 1, f"{count} masks x {per_mask:g} forwards",
+                                    _sampling_seconds(count, per_mask, guided, sample.batch_size, "masks",
+                                                      masks_values, timings)))
             if generator.kind != "sdm":
                 stages.append(Stage(f"generator {name} ({tag})", 1, f"{sample.num_samples} images, no model", 0.0))
                 continue
             train_values = {**common, **model, **config.sdm_settings(name)["train"]}
             trained, _ = config_from_dict("train", train_values, "study sdm.train")
-            forwards = _sampled_forwards(sample, trained.diffusion_steps)
-            costs = timings.sdm(train_values)
+            forwards, guided = _sampled_forwards(sample, trained.diffusion_steps)
             stages.append(Stage(f"generator {name} ({tag})", 1,
                                 f"{sample.num_samples} images x {forwards:g} forwards at {config.image_size} px",
-                                sample.num_samples * forwards * costs.forward_row))
+                                _sampling_seconds(sample.num_samples, forwards, guided, sample.batch_size, "train",
+                                                  train_values, timings)))
         variants = config.variants_at(fraction)
         seeds = len(protocol.seeds)
         stages.append(Stage(f"segmenters ({tag})", len(variants) * seeds,
@@ -234,12 +259,16 @@ def plan_study(config: StudyConfig, num_classes: int, sizes: SplitSizes, timings
 # timing on this machine
 
 
-def seconds_per_call(work: Callable[[], Any], budget: float = 2.0, most: int = 5) -> float:
-    """The median seconds of `work` after one untimed warm-up call: calls until `budget` seconds are spent (at
-    least one, at most `most`)."""
-    work()
+def seconds_per_call(work: Callable[[], Any], budget: float = 2.0, most: int = 5, warm_up: bool = True,
+                     least: int = 1) -> float:
+    """The median seconds of `work`: calls until `budget` seconds are spent (at least `least`, at most `most`), after
+    one untimed warm-up call (`warm_up`), or timing the first call too, so that a call longer than the budget runs
+    once (a forward pass: its first call costs no more than the next, 25.6 s against 25.8 and 27.9 s for the
+    study's 128 px SDM at 32 rows on 2 cores; a training step's first call does, 4.3-4.8 s against 3.7)."""
+    if warm_up:
+        work()
     times: list[float] = []
-    while not times or (len(times) < most and sum(times) < budget):
+    while len(times) < least or (len(times) < most and sum(times) < budget):
         started = time.perf_counter()
         work()
         times.append(time.perf_counter() - started)
@@ -255,27 +284,32 @@ class MeasuredTimings:
         self.config, self.num_classes, self.device, self.bf16, self.log = config, num_classes, device, bf16, log
         self.data_dir, self.scratch = data_dir, scratch
         self.cache: dict[str, Any] = {}
+        self.trainers: dict[str, Any] = {}
 
     def _trainer(self, action: str, values: dict[str, Any]):
-        config, _ = config_from_dict(action, {**values, "data_dir": str(self.data_dir), "auto_resume": False,
-                                              "root_log_dir": tempfile.mkdtemp(dir=self.scratch)}, f"study {action}")
-        return (MaskTrainer if action == "masks" else Trainer)(config, action, lambda *_: None)
+        """The trainer of `values` (built once: the forward timings reuse the training timings' model)."""
+        key = _key(action, values)
+        if key not in self.trainers:
+            config, _ = config_from_dict(action, {**values, "data_dir": str(self.data_dir), "auto_resume": False,
+                                                  "root_log_dir": tempfile.mkdtemp(dir=self.scratch)},
+                                         f"study {action}")
+            self.trainers[key] = (MaskTrainer if action == "masks" else Trainer)(config, action, lambda *_: None)
+        return self.trainers[key]
 
     def _costs(self, action: str, values: dict[str, Any], finetune: dict[str, Any] | None) -> ModelCosts:
         trainer = self._trainer(action, values)
-        step = seconds_per_call(lambda: _train_step(trainer))
+        # at least 3 steps: one step of the study's SDM took 3.4-4.0 s on 2 cores, and it is multiplied by 1,500
+        step = seconds_per_call(lambda: _train_step(trainer), least=3)
         tune = step
         if finetune is not None and any(finetune.get(k) != values.get(k) for k in ("batch_size", "crop_size")):
             tuning = self._trainer("train", finetune)  # the same network and step at the finetune batch and crop
-            tune = seconds_per_call(lambda: _train_step(tuning))
-        rows = min(8, 2 * trainer.config.batch_size)
-        forward = seconds_per_call(lambda: _forward(trainer, rows)) / rows
-        return ModelCosts(step, tune, forward)
+            tune = seconds_per_call(lambda: _train_step(tuning), least=3)
+        return ModelCosts(step, tune)
 
     def sdm(self, values: dict[str, Any]) -> ModelCosts:
         key = _key("sdm", values)
         if key not in self.cache:
-            self.log(f"timing an SDM's training step and forward pass here (batch {values.get('batch_size', 'default')}"
+            self.log(f"timing an SDM's training step here (batch {values.get('batch_size', 'default')}"
                      f"{', crop ' + str(values['crop_size']) if values.get('crop_size') else ''})")
             self.cache[key] = self._costs("train", values, self._finetune_of(values))
         return self.cache[key]
@@ -296,8 +330,20 @@ class MeasuredTimings:
     def masks(self, values: dict[str, Any]) -> ModelCosts:
         key = _key("masks", values)
         if key not in self.cache:
-            self.log("timing a mask generator's training step and forward pass here")
+            self.log("timing a mask generator's training step here")
             self.cache[key] = self._costs("masks", values, None)
+        return self.cache[key]
+
+    def forward(self, action: str, values: dict[str, Any], rows: int) -> float:
+        trainer = self._trainer(action, values)
+        config = trainer.config
+        # what the forward's time depends on: the network, its precision and device, and the rows; not the
+        # training keys, so the levers of one network share one timing
+        key = _key("forward", action, config.model_keys(), trainer.autocast, str(trainer.device), rows)
+        if key not in self.cache:
+            model = "a mask generator" if action == "masks" else "an SDM"
+            self.log(f"timing {model}'s forward pass of {rows} images at {config.image_size} px here")
+            self.cache[key] = seconds_per_call(lambda: _forward(trainer, rows), warm_up=False)
         return self.cache[key]
 
     def segmenter(self) -> SegmenterCosts:
@@ -332,16 +378,19 @@ def _segmenter_costs(config: StudyConfig, num_classes: int, device: torch.device
     masks = rng.integers(0, num_classes, (protocol.batch_size * 2, size, size)).astype(np.uint8)
     spec = SegmenterSpec(protocol.architecture, num_classes, protocol.encoder)
 
-    def train(steps: int) -> float:
-        settings = TrainSettings(steps, protocol.batch_size, protocol.lr, protocol.weight_decay, "flip", 0, None,
-                                 bf16, 0)
-        started = time.perf_counter()
-        train_segmenter(images, masks, spec, settings, device, progress=False)
-        return time.perf_counter() - started
+    # the seconds between steps, stamped by the validation hook called after each: their median over the 10 steps
+    # after the first, without the model's build (the difference of two whole runs counted its variable time
+    # twice). Runs still differ by the machine's own spread: 0.61-0.74 s a step on 2 cores, where the study's
+    # segmenter ran at 0.73 over 300 steps.
+    stamps: list[float] = []
 
-    train(1)  # warm-up
-    one, five = train(1), train(5)  # the difference is 4 steps without building the model
-    step = max(five - one, 0.0) / 4
+    def stamp(_model) -> float:
+        stamps.append(time.perf_counter())
+        return 0.0
+
+    settings = TrainSettings(11, protocol.batch_size, protocol.lr, protocol.weight_decay, "flip", 0, None, bf16, 1)
+    train_segmenter(images, masks, spec, settings, device, progress=False, validate=stamp)
+    step = float(statistics.median(np.diff(stamps)))
     model = build_segmenter(spec).to(device).eval()
     predicting = seconds_per_call(lambda: predict(model, images, device, bf16=bf16)) / len(images)
     return SegmenterCosts(step, predicting)

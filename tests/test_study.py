@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evaluation import estimate
 from evaluation.estimate import (ModelCosts, SegmenterCosts, SplitSizes, Stage, format_duration, format_estimate,
                                  plan_study)
 from evaluation.study import Ledger, main as study_main, run_study
@@ -529,13 +530,22 @@ def test_a_generator_with_a_mask_generator_paints_new_masks_learned_from_the_sub
 
 
 class FixedTimings:
-    """Per-step seconds chosen by the test, so the estimate's arithmetic can be checked exactly."""
+    """Per-step seconds chosen by the test, so the estimate's arithmetic can be checked exactly. A forward call
+    costs 0.5 s an image for an SDM and 0.25 s for a mask generator, twice that per image from 8 images a call up
+    (as a CPU slows per image at larger batches); the rows asked for are recorded."""
+
+    def __init__(self):
+        self.forward_calls = set()
 
     def sdm(self, values):
-        return ModelCosts(train_step=2.0, finetune_step=3.0, forward_row=0.5)
+        return ModelCosts(train_step=2.0, finetune_step=3.0)
 
     def masks(self, values):
-        return ModelCosts(train_step=1.0, finetune_step=0.0, forward_row=0.25)
+        return ModelCosts(train_step=1.0, finetune_step=0.0)
+
+    def forward(self, action, values, rows):
+        self.forward_calls.add((action, rows))
+        return {"train": 0.5, "masks": 0.25}[action] * rows * (2 if rows >= 8 else 1)
 
     def segmenter(self):
         return SegmenterCosts(train_step=0.1, predict_image=0.01)
@@ -543,20 +553,24 @@ class FixedTimings:
 
 def test_the_estimate_counts_every_unit_of_the_study_at_the_timed_costs(demo_dir, tmp_path):
     """--estimate's table: each stage is its runs x (steps, sampled forwards, predicted images) x the timed
-    seconds; guidance doubles a step's forwards, a filter adds its scorer, label alignment segments every
-    generated image once per seed."""
+    seconds; guidance doubles a step's forwards and the rows of each network call (timed at those rows), a filter
+    adds its scorer, label alignment segments every generated image once per seed."""
     values = study_values(demo_dir, tmp_path / "study")
     values["generators"]["sdm"]["sample"]["s"] = 2.0  # ddim, 2 steps, guided: 4 forwards an image
     values["generators"]["sdm_inpaint"]["sample"]["s"] = 1.0  # 2 steps, unguided: 2 forwards
     config = study_from_dict(values, "test")
     sizes = SplitSizes(val=3, subsets={0.5: 4, 1.0: 8}, test=2)
-    stages = {stage.name: stage for stage in plan_study(config, 4, sizes, FixedTimings())}
+    timings = FixedTimings()
+    stages = {stage.name: stage for stage in plan_study(config, 4, sizes, timings)}
+    # 4 images a call (sample batch 8, 4 images): 8 rows where guided
+    assert timings.forward_calls == {("train", 4), ("train", 8)}
 
     segmenter = 4 * 0.1 + (2 * 3 + 2) * 0.01  # 4 steps, checks at steps 2 and 4 on 3 val images, 2 test images
     assert stages == {
         "SDM training (r050, as sdm)": Stage("SDM training (r050, as sdm)", 1, "3 steps of batch 4 at 32 px", 6.0),
         "SDM finetuning (r050, as sdm)": Stage("SDM finetuning (r050, as sdm)", 1, "2 steps of batch 4", 6.0),
-        "generator sdm (r050)": Stage("generator sdm (r050)", 1, "4 images x 4 forwards at 32 px", 8.0),
+        # 2 calls an image of 8 rows at 1 s a row: 4 images x 2 x 8 s / 4
+        "generator sdm (r050)": Stage("generator sdm (r050)", 1, "4 images x 4 forwards at 32 px", 16.0),
         "FreeMask filter sdm_filtered (r050)": Stage("FreeMask filter sdm_filtered (r050)", 1,
                                                      "a scorer of 4 steps + 4 images segmented",
                                                      pytest.approx(0.4 + 0.04)),
@@ -574,7 +588,7 @@ def test_the_estimate_counts_every_unit_of_the_study_at_the_timed_costs(demo_dir
                                         pytest.approx(0.04)),
     }
     total = sum(stage.total for stage in stages.values())
-    assert total == pytest.approx(6 + 6 + 8 + 0.44 + 4 + 20 * segmenter + 2 * 0.16 + 2 * 0.04)
+    assert total == pytest.approx(6 + 6 + 16 + 0.44 + 4 + 20 * segmenter + 2 * 0.16 + 2 * 0.04)
     table = format_estimate(list(stages.values()), "a test machine")
     assert f"| **total** | | | | **{format_duration(total)}** |" in table
 
@@ -586,12 +600,31 @@ def test_the_estimate_counts_the_mask_generator_of_a_generator_that_paints_new_m
         "kind": "sdm", "sample": {"num_samples": 4, "sampler": "ddim", "steps": 2, "s": 1.0, "mask_steps": 5,
                                   "mask_guidance": 2.0},
         "mask_generator": {"image_size": 16, "channel_mult": "1,2", "max_steps": 7, "batch_size": 4}}}
-    stages = {s.name: s for s in plan_study(study_from_dict(values, "test"), 4,
-                                            SplitSizes(3, {0.5: 4}, 2), FixedTimings())}
+    timings = FixedTimings()
+    stages = {s.name: s for s in plan_study(study_from_dict(values, "test"), 4, SplitSizes(3, {0.5: 4}, 2), timings)}
     assert stages["mask generator of new (r050)"] == Stage("mask generator of new (r050)", 1,
                                                            "7 steps of batch 4 at 16 px", 7.0)
+    # 5 guided calls a mask, each of 2 x 4 rows at 0.5 s a row
     assert stages["new masks for new (r050)"] == Stage("new masks for new (r050)", 1, "4 masks x 10 forwards",
-                                                       4 * 10 * 0.25)
+                                                       4 * 5 * 8 * 0.5 / 4)
+    assert ("masks", 8) in timings.forward_calls
+
+
+@pytest.mark.parametrize("warm_up, least, call_seconds, calls", [
+    (True, 1, 0.5, 1 + 4), (True, 1, 3.0, 1 + 1), (False, 1, 0.5, 4), (False, 1, 3.0, 1), (True, 3, 3.0, 1 + 3)])
+def test_a_timing_calls_until_its_budget_is_spent_after_an_optional_warm_up(monkeypatch, warm_up, least,
+                                                                            call_seconds, calls):
+    """Calls until the 2 s budget is spent (at least `least`), after an untimed warm-up call unless `warm_up` is
+    off: then a call longer than the budget (a large forward batch) runs only once."""
+    clock, made = [0.0], []
+
+    def work():
+        made.append(1)
+        clock[0] += call_seconds
+
+    monkeypatch.setattr(estimate.time, "perf_counter", lambda: clock[0])
+    assert estimate.seconds_per_call(work, budget=2.0, warm_up=warm_up, least=least) == call_seconds
+    assert len(made) == calls
 
 
 def test_estimate_times_the_models_here_and_writes_nothing_into_the_study_folder(demo_dir, tmp_path, capsys):
