@@ -164,7 +164,8 @@ def plan_study(config: StudyConfig, num_classes: int, sizes: SplitSizes, timings
     """The study's work as stages with their seconds on `timings`: the SDMs first, then each fraction's
     generators, segmenters and label alignment."""
     common = {"data_dir": config.data_dir, "dataset_mode": config.dataset_mode, "num_classes": num_classes,
-              "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device}
+              "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device,
+              **config.void_keys()}
     stages: list[Stage] = []
 
     for (fraction, _), name in _sdm_runs(config).items():
@@ -363,7 +364,8 @@ def _train_step(trainer) -> None:
 def _forward(trainer, rows: int) -> None:
     item = trainer.dataset[0]
     x = torch.randn(rows, *item["image"].shape, device=trainer.device)
-    labels = one_hot(item["mask"][None].expand(rows, -1, -1), trainer.config.num_classes).to(trainer.device)
+    labels = one_hot(item["mask"][None].expand(rows, -1, -1), trainer.config.num_classes,
+                     trainer.config.ignore_index).to(trainer.device)
     t = torch.full((rows,), 500, device=trainer.device)
     trainer.model.eval()
     with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.autocast):

@@ -173,7 +173,7 @@ class SampleFolder:
     pairs: tuple[Pair, ...]
     num_classes: int | None  # from its config.json, when it has one
     data_dir: str | None
-    ignore_index: int | None = None  # IGNORE_INDEX for filtered labels
+    ignore_index: int | None = None  # IGNORE_INDEX for filtered labels; raw: the sample config's void value
     dropped: int = 0  # images the filter dropped (filtered labels only)
 
     @property
@@ -249,7 +249,8 @@ def index_sample_folder(path: str | os.PathLike, num_classes: int, synthetic_lab
     if synthetic_labels == "filtered":
         return _filtered_folder(folder, sorted(samples), samples, sampled_classes, data_dir)
     pairs = tuple(Pair(stem, samples[stem], labels[stem]) for stem in sorted(samples))
-    return SampleFolder(folder, pairs, sampled_classes, data_dir)
+    void = _read_sample_config(folder).get("ignore_index")  # labels/ keep the void value sampling was given
+    return SampleFolder(folder, pairs, sampled_classes, data_dir, void if isinstance(void, int) else None)
 
 
 def _filtered_folder(folder: Path, stems: list[str], samples: dict[str, Path], sampled_classes: int | None,

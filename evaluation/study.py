@@ -177,7 +177,8 @@ def lay_out_subset(study: Study, fraction: float, pairs: list[Pair]) -> Path:
 def _common_keys(study: Study, data_dir: Path) -> dict[str, Any]:
     config = study.config
     return {"data_dir": str(data_dir), "dataset_mode": config.dataset_mode, "num_classes": study.num_classes,
-            "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device}
+            "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device,
+            **config.void_keys()}
 
 
 def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: str, sdm: dict[str, Any]
@@ -222,7 +223,7 @@ def train_mask_generator(study: Study, fraction: float, name: str, data_dir: Pat
 
     values = {"data_dir": str(data_dir), "dataset_mode": study.config.dataset_mode,
               "num_classes": study.num_classes, "device": study.config.device, "seed": study.config.seed,
-              **(study.config.generators[name].mask_generator or {})}
+              **study.config.void_keys(), **(study.config.generators[name].mask_generator or {})}
     key = fingerprint("masks-train", values, subset_key)
 
     def work() -> dict[str, Any]:
@@ -443,10 +444,14 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
     (built here once, so a bad key stops the study before any work)."""
     check_label_keys(config.background_class, config.ignore_index, num_classes)
     common = {"data_dir": config.data_dir, "dataset_mode": config.dataset_mode, "num_classes": num_classes,
-              "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device}
+              "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device,
+              **config.void_keys()}
     checked: set[str] = set()
     for name, generator in config.generators.items():
         if generator.labels == "filtered":
+            if config.void_keys():
+                raise ConfigError(f"key 'generators.{name}': FreeMask filtering does not handle void pixels yet "
+                                  f"(ignore_index {config.ignore_index}); leave out the filtered generator")
             continue  # its filter settings were checked where the file was read
         sdm = config.sdm_settings(name) if generator.kind == "sdm" else {}
         model = sdm.get("model", {})
@@ -462,7 +467,8 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
                          f"study generators.{name}")
         if generator.mask_generator is not None:
             config_from_dict("masks", {**{k: common[k] for k in ("data_dir", "dataset_mode", "num_classes", "device")},
-                                       **generator.mask_generator}, f"study generators.{name}.mask_generator")
+                                       **config.void_keys(), **generator.mask_generator},
+                             f"study generators.{name}.mask_generator")
 
 
 def subset_key_of(pairs: list[Pair], data_dir: str) -> str:

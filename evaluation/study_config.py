@@ -210,6 +210,13 @@ class StudyConfig:
                 merged[part] = {**merged[part], **keys}
         return merged
 
+    def void_keys(self) -> dict[str, Any]:
+        """The void value for the SDM, mask generator and sample configs (`ignore_index`, multi-class masks):
+        nothing when there is none, so that the units of a study without one keep their fingerprints."""
+        if self.ignore_index is None or self.dataset_mode != "multi-class":
+            return {}
+        return {"ignore_index": self.ignore_index}
+
     def variants_at(self, fraction: float) -> list[Variant]:
         return [v for v in self.variants if v.fractions is None or fraction in v.fractions]
 

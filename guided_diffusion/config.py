@@ -94,6 +94,11 @@ class CommonConfig:
                                "same; values `lemon-multi-class`, `lemon-binary`", canonical=_dataset_mode)
     num_classes: int | None = option(None, "classes incl. background; required for training (sample: taken from "
                                            "the checkpoint)", SAME)
+    ignore_index: int | None = option(
+        None, "mask value of void / unlabelled pixels (e.g. 255; multi-class only), or null for none: accepted in "
+              "masks besides the class ids; the model is conditioned on no class there (the null label's zeros) "
+              "and written labels keep the value, which evaluation skips with the same ignore_index; sample: the "
+              "checkpoint's when not given")
     image_size: int = option(256, "side of the square images the model works at", SAME)
     resize_mode: Literal["resize", "crop"] = option("resize", "`resize` (stretch) or `crop` (short side + centre crop)")
     val_fraction: float = option(0.2, "share of train/ held out (unseen masks for sampling)", "— (fixed 80/20)")
@@ -160,6 +165,15 @@ class CommonConfig:
             require(self.num_classes >= 2, "num_classes", f"must be at least 2 (background + 1 class), got {self.num_classes}")
             if self.dataset_mode == "binary":
                 require(self.num_classes == 2, "num_classes", f"must be 2 for dataset_mode binary, got {self.num_classes}")
+        if self.ignore_index is not None:
+            require(isinstance(self.ignore_index, int) and not isinstance(self.ignore_index, bool)
+                    and 0 <= self.ignore_index <= 255, "ignore_index",
+                    f"must be a mask value 0..255 or null, got {self.ignore_index!r}")
+            require(self.dataset_mode == "multi-class", "ignore_index",
+                    "needs dataset_mode multi-class (binary masks are 0 and 255 alone)")
+            require(self.num_classes is None or self.ignore_index >= self.num_classes, "ignore_index",
+                    f"is {self.ignore_index}, a class id of the {self.num_classes} classes; void pixels need a value "
+                    f"of their own (e.g. 255)")
         require(self.image_size >= 8, "image_size", f"must be at least 8, got {self.image_size}")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         require(self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}")
@@ -329,6 +343,9 @@ class MaskTrainConfig(TrainConfig):
         require(0.0 <= self.class_weight_power <= 1.0, "class_weight_power",
                 f"must be in [0, 1] (0 = off), got {self.class_weight_power}")
         super().validate()
+        require(self.ignore_index is None, "ignore_index",
+                f"is {self.ignore_index}, but the mask generator has no void class: it learns masks of class ids "
+                f"alone; train it on masks without void pixels, or sample from dataset masks (no mask_source)")
         require(self.drop_rate == self.presence_drop, "drop_rate",
                 f"is set from 'presence_drop' for the mask generator; give presence_drop {self.drop_rate} instead")
         require(self.image_channels == self.num_classes, "image_channels",

@@ -429,8 +429,7 @@ def _file_problems(
     all_bad = {value for _, values in bad_values for value in values}
     hint = ""
     if dataset_mode == "multi-class" and all_bad == {255}:
-        hint = ("; masks of 0 and 255 need dataset_mode binary (where 255 marks void pixels, evaluation and the "
-                "low-data study skip them with ignore_index 255)")
+        hint = "; where 255 marks void pixels set ignore_index 255 (masks of 0 and 255 alone: dataset_mode binary)"
     elif dataset_mode == "binary" and all_bad == {1}:
         hint = "; binary masks mark the foreground with 255, not 1 (or use dataset_mode multi-class)"
     if len(bad_values) == 1:
@@ -697,10 +696,15 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return {"image": image_tensor.contiguous(), "mask": mask_tensor, "index": index}
 
 
-def one_hot(mask: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Turn int64 NxHxW class ids into a float32 NxCxHxW one-hot map (the one place this map is made)."""
+def one_hot(mask: torch.Tensor, num_classes: int, ignore_index: int | None = None) -> torch.Tensor:
+    """Turn int64 NxHxW class ids into a float32 NxCxHxW one-hot map (the one place this map is made). Pixels of
+    value `ignore_index` (void) get no class: all zeros, as the null label has everywhere."""
     if mask.dim() != 3 or mask.dtype != torch.int64:
         raise ValueError(f"one_hot expects an int64 NxHxW mask, got {mask.dtype} {tuple(mask.shape)}")
     n, height, width = mask.shape
     out = torch.zeros(n, num_classes, height, width, dtype=torch.float32, device=mask.device)
-    return out.scatter_(1, mask.unsqueeze(1), 1.0)
+    if ignore_index is None:
+        return out.scatter_(1, mask.unsqueeze(1), 1.0)
+    void = mask == ignore_index
+    out.scatter_(1, mask.masked_fill(void, 0).unsqueeze(1), 1.0)
+    return out.masked_fill_(void.unsqueeze(1), 0.0)

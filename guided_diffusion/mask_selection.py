@@ -34,7 +34,7 @@ def mask_splits(config: SampleConfig, trained: TrainedWith) -> tuple[dict[str, l
     """The pairs of each `mask_split` value (val recreated as in training; "all" = train/ and test/ when the
     dataset has a test/ folder), and the real set: train/'s pairs."""
     index = index_dataset(config.data_dir, config.dataset_mode, config.num_classes,
-                          require_test=config.mask_split == "test")
+                          require_test=config.mask_split == "test", ignore_value=config.ignore_index)
     train_pairs, val_pairs = split_train_val(index.train, trained.val_fraction, trained.seed)
     return {"train": train_pairs, "val": val_pairs, "test": index.test, "all": index.train + index.test}, index.train
 

@@ -132,7 +132,7 @@ def run_paste(config: SampleConfig, log: Callable[[str], None] = print,
     def background_of(index: int) -> np.ndarray:
         return load_background(backgrounds[index], config.image_size, config.resize_mode, config.image_channels)
 
-    writer = SampleWriter(run_dir, config.num_classes)
+    writer = SampleWriter(run_dir, config.num_classes, config.ignore_index)
     grid_rows, pasted_pixels, started = [], 0, time.perf_counter()
     for i in tqdm(range(len(sources)), desc="paste", unit="image", dynamic_ncols=True):
         image, mask = source_of(sources[i].pair)
@@ -143,7 +143,7 @@ def run_paste(config: SampleConfig, log: Callable[[str], None] = print,
         if i < 8:
             grid_rows.append((label, background, pasted))
     seconds = time.perf_counter() - started
-    write_grid(run_dir / "grid.png", grid_rows, config.num_classes)
+    write_grid(run_dir / "grid.png", grid_rows, config.num_classes, ignore_index=config.ignore_index)
     write_legend(run_dir / "legend.png", class_names)
     summary = {"mode": "paste", "num_samples": len(sources), "mask_split": config.mask_split,
                "mask_flip": config.mask_flip, "mask_placement": config.mask_placement,

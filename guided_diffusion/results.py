@@ -201,16 +201,37 @@ def palette(num_classes: int) -> np.ndarray:
     return np.asarray(colours, dtype=np.uint8)
 
 
-def colorize(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """Paint a class-id mask (int, HxW) with :func:`palette`; returns uint8 HxWx3."""
+VOID_COLOUR = (255, 255, 255)
+"""The colour of void pixels (value `ignore_index`) in colored labels and grids; no class is white."""
+
+
+def _class_ids(mask: np.ndarray, num_classes: int, ignore_index: int | None) -> np.ndarray:
+    """`mask` checked to hold class ids 0..num_classes-1, and `ignore_index` where pixels are void."""
+    mask = np.asarray(mask)
+    ids = mask[mask != ignore_index] if ignore_index is not None else mask
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        raise ValueError(f"mask holds class ids {ids.min()}..{ids.max()}, outside 0..{num_classes - 1}")
+    return mask
+
+
+def colorize(mask: np.ndarray, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
+    """Paint a class-id mask (int, HxW) with :func:`palette`, void pixels (`ignore_index`) in VOID_COLOUR;
+    returns uint8 HxWx3."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (HxW class ids), got shape {mask.shape}")
     if not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"mask must hold integer class ids, got dtype {mask.dtype}")
-    if mask.size and (mask.min() < 0 or mask.max() >= num_classes):
-        raise ValueError(f"mask holds class ids {mask.min()}..{mask.max()}, outside 0..{num_classes - 1}")
-    return palette(num_classes)[mask]
+    return _paint(_class_ids(mask, num_classes, ignore_index), palette(num_classes), ignore_index)
+
+
+def _paint(mask: np.ndarray, colours: np.ndarray, ignore_index: int | None) -> np.ndarray:
+    if ignore_index is None:
+        return colours[mask]
+    void = mask == ignore_index
+    painted = colours[np.where(void, 0, mask)]
+    painted[void] = VOID_COLOUR
+    return painted
 
 
 def to_uint8_image(x: torch.Tensor, keep_gray: bool = False) -> np.ndarray:
@@ -250,14 +271,12 @@ def _as_stored(image: np.ndarray, what: str) -> np.ndarray:
     return image.reshape(image.shape[:2]) if image.ndim == 2 or image.shape[2] == 1 else rgb
 
 
-def _label_array(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    """The mask as stored in labels/: uint8 up to 256 classes, uint16 beyond."""
+def _label_array(mask: np.ndarray, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
+    """The mask as stored in labels/: uint8 up to 256 classes, uint16 beyond; void pixels keep `ignore_index`."""
     mask = np.asarray(mask)
     if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
         raise ValueError(f"mask must be a 2-D integer array of class ids, got {mask.dtype} {mask.shape}")
-    if mask.size and (mask.min() < 0 or mask.max() >= num_classes):
-        raise ValueError(f"mask holds class ids {mask.min()}..{mask.max()}, outside 0..{num_classes - 1}")
-    return mask.astype(np.uint8 if num_classes <= 256 else np.uint16)
+    return _class_ids(mask, num_classes, ignore_index).astype(np.uint8 if num_classes <= 256 else np.uint16)
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -275,11 +294,12 @@ def _png_bytes(array: np.ndarray) -> bytes:
 class SampleWriter:
     """Writes ISDM's sample layout under run_dir: images/ (the real image the mask came from, if any), labels/
     (class-id mask png, uint8 or uint16 if num_classes > 256), colored_labels/ (palette png), samples/ (synthetic
-    image png) — the same file stem in each folder. Grey images (HxW or HxWx1) are written as 8-bit grey pngs."""
+    image png) — the same file stem in each folder. Grey images (HxW or HxWx1) are written as 8-bit grey pngs.
+    Void pixels (`ignore_index`) keep their value in labels/ and are white in colored_labels/."""
 
-    def __init__(self, run_dir: Path | str, num_classes: int) -> None:
+    def __init__(self, run_dir: Path | str, num_classes: int, ignore_index: int | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.num_classes = num_classes
+        self.num_classes, self.ignore_index = num_classes, ignore_index
         self._palette = palette(num_classes)
         for folder in SAMPLE_FOLDERS:
             (self.run_dir / folder).mkdir(parents=True, exist_ok=True)
@@ -293,13 +313,13 @@ class SampleWriter:
         if not stem or Path(stem).name != stem or stem in (".", ".."):
             raise ValueError(f"sample stem {stem!r} must be a plain file name without folders")
         sample = _as_stored(sample, "sample")
-        labels = _label_array(mask, self.num_classes)
+        labels = _label_array(mask, self.num_classes, self.ignore_index)
         if labels.shape != sample.shape[:2]:
             raise ValueError(f"mask shape {labels.shape} does not match sample shape {sample.shape[:2]}")
         files = {
             "samples": _png_bytes(sample),
             "labels": _png_bytes(labels),
-            "colored_labels": _png_bytes(self._palette[labels]),
+            "colored_labels": _png_bytes(_paint(labels, self._palette, self.ignore_index)),
         }
         if real_image is not None:
             files["images"] = _png_bytes(_as_stored(real_image, "real image"))
@@ -325,6 +345,7 @@ def write_grid(
     rows: Sequence[tuple[np.ndarray, np.ndarray | None, np.ndarray]],
     num_classes: int,
     max_rows: int = 8,
+    ignore_index: int | None = None,
 ) -> None:
     """Write a preview PNG: one row per (mask, real image or None, synthetic image), at most ``max_rows`` rows.
 
@@ -345,7 +366,7 @@ def write_grid(
         else:
             real = _resize(_as_rgb(real_image, "real image"), height, width, nearest=False)
         cells = (
-            _resize(colorize(mask, num_classes), height, width, nearest=True),
+            _resize(colorize(mask, num_classes, ignore_index), height, width, nearest=True),
             real,
             _resize(_as_rgb(sample, "synthetic image"), height, width, nearest=False),
         )

@@ -101,6 +101,8 @@ def merge_checkpoint_config(config: SampleConfig, given: set[str], payload: dict
             raise ConfigError(f"{source}: key '{key}' is {values[key]!r} but the checkpoint was trained with "
                               f"{trained[key]!r}; remove the key or use the matching checkpoint")
         values[key] = trained[key]
+    if "ignore_index" not in given:  # the void value the model was trained with (none for older checkpoints)
+        values["ignore_index"] = trained.get("ignore_index")
     merged, _ = config_from_dict("sample", values, source)
     return merged, TrainedWith(trained.get("diffusion_steps", 1000), trained.get("seed", config.seed),
                                trained.get("val_fraction", config.val_fraction))
@@ -242,11 +244,11 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
         f"{config.sampler} steps, guidance s={config.s}{interval_text(config)}, {masks_from} "
         f"({len({s.stem for s in job.plan.sources})} distinct)")
     started = time.perf_counter()
-    grid_rows = sample_my_batches(job, SampleWriter(run_dir, config.num_classes))
+    grid_rows = sample_my_batches(job, SampleWriter(run_dir, config.num_classes, config.ignore_index))
     grid_rows = [row for _, row in sorted(gather_to_main(grid_rows), key=lambda entry: entry[0])]  # waits for all
     summary = sampling_summary(job, time.perf_counter() - started)
     if world.is_main:
-        write_grid(run_dir / "grid.png", grid_rows, config.num_classes)
+        write_grid(run_dir / "grid.png", grid_rows, config.num_classes, ignore_index=config.ignore_index)
         write_legend(run_dir / "legend.png", job.class_names)
         write_json(run_dir / "summary.json", summary)
     log(f"wrote {job.num_images} samples to {run_dir} ({summary['seconds_per_image']:.3f} s/image)")
@@ -302,7 +304,7 @@ def sample_batch(job: SamplingJob, ids: list[int], progress) -> tuple[torch.Tens
     noise = PerImageNoise([image_seed(config.seed, i) for i in ids],
                           (config.image_channels, config.image_size, config.image_size), device)
     batch = job.plan.prepare(ids, items, noise, device)
-    labels = one_hot(batch.masks, config.num_classes).to(device)
+    labels = one_hot(batch.masks, config.num_classes, config.ignore_index).to(device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=job.autocast):
         denoise = sampling_denoiser(config, job.model, labels, job.diffusion)
         images = run_sampler(config.sampler, job.diffusion, denoise, batch.x, noise,

@@ -206,7 +206,8 @@ class Trainer:
         self.log = log if self.world.is_main else (lambda *_: None)
         self.device = select_device(config.device)
         torch.manual_seed(config.seed)
-        index = index_dataset(config.data_dir, config.dataset_mode, config.num_classes, require_test=False)
+        index = index_dataset(config.data_dir, config.dataset_mode, config.num_classes, require_test=False,
+                              ignore_value=config.ignore_index)
         self.class_names = read_class_names(config.data_dir, config.num_classes)
         config = self.config = resolve_image_channels(config, index.train, self.log)
         self.train_pairs, self.val_pairs = split_train_val(index.train, config.val_fraction, config.seed)
@@ -380,7 +381,8 @@ class Trainer:
         if self.config.crop_size:  # image and mask share the window
             images = crop_windows(images, draws["top"], draws["left"], self.config.crop_size)
             masks = crop_windows(masks, draws["top"], draws["left"], self.config.crop_size)
-        labels = one_hot(masks, self.config.num_classes) * draws["keep_label"][:, None, None, None].float()
+        labels = one_hot(masks, self.config.num_classes, self.config.ignore_index)
+        labels = labels * draws["keep_label"][:, None, None, None].float()
         images, labels = images.to(self.device), labels.to(self.device)
         t, noise = draws["t"].to(self.device), draws["noise"].to(self.device)
         for group in self.optimizer.param_groups:

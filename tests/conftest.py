@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -46,3 +47,31 @@ def tiny_train_config(data_dir: Path, root: Path, **changes) -> dict:
 def write_config(path: Path, values: dict) -> Path:
     path.write_text(json.dumps(values))
     return path
+
+
+def make_scene_dataset(root: Path, num_train: int = 10, num_test: int = 4, width: int = 48, height: int = 28,
+                       seed: int = 0) -> Path:
+    """A street-scene-like dataset unlike the demo: RGB, non-square (48 x 28), 5 classes of which 0 is "road" (no
+    background class: every image is mostly road), and a void id 255 along the horizon, as scene datasets have."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = np.array([[90, 90, 90], [200, 30, 30], [120, 180, 250], [40, 160, 40], [230, 200, 40]])
+    for split, count in (("train", num_train), ("test", num_test)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(count):
+            mask = np.zeros((height, width), np.uint8)
+            horizon = int(rng.integers(8, 14))
+            mask[:horizon] = 2  # sky
+            mask[horizon] = 255  # void
+            left = int(rng.integers(0, width - 12))
+            mask[horizon + 3:horizon + 9, left:left + 10] = 1  # car
+            mask[horizon + 1:, :4] = 3  # verge
+            if i % 2:
+                mask[-6:-2, width - 10:width - 6] = 4  # sign
+            image = colours[np.where(mask == 255, 0, mask)] + rng.integers(-20, 21, (height, width, 3))
+            Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / split / "images" / f"s{i:03d}.png")
+            Image.fromarray(mask).save(root / split / "masks" / f"s{i:03d}.png")
+    return root
+

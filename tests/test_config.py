@@ -20,6 +20,19 @@ def error_for(action: str, values: dict) -> str:
     return message
 
 
+@pytest.mark.parametrize("action, changes, message", [
+    ("train", {"ignore_index": 2}, "key 'ignore_index' is 2, a class id of the 4 classes; void pixels need a value "
+                                   "of their own (e.g. 255)"),
+    ("train", {"ignore_index": 300}, "key 'ignore_index' must be a mask value 0..255 or null, got 300"),
+    ("finetune", {"ignore_index": 255, "dataset_mode": "binary", "num_classes": 2, "resume_checkpoint": "x"},
+     "key 'ignore_index' needs dataset_mode multi-class (binary masks are 0 and 255 alone)"),
+    ("masks", {"ignore_index": 255}, "key 'ignore_index' is 255, but the mask generator has no void class"),
+])
+def test_a_void_value_that_is_a_class_out_of_range_binary_or_for_the_mask_generator_is_refused(action, changes,
+                                                                                             message):
+    assert message in error_for(action, {**BASE, **changes})
+
+
 def test_unknown_key_names_the_file_and_suggests_the_close_key():
     message = error_for("train", {**BASE, "num_clases": 3})
     assert message == "configs/x.json: unknown key 'num_clases' for train (did you mean 'num_classes'?)"

@@ -262,10 +262,11 @@ def test_binary_mask_with_other_values_than_0_and_255_is_named(tmp_path):
     assert "test/masks/b.png: values [1, 128] outside {0, 255} (num_classes=2, dataset_mode binary)" in message
 
 
-def test_0_255_masks_in_multi_class_mode_suggest_binary_mode(tmp_path):
+def test_255_in_multi_class_masks_suggests_ignore_index_for_void_and_binary_mode_for_0_255_masks(tmp_path):
     add_pair(tmp_path, "train", "a", size=(2, 2), mask=Image.fromarray(np.array([[0, 255], [0, 0]], np.uint8)), seed=1)
     add_pair(tmp_path, "test", "b", size=(2, 2), mask=Image.fromarray(np.zeros((2, 2), np.uint8)), seed=2)
-    assert "need dataset_mode binary" in dataset_error(tmp_path, "multi-class", 2)
+    assert ("where 255 marks void pixels set ignore_index 255 (masks of 0 and 255 alone: dataset_mode binary)"
+            in dataset_error(tmp_path, "multi-class", 2))
 
 
 def test_mask_size_different_from_image_is_reported_with_both_sizes(tmp_path):
@@ -527,6 +528,15 @@ def test_one_hot_has_one_channel_per_class_and_a_single_one_per_pixel():
     assert encoded[0, 3].sum() == 0
 
 
+def test_one_hot_gives_void_pixels_no_class_like_the_null_label():
+    mask = torch.tensor([[[0, 255], [2, 255]]], dtype=torch.int64)
+    encoded = one_hot(mask, 3, ignore_index=255)
+    assert torch.equal(encoded.sum(dim=1), torch.tensor([[[1.0, 0.0], [1.0, 0.0]]]))
+    assert torch.equal(encoded[0, :, 1, 0], torch.tensor([0.0, 0.0, 1.0]))
+    with pytest.raises(RuntimeError):  # any other id out of range is still an error
+        one_hot(torch.tensor([[[0, 7]]]), 3, ignore_index=255)
+
+
 def test_one_hot_rejects_a_mask_that_is_not_int64_nhw():
     with pytest.raises(ValueError, match="int64 NxHxW"):
         one_hot(torch.zeros(2, 2, dtype=torch.int64), 3)
@@ -575,4 +585,4 @@ def test_magnetic_tile_binary_masks_load_as_0_and_1():
 @needs_real_data
 def test_magnetic_tile_binary_in_multi_class_mode_is_rejected_with_a_hint():
     message = dataset_error(MAGNETIC_TILE_BINARY, "multi-class", 6)
-    assert "masks with values outside 0..5" in message and "need dataset_mode binary" in message
+    assert "masks with values outside 0..5" in message and "(masks of 0 and 255 alone: dataset_mode binary)" in message

@@ -63,6 +63,27 @@ def test_the_progress_bar_counts_whole_steps_of_a_batch(demo_dir, trained_run, t
     assert counts[-1] == "15/15" and "images=5/5" in stderr
 
 
+def test_a_model_trained_with_void_pixels_samples_them_as_void_without_being_told(tmp_path):
+    """ignore_index 255: training accepts the void pixels (refusing them without the key, with the fix in one
+    line), and sampling takes the value from the checkpoint: written labels keep 255, painted white."""
+    from conftest import make_scene_dataset, tiny_train_config
+    from guided_diffusion.errors import DatasetError
+    from guided_diffusion.train import Trainer
+    data = make_scene_dataset(tmp_path / "scenes", num_train=4, num_test=2)
+    values = tiny_train_config(data, tmp_path / "runs", num_classes=5, max_steps=2, max_epochs=1)
+    with pytest.raises(DatasetError, match=r"values outside 0..4 .*; where 255 marks void pixels set ignore_index "
+                                           r"255 \(masks of 0 and 255 alone: dataset_mode binary\)"):
+        Trainer(config_from_dict("train", values)[0], "train", log=lambda *_: None)
+    config, _ = config_from_dict("train", {**values, "ignore_index": 255})
+    run = Trainer(config, "train", log=lambda *_: None).run().run_dir
+    run_dir = sample(data, run, tmp_path / "samples", mask_split="all")
+    assert json.loads((run_dir / "config.json").read_text())["ignore_index"] == 255
+    labels, colored = pngs(run_dir / "labels"), pngs(run_dir / "colored_labels")
+    for name, label in labels.items():
+        assert (label == 255).any() and label[label != 255].max() < 5
+        assert (colored[name][label == 255] == 255).all()
+
+
 def test_different_seeds_give_different_images(demo_dir, trained_run, tmp_path):
     a = pngs(sample(demo_dir, trained_run, tmp_path / "a", seed=1) / "samples")
     b = pngs(sample(demo_dir, trained_run, tmp_path / "b", seed=2) / "samples")

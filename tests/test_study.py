@@ -19,7 +19,7 @@ from evaluation.study_config import study_from_dict
 from evaluation.study_report import paired_interval, without_sdm
 from guided_diffusion.errors import ConfigError
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, make_scene_dataset
 
 
 def study_values(data_dir, output_dir, **changes) -> dict:
@@ -639,4 +639,64 @@ def test_estimate_times_the_models_here_and_writes_nothing_into_the_study_folder
         assert f"| {stage} |" in out, stage
     minutes = [line.split("|")[5].strip() for line in out.splitlines() if line.startswith("| segmenters (r050)")]
     assert minutes and minutes[0] not in ("", "0 s"), "a segmenter's time was measured, not left at zero"
+    assert not (tmp_path / "study").exists()
+
+
+def test_a_scene_dataset_with_no_background_class_and_a_void_id_runs_the_whole_study(tmp_path):
+    """What the product will meet on data nobody here has seen: RGB, non-square images, class 0 a real class
+    (background_class null: "without background" averages every class) and void pixels (ignore_index 255, which
+    the SDM and the segmenters skip and the scores leave out)."""
+    data = make_scene_dataset(tmp_path / "scenes")
+    values = study_values(data, tmp_path / "study", num_classes=5, background_class=None, ignore_index=255,
+                          real_fractions=[0.5, 1.0])
+    values["generators"] = {"sdm": values["generators"]["sdm"]}
+    values["variants"] = [{"name": "real"}, {"name": "augment", "augment": "strong"},
+                          {"name": "sdm", "synthetic": ["sdm"], "fractions": [0.5]},
+                          {"name": "sdm_only", "synthetic": ["sdm"], "real": False, "fractions": [0.5]}]
+    root = run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False)
+    summary = json.loads((root / "summary.json").read_text())
+    rows = {(v["variant"], v["real_fraction"]): v for v in summary["variants"]}
+    assert set(rows) == {("real", 0.5), ("augment", 0.5), ("sdm", 0.5), ("sdm_only", 0.5), ("real", 1.0),
+                         ("augment", 1.0)}
+    units = [json.loads(line) for line in (root / "ledger.jsonl").read_text().splitlines()]
+    segmenters = [u for u in units if u["kind"] == "segmenter"]
+    assert len(segmenters) == 6 * 2
+    for unit in segmenters:  # without a background class the no-background mean is the mean over all 5 classes
+        assert len([key for key in unit if key.startswith("iou_")]) == 5
+        assert unit["miou_no_bg"] == pytest.approx(unit["miou"])
+    (sample,) = [u for u in units if u["kind"] == "sample"]
+    sample_dir = Path(sample["run_dir"])
+    assert json.loads((sample_dir / "config.json").read_text())["ignore_index"] == 255
+    from PIL import Image
+    label_files = sorted((sample_dir / "labels").iterdir())
+    assert len(label_files) == 4
+    for path in label_files:  # the void line of each dataset mask is kept in the written label, and white
+        label = np.array(Image.open(path))
+        assert (label == 255).any() and set(np.unique(label)) <= {0, 1, 2, 3, 4, 255}
+        colored = np.array(Image.open(sample_dir / "colored_labels" / path.name))
+        assert (colored[label == 255] == 255).all()
+    report = (root / "report.md").read_text()
+    assert "sdm" in report and "real" in report
+
+
+@pytest.mark.parametrize("generator, message", [
+    ({"kind": "sdm", "labels": "filtered", "source": "sdm", "filter": {}},
+     "error: key 'generators.sdm_filtered': FreeMask filtering does not handle void pixels yet "
+     "(ignore_index 255); leave out the filtered generator"),
+    ({"kind": "sdm", "sample": {"num_samples": 4, "mask_steps": 2},
+      "mask_generator": {"image_size": 16, "channel_mult": "1,2", "max_steps": 2}},
+     "key 'ignore_index' is 255, but the mask generator has no void class"),
+])
+def test_with_void_pixels_the_generators_that_cannot_handle_them_stop_the_study_first(tmp_path, capsys, generator,
+                                                                                      message):
+    data = make_scene_dataset(tmp_path / "scenes", num_train=4, num_test=2)
+    values = study_values(data, tmp_path / "study", num_classes=5, background_class=None, ignore_index=255,
+                          real_fractions=[1.0], variants=[{"name": "real"},
+                                                          {"name": "other", "synthetic": ["sdm_filtered"]}])
+    values["generators"] = {"sdm": values["generators"]["sdm"], "sdm_filtered": generator}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(values))
+    assert study_main(["-c", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
     assert not (tmp_path / "study").exists()
