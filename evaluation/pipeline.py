@@ -101,9 +101,13 @@ def prepare(config: EvaluateConfig, log: Callable[[str], None] = print) -> Input
         notes.append("mix RALLF000 added: the label-alignment score uses segmenters trained on all real images")
     counts = {mix: mix.counts(len(index.train), num_synthetic) for mix in mixes}
     for folder in folders:
-        if folder.ignore_index is not None:
+        if config.synthetic_labels == "filtered":
             notes.append(f"sample folder {folder.path}: filtered labels ({folder.dropped} images dropped, "
                          f"{folder.ignore_index} = ignored pixels)")
+        elif folder.ignore_index is not None and folder.ignore_index != _ignore_index(config):
+            raise ConfigError(f"sample folder {folder.path}: its labels keep void pixels of value "
+                              f"{folder.ignore_index} (sampled with ignore_index {folder.ignore_index}); set key "
+                              f"'ignore_index' to {folder.ignore_index} so that evaluation skips them")
     for folder in folders:
         if folder.data_dir and Path(folder.data_dir).name != Path(config.data_dir).name:
             notes.append(f"sample folder {folder.path} was sampled from data_dir {folder.data_dir}, evaluated on "

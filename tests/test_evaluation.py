@@ -356,6 +356,15 @@ def test_error_for_a_sample_folder_with_other_classes(tmp_path: Path, capsys, sm
     assert "sampled with num_classes 4 (its config.json) but the dataset has 6 classes" in err
 
 
+def test_error_for_void_labels_of_a_sample_folder_that_evaluation_would_not_skip(tmp_path: Path, capsys,
+                                                                                small_inputs) -> None:
+    data, samples = small_inputs
+    (samples / "config.json").write_text(json.dumps({"num_classes": 6, "ignore_index": 255}))
+    err = _run_error(tmp_path, capsys, ["--data-dir", str(data), "--samples", str(samples)])
+    assert ("its labels keep void pixels of value 255 (sampled with ignore_index 255); set key 'ignore_index' to 255 "
+            "so that evaluation skips them") in err
+
+
 def test_error_for_label_ids_outside_the_dataset_classes(tmp_path: Path, capsys, small_inputs) -> None:
     data, samples = small_inputs
     label = sorted((samples / "labels").iterdir())[0]
