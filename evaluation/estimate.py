@@ -163,9 +163,7 @@ def _sdm_runs(config: StudyConfig) -> dict[tuple[float, str], str]:
 def plan_study(config: StudyConfig, num_classes: int, sizes: SplitSizes, timings: Timings) -> list[Stage]:
     """The study's work as stages with their seconds on `timings`: the SDMs first, then each fraction's
     generators, segmenters and label alignment."""
-    common = {"data_dir": config.data_dir, "dataset_mode": config.dataset_mode, "num_classes": num_classes,
-              "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device,
-              **config.void_keys()}
+    common = config.generator_keys(config.data_dir, num_classes)
     stages: list[Stage] = []
 
     for (fraction, _), name in _sdm_runs(config).items():
@@ -217,7 +215,7 @@ def plan_study(config: StudyConfig, num_classes: int, sizes: SplitSizes, timings
             sample, _ = config_from_dict("sample", values, f"study generators.{name}")
             generated[name] = sample.num_samples
             if generator.mask_generator is not None:
-                masks_values = {**{k: common[k] for k in ("data_dir", "dataset_mode", "num_classes", "device")},
+                masks_values = {**config.mask_generator_keys(config.data_dir, num_classes),
                                 **generator.mask_generator}
                 masks_config, _ = config_from_dict("masks", masks_values, f"study generators.{name}.mask_generator")
                 masks = timings.masks(masks_values)

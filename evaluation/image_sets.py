@@ -244,12 +244,13 @@ def index_sample_folder(path: str | os.PathLike, num_classes: int, synthetic_lab
         problems.append(f"{len(lonely_labels)} labels without a sample ({_listed(lonely_labels)})")
     if problems:
         raise DatasetError(f"{where}: " + "; ".join(problems))
-    data_dir = _read_sample_config(folder).get("data_dir")
+    recorded = _read_sample_config(folder)
+    data_dir = recorded.get("data_dir")
     data_dir = data_dir if isinstance(data_dir, str) else None
     if synthetic_labels == "filtered":
         return _filtered_folder(folder, sorted(samples), samples, sampled_classes, data_dir)
     pairs = tuple(Pair(stem, samples[stem], labels[stem]) for stem in sorted(samples))
-    void = _read_sample_config(folder).get("ignore_index")  # labels/ keep the void value sampling was given
+    void = recorded.get("ignore_index")  # labels/ keep the void value sampling was given
     return SampleFolder(folder, pairs, sampled_classes, data_dir, void if isinstance(void, int) else None)
 
 

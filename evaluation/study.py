@@ -174,18 +174,11 @@ def lay_out_subset(study: Study, fraction: float, pairs: list[Pair]) -> Path:
 # 2.-3. generators and their samples
 
 
-def _common_keys(study: Study, data_dir: Path) -> dict[str, Any]:
-    config = study.config
-    return {"data_dir": str(data_dir), "dataset_mode": config.dataset_mode, "num_classes": study.num_classes,
-            "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device,
-            **config.void_keys()}
-
-
 def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: str, sdm: dict[str, Any]
                     ) -> Path | None:
     """Train (and finetune) an SDM of settings `sdm` (model, train, finetune keys) on the subset; returns the run
     folder to sample from (None: not trained yet in a report-only run)."""
-    common = {**_common_keys(study, data_dir), **sdm.get("model", {})}
+    common = {**study.config.generator_keys(str(data_dir), study.num_classes), **sdm.get("model", {})}
     train_values = {**common, **sdm["train"]}
     key = fingerprint("sdm-train", train_values, subset_key)
     root = study.root / "generator" / fraction_tag(fraction) / key
@@ -221,9 +214,8 @@ def train_mask_generator(study: Study, fraction: float, name: str, data_dir: Pat
     folder (None: not trained yet in a report-only run)."""
     from guided_diffusion.masks_train import mask_config, train_mask_generator as train_masks
 
-    values = {"data_dir": str(data_dir), "dataset_mode": study.config.dataset_mode,
-              "num_classes": study.num_classes, "device": study.config.device, "seed": study.config.seed,
-              **study.config.void_keys(), **(study.config.generators[name].mask_generator or {})}
+    values = {**study.config.mask_generator_keys(str(data_dir), study.num_classes), "seed": study.config.seed,
+              **(study.config.generators[name].mask_generator or {})}
     key = fingerprint("masks-train", values, subset_key)
 
     def work() -> dict[str, Any]:
@@ -290,7 +282,8 @@ def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir
     if generator.kind == "sdm" and model_dir is None:
         return None  # report-only, the SDM not trained yet
     model_keys = study.config.sdm_settings(name).get("model", {})
-    values = {**_common_keys(study, data_dir), **model_keys, "seed": study.config.seed, **generator.sample_keys}
+    values = {**study.config.generator_keys(str(data_dir), study.num_classes), **model_keys,
+              "seed": study.config.seed, **generator.sample_keys}
     if generator.kind == "paste":
         values = {k: v for k, v in values.items() if k not in model_keys}
     if model_dir is not None:
@@ -443,13 +436,11 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
     """Checks that need the dataset: class ids of background_class / ignore_index, and every SDM and sample config
     (built here once, so a bad key stops the study before any work)."""
     check_label_keys(config.background_class, config.ignore_index, num_classes)
-    common = {"data_dir": config.data_dir, "dataset_mode": config.dataset_mode, "num_classes": num_classes,
-              "image_size": config.image_size, "resize_mode": config.resize_mode, "device": config.device,
-              **config.void_keys()}
+    common = config.generator_keys(config.data_dir, num_classes)
     checked: set[str] = set()
     for name, generator in config.generators.items():
         if generator.labels == "filtered":
-            if config.void_keys():
+            if "ignore_index" in common:
                 raise ConfigError(f"key 'generators.{name}': FreeMask filtering does not handle void pixels yet "
                                   f"(ignore_index {config.ignore_index}); leave out the filtered generator")
             continue  # its filter settings were checked where the file was read
@@ -466,9 +457,8 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
         config_from_dict("sample", {**model, **common, **generator.sample_keys, "model_path": "x", **masks},
                          f"study generators.{name}")
         if generator.mask_generator is not None:
-            config_from_dict("masks", {**{k: common[k] for k in ("data_dir", "dataset_mode", "num_classes", "device")},
-                                       **config.void_keys(), **generator.mask_generator},
-                             f"study generators.{name}.mask_generator")
+            config_from_dict("masks", {**config.mask_generator_keys(config.data_dir, num_classes),
+                                       **generator.mask_generator}, f"study generators.{name}.mask_generator")
 
 
 def subset_key_of(pairs: list[Pair], data_dir: str) -> str:

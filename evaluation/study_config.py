@@ -210,12 +210,20 @@ class StudyConfig:
                 merged[part] = {**merged[part], **keys}
         return merged
 
-    def void_keys(self) -> dict[str, Any]:
-        """The void value for the SDM, mask generator and sample configs (`ignore_index`, multi-class masks):
-        nothing when there is none, so that the units of a study without one keep their fingerprints."""
-        if self.ignore_index is None or self.dataset_mode != "multi-class":
-            return {}
-        return {"ignore_index": self.ignore_index}
+    def mask_generator_keys(self, data_dir: str, num_classes: int) -> dict[str, Any]:
+        """The keys every mask generator config of the study shares: the data, the device, and the void value
+        (`ignore_index`, multi-class masks only; left out when there is none, so that the units of a study without
+        one keep their fingerprints)."""
+        void = {"ignore_index": self.ignore_index} if self.ignore_index is not None and \
+            self.dataset_mode == "multi-class" else {}
+        return {"data_dir": data_dir, "dataset_mode": self.dataset_mode, "num_classes": num_classes,
+                "device": self.device, **void}
+
+    def generator_keys(self, data_dir: str, num_classes: int) -> dict[str, Any]:
+        """The keys every SDM train, finetune and sample config of the study shares: the mask generator's, and
+        the image size and how images reach it."""
+        return {**self.mask_generator_keys(data_dir, num_classes), "image_size": self.image_size,
+                "resize_mode": self.resize_mode}
 
     def variants_at(self, fraction: float) -> list[Variant]:
         return [v for v in self.variants if v.fractions is None or fraction in v.fractions]

@@ -74,4 +74,3 @@ def make_scene_dataset(root: Path, num_train: int = 10, num_test: int = 4, width
             Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / split / "images" / f"s{i:03d}.png")
             Image.fromarray(mask).save(root / split / "masks" / f"s{i:03d}.png")
     return root
-
