@@ -163,3 +163,19 @@ def test_mask_generator_check_refuses_a_bad_generator_option_in_one_line(tmp_pat
     assert bad.stderr.strip().splitlines()[-1] == ("mask_generator_check: key 'class_weight_power' must be in [0, 1] "
                                                    "(0 = off), got 2.0")
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_colour_cast_benchmark_trains_one_sdm_per_offset_noise_and_prints_their_colour_rows(demo_dir, tmp_path):
+    command = [sys.executable, "benchmarks/colour_cast.py", "--data-dir", str(demo_dir), "--train-steps", "2",
+               "--num-samples", "4", "--sample-steps", "2", "--offset-noise", "0,0.1", "--work-dir", str(tmp_path)]
+    result = run(command)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row[0] for row in rows] == ["| images", "| real train images", "| real: even vs odd images (the FD's "
+                                        "noise floor)", "| offset_noise 0", "| offset_noise 0.1"]
+    assert all(len(row[1].split()) == 3 for row in rows[1:])  # mean R G B
+    assert [len(list((tmp_path / name / "sample_001" / "images").iterdir())) for name in ("offset_0", "offset_0.1")] \
+        == [4, 4]
+    bad = run([*command[:2], "--offset-noise", "x"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "--offset-noise: expected comma-separated numbers, got 'x'")
