@@ -122,7 +122,7 @@ def main() -> None:
                             {**common, "root_log_dir": str(root), "model_path": str(newest_run(root, "train")),
                              "num_samples": args.num_samples, "mask_split": "all", "s": 1.0, "sampler": "dpm++2m",
                              "steps": args.sample_steps, "num_classes": args.num_classes}, root / "sample.log")
-        colours = mean_colours(newest_run(root, "sample") / "images", args.image_size)
+        colours = mean_colours(newest_run(root, "sample") / "samples", args.image_size)  # images/ holds the real ones
         rows.append((f"offset_noise {value:g}", describe(colours), frechet_distance(real, colours),
                      f"{train_s:.0f}", f"{sample_s:.0f}"))
     print(f"data {data_dir} ({len(real)} train images), {args.image_size} px, {args.train_steps} training steps, "

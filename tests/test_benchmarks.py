@@ -174,7 +174,8 @@ def test_colour_cast_benchmark_trains_one_sdm_per_offset_noise_and_prints_their_
     assert [row[0] for row in rows] == ["| images", "| real train images", "| real: even vs odd images (the FD's "
                                         "noise floor)", "| offset_noise 0", "| offset_noise 0.1"]
     assert all(len(row[1].split()) == 3 for row in rows[1:])  # mean R G B
-    assert [len(list((tmp_path / name / "sample_001" / "images").iterdir())) for name in ("offset_0", "offset_0.1")] \
+    assert all(row[4] != "0.0" for row in rows[3:])  # the samples are measured, not the real images beside them
+    assert [len(list((tmp_path / name / "sample_001" / "samples").iterdir())) for name in ("offset_0", "offset_0.1")] \
         == [4, 4]
     bad = run([*command[:2], "--offset-noise", "x"])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
