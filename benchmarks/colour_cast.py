@@ -7,8 +7,8 @@ For each `--offset-noise` value one SDM is trained with `main.py train` (same se
 changed), then `main.py sample` draws `--num-samples` images (DPM-Solver++(2M), no guidance) for the dataset's
 masks. Each image is reduced to its mean colour (R, G, B on 0..255). Printed per row, the real train images first:
 - `mean R G B`: the mean over images of the image means; a cast is a sample row that differs from the real one;
-- `brightness spread`: the standard deviation over images of the mean grey level. The linear schedule leaves a
-  trace of each image's mean in x_T, so a model trained without offset noise tends to squeeze it;
+- `brightness spread`: the standard deviation over images of the mean grey level (offset noise is meant to let
+  the model reproduce the real spread: the linear schedule leaves a trace of each image's mean in x_T);
 - `tint`: the mean over images of the mean |channel - grey| of the image mean colour (how coloured images are);
 - `colour FD`: the Frechet distance between Gaussians fitted to the real and the sampled mean colours (0 = the same
   distribution of image colours; in squared grey levels). The row "even vs odd" compares two halves of the real
@@ -31,12 +31,16 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from guided_diffusion.data import IMAGE_EXTENSIONS  # noqa: E402
+from guided_diffusion.results import latest_run_dir  # noqa: E402
 
 
 def mean_colours(folder: Path, size: int) -> np.ndarray:
     """(N, 3) mean R, G, B on 0..255 of every image in `folder`, each resized to size x size first (as training
     sees it); grey images count as R = G = B."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise SystemExit(f"error: no images in {folder}")
     means = [np.asarray(Image.open(p).convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float64)
@@ -76,10 +80,10 @@ def run_main(action: str, config: Path, sets: dict[str, object], log: Path) -> f
 
 
 def newest_run(root: Path, action: str) -> Path:
-    runs = sorted(root.glob(f"{action}_*"))
-    if not runs:
+    run = latest_run_dir(root, action)
+    if run is None:
         raise SystemExit(f"error: no {action} run under {root}")
-    return runs[-1]
+    return run
 
 
 def main() -> None:
