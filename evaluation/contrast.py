@@ -1,12 +1,19 @@
-"""Defect contrast: how much darker or brighter than its surroundings each class is drawn in an image set.
+"""How each class is drawn in an image set: its contrast with its surroundings and the roughness of its pixels.
 
-For every image and class it holds, the mean grey level (0..255) of the class's pixels minus the mean grey level
-of a ring around them: the pixels 3 to 8 px away (square dilation) that belong to no other part of that class and
-are not ignored. Real images give each class its typical contrast (on magnetic-tile blowholes and cracks are
-dark, uneven areas bright); a generator's images should show the same numbers. A contrast near 0 where the real
-one is not says the generator paints that class invisibly, and a segmenter cannot learn it from those images;
-one far beyond the real says the painted objects stand out more than real ones do. It needs no segmenter, so it
-reads the same for every fraction and seed, beside label alignment, which needs one.
+Contrast: for every image and class it holds, the mean grey level (0..255) of the class's pixels minus the mean
+grey level of a ring around them: the pixels 3 to 8 px away (square dilation) that belong to no other part of that
+class and are not ignored. Real images give each class its typical contrast (on magnetic-tile blowholes and cracks
+are dark, uneven areas bright); a generator's images should show the same numbers. A contrast near 0 where the
+real one is not says the generator paints that class invisibly, and a segmenter cannot learn it from those images;
+one far beyond the real says the painted objects stand out more than real ones do.
+
+Roughness: for every image and class it holds, the mean |pixel - median of its 3x3 neighbourhood| in grey levels
+over the class's pixels. It is small on smooth texture and large on pixel noise. A generator whose classes are much
+rougher than the real ones paints them as noise; such regions are easy for a segmenter to find, so they can score a
+high label alignment without looking like the real objects.
+
+Neither needs a segmenter, so both read the same for every fraction and seed, beside label alignment, which needs
+one.
 """
 
 from __future__ import annotations
@@ -16,32 +23,58 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-INNER, OUTER = 3, 8  # the ring's distance from the class, in pixels (square dilation)
+INNER, OUTER = 3, 8  # the contrast ring's distance from the class, in pixels (square dilation)
 MIN_PIXELS = 4  # a class (or its ring) of fewer pixels in an image is left out for that image
+ROUGHER = 2.0  # a generator's class this many times rougher than the real images' is flagged in the report
 
 
 @dataclass(frozen=True)
-class Contrast:
-    """One class over an image set: mean and standard deviation of the per-image contrasts, and their count."""
+class ClassStat:
+    """One class over an image set: mean and standard deviation of a per-image value, and the images counted."""
 
     mean: float
     std: float
     images: int
 
-    def text(self) -> str:
-        return "–" if not self.images else f"{self.mean:+.1f} ± {self.std:.1f} ({self.images})"
+    def text(self, signed: bool = True) -> str:
+        if not self.images:
+            return "–"
+        return f"{self.mean:+.1f} ± {self.std:.1f} ({self.images})" if signed else \
+            f"{self.mean:.1f} ± {self.std:.1f} ({self.images})"
+
+
+@dataclass(frozen=True)
+class ImageSetLook:
+    """How an image set draws each class: `contrast` for each class but the background, `roughness` for each."""
+
+    contrast: dict[int, ClassStat]
+    roughness: dict[int, ClassStat]
+
+    def rougher_than(self, real: ImageSetLook) -> list[int]:
+        """The classes this set draws more than ROUGHER times as rough as `real` does (both measured)."""
+        return [c for c, mine in self.roughness.items()
+                if c in real.roughness and mine.images and real.roughness[c].images
+                and mine.mean > ROUGHER * real.roughness[c].mean]
+
+
+def _stats(values: dict[int, list[float]]) -> dict[int, ClassStat]:
+    return {c: ClassStat(float(np.mean(v)) if v else float("nan"), float(np.std(v)) if v else float("nan"), len(v))
+            for c, v in values.items()}
+
+
+def _grey(images: np.ndarray) -> np.ndarray:
+    """uint8 N×H×W or N×H×W×C images as float grey levels (the channels' mean)."""
+    grey = images.astype(np.float64)
+    return grey.mean(axis=-1) if grey.ndim == 4 else grey
 
 
 def class_contrast(images: np.ndarray, masks: np.ndarray, classes: list[int],
-                   ignore_index: int | None = None) -> dict[int, Contrast]:
+                   ignore_index: int | None = None) -> dict[int, ClassStat]:
     """Per class of `classes`: the contrast of its pixels with their ring over the images (uint8 N×H×W or
     N×H×W×C, grey = the channels' mean) and class-id masks (N×H×W) that hold it."""
-    grey = images.astype(np.float64)
-    if grey.ndim == 4:
-        grey = grey.mean(axis=-1)
     values: dict[int, list[float]] = {c: [] for c in classes}
     square = np.ones((3, 3), bool)
-    for image, mask in zip(grey, masks):
+    for image, mask in zip(_grey(images), masks):
         usable = np.ones(mask.shape, bool) if ignore_index is None else mask != ignore_index
         for c in classes:
             region = mask == c
@@ -52,5 +85,24 @@ def class_contrast(images: np.ndarray, masks: np.ndarray, classes: list[int],
             if ring.sum() < MIN_PIXELS:
                 continue
             values[c].append(float(image[region].mean() - image[ring].mean()))
-    return {c: Contrast(float(np.mean(v)) if v else float("nan"), float(np.std(v)) if v else float("nan"), len(v))
-            for c, v in values.items()}
+    return _stats(values)
+
+
+def class_roughness(images: np.ndarray, masks: np.ndarray, classes: list[int]) -> dict[int, ClassStat]:
+    """Per class of `classes`: the mean |grey - its 3x3 median| over the class's pixels, over the images (as in
+    class_contrast) that hold at least MIN_PIXELS of it. Image borders repeat their edge pixels."""
+    values: dict[int, list[float]] = {c: [] for c in classes}
+    for image, mask in zip(_grey(images), masks):
+        deviation = np.abs(image - ndimage.median_filter(image, size=3, mode="nearest"))
+        for c in classes:
+            region = mask == c
+            if region.sum() >= MIN_PIXELS:
+                values[c].append(float(deviation[region].mean()))
+    return _stats(values)
+
+
+def image_set_look(images: np.ndarray, masks: np.ndarray, classes: list[int], background_class: int | None,
+                   ignore_index: int | None = None) -> ImageSetLook:
+    """The contrast of each class of `classes` but `background_class`, and the roughness of each."""
+    return ImageSetLook(class_contrast(images, masks, [c for c in classes if c != background_class], ignore_index),
+                        class_roughness(images, masks, classes))

@@ -46,7 +46,7 @@ from guided_diffusion.errors import ConfigError, exit_status
 from guided_diffusion.results import write_json
 
 from .config import check_label_keys
-from .contrast import Contrast, class_contrast
+from .contrast import ImageSetLook, image_set_look
 from .image_sets import (IGNORE_INDEX, ImageSet, class_names, index_sample_folder, infer_num_classes, link_subset,
                          load_pairs, load_sample_folder)
 from .metrics import segmentation_metrics
@@ -511,7 +511,7 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
     rows: list[dict[str, Any]] = []
     generator_runs: dict[str, dict[str, Any]] = {}
     sdm_runs: dict[tuple[float, str], Path | None] = {}
-    contrasts: dict[float, dict[str, dict[int, Contrast]]] = {}
+    looks: dict[float, dict[str, ImageSetLook]] = {}
 
     def sdm_of(fraction: float, name: str) -> Path | None:
         """The SDM a generator samples: of its settings (`sdm_settings`), trained on its `sdm_fraction`'s subset
@@ -541,10 +541,10 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
             generator_runs[f"{tag}/{name}"] = run
         real = load_pairs(pairs, config.dataset_mode, config.image_size, config.resize_mode, tag)
         synthetic = {name: load_generated(study, name, run["run_dir"]) for name, run in runs.items()}
-        if synthetic:  # how strongly each set draws each class (the report's "Defect contrast")
-            classes = [c for c in range(study.num_classes) if c != config.background_class]
-            contrasts[fraction] = {name: class_contrast(images.images, images.masks, classes, ignored_label(study))
-                                   for name, images in {"real": real, **synthetic}.items()}
+        if synthetic:  # how each set draws each class (the report's "Defect contrast" and "Defect roughness")
+            looks[fraction] = {name: image_set_look(images.images, images.masks, list(range(study.num_classes)),
+                                                    config.background_class, ignored_label(study))
+                               for name, images in {"real": real, **synthetic}.items()}
         variants = sorted(config.variants_at(fraction), key=lambda v: not v.is_baseline)  # baseline first
         for variant in variants:
             if any(name not in runs for name in variant.synthetic):
@@ -574,7 +574,7 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
                 rows.append(row)
         del real, synthetic
     seconds = time.perf_counter() - started
-    write_report(study, rows, generator_runs, split, command, seconds, load_seconds, contrasts)
+    write_report(study, rows, generator_runs, split, command, seconds, load_seconds, looks)
     log(f"report: {root / 'report.md'}")
     return root
 

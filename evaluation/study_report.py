@@ -19,7 +19,7 @@ import numpy as np
 
 from guided_diffusion.results import write_json
 
-from .contrast import INNER, OUTER, Contrast
+from .contrast import INNER, OUTER, ROUGHER, ImageSetLook
 from .report import markdown_table
 
 if TYPE_CHECKING:
@@ -221,20 +221,41 @@ def _alignment(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
     return out
 
 
-def _contrast_section(study: Study, contrasts: dict[float, dict[str, dict[int, Contrast]]]) -> list[str]:
-    """The defect-contrast table: per fraction, the real subset's images and each generator's."""
-    if not contrasts:
+def _rougher(study: Study, looks: dict[float, dict[str, ImageSetLook]], fraction: float, name: str) -> list[str] | None:
+    """The names of the classes generator `name` draws more than ROUGHER times as rough as the real subset of
+    `fraction`; None when either set's look was not measured."""
+    sets = looks.get(fraction, {})
+    if name not in sets or "real" not in sets:
+        return None
+    return [study.class_names[c] for c in sets[name].rougher_than(sets["real"])]
+
+
+def _look_sections(study: Study, looks: dict[float, dict[str, ImageSetLook]]) -> list[str]:
+    """The defect-contrast and defect-roughness tables: per fraction, the real subset's images and each
+    generator's."""
+    if not looks:
         return []
-    classes = next(iter(next(iter(contrasts.values())).values())).keys()
-    body = [[f"{100 * fraction:.0f} %", "real subset" if name == "real" else name]
-            + [by_class[c].text() for c in classes]
-            for fraction, sets in contrasts.items() for name, by_class in sets.items()]
+    first = next(iter(next(iter(looks.values())).values()))
+
+    def table(field: str, signed: bool) -> str:
+        classes = getattr(first, field).keys()
+        return markdown_table(["real", "images"] + [study.class_names[c] for c in classes],
+                              [[f"{100 * fraction:.0f} %", "real subset" if name == "real" else name]
+                               + [getattr(look, field)[c].text(signed) for c in classes]
+                               for fraction, sets in looks.items() for name, look in sets.items()])
+
     return ["## Defect contrast", "",
             f"How dark (-) or bright (+) each class is drawn: the mean grey level (0..255) of its pixels minus that "
             f"of a ring {INNER}-{OUTER} px around them, mean ± std over the images that hold the class (their "
             "count). A generator should draw each class about as the real subset's images show it; near 0 where "
             "the real contrast is not, the class is painted invisibly.", "",
-            markdown_table(["real", "images"] + [study.class_names[c] for c in classes], body), ""]
+            table("contrast", True), "",
+            "## Defect roughness", "",
+            "How noisy each class's pixels are: the mean |pixel - median of its 3x3 neighbourhood| in grey levels "
+            "over the class's pixels, mean ± std over the images that hold the class (their count). A generator "
+            "should be about as rough as the real subset; far rougher (the label-alignment table flags more than "
+            f"{ROUGHER:g}x) means it paints the class as pixel noise.", "",
+            table("roughness", False), ""]
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -338,11 +359,12 @@ def _stage_times(study: Study) -> dict[str, float]:
 
 def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[str, dict[str, Any]], split: Split,
                  command: str, seconds: float, load_seconds: float,
-                 contrasts: dict[float, dict[str, dict[int, Contrast]]] | None = None) -> None:
+                 looks: dict[float, dict[str, ImageSetLook]] | None = None) -> None:
     root, config = study.root, study.config
-    contrasts = contrasts or {}
+    looks = looks or {}
     records = summarize(study, rows)
-    alignment = _alignment(study, rows)
+    alignment = [{**a, "rougher_than_real": _rougher(study, looks, a["real_fraction"], a["generator"])}
+                 for a in _alignment(study, rows)]
     _write_csv(root / "results.csv", rows)
     _plot_differences(root / "paired_differences.png", records)
     has_curve = _plot_generator_curves(root / "generator_loss.png", study)
@@ -402,12 +424,17 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
     lines += ["## Label alignment", "",
               "The real-only segmenters of each fraction segment every generator's images; mIoU (w/o bg) against "
               "the masks the images were made for, beside the same segmenters on real test images. Near the real "
-              "score: the images show their masks' classes where the masks put them.", ""]
-    lines += [markdown_table(["real", "generator", "kind", "alignment mIoU w/o bg", "real test mIoU w/o bg", "seeds"],
+              "score: the images show their masks' classes where the masks put them. 'rougher than real': the "
+              f"classes the generator draws more than {ROUGHER:g}x as rough as the real subset (\"Defect roughness\"); "
+              "pixel noise is easy to find, so a high alignment there is no proof of realism: look at the grid.", ""]
+    lines += [markdown_table(["real", "generator", "kind", "alignment mIoU w/o bg", "real test mIoU w/o bg", "seeds",
+                              "rougher than real"],
                              [[f"{100 * a['real_fraction']:.0f} %", a["generator"], a["kind"],
-                               _fmt(a["alignment_miou_no_bg"]), _fmt(a["real_test_miou_no_bg"]), a["seeds"]]
+                               _fmt(a["alignment_miou_no_bg"]), _fmt(a["real_test_miou_no_bg"]), a["seeds"],
+                               "not measured" if a["rougher_than_real"] is None
+                               else ", ".join(a["rougher_than_real"]) or "none"]
                               for a in alignment]) if alignment else "no generators", ""]
-    lines += _contrast_section(study, contrasts)
+    lines += _look_sections(study, looks)
     lines += ["## Generator", ""]
     lines += (["![SDM training loss](generator_loss.png)", ""] if has_curve else ["no SDM in this study", ""])
     used = {name: config.generators[name] for fraction in config.real_fractions  # generators of no variant: unsaid
@@ -443,10 +470,11 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         "per_class_iou": [{"real_fraction": r["real_fraction"], "variant": r["variant"],
                            **{n: r[f"iou_{n}"] for n in study.class_names}} for r in records],
         "label_alignment": alignment,
-        "defect_contrast": [{"real_fraction": fraction, "images": name,
-                             **{study.class_names[c]: {"mean": v.mean, "std": v.std, "images": v.images}
-                                for c, v in by_class.items()}}
-                            for fraction, sets in contrasts.items() for name, by_class in sets.items()],
+        **{f"defect_{field}": [{"real_fraction": fraction, "images": name,
+                                **{study.class_names[c]: {"mean": v.mean, "std": v.std, "images": v.images}
+                                   for c, v in getattr(look, field).items()}}
+                               for fraction, sets in looks.items() for name, look in sets.items()]
+           for field in ("contrast", "roughness")},
         "stage_seconds": {k: round(v, 1) for k, v in times.items()},
         "seconds_this_invocation": round(seconds, 1),
     })

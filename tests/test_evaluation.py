@@ -452,3 +452,20 @@ def test_defect_contrast_is_the_class_mean_minus_its_ring_mean_per_image():
     assert found[2].images == 0 and found[2].text() == "–"  # a class no image holds
     images[0, 10:20, 26:29] = 0  # a ring pixel darker: the ring's mean falls, the contrast rises
     assert class_contrast(images[:1], masks[:1], [1])[1].mean > -150.0
+
+
+def test_defect_roughness_is_the_mean_distance_to_the_3x3_median_over_the_class_pixels():
+    from evaluation.contrast import class_roughness, image_set_look
+
+    images = np.full((2, 12, 12), 100, np.uint8)
+    masks = np.zeros((2, 12, 12), np.int64)
+    masks[:, 4:8, 4:8] = 1
+    images[1, 5, 5] = 200  # one salt pixel in the class: its 3x3 median is 100, every other pixel's still 100
+    found = class_roughness(np.repeat(images[..., None], 3, axis=-1), masks, [0, 1, 2])
+    assert found[1].images == 2 and found[2].images == 0 and found[2].text(signed=False) == "–"
+    assert found[1].mean == pytest.approx((0 + 100 / 16) / 2) and found[1].std == pytest.approx(100 / 32)
+    assert found[0].mean == 0.0  # the salt pixel is no background pixel's neighbour
+    # the report's flag: the salted set is rougher than the flat one on class 1 only
+    flat, salted = (image_set_look(images[i:i + 1], masks[i:i + 1], [0, 1], background_class=0) for i in (0, 1))
+    assert list(salted.contrast) == [1] and list(salted.roughness) == [0, 1]
+    assert salted.rougher_than(flat) == [1] and flat.rougher_than(salted) == []

@@ -83,6 +83,7 @@ def test_study_writes_report_summary_and_every_variant(finished_study):
     assert cells[(0.5, "paste")]["synthetic_images"] == 4
     report = (root / "report.md").read_text()
     for heading in ("## mIoU on the real test split", "## Per-class IoU", "## Label alignment", "## Defect contrast",
+                    "## Defect roughness",
                     "## Generator", "## Wall time"):
         assert heading in report
     assert "test command" in report
@@ -100,6 +101,14 @@ def test_study_writes_report_summary_and_every_variant(finished_study):
         assert all(set(cell[name]) == {"mean", "std", "images"} for name in ("scratch", "spot", "crack"))
     assert contrast[(0.5, "real")]["scratch"]["images"] > 0
     assert "| 50 % | real subset |" in report
+    # defect roughness: the same sets, every class including the background; alignment names the rougher classes
+    roughness = {(c["real_fraction"], c["images"]): c for c in summary["defect_roughness"]}
+    assert set(roughness) == set(contrast)
+    assert all(set(cell) == {"real_fraction", "images", "background", "scratch", "spot", "crack"}
+               for cell in roughness.values())
+    assert roughness[(0.5, "real")]["background"]["mean"] > 0
+    for a in summary["label_alignment"]:
+        assert set(a["rougher_than_real"]) <= {"background", "scratch", "spot", "crack"}
 
 
 def test_a_filtered_generator_trains_on_the_filtered_labels_of_its_source(finished_study):
@@ -366,6 +375,22 @@ def test_label_alignment_sits_beside_the_real_test_score_of_the_same_seeds():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert math.isnan(next(a for a in _alignment(study, rows) if a["generator"] == "new")["alignment_miou_no_bg"])
+
+
+def test_label_alignment_names_the_classes_a_generator_draws_far_rougher_than_the_real_subset():
+    """Pixel noise is easy for a segmenter to find: the alignment table names such classes beside the score."""
+    from evaluation.contrast import ClassStat, ImageSetLook
+    from evaluation.study_report import _rougher
+    study = types.SimpleNamespace(class_names=["background", "spot", "crack"])
+
+    def look(*roughness: float) -> ImageSetLook:
+        return ImageSetLook({}, {c: ClassStat(r, 0.0, 1 if r == r else 0) for c, r in enumerate(roughness)})
+
+    looks = {0.5: {"real": look(2.0, 6.0, 5.0), "noisy": look(2.5, 30.0, float("nan")),
+                   "smooth": look(4.0, 12.0, 9.0)}}
+    assert _rougher(study, looks, 0.5, "noisy") == ["spot"]  # crack not drawn: not compared
+    assert _rougher(study, looks, 0.5, "smooth") == []  # twice as rough is not more than twice
+    assert _rougher(study, looks, 0.5, "other") is None and _rougher(study, looks, 1.0, "noisy") is None
 
 
 def test_the_sdm_share_pairs_each_sdm_variant_with_itself_without_the_sdm(finished_study, demo_dir, tmp_path):
