@@ -37,10 +37,8 @@ class ClassStat:
     images: int
 
     def text(self, signed: bool = True) -> str:
-        if not self.images:
-            return "–"
-        return f"{self.mean:+.1f} ± {self.std:.1f} ({self.images})" if signed else \
-            f"{self.mean:.1f} ± {self.std:.1f} ({self.images})"
+        sign = "+" if signed else ""
+        return f"{self.mean:{sign}.1f} ± {self.std:.1f} ({self.images})" if self.images else "–"
 
 
 @dataclass(frozen=True)
@@ -63,8 +61,8 @@ def _stats(values: dict[int, list[float]]) -> dict[int, ClassStat]:
 
 
 def _grey(images: np.ndarray) -> np.ndarray:
-    """uint8 N×H×W or N×H×W×C images as float grey levels (the channels' mean)."""
-    grey = images.astype(np.float64)
+    """uint8 N×H×W or N×H×W×C images as float grey levels (the channels' mean); grey levels pass through."""
+    grey = np.asarray(images, dtype=np.float64)
     return grey.mean(axis=-1) if grey.ndim == 4 else grey
 
 
@@ -104,5 +102,6 @@ def class_roughness(images: np.ndarray, masks: np.ndarray, classes: list[int]) -
 def image_set_look(images: np.ndarray, masks: np.ndarray, classes: list[int], background_class: int | None,
                    ignore_index: int | None = None) -> ImageSetLook:
     """The contrast of each class of `classes` but `background_class`, and the roughness of each."""
-    return ImageSetLook(class_contrast(images, masks, [c for c in classes if c != background_class], ignore_index),
-                        class_roughness(images, masks, classes))
+    grey = _grey(images)  # once for both
+    return ImageSetLook(class_contrast(grey, masks, [c for c in classes if c != background_class], ignore_index),
+                        class_roughness(grey, masks, classes))

@@ -384,7 +384,7 @@ def test_label_alignment_names_the_classes_a_generator_draws_far_rougher_than_th
     study = types.SimpleNamespace(class_names=["background", "spot", "crack"])
 
     def look(*roughness: float) -> ImageSetLook:
-        return ImageSetLook({}, {c: ClassStat(r, 0.0, 1 if r == r else 0) for c, r in enumerate(roughness)})
+        return ImageSetLook({}, {c: ClassStat(r, 0.0, 0 if math.isnan(r) else 1) for c, r in enumerate(roughness)})
 
     looks = {0.5: {"real": look(2.0, 6.0, 5.0), "noisy": look(2.5, 30.0, float("nan")),
                    "smooth": look(4.0, 12.0, 9.0)}}
