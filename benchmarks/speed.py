@@ -9,17 +9,20 @@ its share of the device's peak (known GPUs only). FLOPs are counted by torch.uti
 at batch 1; a training step counts 3 forwards (forward + backward), a guided sampling step 2 (cond + null).
 Sampling runs with classifier-free guidance s = 1.5, at every step or (--guidance-interval LOW HIGH) only at the
 steps whose t/T is in [LOW, HIGH], which run 2 forwards, the others 1. Runs longer than --max-sample-steps are
-timed over that many steps and scaled to the full count (marked "~"). The first step of everything is an untimed
-warm-up.
+timed over a process of that many steps and scaled to the full count (marked "~"): the first step once, the
+others times (steps - 1). Everything runs once untimed first (warm-up).
 
-"naive" = what the reference code does: fp32, attention as explicit softmax(q k^T / sqrt(d)) v instead of PyTorch's
-fused SDPA kernel, and guidance as two separate forwards per step, with ISDM's 300 ancestral steps.
+"ours" is the product's sampling path (samplers.py, guidance.py: one batched forward for the guided pair, the
+masks' SPADE maps computed once per run as `unet.FixedMasks`, per-image noise). "naive" is ISDM's code path,
+re-created step for step in isdm_path.py: fp32, ISDM's attention (einsums) instead of PyTorch's fused SDPA
+kernel, guidance as two separate forwards per step, SPADE maps recomputed at every forward, ISDM's p_sample
+arithmetic, over ISDM's rescaled 300-step schedule. Under the table, each sampling row's time per step is split
+into model forward, guidance combine, noise and step arithmetic (naive: forward and the rest).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import statistics
 import sys
@@ -33,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guided_diffusion.config import config_from_dict  # noqa: E402
 from guided_diffusion.data import one_hot  # noqa: E402
-from guided_diffusion.diffusion import GaussianDiffusion, space_timesteps  # noqa: E402
+from guided_diffusion.diffusion import GaussianDiffusion  # noqa: E402
 from guided_diffusion.guidance import conditional_denoiser, guided_share  # noqa: E402
 from guided_diffusion.model_setup import build_model  # noqa: E402
 from guided_diffusion.samplers import PerImageNoise, log_snr_timesteps, run_sampler  # noqa: E402
+from benchmarks.isdm_path import IsdmSampler, isdm_attention  # noqa: E402
 from guided_diffusion.unet import AttentionBlock, SDMUNet  # noqa: E402
 
 CONFIGS = {
@@ -69,11 +73,7 @@ class Row:
     s_per_image: float | None = None
     estimated: bool = False
     flops_per_s: float | None = None
-
-
-def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-    return weights @ v
+    split: dict[str, float] | None = None  # sampling: seconds per step of the batch, by part
 
 
 def synchronize(device: torch.device) -> None:
@@ -123,32 +123,102 @@ def time_training(model, diffusion, images, labels, steps: int, autocast: bool, 
     return steps * len(images) / (time.perf_counter() - start)
 
 
-def time_sampling(model, labels, sampler: str, steps: int, max_steps: int, batched: bool, autocast: bool,
-                  device, channels: int = 3,
-                  guidance_interval: list[float] | None = None) -> tuple[float, bool, float]:
-    """Seconds per image for `steps` guided steps of `sampler` (timed over at most max_steps), guided at every
-    step or only inside `guidance_interval` (t/T), whether it was timed over fewer steps, and the model forwards
-    per image and step (2 guided, 1 outside the interval; averaged over the steps)."""
-    model_process = GaussianDiffusion.create(1000, "linear", rescale_timesteps=True)
+class Stopwatch:
+    """Seconds spent inside the callables it wraps, by name (the device synchronised around each call)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name: str, function):
+        def timed(*args):
+            synchronize(self.device)
+            start = time.perf_counter()
+            out = function(*args)
+            synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            return out
+        return timed
+
+
+@dataclass
+class SamplingTime:
+    """A timed sampling run: seconds per image for the full step count, whether it was timed over fewer steps,
+    model forwards per image and step, and the per-step split in seconds (forward, guidance combine, noise, step
+    arithmetic; the naive path's loop is one piece, so its split is forward and the rest)."""
+
+    s_per_image: float
+    estimated: bool
+    forwards: float
+    split: dict[str, float]
+
+
+def sampling_process(sampler: str, steps: int, timed: int) -> GaussianDiffusion:
+    """What a sample run of `steps` steps walks, at `timed` of its steps (evenly spread): ISDM's rescaled
+    `steps`-step linear schedule for ancestral and ddim (the sample config's default), the model's 1000-step
+    process at log-SNR-even timesteps for dpm++2m."""
+    if sampler == "dpm++2m":
+        model_process = GaussianDiffusion.create(1000, "linear", rescale_timesteps=True)
+        return model_process.respaced(log_snr_timesteps(model_process, timed))
+    return GaussianDiffusion.create(steps, "linear", str(timed), rescale_timesteps=True)
+
+
+def time_sampling(model, labels, sampler: str, steps: int, max_steps: int, naive: bool, autocast: bool,
+                  device, channels: int = 3, guidance_interval: list[float] | None = None) -> SamplingTime:
+    """`steps` steps of `sampler` with guidance s = 1.5 at every step or only inside `guidance_interval`, timed
+    over a process of at most max_steps steps spanning the same noise levels. Our path is the product's (batched
+    guidance on `FixedMasks`, per-image noise, samplers.py); the naive path is ISDM's (isdm_path.py, ancestral).
+
+    Each run's first step is timed apart: ours computes the masks' SPADE maps there, once per run, so the full
+    run costs that step plus (steps - 1) of the others. A warm-up run of the same shapes comes first, on its own
+    denoiser, so the timed run starts with no maps kept."""
     timed = min(steps, max_steps)
-    grid = log_snr_timesteps(model_process, timed) if sampler == "dpm++2m" else space_timesteps(1000, str(timed))
-    diffusion = model_process.respaced(grid)
+    diffusion = sampling_process(sampler, steps, timed)
     size = labels.shape[-1]
-    noise = PerImageNoise(list(range(len(labels))), (channels, size, size), device)
+    clock = Stopwatch(device)
+    stamps: list[float] = []
+
+    def stamp(_: int = 1) -> None:
+        synchronize(device)
+        stamps.append(time.perf_counter())
+
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        denoise = conditional_denoiser(model, labels, 1.5, batched=batched, guidance_interval=guidance_interval,
-                                       time_range=diffusion.model_time_range)
-        warm_times = [0.0]
-        if guidance_interval is not None:
-            warm_times.append(sum(guidance_interval) / 2 * diffusion.model_time_range)
-        for t in warm_times:  # warm-up of each batch shape the run uses (a compiled model compiles each)
-            denoise(noise(), torch.full((len(labels),), t, device=device))
-        synchronize(device)
-        start = time.perf_counter()
-        run_sampler(sampler, diffusion, denoise, noise(), noise)
-        synchronize(device)
-    seconds = time.perf_counter() - start
-    return seconds / timed * steps / len(labels), timed < steps, 1.0 + guided_share(diffusion, guidance_interval)
+        x = torch.randn(len(labels), channels, size, size, generator=torch.Generator().manual_seed(2)).to(device)
+        if naive:
+            reference = IsdmSampler(diffusion)
+            forward = clock.wrap("forward", model)
+            reference.sample(model, x.clone(), labels, 1.5, steps=2)  # warm-up
+            stamp()
+            reference.sample(forward, x.clone(), labels, 1.5, progress=stamp)
+        else:
+            noise = PerImageNoise(list(range(len(labels))), (channels, size, size), device)
+
+            def denoiser(network):
+                return conditional_denoiser(network, labels, 1.5, guidance_interval=guidance_interval,
+                                            time_range=diffusion.model_time_range)
+
+            warm = denoiser(model)
+            warm_times = [0.0] + ([sum(guidance_interval) / 2 * diffusion.model_time_range]
+                                  if guidance_interval is not None else [])
+            for t in warm_times:  # warm-up of each batch shape the run uses (a compiled model compiles each)
+                warm(noise(), torch.full((len(labels),), t, device=device))
+            denoise = clock.wrap("denoise", denoiser(clock.wrap("forward", model)))
+            start_noise = noise()
+            stamp()
+            run_sampler(sampler, diffusion, denoise, start_noise, clock.wrap("noise", noise), progress=stamp)
+    durations = [b - a for a, b in zip(stamps, stamps[1:])]
+    total = sum(durations)
+    per_step = {"forward": clock.seconds["forward"] / timed}
+    if naive:
+        per_step["the rest (ISDM's p_sample)"] = total / timed - per_step["forward"]
+    else:
+        per_step["guidance combine"] = (clock.seconds["denoise"] - clock.seconds["forward"]) / timed
+        per_step["noise"] = clock.seconds.get("noise", 0.0) / timed
+        per_step["step arithmetic"] = total / timed - sum(per_step.values())
+    later = statistics.mean(durations[1:]) if len(durations) > 1 else durations[0]
+    seconds = durations[0] + later * (steps - 1)
+    return SamplingTime(seconds / len(labels), timed < steps, 1.0 + guided_share(diffusion, guidance_interval),
+                        per_step)
 
 
 def interval_label(guidance_interval: list[float] | None) -> str:
@@ -168,7 +238,7 @@ def measure(args, path: str, sampler_runs: list[tuple[str, int]], quiet: bool = 
     if naive:
         for block in model.modules():
             if isinstance(block, AttentionBlock):
-                block.attention = naive_attention
+                block.attention = isdm_attention
     if args.channels_last and not naive:
         model = model.to(memory_format=torch.channels_last)
     flops = forward_flops(model, config.image_size, config.num_classes, device)
@@ -197,12 +267,12 @@ def measure(args, path: str, sampler_runs: list[tuple[str, int]], quiet: bool = 
     for sampler, steps in sampler_runs:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        seconds, estimated, forwards = time_sampling(forward, labels, sampler, steps, args.max_sample_steps,
-                                                     batched=not naive, autocast=autocast, device=device,
-                                                     channels=channels, guidance_interval=interval)
+        timing = time_sampling(forward, labels, sampler, steps, args.max_sample_steps, naive=naive,
+                               autocast=autocast, device=device, channels=channels, guidance_interval=interval)
         rows.append(Row(args.config, str(device), dtype, b, path, peak_mib=peak_memory_mib(device),
-                        sampler=sampler + interval_label(interval), steps=steps, s_per_image=seconds,
-                        estimated=estimated, flops_per_s=forwards * flops * steps / seconds))
+                        sampler=sampler + interval_label(interval), steps=steps, s_per_image=timing.s_per_image,
+                        estimated=timing.estimated, flops_per_s=timing.forwards * flops * steps / timing.s_per_image,
+                        split=timing.split))
     if not quiet:
         print(f"# {path}: {args.config} config, {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{flops / 1e12:.3f} TFLOP per forward at batch 1, {torch.get_num_threads()} CPU threads", flush=True)
@@ -245,6 +315,15 @@ def print_table(rows: list[Row]) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def print_split(rows: list[Row]) -> None:
+    """Each sampling row's time per step of its batch, in milliseconds, by part."""
+    print("\nsampling time per step of the batch (ms):")
+    for r in rows:
+        if r.split:
+            parts = ", ".join(f"{name} {1000 * seconds:.2f}" for name, seconds in r.split.items())
+            print(f"  {r.path} {r.dtype} {r.sampler} {r.steps}: {parts}; total {1000 * sum(r.split.values()):.2f}")
+
+
 def parse_sampler_runs(text: str) -> list[tuple[str, int]]:
     runs = []
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -277,8 +356,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--optimizer", choices=("default", "fused", "loop"), default="default",
                         help="AdamW's implementation: PyTorch's default (foreach), fused, or a loop over parameters")
     parser.add_argument("--compare-naive", action="store_true",
-                        help="also time the straightforward fp32 path (no SDPA, two-forward guidance, 300 "
-                             "ancestral steps) and print the speed-up of each run over it")
+                        help="also time ISDM's fp32 code path (isdm_path.py: its attention, two-forward "
+                             "guidance, 300 rescaled ancestral steps) and print the speed-up of each run over it")
     parser.add_argument("--repeats", type=int, default=1,
                         help="with --compare-naive: time training this many times on each path, in (ours, naive) "
                              "pairs, and give the training speed-up as the median of the pairs' ratios")
@@ -303,6 +382,7 @@ def main() -> None:
     if args.compare_naive and args.train_steps:
         pairs = training_pairs(args, (rows[0].train_ips, naive_rows[0].train_ips))
     print_table(rows)
+    print_split(rows)
     if len(pairs) > 1:
         print(f"\ntraining images/s in {len(pairs)} (ours, naive) pairs: "
               + ", ".join(f"({ours:.2f}, {naive:.2f})" for ours, naive in pairs))

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .diffusion import GaussianDiffusion
+from .unet import FixedMasks
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,11 +39,16 @@ def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance
     None guides at every step, exactly as without the option.
 
     Only the eps channels (as many as x has) are guided; the learned-variance channels after them are the
-    conditional model's."""
+    conditional model's.
+
+    The masks go to the model as `FixedMasks`: each SPADE layer's scale and shift maps of them are computed at the
+    denoiser's first call and reused at every later step (the same outputs, without most of the decoder's work;
+    see `unet.FixedMasks`). Make a new denoiser when the model's weights change."""
+    masks = FixedMasks(one_hot)
     if guidance_scale <= 1.0:
-        return lambda x, t: model(x, t, one_hot)
-    null_mask = torch.zeros_like(one_hot)
-    both_masks = torch.cat([one_hot, null_mask])
+        return lambda x, t: model(x, t, masks)
+    null_mask = FixedMasks(torch.zeros_like(one_hot))
+    both_masks = FixedMasks(torch.cat([one_hot, null_mask.one_hot]))
 
     def combine(cond: torch.Tensor, null: torch.Tensor, channels: int) -> torch.Tensor:
         eps = null[:, :channels] + guidance_scale * (cond[:, :channels] - null[:, :channels])
@@ -51,7 +57,7 @@ def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance
     def cond_and_null(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if batched:
             return model(torch.cat([x, x]), torch.cat([t, t]), both_masks).chunk(2)
-        return model(x, t, one_hot), model(x, t, null_mask)
+        return model(x, t, masks), model(x, t, null_mask)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return combine(*cond_and_null(x, t), x.shape[1])
@@ -66,7 +72,7 @@ def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance
         if bool(inside.all()):  # the samplers' case: one step for the whole batch
             return guided(x, t)
         if not bool(inside.any()):
-            return model(x, t, one_hot)
+            return model(x, t, masks)
         cond, null = cond_and_null(x, t)  # a batch of mixed steps: guide only its rows inside
         return torch.where(inside.reshape(-1, *([1] * (x.dim() - 1))), combine(cond, null, x.shape[1]), cond)
 

@@ -180,3 +180,51 @@ def test_colour_cast_benchmark_trains_one_sdm_per_offset_noise_and_prints_their_
     bad = run([*command[:2], "--offset-noise", "x"])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
         "--offset-noise: expected comma-separated numbers, got 'x'")
+
+
+def test_the_isdm_reference_path_samples_what_our_default_path_samples():
+    """speed.py's naive path (ISDM's p_sample loop, two forwards, its attention) computes the same images as the
+    product's guided ancestral sampler from the same noise draws, so the benchmark compares two ways of doing
+    one computation."""
+    import torch
+    from benchmarks.isdm_path import IsdmSampler, isdm_attention
+    from conftest import TINY_MODEL
+    from guided_diffusion.config import config_from_dict
+    from guided_diffusion.diffusion import GaussianDiffusion
+    from guided_diffusion.guidance import conditional_denoiser
+    from guided_diffusion.samplers import run_sampler
+    from guided_diffusion.unet import SDMUNet
+
+    torch.manual_seed(0)
+    config, _ = config_from_dict("train", {"data_dir": "unused", "num_classes": 3, **TINY_MODEL})
+    model = SDMUNet(config.unet_spec()).eval()
+    for p in model.parameters():  # zero-initialised output layers would make both paths trivially agree
+        p.data.add_(0.02 * torch.randn_like(p))
+    labels = torch.nn.functional.one_hot(torch.randint(0, 3, (2, 32, 32)), 3).permute(0, 3, 1, 2).float()
+    x_T = torch.randn(2, 3, 32, 32)
+    diffusion = GaussianDiffusion.create(300, "linear", "6", rescale_timesteps=True)  # 6 of ISDM's 300 steps
+    with torch.no_grad():
+        torch.manual_seed(1)  # both paths draw the step noise from the global generator, in the same order
+        ours = run_sampler("ancestral", diffusion, conditional_denoiser(model, labels, 1.5), x_T.clone(),
+                           lambda: torch.randn(x_T.shape))
+        torch.manual_seed(1)
+        reference = IsdmSampler(diffusion).sample(model, x_T.clone(), labels, 1.5)
+        q, k, v = torch.randn(3, 2, 4, 64, 16).unbind(0)
+        attention = isdm_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert (ours - reference).abs().max() < 1e-4 and (ours - x_T).abs().max() > 0.1
+    assert torch.allclose(*attention, atol=1e-5)
+
+
+def test_speed_benchmark_splits_each_sampling_step_into_its_parts():
+    command = [sys.executable, "benchmarks/speed.py", "--batch-size", "1", "--train-steps", "0",
+               "--samplers", "ancestral:300", "--max-sample-steps", "3", "--compare-naive"]
+    result = run(command)
+    assert result.returncode == 0, result.stderr
+    ours = re.search(r"^  ours fp32 ancestral 300: forward ([\d.]+), guidance combine ([\d.]+), noise ([\d.]+), "
+                     r"step arithmetic (-?[\d.]+); total ([\d.]+)$", result.stdout, re.M)
+    naive = re.search(r"^  naive fp32 ancestral 300: forward ([\d.]+), the rest \(ISDM's p_sample\) (-?[\d.]+); "
+                      r"total ([\d.]+)$", result.stdout, re.M)
+    assert ours and naive, result.stdout
+    assert float(ours[1]) > 0 and float(naive[1]) > 0
+    assert re.search(r"^  sampling ancestral 300 steps: [\d.]+x less time per image than naive ancestral 300$",
+                     result.stdout, re.M)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from guided_diffusion.errors import ConfigError
 from guided_diffusion.guidance import conditional_denoiser
 from guided_diffusion.sample import DEFAULT_SOLVER_STEPS, sampling_diffusion
 from guided_diffusion.samplers import PerImageNoise, log_snr_timesteps, run_sampler
-from guided_diffusion.unet import SDMUNet
+from guided_diffusion.unet import FixedMasks, SDMUNet, SPADEGroupNorm
 
 PROCESS = GaussianDiffusion.create(1000, "linear", learn_sigma=False)
 
@@ -102,6 +103,63 @@ def test_guidance_in_one_batched_forward_equals_two_forwards(tiny_model):
         separate = conditional_denoiser(tiny_model, one_hot, 3.0, batched=False)(x, t)
     assert batched.shape == (2, 6, 32, 32)
     assert torch.allclose(batched, separate, atol=1e-5)
+
+
+@contextmanager
+def count_spade_map_computations(model: SDMUNet):
+    """Yields a one-item list counting the calls of every SPADE layer's first convolution (its maps computed)."""
+    calls = [0]
+    handles = [module.mlp_shared.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+               for module in model.modules() if isinstance(module, SPADEGroupNorm)]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_fixed_masks_compute_the_spade_maps_once_and_give_the_plain_forward_to_the_bit(tiny_model, autocast):
+    one_hot = masks_for(2)
+    fixed = FixedMasks(one_hot)
+    layers = sum(isinstance(m, SPADEGroupNorm) for m in tiny_model.modules())
+    generator = torch.Generator().manual_seed(4)
+    with count_spade_map_computations(tiny_model) as calls, torch.no_grad(), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        for t in (999.0, 500.0, 3.0):
+            x = torch.randn(2, 3, 32, 32, generator=generator)
+            timesteps = torch.full((2,), t)
+            assert torch.equal(tiny_model(x, timesteps, fixed), tiny_model(x, timesteps, one_hot))
+    assert calls[0] == layers + 3 * layers  # the fixed masks' maps once; the plain tensor's at every forward
+    assert fixed.kept_bytes > 0
+
+
+def test_fixed_masks_past_their_memory_budget_compute_the_maps_at_every_forward(tiny_model):
+    one_hot, x, t = masks_for(1), torch.randn(1, 3, 32, 32), torch.tensor([400.0])
+    unkept = FixedMasks(one_hot, budget_bytes=0)
+    layers = sum(isinstance(m, SPADEGroupNorm) for m in tiny_model.modules())
+    with count_spade_map_computations(tiny_model) as calls, torch.no_grad():
+        outputs = [tiny_model(x, t, unkept) for _ in range(2)]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], tiny_model(x, t, one_hot))
+    assert calls[0] == 2 * layers and unkept.kept_bytes == 0  # computed at each of the 2 forwards
+
+
+def test_a_guided_ancestral_run_is_the_same_with_the_masks_maps_kept(tiny_model):
+    """The product's denoiser (FixedMasks inside) against guidance written out over the plain one-hot tensor."""
+    one_hot, scale = masks_for(2), 1.5
+    both = torch.cat([one_hot, torch.zeros_like(one_hot)])
+
+    def plain(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond, null = tiny_model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return torch.cat([null[:, :3] + scale * (cond[:, :3] - null[:, :3]), cond[:, 3:]], dim=1)
+
+    diffusion = GaussianDiffusion.create(300, "linear", "6", rescale_timesteps=True)
+    runs = []
+    with torch.no_grad():
+        for denoise in (conditional_denoiser(tiny_model, one_hot, scale), plain):
+            noise = PerImageNoise([5, 6], (3, 32, 32))
+            runs.append(run_sampler("ancestral", diffusion, denoise, noise(), noise))
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_dpm_solver_converges_on_a_tiny_sdm(tiny_model):
