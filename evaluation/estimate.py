@@ -8,18 +8,19 @@ wall time measured elsewhere says little. The estimate times the study's own mod
 - each mask generator's training step and forward pass, the same way;
 - the segmenter's training step at the protocol's batch, and its prediction per image;
 
-and multiplies them by the work the config asks for: steps, sampled images x sampler steps x forwards per step
-(2 where classifier-free guidance runs), segmenters x (steps + validation checks + the test split), label
-alignment, FreeMask's scorer. Nothing is written into the study folder. What it leaves out (data loading,
-checkpoints, plots, patience stopping a run early) is small on the measured configs, and it says so.
+and multiplies them by the work of each unit the study runs (study_plan.plan_units, the list the study's progress
+lines count too): steps, sampled images x sampler steps x forwards per step (2 where classifier-free guidance
+runs), segmenters x (steps + validation checks + the test split), label alignment, FreeMask's scorer. Nothing
+is written into the study folder. What it leaves out (data loading, checkpoints, plots, patience stopping a run
+early) is small on the measured configs, and it says so.
 
 `plan_study` does the counting with any `Timings`, so the arithmetic is tested without timing anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -33,18 +34,14 @@ import torch
 
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.data import one_hot
-from guided_diffusion.guidance import guided_share
-from guided_diffusion.inpaint import start_step
-from guided_diffusion.mask_selection import TrainedWith
-from guided_diffusion.masks_model import POOL_FACTOR
 from guided_diffusion.masks_train import MaskTrainer
 from guided_diffusion.model_setup import bf16_autocast, cpu_bf16_support, select_device
-from guided_diffusion.sample import sampling_diffusion
 from guided_diffusion.train import Trainer
 
 from .image_sets import link_subset
 from .segmenter import SegmenterSpec, TrainSettings, build_segmenter, predict, train_segmenter
 from .study_config import StudyConfig
+from .study_plan import Rate, SplitSizes, plan_units
 
 
 @dataclass(frozen=True)
@@ -92,166 +89,35 @@ class Stage:
         return self.runs * self.seconds
 
 
-@dataclass(frozen=True)
-class SplitSizes:
-    val: int
-    subsets: dict[float, int]
-    test: int
-
-
 def _key(*parts: Any) -> str:
     """A cache key of JSON-able settings."""
     return json.dumps(parts, sort_keys=True, default=str)
 
 
-def _tag(fraction: float) -> str:
-    return f"r{round(fraction * 100):03d}"
-
-
-def _training_steps(config, num_images: int) -> int:
-    """Steps a train/finetune/masks run takes at most: max_steps, else max_epochs whole epochs."""
-    if config.max_steps:
-        return config.max_steps
-    return config.max_epochs * math.ceil(num_images / config.batch_size)
-
-
-def _sampled_forwards(sample, trained_steps: int) -> tuple[float, float]:
-    """Forward rows per image of a sample config, steps run x (1 + resampling jumps) x (2 where guided), and the
-    guided share of its steps."""
-    diffusion = sampling_diffusion(sample, TrainedWith(diffusion_steps=trained_steps))
-    steps = diffusion.num_timesteps if sample.mode == "noise" else start_step(diffusion, sample.strength) + 1
-    jumps = 1 + (sample.resample_steps if sample.mode == "inpaint" else 0)
-    guided = guided_share(diffusion, sample.guidance_interval) if sample.s > 1.0 else 0.0
-    return steps * jumps * (1.0 + guided), guided
-
-
-def _sampling_seconds(count: int, forwards: float, guided: float, batch: int, action: str, values: dict[str, Any],
-                      timings: Timings) -> float:
-    """Seconds to sample `count` images (or masks) of `forwards` forward rows each, of which the `guided` share
-    runs beside its null-label twin. The sampler sends `batch` images per network call, so an unguided call has
-    `batch` rows and a guided one 2 x `batch` (the last, smaller batch is counted at the same cost per image)."""
-    calls = forwards / (1.0 + guided)  # network calls each image takes part in
-    rows = max(1, min(batch, count))
-    seconds = 0.0
-    if guided < 1.0:
-        seconds += (1.0 - guided) * timings.forward(action, values, rows)
-    if guided > 0.0:
-        seconds += guided * timings.forward(action, values, 2 * rows)
-    return count * calls * seconds / rows
-
-
-def _checks(steps: int, every: int) -> int:
-    """Validation checks of a segmenter run: every `every` steps and at the end."""
-    if not every:
-        return 0
-    return steps // every + (1 if steps % every else 0)
-
-
-def _sdm_runs(config: StudyConfig) -> dict[tuple[float, str], str]:
-    """The SDMs the study trains: (subset fraction, settings) -> a generator using it, in first-use order."""
-    runs: dict[tuple[float, str], str] = {}
-    for fraction in config.real_fractions:
-        for name in config.generators_at(fraction):
-            generator = config.generators[name]
-            if generator.kind != "sdm" or generator.labels == "filtered":
-                continue
-            trained_at = generator.sdm_fraction if generator.sdm_fraction is not None else fraction
-            runs.setdefault((trained_at, _key(config.sdm_settings(name))), name)
-    return runs
+def rate_seconds(rate: Rate, timings: Timings) -> float:
+    """Seconds of one count of `rate` (a step, a forward call, a predicted image) on `timings`."""
+    if rate.model == "segmenter":
+        costs = timings.segmenter()
+        return costs.train_step if rate.what == "train_step" else costs.predict_image
+    action = "masks" if rate.model == "masks" else "train"
+    if rate.what == "forward":
+        return timings.forward(action, rate.values, rate.rows)
+    model = timings.masks(rate.values) if rate.model == "masks" else timings.sdm(rate.values)
+    return model.finetune_step if rate.what == "finetune_step" else model.train_step
 
 
 def plan_study(config: StudyConfig, num_classes: int, sizes: SplitSizes, timings: Timings) -> list[Stage]:
-    """The study's work as stages with their seconds on `timings`: the SDMs first, then each fraction's
-    generators, segmenters and label alignment."""
-    common = config.generator_keys(config.data_dir, num_classes)
-    stages: list[Stage] = []
-
-    for (fraction, _), name in _sdm_runs(config).items():
-        settings = config.sdm_settings(name)
-        model = settings.get("model", {})
-        train, _ = config_from_dict("train", {**common, **model, **settings["train"]}, "study sdm.train")
-        costs = timings.sdm({**common, **model, **settings["train"]})
-        images = sizes.subsets[fraction]
-        steps = _training_steps(train, images)
-        crop = f", {train.crop_size} px crops" if train.crop_size else f" at {train.image_size} px"
-        stages.append(Stage(f"SDM training ({_tag(fraction)}, as {name})", 1,
-                            f"{steps:,} steps of batch {train.batch_size}{crop}", steps * costs.train_step))
-        if settings.get("finetune") is not None:
-            tune, _ = config_from_dict("finetune", {**common, **model, **settings["finetune"],
-                                                    "resume_checkpoint": "x"}, "study sdm.finetune")
-            steps = _training_steps(tune, images)
-            stages.append(Stage(f"SDM finetuning ({_tag(fraction)}, as {name})", 1,
-                                f"{steps:,} steps of batch {tune.batch_size}", steps * costs.finetune_step))
-
-    protocol = config.segmenter
-    segmenter = timings.segmenter()
-    checks = _checks(protocol.steps, protocol.select_every)
-    scorer_seconds = protocol.steps * segmenter.train_step
-    for fraction in config.real_fractions:
-        tag = _tag(fraction)
-        generated: dict[str, int] = {}
-        scored = False
-        for name in config.generators_at(fraction):
-            generator = config.generators[name]
-            if generator.labels == "filtered":
-                images = generated.get(generator.source, 0)
-                generated[name] = images
-                work = f"{images} images segmented"
-                seconds = images * segmenter.predict_image
-                if not scored:  # one scorer per subset, cached under scorers/
-                    scored = True
-                    work = f"a scorer of {protocol.steps:,} steps + " + work
-                    seconds += scorer_seconds
-                stages.append(Stage(f"FreeMask filter {name} ({tag})", 1, work, seconds))
-                continue
-            model = config.sdm_settings(name).get("model", {}) if generator.kind == "sdm" else {}
-            values = {**common, **model, **generator.sample_keys}
-            if generator.mask_generator is not None:
-                values["mask_source"] = "x"
-            if generator.kind == "sdm":
-                values["model_path"] = "x"
+    """The study's work as stages with their seconds on `timings`: the units of study_plan.plan_units (what the
+    study runs), in the order the study runs them, those doing the same work (a stage) on one row."""
+    stages: dict[str, Stage] = {}
+    for unit in plan_units(config, num_classes, sizes):
+        for part in unit.parts:
+            if part.stage in stages:
+                stages[part.stage] = dataclasses.replace(stages[part.stage], runs=stages[part.stage].runs + 1)
             else:
-                values = {k: v for k, v in values.items() if k not in model}
-            sample, _ = config_from_dict("sample", values, f"study generators.{name}")
-            generated[name] = sample.num_samples
-            if generator.mask_generator is not None:
-                masks_values = {**config.mask_generator_keys(config.data_dir, num_classes),
-                                **generator.mask_generator}
-                masks_config, _ = config_from_dict("masks", masks_values, f"study generators.{name}.mask_generator")
-                masks = timings.masks(masks_values)
-                steps = _training_steps(masks_config, sizes.subsets[fraction])
-                stages.append(Stage(f"mask generator of {name} ({tag})", 1,
-                                    f"{steps:,} steps of batch {masks_config.batch_size} at "
-                                    f"{masks_config.image_size} px", steps * masks.train_step))
-                pool = POOL_FACTOR if sample.balance_args else 1  # candidates to choose among
-                guided = 1.0 if sample.mask_guidance > 1.0 else 0.0
-                per_mask = sample.mask_steps * (1.0 + guided)
-                count = pool * sample.num_samples
-                stages.append(Stage(f"new masks for {name} ({tag})", 1, f"{count} masks x {per_mask:g} forwards",
-                                    _sampling_seconds(count, per_mask, guided, sample.batch_size, "masks",
-                                                      masks_values, timings)))
-            if generator.kind != "sdm":
-                stages.append(Stage(f"generator {name} ({tag})", 1, f"{sample.num_samples} images, no model", 0.0))
-                continue
-            train_values = {**common, **model, **config.sdm_settings(name)["train"]}
-            trained, _ = config_from_dict("train", train_values, "study sdm.train")
-            forwards, guided = _sampled_forwards(sample, trained.diffusion_steps)
-            stages.append(Stage(f"generator {name} ({tag})", 1,
-                                f"{sample.num_samples} images x {forwards:g} forwards at {config.image_size} px",
-                                _sampling_seconds(sample.num_samples, forwards, guided, sample.batch_size, "train",
-                                                  train_values, timings)))
-        variants = config.variants_at(fraction)
-        seeds = len(protocol.seeds)
-        stages.append(Stage(f"segmenters ({tag})", len(variants) * seeds,
-                            f"{protocol.steps:,} steps of batch {protocol.batch_size} + {checks} checks on "
-                            f"{sizes.val} val images + {sizes.test} test images",
-                            protocol.steps * segmenter.train_step
-                            + (checks * sizes.val + sizes.test) * segmenter.predict_image))
-        aligned = sum(generated.values())
-        if aligned and any(v.is_baseline for v in variants):
-            stages.append(Stage(f"label alignment ({tag})", seeds, f"{aligned} generated images segmented",
-                                aligned * segmenter.predict_image))
-    return stages
+                seconds = sum(term.count * rate_seconds(term.rate, timings) for term in part.terms)
+                stages[part.stage] = Stage(part.stage, 1, part.work, seconds)
+    return list(stages.values())
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -434,7 +300,7 @@ def estimate_study(config: StudyConfig, num_classes: int, split, log: Callable[[
     folder, removed at the end."""
     device = select_device(config.device)
     bf16 = bf16_autocast(config.segmenter.precision, device)
-    sizes = SplitSizes(len(split.val), {f: len(p) for f, p in split.subsets.items()}, len(split.test))
+    sizes = SplitSizes.of(split)
     with tempfile.TemporaryDirectory(prefix="study-estimate-") as scratch:
         data_dir = link_subset(split.subsets[min(split.subsets)], Path(scratch) / "data", config.data_dir)
         timings = MeasuredTimings(config, num_classes, device, bf16, data_dir, Path(scratch), log)

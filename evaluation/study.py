@@ -18,6 +18,10 @@ One command runs every stage into one folder (`output_dir`), and a killed study 
 Resume: every finished unit of work is recorded with a fingerprint of everything that decides its result. A
 rerun skips units whose fingerprint is recorded; a changed setting redoes just the units it touches, in new
 folders, and never overwrites earlier output. The test split is read in stage 4 for scoring and nowhere else.
+
+Progress: the units are planned before any runs (study_plan.plan_units, the list `--estimate` prices), and each
+unit started, finished or found in the ledger prints a line with the time elapsed and an estimate of the time
+left (study_progress.py), with or without --no-progress (which turns off the tqdm bars only).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ from .image_sets import (IGNORE_INDEX, ImageSet, class_names, index_sample_folde
 from .metrics import segmentation_metrics
 from .segmenter import SegmenterSpec, Selection, TrainSettings, build_segmenter, predict, train_segmenter
 from .study_config import StudyConfig, Variant, load_study
+from .study_plan import SplitSizes, fraction_tag, plan_units, settings_key
+from .study_progress import UnitProgress
 
 PROG = "evaluation/experiment.sh"
 
@@ -60,11 +66,6 @@ def fingerprint(*parts: Any) -> str:
     """A short, stable hash of JSON-able values: what decides a unit of work's result."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def fraction_tag(fraction: float) -> str:
-    """'r025' for 0.25, 'r100' for 1.0 (folder and table names)."""
-    return f"r{round(fraction * 100):03d}"
 
 
 class Ledger:
@@ -112,21 +113,29 @@ class Study:
     device: Any
     bf16: bool
     log: Callable[[str], None]
-    progress: bool = True
+    unit_progress: UnitProgress  # the progress lines of the units run and skipped
+    progress: bool = True  # tqdm bars
     report_only: bool = False  # run nothing: report what the ledger holds
     used: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # the units this run reads or runs
 
-    def unit(self, kind: str, key: str, what: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+    def unit(self, kind: str, key: str, what: str, work: Callable[[], dict[str, Any]], where: tuple
+             ) -> dict[str, Any] | None:
         """Run `work` unless the ledger holds (kind, key); record its result and time. With `report_only`, a
-        unit not in the ledger is not run and gives None."""
+        unit not in the ledger is not run and gives None. `where` names the unit in the plan
+        (study_plan.plan_units) for the progress lines."""
         self.used.add((kind, key))
         done = self.ledger.get(kind, key)
-        if done is not None or self.report_only:
+        if self.report_only:
             return done
-        self.log(f"[{kind}] {what}")
+        if done is not None:
+            self.unit_progress.skip(kind, where, done.get("seconds"))
+            return done
+        self.unit_progress.start(kind, where, what)
         started = time.perf_counter()
         result = work()
-        return self.ledger.add(kind, key, result, time.perf_counter() - started)
+        entry = self.ledger.add(kind, key, result, time.perf_counter() - started)
+        self.unit_progress.finish(kind, where, entry["seconds"])
+        return entry
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -196,8 +205,10 @@ def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: s
         return {"run_dir": str(result.run_dir), "best_epoch": result.state.best_epoch,
                 "steps": result.state.step, "stop_reason": result.stop_reason}
 
+    where = (fraction, settings_key(sdm))
     trained = study.unit("sdm-train", key, f"training the SDM on {len(list((data_dir / 'train/images').iterdir()))} "
-                                           f"images ({fraction_tag(fraction)})", lambda: train("train", train_values))
+                                           f"images ({fraction_tag(fraction)})", lambda: train("train", train_values),
+                         where)
     if trained is None:
         return None
     if sdm.get("finetune") is None:
@@ -205,7 +216,7 @@ def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: s
     finetune_values = {**common, **sdm["finetune"], "resume_checkpoint": trained["run_dir"]}
     key = fingerprint("sdm-finetune", finetune_values, subset_key)
     tuned = study.unit("sdm-finetune", key, f"finetuning the SDM with null labels ({fraction_tag(fraction)})",
-                       lambda: train("finetune", finetune_values))
+                       lambda: train("finetune", finetune_values), where)
     return None if tuned is None else Path(tuned["run_dir"])
 
 
@@ -227,11 +238,12 @@ def train_mask_generator(study: Study, fraction: float, name: str, data_dir: Pat
         return {"run_dir": str(result.run_dir), "steps": result.state.step, "stop_reason": result.stop_reason}
 
     done = study.unit("masks-train", key, f"training the mask generator of {name} on the masks of "
-                                          f"{fraction_tag(fraction)}", work)
+                                          f"{fraction_tag(fraction)}", work, (fraction, name))
     return None if done is None else Path(done["run_dir"])
 
 
-def filter_generated(study: Study, name: str, source: dict[str, Any], data_dir: Path) -> dict[str, Any] | None:
+def filter_generated(study: Study, fraction: float, name: str, source: dict[str, Any], data_dir: Path
+                     ) -> dict[str, Any] | None:
     """FreeMask-filter the images of a generator's source run: a scorer trained on the subset's real images
     (cached under scorers/) marks the synthetic pixels it finds implausible as ignored (labels_filtered/)."""
     from .freemask import FILTER_REPORT, ScorerSettings, filter_folders
@@ -263,7 +275,8 @@ def filter_generated(study: Study, name: str, source: dict[str, Any], data_dir: 
         return {"run_dir": str(run_dir), "images": report["kept_images"], "dropped": report["dropped_images"],
                 "ignored_pixel_share": report["ignored_pixel_share"], "labels": "filtered"}
 
-    return study.unit("filter", key, f"filtering {generator.source}'s images into {name}", work)
+    return study.unit("filter", key, f"filtering {generator.source}'s images into {name} ({fraction_tag(fraction)})",
+                      work, (fraction, name))
 
 
 def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir: Path | None,
@@ -278,7 +291,7 @@ def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir
     generator = study.config.generators[name]
     if generator.labels == "filtered":
         source = done.get(generator.source)
-        return None if source is None else filter_generated(study, name, source, data_dir)
+        return None if source is None else filter_generated(study, fraction, name, source, data_dir)
     if generator.kind == "sdm" and model_dir is None:
         return None  # report-only, the SDM not trained yet
     model_keys = study.config.sdm_settings(name).get("model", {})
@@ -304,7 +317,8 @@ def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir
         return {"run_dir": summary["run_dir"], "images": summary["num_samples"],
                 "seconds_per_image": summary.get("seconds_per_image")}
 
-    return study.unit("sample", key, f"generator {name} ({generator.kind}) at {fraction_tag(fraction)}", work)
+    return study.unit("sample", key, f"generator {name} ({generator.kind}) at {fraction_tag(fraction)}", work,
+                      (fraction, name))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -466,7 +480,13 @@ def subset_key_of(pairs: list[Pair], data_dir: str) -> str:
     return fingerprint([p.stem for p in pairs], data_dir)
 
 
-def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", log: Callable[[str], None] = print,
+def print_flushed(line: str) -> None:
+    """The study's log: stdout, each line flushed as it is written (a log file shows where the study is)."""
+    print(line, flush=True)
+
+
+def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
+              log: Callable[[str], None] = print_flushed,
               progress: bool = True, report_only: bool = False) -> Path:
     """Run the study (or, with `report_only`, run nothing and report the units the ledger holds)."""
     from guided_diffusion.model_setup import bf16_autocast, select_device
@@ -486,8 +506,9 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
     check_backgrounds_exist(config, split)
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    study = Study(config, root, num_classes, names, Ledger(root / "ledger.jsonl"), device, bf16, log, progress,
-                  report_only)
+    lines = UnitProgress(plan_units(config, num_classes, SplitSizes.of(split)), log, started)
+    study = Study(config, root, num_classes, names, Ledger(root / "ledger.jsonl"), device, bf16, log, lines,
+                  progress, report_only)
     done = len(study.ledger.entries)
     log(f"study folder: {root} ({f'resuming: {done} units done' if done else 'new'})"
         + ("; report only: nothing is run" if report_only else ""))
@@ -557,7 +578,8 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
                 key = fingerprint("segmenter", protocol_key, subset_key, recipe, sources, seed)
                 needs = {n: synthetic[n] for n in variant.synthetic}
                 row = study.unit("segmenter", key, f"segmenter {tag} {variant.name} seed {seed}",
-                                 lambda: train_and_score(study, fraction, variant, seed, real, needs, val, test, key))
+                                 lambda: train_and_score(study, fraction, variant, seed, real, needs, val, test, key),
+                                 (fraction, variant.name, seed))
                 if row is None:
                     continue
                 if variant.is_baseline:  # label alignment, a unit per generator: adding one redoes nothing else
@@ -566,13 +588,15 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "", lo
                         done = study.unit("alignment", fingerprint("alignment", key, run["fingerprint"]),
                                           f"label alignment of {name} ({tag}, seed {seed})",
                                           lambda: align(study, fraction, variant, seed, real, val, key,
-                                                        synthetic[name]))
+                                                        synthetic[name]), (fraction, name, seed))
                         if done is not None:
                             aligned[name] = {k: v for k, v in done.items() if k not in ("kind", "fingerprint",
                                                                                           "seconds")}
                     row = {**row, "alignment": aligned}
                 rows.append(row)
         del real, synthetic
+    if not report_only:
+        lines.close()
     seconds = time.perf_counter() - started
     write_report(study, rows, generator_runs, split, command, seconds, load_seconds, looks)
     log(f"report: {root / 'report.md'}")
@@ -602,7 +626,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "study's estimated wall time by stage and exit (writes nothing; about a minute)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write report.md and summary.json from the units finished so far")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for log files)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (for log files); the one-line progress of each unit, with the time "
+                             "elapsed and left, stays")
     return parser.parse_args(argv)
 
 

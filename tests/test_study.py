@@ -604,16 +604,17 @@ def test_the_estimate_counts_every_unit_of_the_study_at_the_timed_costs(demo_dir
         "generator paste (r050)": Stage("generator paste (r050)", 1, "4 images, no model", 0.0),
         "segmenters (r050)": Stage("segmenters (r050)", 7 * 2, "4 steps of batch 4 + 2 checks on 3 val images + "
                                                                "2 test images", pytest.approx(segmenter)),
-        "label alignment (r050)": Stage("label alignment (r050)", 2, "16 generated images segmented",
-                                        pytest.approx(0.16)),
+        **{f"label alignment of {name} (r050)": Stage(f"label alignment of {name} (r050)", 2,
+                                                      "4 generated images segmented", pytest.approx(0.04))
+           for name in ("sdm", "sdm_filtered", "paste", "sdm_inpaint")},
         "generator paste (r100)": Stage("generator paste (r100)", 1, "4 images, no model", 0.0),
         "segmenters (r100)": Stage("segmenters (r100)", 3 * 2, "4 steps of batch 4 + 2 checks on 3 val images + "
                                                                "2 test images", pytest.approx(segmenter)),
-        "label alignment (r100)": Stage("label alignment (r100)", 2, "4 generated images segmented",
-                                        pytest.approx(0.04)),
+        "label alignment of paste (r100)": Stage("label alignment of paste (r100)", 2, "4 generated images segmented",
+                                                 pytest.approx(0.04)),
     }
     total = sum(stage.total for stage in stages.values())
-    assert total == pytest.approx(6 + 6 + 16 + 0.44 + 4 + 20 * segmenter + 2 * 0.16 + 2 * 0.04)
+    assert total == pytest.approx(6 + 6 + 16 + 0.44 + 4 + 20 * segmenter + 2 * 4 * 0.04 + 2 * 0.04)
     table = format_estimate(list(stages.values()), "a test machine")
     assert f"| **total** | | | | **{format_duration(total)}** |" in table
 
