@@ -230,6 +230,14 @@ class TrainConfig(CommonConfig):
     patience_unit: Literal["epochs", "steps"] = option("epochs", "what `patience` counts: `epochs` or `steps`")
     save_interval: int = option(1000, "write `checkpoints/latest.pt` every N steps (and at the end)", SAME)
     log_interval: int = option(10, "a row of `log.csv` every N steps", SAME)
+    tensorboard: bool = option(True, "TensorBoard events in the run's `tensorboard/` when the package is installed: "
+                                     "log.csv's numbers, EMA rate and gradient norm every `log_interval` steps, "
+                                     "epoch losses, previews (docs/training.md#watching-training)")
+    preview_interval: int | Literal["auto"] = option(
+        "auto", "every N steps a preview grid (4 fixed held-out masks | their samples: EMA weights, ancestral 50 "
+                "steps) in `previews/step_NNNNNN.png` and TensorBoard; `auto` = about 10 per run, at least 834 "
+                "steps apart at batch 4 or more (1,667 with finetune's guidance), under 2 % of the training time; "
+                "0 = off", expect='a number of steps (0 = off) or "auto"')
     resume_checkpoint: str = option("", "a checkpoint, run folder or folder of runs: of this action = resume "
                                         "exactly; a train run = start from its weights", SAME)
     auto_resume: bool = option(False, "resume from the newest `latest.pt` of this action under `root_log_dir`")
@@ -263,6 +271,8 @@ class TrainConfig(CommonConfig):
         require(self.patience >= 0, "patience", f"must be >= 0 (0 = off), got {self.patience}")
         require(self.save_interval >= 1, "save_interval", f"must be at least 1, got {self.save_interval}")
         require(self.log_interval >= 1, "log_interval", f"must be at least 1, got {self.log_interval}")
+        require(self.preview_interval == "auto" or self.preview_interval >= 0, "preview_interval",
+                f"must be a number of steps (0 = off) or \"auto\", got {self.preview_interval}")
         require(0.0 <= self.drop_rate < 1.0, "drop_rate", f"must be in [0, 1), got {self.drop_rate}")
         require(self.lr_anneal_steps >= 0, "lr_anneal_steps", f"must be >= 0, got {self.lr_anneal_steps}")
         require(self.data_threads >= 0, "data_threads", f"must be >= 0 (0 = load in the step), got {self.data_threads}")
@@ -326,6 +336,9 @@ class MaskTrainConfig(TrainConfig):
     max_epochs: int = option(200, "stop after this many epochs")
     save_interval: int = option(500, "write `checkpoints/latest.pt` every N steps (and at the end)")
     drop_rate: float = option(0.0, "the null-label dropout: set from `presence_drop` (leave it out)")
+    preview_interval: int | Literal["auto"] = option(0, "must be 0: the mask generator makes no previews (a sample "
+                                                        "run's masks_report.md shows its masks)",
+                                                     expect="0 (the mask generator makes no previews)")
     class_weight_power: float = option(0.25, "weight each pixel's squared error in the loss by (share of its "
                                              "class among the training masks' pixels)^-power, the weights averaging "
                                              "1 over those pixels, so small, rare classes count more; 0 = off (the "
@@ -348,6 +361,9 @@ class MaskTrainConfig(TrainConfig):
                 f"alone; train it on masks without void pixels, or sample from dataset masks (no mask_source)")
         require(self.drop_rate == self.presence_drop, "drop_rate",
                 f"is set from 'presence_drop' for the mask generator; give presence_drop {self.drop_rate} instead")
+        require(self.preview_interval == 0, "preview_interval",
+                f"must be 0: the mask generator makes no previews (got {json.dumps(self.preview_interval)}); "
+                f"leave it out")
         require(self.image_channels == self.num_classes, "image_channels",
                 f"is the generator's input: the one-hot mask's num_classes ({self.num_classes}) channels; leave it "
                 f"out")

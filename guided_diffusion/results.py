@@ -340,6 +340,22 @@ def _resize(image: np.ndarray, height: int, width: int, nearest: bool) -> np.nda
     return np.asarray(Image.fromarray(image).resize((width, height), resample))
 
 
+def grid_array(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """The uint8 picture of `rows` of uint8 HxWx3 cells of one size, separated by 2 white pixels."""
+    if not rows or not rows[0]:
+        raise ValueError("a grid needs at least one row of at least one cell")
+    height, width = rows[0][0].shape[:2]
+    columns, sep = len(rows[0]), _GRID_SEPARATOR
+    grid = np.full((len(rows) * height + (len(rows) - 1) * sep, columns * width + (columns - 1) * sep, 3),
+                   _GRID_SEPARATOR_VALUE, dtype=np.uint8)
+    for row_index, cells in enumerate(rows):
+        top = row_index * (height + sep)
+        for column, cell in enumerate(cells):
+            left = column * (width + sep)
+            grid[top : top + height, left : left + width] = cell
+    return grid
+
+
 def write_grid(
     path: Path | str,
     rows: Sequence[tuple[np.ndarray, np.ndarray | None, np.ndarray]],
@@ -356,25 +372,18 @@ def write_grid(
     if not rows:
         raise ValueError("write_grid needs at least one row")
     height, width = _as_rgb(rows[0][2], "synthetic image").shape[:2]
-    sep = _GRID_SEPARATOR
-    grid = np.full(
-        (len(rows) * height + (len(rows) - 1) * sep, 3 * width + 2 * sep, 3), _GRID_SEPARATOR_VALUE, dtype=np.uint8
-    )
-    for row_index, (mask, real_image, sample) in enumerate(rows):
+    cells = []
+    for mask, real_image, sample in rows:
         if real_image is None:
             real = np.full((height, width, 3), _PLACEHOLDER_VALUE, dtype=np.uint8)
         else:
             real = _resize(_as_rgb(real_image, "real image"), height, width, nearest=False)
-        cells = (
+        cells.append((
             _resize(colorize(mask, num_classes, ignore_index), height, width, nearest=True),
             real,
             _resize(_as_rgb(sample, "synthetic image"), height, width, nearest=False),
-        )
-        top = row_index * (height + sep)
-        for column, cell in enumerate(cells):
-            left = column * (width + sep)
-            grid[top : top + height, left : left + width] = cell
-    _atomic_write_bytes(Path(path), _png_bytes(grid))
+        ))
+    _atomic_write_bytes(Path(path), _png_bytes(grid_array(cells)))
 
 
 def write_legend(path: Path | str, class_names: Sequence[str], swatch: int = 14) -> None:

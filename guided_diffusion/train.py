@@ -21,6 +21,9 @@ SIGTERM (Slurm's preemption or requeue) and SIGUSR1 (`sbatch --signal=USR1@...` 
 loop after the current step with `latest.pt` saved; `main.py` then exits with status 75 and the sbatch
 templates requeue the job, which resumes from that checkpoint (`auto_resume`).
 
+Besides log.csv and epochs.csv, rank 0 writes TensorBoard events (scalars, preview grids of fixed held-out masks
+every `preview_interval` steps) and, at the end, loss.png: see watch.py.
+
 A loss that stops being finite (NaN or inf, usually an lr far too high) ends the run with the one-line error
 `loss is NaN at step N (lr L); best.pt still holds epoch E` (exit status 2) and `diverged` in summary.json.
 The check costs no extra wait for the GPU per step: the first non-finite step is remembered on the device and
@@ -51,6 +54,7 @@ from .diffusion import GaussianDiffusion
 from .errors import ConfigError, UserError
 from .model_setup import bf16_autocast, build_model, cpu_bf16_support, resolve_image_channels, select_device
 from .results import CsvLog, new_run_dir, write_json
+from .watch import Preview, Watch, make_preview, open_watch, write_loss_plot
 
 STEP_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s"]
 EPOCH_FIELDS = ["epoch", "step", "loss", "mse", "vb", "best_loss", "is_best", "images_per_s", "seconds"]
@@ -135,11 +139,13 @@ class Stop:
 
 @dataclass
 class _Progress:
-    """What the loop reports to: the CSV logs, the bar, and the images since the last logged step (for img/s)."""
+    """What the loop reports to: the CSV logs, the bar, TensorBoard and previews (watch.py), and the images since
+    the last logged step (for img/s)."""
 
     steps: CsvLog | _NoLog
     epochs: CsvLog | _NoLog
     bar: tqdm
+    watch: Watch = dataclasses.field(default_factory=Watch)
     window_images: int = 0
     window_start: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -147,6 +153,7 @@ class _Progress:
         self.bar.close()
         self.steps.close()
         self.epochs.close()
+        self.watch.close()
 
 
 class FirstNonFinite:
@@ -221,6 +228,7 @@ class Trainer:
         # This rank's sums of loss/mse/vb over the epoch so far (rank 0's also hold what a resume carried over).
         self.running = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.first_non_finite = FirstNonFinite(self.device)
+        self.grad_norm = torch.zeros((), device=self.device)  # the gradient norm of the last logged step
         self.ddp: DistributedDataParallel | None = None
         if self.world.size > 1:  # broadcasts rank 0's weights; averages gradients in backward
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -403,18 +411,24 @@ class Trainer:
                 loss = terms["loss"].sum() / divisor
                 (loss * 0.0 if padding else loss).backward()
             per_sample.append(torch.stack([terms["loss"], terms["mse"], terms["vb"]], dim=1).detach().float())
+        if (self.state.step + 1) % self.config.log_interval == 0:  # a logged step: its norm (no wait for the GPU)
+            self.grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
+                                                             if p.grad is not None])
         self.optimizer.step()
         self._update_ema()
         return torch.cat(per_sample)
 
+    def _ema_rate(self, step: int) -> float:
+        """The EMA rate of the update after `step` optimiser steps."""
+        if self.config.ema_warmup:  # early on, average over ~step/10 recent steps, not over the random init
+            return min(self.config.ema_rate, ema_warmup_rate(step))
+        return self.config.ema_rate
+
     @torch.no_grad()
     def _update_ema(self) -> None:
-        rate = self.config.ema_rate
-        if self.config.ema_warmup:  # early on, average over ~step/10 recent steps, not over the random init
-            rate = min(rate, ema_warmup_rate(self.state.step))
         ema_params = list(self.ema.parameters())
         params = list(self.model.parameters())
-        torch._foreach_lerp_(ema_params, params, 1.0 - rate)
+        torch._foreach_lerp_(ema_params, params, 1.0 - self._ema_rate(self.state.step))
 
     # --- the loop -----------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -465,13 +479,19 @@ class Trainer:
                      f"same weights")
 
     def _open_progress(self, plan: EpochPlan) -> _Progress:
-        """The CSV logs (rank 0 alone writes them) and the bar of the run's steps."""
+        """The CSV logs, TensorBoard and previews (rank 0 alone writes them) and the bar of the run's steps."""
         main = self.world.is_main
         steps = CsvLog(self.run_dir / "log.csv", STEP_FIELDS) if main else _NoLog()
         epochs = CsvLog(self.run_dir / "epochs.csv", EPOCH_FIELDS) if main else _NoLog()
+        watch = open_watch(self.config, self.run_dir, plan.total_steps, main, self.log, self.preview_inputs)
         bar = tqdm(total=plan.total_steps, initial=min(self.state.step, plan.total_steps), desc=self.action,
                    unit="step", dynamic_ncols=True, disable=self.world.bar_disabled)
-        return _Progress(steps, epochs, bar)
+        return _Progress(steps, epochs, bar, watch)
+
+    def preview_inputs(self) -> Preview:
+        """The fixed masks, seeds and fast sampling process of this run's previews (watch.py)."""
+        return make_preview(self.config, self.diffusion, self.val_pairs, self.train_pairs, self.device,
+                            self.autocast)
 
     def _train_and_save(self, plan: EpochPlan, signals: distributed.StopSignals) -> Stop:
         """The epochs, then latest.pt; a divergence ends them as a Stop (no checkpoint is written with it)."""
@@ -510,7 +530,7 @@ class Trainer:
             stop = self._train_epoch(plan, progress, signals)
             if self.state.batch_in_epoch < plan.batches_per_epoch:
                 return stop  # stopped inside the epoch (max_steps, step patience or a signal)
-            self._end_epoch(progress.epochs, time.perf_counter() - epoch_start)
+            self._end_epoch(progress, time.perf_counter() - epoch_start)
             epoch_start = time.perf_counter()
             signal = stop.signal if stop is not None else None
             patience = self._patience_stop("epochs") or self._patience_stop("steps")
@@ -549,6 +569,8 @@ class Trainer:
         progress.bar.update(1)
         if state.step % cfg.log_interval == 0:
             self._log_step(per_sample, progress)
+        if progress.watch.preview_due(state.step):  # img/s counts the training time alone
+            progress.window_start += progress.watch.write_preview(state.step, self.ema)
         if cfg.patience_unit == "steps":
             state.steps_without_improvement += 1
         if state.step % cfg.save_interval == 0:
@@ -560,8 +582,11 @@ class Trainer:
         means = self._mean_over_ranks(per_sample)
         elapsed = time.perf_counter() - progress.window_start
         speed = progress.window_images / elapsed if elapsed > 0 else 0.0
-        progress.steps.write({"step": state.step, "epoch": state.epoch, "loss": means[0], "mse": means[1],
-                              "vb": means[2], "lr": self._lr(state.step - 1), "images_per_s": round(speed, 3)})
+        row = {"loss": means[0], "mse": means[1], "vb": means[2], "lr": self._lr(state.step - 1),
+               "images_per_s": round(speed, 3)}
+        progress.steps.write({"step": state.step, "epoch": state.epoch, **row})
+        progress.watch.scalars(state.step, {**row, "ema_rate": self._ema_rate(state.step - 1),
+                                            "grad_norm": self.grad_norm})
         progress.bar.set_postfix(loss=f"{means[0]:.4f}", img_s=f"{speed:.1f}")
         progress.window_images, progress.window_start = 0, time.perf_counter()
         if not all(math.isfinite(mean) for mean in means):
@@ -583,8 +608,8 @@ class Trainer:
         return None
 
     def _write_end_files(self, stop: Stop, plan: EpochPlan) -> None:
-        """Rank 0: best.pt when no epoch ended (the latest weights are all there is; never after a divergence)
-        and summary.json."""
+        """Rank 0: best.pt when no epoch ended (the latest weights are all there is; never after a divergence),
+        summary.json and loss.png."""
         state, best = self.state, self.checkpoint_dir / "best.pt"
         if not best.exists() and stop.diverged is None:  # save_latest checked these weights
             ckpt.save_checkpoint(best, self._payload(full=False))
@@ -593,6 +618,7 @@ class Trainer:
                    "best_loss": state.best_loss if math.isfinite(state.best_loss) else None,
                    "processes": self.world.size, "global_batch": plan.global_batch}
         write_json(self.run_dir / "summary.json", summary)
+        write_loss_plot(self.run_dir, state.best_epoch)
 
     def _step_on(self, indices: list[int]) -> torch.Tensor:
         """Load this rank's slice of the global batch `indices` and train one step; its per-sample terms."""
@@ -619,7 +645,7 @@ class Trainer:
         totals = distributed.all_reduce_sum(torch.cat([per_sample.sum(0).double(), count]))
         return (totals[:3] / totals[3]).tolist()
 
-    def _end_epoch(self, epoch_log: CsvLog | _NoLog, seconds: float) -> None:
+    def _end_epoch(self, progress: _Progress, seconds: float) -> None:
         state = self.state
         state.epoch_sums = distributed.all_reduce_sum(self.running).tolist()
         loss, mse, vb = (s / max(state.epoch_count, 1) for s in state.epoch_sums)
@@ -632,10 +658,12 @@ class Trainer:
             state.epochs_without_improvement = state.steps_without_improvement = 0
         else:
             state.epochs_without_improvement += 1
-        epoch_log.write({"epoch": state.epoch, "step": state.step, "loss": loss, "mse": mse, "vb": vb,
-                         "best_loss": state.best_loss, "is_best": int(is_best),
-                         "images_per_s": round(state.epoch_count / seconds, 3) if seconds > 0 else 0.0,
-                         "seconds": round(seconds, 3)})
+        progress.epochs.write({"epoch": state.epoch, "step": state.step, "loss": loss, "mse": mse, "vb": vb,
+                               "best_loss": state.best_loss, "is_best": int(is_best),
+                               "images_per_s": round(state.epoch_count / seconds, 3) if seconds > 0 else 0.0,
+                               "seconds": round(seconds, 3)})
+        progress.watch.scalars(state.step, {"loss": loss, "mse": mse, "vb": vb, "best_loss": state.best_loss},
+                               "epoch")
         state.epoch += 1
         state.batch_in_epoch, state.epoch_sums, state.epoch_count = 0, [0.0, 0.0, 0.0], 0
         self.running = torch.zeros(3, dtype=torch.float64, device=self.device)

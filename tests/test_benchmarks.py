@@ -228,3 +228,19 @@ def test_speed_benchmark_splits_each_sampling_step_into_its_parts():
     assert float(ours[1]) > 0 and float(naive[1]) > 0
     assert re.search(r"^  sampling ancestral 300 steps: [\d.]+x less time per image than naive ancestral 300$",
                      result.stdout, re.M)
+
+
+def test_watch_overhead_benchmark_times_runs_with_and_without_tensorboard_and_previews():
+    command = [sys.executable, "benchmarks/watch_overhead.py", "--steps", "4", "--pairs", "2", "--batch-size", "2",
+               "--images", "6", "--log-interval", "1", "--preview-interval", "2"]
+    result = run(command)
+    assert result.returncode == 0, result.stderr
+    assert "preview_interval 2 = 2 steps (2 preview(s) of 4 masks, dpm++2m 15 steps)" in result.stdout
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if re.match(r"^\| \d+ \|", line)]
+    assert [row[1] for row in rows] == ["off first", "watched first"]
+    assert all(row[5] == "2" for row in rows)  # two previews in each watched run, read from its TensorBoard events
+    assert re.search(r"^median overhead of the watched runs: [+-][\d.]+% over 2 pairs \(range [+-][\d.]+% to "
+                     r"[+-][\d.]+%\); previews' share of their time: median [\d.]+%$", result.stdout, re.M)
+    bad = run([*command[:2], "--preview-interval", "often"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "--preview-interval: expected \"auto\" or a number of steps, got 'often'")

@@ -421,6 +421,7 @@ def test_two_gloo_processes_step_with_the_gradient_of_one_process_and_stop_toget
     assert load_checkpoint(train_dir / "checkpoints" / "latest.pt")["train_state"]["step"] == 3
     assert json.loads((train_dir / "summary.json").read_text())["stop_reason"].startswith("stopped by a stop signal")
     assert len(read_csv_column(train_dir / "log.csv", "loss")) == 3
+    assert len(list((train_dir / "tensorboard").iterdir())) == 1  # rank 0 alone writes TensorBoard events
     show_in_ci_log(capsys, f"torch.multiprocessing, 2 gloo processes x batch 2 vs 1 process x batch 4: first-step "
                            f"gradients within {worst:.1e} of each tensor's largest entry; SIGTERM to rank 1 in step 3 "
                            "stopped both ranks after step 3 with latest.pt saved")
