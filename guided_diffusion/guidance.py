@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .diffusion import GaussianDiffusion
-from .unet import FixedMasks
+from .unet import FixedMasks, MemoryBudget
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -44,11 +44,12 @@ def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance
     The masks go to the model as `FixedMasks`: each SPADE layer's scale and shift maps of them are computed at the
     denoiser's first call and reused at every later step (the same outputs, without most of the decoder's work;
     see `unet.FixedMasks`). Make a new denoiser when the model's weights change."""
-    masks = FixedMasks(one_hot)
+    budget = MemoryBudget.quarter_of_free(one_hot.device)  # one for the masks, the null masks and both
+    masks = FixedMasks(one_hot, budget)
     if guidance_scale <= 1.0:
         return lambda x, t: model(x, t, masks)
-    null_mask = FixedMasks(torch.zeros_like(one_hot))
-    both_masks = FixedMasks(torch.cat([one_hot, null_mask.one_hot]))
+    null_mask = FixedMasks(torch.zeros_like(one_hot), budget)
+    both_masks = FixedMasks(torch.cat([one_hot, null_mask.one_hot]), budget)
 
     def combine(cond: torch.Tensor, null: torch.Tensor, channels: int) -> torch.Tensor:
         eps = null[:, :channels] + guidance_scale * (cond[:, :channels] - null[:, :channels])

@@ -157,14 +157,15 @@ class FixedMasks:
     the same input, done once).
 
     The maps of one image row take 2 x channels x height x width values per SPADE layer (3.5 MiB in fp32 for the
-    tiny model, 41 MiB at 64 px, 1.9 GiB for ISDM's 256 px model). They are kept while `budget_bytes` allows
-    (default: a quarter of the device's free memory when the object is made); a layer past the budget computes its
-    maps at every forward, as without this object. The maps belong to the model's current weights: make a new
-    FixedMasks after the weights change (training previews make one per preview)."""
+    tiny model, 41 MiB at 64 px, 1.9 GiB for ISDM's 256 px model). They are kept while `budget` allows (default:
+    a budget of its own, a quarter of the device's free memory when the object is made; the FixedMasks of one
+    denoiser share one); a layer past the budget computes its maps at every forward, as without this object. The
+    maps belong to the model's current weights: make a new FixedMasks after the weights change (training previews
+    make one per preview)."""
 
-    def __init__(self, one_hot: torch.Tensor, budget_bytes: int | None = None):
+    def __init__(self, one_hot: torch.Tensor, budget: MemoryBudget | None = None):
         self.one_hot = one_hot
-        self.budget_bytes = free_memory_bytes(one_hot.device) // 4 if budget_bytes is None else budget_bytes
+        self.budget = MemoryBudget.quarter_of_free(one_hot.device) if budget is None else budget
         self.kept_bytes = 0
         self._maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -179,10 +180,28 @@ class FixedMasks:
             return self._maps[key]
         gamma, beta = layer.modulation(self.one_hot, x)
         size = gamma.numel() * gamma.element_size() + beta.numel() * beta.element_size()
-        if self.kept_bytes + size <= self.budget_bytes:
+        if self.budget.take(size):
             self._maps[key] = (gamma, beta)
             self.kept_bytes += size
         return gamma, beta
+
+
+class MemoryBudget:
+    """Bytes that the FixedMasks sharing this object may keep, all together."""
+
+    def __init__(self, limit_bytes: int):
+        self.left_bytes = limit_bytes
+
+    @classmethod
+    def quarter_of_free(cls, device: torch.device) -> MemoryBudget:
+        return cls(free_memory_bytes(device) // 4)
+
+    def take(self, size: int) -> bool:
+        """Whether `size` more bytes fit; if so, they are taken."""
+        if size > self.left_bytes:
+            return False
+        self.left_bytes -= size
+        return True
 
 
 Condition = torch.Tensor | FixedMasks

@@ -17,7 +17,7 @@ from guided_diffusion.errors import ConfigError
 from guided_diffusion.guidance import conditional_denoiser
 from guided_diffusion.sample import DEFAULT_SOLVER_STEPS, sampling_diffusion
 from guided_diffusion.samplers import PerImageNoise, log_snr_timesteps, run_sampler
-from guided_diffusion.unet import FixedMasks, SDMUNet, SPADEGroupNorm
+from guided_diffusion.unet import FixedMasks, MemoryBudget, SDMUNet, SPADEGroupNorm
 
 PROCESS = GaussianDiffusion.create(1000, "linear", learn_sigma=False)
 
@@ -136,12 +136,24 @@ def test_fixed_masks_compute_the_spade_maps_once_and_give_the_plain_forward_to_t
 
 def test_fixed_masks_past_their_memory_budget_compute_the_maps_at_every_forward(tiny_model):
     one_hot, x, t = masks_for(1), torch.randn(1, 3, 32, 32), torch.tensor([400.0])
-    unkept = FixedMasks(one_hot, budget_bytes=0)
+    unkept = FixedMasks(one_hot, MemoryBudget(0))
     layers = sum(isinstance(m, SPADEGroupNorm) for m in tiny_model.modules())
     with count_spade_map_computations(tiny_model) as calls, torch.no_grad():
         outputs = [tiny_model(x, t, unkept) for _ in range(2)]
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], tiny_model(x, t, one_hot))
     assert calls[0] == 2 * layers and unkept.kept_bytes == 0  # computed at each of the 2 forwards
+
+
+def test_fixed_masks_sharing_a_budget_keep_no_more_than_it_between_them(tiny_model):
+    one_hot, x, t = masks_for(1), torch.randn(1, 3, 32, 32), torch.tensor([400.0])
+    with torch.no_grad():
+        alone = FixedMasks(one_hot, MemoryBudget(2 ** 40))
+        tiny_model(x, t, alone)
+        budget = MemoryBudget(alone.kept_bytes)  # room for one set of maps
+        first, second = FixedMasks(one_hot, budget), FixedMasks(torch.zeros_like(one_hot), budget)
+        tiny_model(x, t, first)
+        tiny_model(x, t, second)
+    assert first.kept_bytes == alone.kept_bytes > 0 and second.kept_bytes == 0 and budget.left_bytes == 0
 
 
 def test_a_guided_ancestral_run_is_the_same_with_the_masks_maps_kept(tiny_model):
