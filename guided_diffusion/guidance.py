@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .diffusion import GaussianDiffusion
-from .unet import FixedMasks, MemoryBudget
+from .unet import FixedMasks, MemoryBudget, SDMUNet
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,15 +41,15 @@ def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance
     Only the eps channels (as many as x has) are guided; the learned-variance channels after them are the
     conditional model's.
 
-    The masks go to the model as `FixedMasks`: each SPADE layer's scale and shift maps of them are computed at the
+    An `SDMUNet` gets the masks as `FixedMasks`: each SPADE layer's scale and shift maps of them are computed at the
     denoiser's first call and reused at every later step (the same outputs, without most of the decoder's work;
-    see `unet.FixedMasks`). Make a new denoiser when the model's weights change."""
-    budget = MemoryBudget.quarter_of_free(one_hot.device)  # one for the masks, the null masks and both
-    masks = FixedMasks(one_hot, budget)
+    see `unet.FixedMasks`); any other model gets the tensors. Make a new denoiser when the weights change."""
+    fixed = fixed_masks_for(model, one_hot.device)
+    masks = fixed(one_hot)
     if guidance_scale <= 1.0:
         return lambda x, t: model(x, t, masks)
-    null_mask = FixedMasks(torch.zeros_like(one_hot), budget)
-    both_masks = FixedMasks(torch.cat([one_hot, null_mask.one_hot]), budget)
+    null_mask = fixed(torch.zeros_like(one_hot))
+    both_masks = fixed(torch.cat([one_hot, torch.zeros_like(one_hot)]))
 
     def combine(cond: torch.Tensor, null: torch.Tensor, channels: int) -> torch.Tensor:
         eps = null[:, :channels] + guidance_scale * (cond[:, :channels] - null[:, :channels])
@@ -78,6 +78,16 @@ def conditional_denoiser(model: torch.nn.Module, one_hot: torch.Tensor, guidance
         return torch.where(inside.reshape(-1, *([1] * (x.dim() - 1))), combine(cond, null, x.shape[1]), cond)
 
     return guided_in_interval
+
+
+def fixed_masks_for(model: Callable, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor | FixedMasks]:
+    """How the denoiser hands `model` its masks: as `FixedMasks` sharing one memory budget (a quarter of `device`'s
+    free memory) when the model is an `SDMUNet` (also inside torch.compile), else as the plain one-hot tensors (any
+    other callable, a wrapper or a test's stand-in, knows nothing of FixedMasks)."""
+    if not isinstance(getattr(model, "_orig_mod", model), SDMUNet):
+        return lambda one_hot: one_hot
+    budget = MemoryBudget.quarter_of_free(device)
+    return lambda one_hot: FixedMasks(one_hot, budget)
 
 
 def guided_share(diffusion: GaussianDiffusion, guidance_interval: tuple[float, float] | list[float] | None) -> float:

@@ -235,7 +235,7 @@ def test_watch_overhead_benchmark_times_runs_with_and_without_tensorboard_and_pr
                "--images", "6", "--log-interval", "1", "--preview-interval", "2"]
     result = run(command)
     assert result.returncode == 0, result.stderr
-    assert "preview_interval 2 = 2 steps (2 preview(s) of 4 masks, dpm++2m 15 steps)" in result.stdout
+    assert "preview_interval 2 = 2 steps (2 preview(s) of 4 masks, ancestral 50 steps)" in result.stdout
     rows = [line.split(" | ") for line in result.stdout.splitlines() if re.match(r"^\| \d+ \|", line)]
     assert [row[1] for row in rows] == ["off first", "watched first"]
     assert all(row[5] == "2" for row in rows)  # two previews in each watched run, read from its TensorBoard events

@@ -333,3 +333,17 @@ def test_a_guidance_interval_of_the_wrong_type_names_the_key():
 def test_guidance_interval_defaults_to_every_step():
     assert sample_config().guidance_interval is None
     assert sample_config(guidance_interval=[0, 1]).guidance_interval == [0.0, 1.0]
+
+
+def test_a_model_other_than_the_sdm_unet_gets_its_masks_as_plain_tensors(tiny_model):
+    seen = []
+
+    def wrapper(x, t, masks):
+        seen.append(type(masks))
+        return tiny_model(x, t, masks)
+
+    one_hot, x, t = masks_for(1), torch.randn(1, 3, 32, 32), torch.tensor([300])
+    with torch.no_grad():
+        wrapped = conditional_denoiser(wrapper, one_hot, 1.5)(x, t)
+        direct = conditional_denoiser(tiny_model, one_hot, 1.5)(x, t)
+    assert seen == [torch.Tensor] and torch.equal(wrapped, direct)
