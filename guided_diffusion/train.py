@@ -489,7 +489,7 @@ class Trainer:
         return _Progress(steps, epochs, bar, watch)
 
     def preview_inputs(self) -> Preview:
-        """The fixed masks, seeds and fast sampling process of this run's previews (watch.py)."""
+        """The fixed masks, seeds and sampling process of this run's previews (watch.py)."""
         return make_preview(self.config, self.diffusion, self.val_pairs, self.train_pairs, self.device,
                             self.autocast)
 

@@ -169,10 +169,6 @@ class FixedMasks:
         self.kept_bytes = 0
         self._maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.one_hot.shape
-
     def modulation(self, layer: SPADEGroupNorm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`layer`'s maps of these masks at x's size and dtype: kept ones, or computed (and kept if they fit)."""
         key = (layer, tuple(x.shape[2:]), x.dtype, torch.is_autocast_enabled(x.device.type))
