@@ -189,14 +189,14 @@ def open_watch(config: TrainConfig, run_dir: Path, planned_steps: int, is_main: 
         interval = auto_interval(planned_steps, config.batch_size, guidance)
     if writer is not None:
         log(f"TensorBoard events in {run_dir / 'tensorboard'} (tensorboard --logdir {config.root_log_dir})")
-    if 0 < interval <= planned_steps:
+    previews = 0 < interval <= planned_steps
+    if previews:
         log(f"previews every {interval} steps{' (auto)' if config.preview_interval == 'auto' else ''}: "
             f"{PREVIEW_IMAGES} fixed masks, {PREVIEW_SAMPLER} {PREVIEW_STEPS} steps, guidance {guidance:g}, into "
             f"{run_dir / 'previews'}")
     elif interval:
         log(f"no previews in this run: preview_interval {config.preview_interval} is {interval} steps, more than "
             f"its {planned_steps} planned steps; set a smaller preview_interval to see some")
-    previews = bool(interval) and interval <= planned_steps
     return Watch(run_dir, writer, preview_inputs() if previews else None, interval if previews else 0)
 
 
