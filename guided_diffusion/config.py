@@ -215,7 +215,7 @@ class CommonConfig:
 
 @dataclass
 class TrainConfig(CommonConfig):
-    """`main.py train`: epoch-based training; the best epoch (lowest mean loss) is kept."""
+    """`main.py train`: epoch-based training; the best epoch (lowest loss, see `best_by`) is kept."""
 
     lr: float = option(1e-4, "AdamW learning rate", SAME)
     weight_decay: float = option(0.0, "AdamW weight decay", "`weights_decay` (accepted) or `weight_decay`",
@@ -226,7 +226,12 @@ class TrainConfig(CommonConfig):
                                     "a shorter run gives the same weights with either (the log says so)", "— (off)")
     max_epochs: int = option(100, "stop after this many epochs")
     max_steps: int = option(0, "stop after this many steps (0 = no step limit)")
-    patience: int = option(0, "stop after `patience` epochs (or steps) without a better epoch loss; 0 = off")
+    best_by: Literal["fixed_batch", "epoch_loss"] = option(
+        "fixed_batch", "what picks the best epoch (`checkpoints/best.pt`): `fixed_batch` = the EMA weights' loss on "
+                       "one batch of 32 fixed items, timesteps and noises, checked at an epoch's end every few epochs "
+                       "(under 5 % of the training time); `epoch_loss` = the epoch's mean training loss (ISDM's; it "
+                       "swings with the random timesteps on small data)", "— (`epoch_loss`)")
+    patience: int = option(0, "stop after `patience` epochs (or steps) without a better best epoch; 0 = off")
     patience_unit: Literal["epochs", "steps"] = option("epochs", "what `patience` counts: `epochs` or `steps`")
     save_interval: int = option(1000, "write `checkpoints/latest.pt` every N steps (and at the end)", SAME)
     log_interval: int = option(10, "a row of `log.csv` every N steps", SAME)

@@ -41,6 +41,9 @@ class MaskTrainer(Trainer):
         self.log(f"mask generator: {len(self.dataset)} masks at {config.image_size} px; share holding each class: "
                  f"{rates}")
 
+    def network_of(self, module: torch.nn.Module):
+        return PresenceConditioned(module)
+
     def check_start(self, payload: dict[str, Any], path: Path) -> None:
         """Resume a masks run (or start from its weights) only: an image model's checkpoint, or a generator that
         predicts the other target (`prediction`: its weights would be read as the wrong one), is refused in one

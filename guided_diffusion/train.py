@@ -7,8 +7,10 @@ initialises the weights.
 
 Every random draw of a step (batch order, flips, timesteps, noise, null labels) comes from CPU generators whose
 state is in the checkpoint, so N steps + resume + M steps gives the weights of N + M steps. The epoch loss is
-the mean of the per-sample losses already computed for the epoch's batches; the checkpoint of the best epoch
-(lowest loss) is kept as `checkpoints/best.pt`, the full state every `save_interval` steps as `latest.pt`.
+the mean of the per-sample losses already computed for the epoch's batches. The best epoch is the one whose EMA
+weights have the lowest loss on one fixed batch (`best_by`, see best_epoch.py; ISDM's rule, the lowest epoch loss,
+is `best_by: "epoch_loss"`); its checkpoint is kept as `checkpoints/best.pt`, the full state every
+`save_interval` steps as `latest.pt`.
 
 With N processes (see distributed.py) the model is wrapped in DistributedDataParallel and `batch_size` is the
 batch of one process: a step takes a global batch of batch_size x N items of the epoch's order, and each rank
@@ -48,6 +50,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
+from .best_epoch import FixedBatch, check_interval, fixed_batch_loss, make_fixed_batch
 from .config import TrainConfig, config_to_dict
 from .data import SegmentationDataset, index_dataset, one_hot, read_class_names, split_train_val
 from .diffusion import GaussianDiffusion
@@ -57,7 +60,8 @@ from .results import CsvLog, new_run_dir, write_json
 from .watch import Preview, Watch, make_preview, open_watch, write_loss_plot
 
 STEP_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s"]
-EPOCH_FIELDS = ["epoch", "step", "loss", "mse", "vb", "best_loss", "is_best", "images_per_s", "seconds"]
+EPOCH_FIELDS = ["epoch", "step", "loss", "mse", "vb", "fixed_loss", "best_loss", "is_best", "images_per_s",
+                "seconds"]
 
 
 def crop_windows(batch: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:
@@ -87,8 +91,10 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of `epoch` already done
     epoch_sums: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, mse, vb sums
     epoch_count: int = 0
-    best_loss: float = math.inf
+    best_loss: float = math.inf  # of best_epoch, by `best_by`: its fixed-batch loss, or its epoch loss
     best_epoch: int = -1
+    last_check_step: int = -1  # the step of the last fixed-batch check (-1: none yet)
+    best_by: str = "epoch_loss"  # the rule best_loss was measured by (a checkpoint older than the key: ISDM's)
     epochs_without_improvement: int = 0
     steps_without_improvement: int = 0
 
@@ -224,11 +230,12 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.generator = torch.Generator().manual_seed(config.seed + 1)
-        self.state = TrainState()
+        self.state = TrainState(best_by=config.best_by)
         # This rank's sums of loss/mse/vb over the epoch so far (rank 0's also hold what a resume carried over).
         self.running = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.first_non_finite = FirstNonFinite(self.device)
         self.grad_norm = torch.zeros((), device=self.device)  # the gradient norm of the last logged step
+        self.fixed_batch: FixedBatch | None = None  # made at the first check (best_by fixed_batch)
         self.ddp: DistributedDataParallel | None = None
         if self.world.size > 1:  # broadcasts rank 0's weights; averages gradients in backward
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -288,6 +295,10 @@ class Trainer:
         if earlier_best.is_file() and self.world.is_main:  # the best epoch so far may be in the earlier run
             ckpt.save_checkpoint(self.checkpoint_dir / "best.pt", ckpt.load_checkpoint(earlier_best))
         self.state = TrainState(**payload["train_state"])
+        if self.state.best_by != self.config.best_by:  # two rules' losses cannot be compared: start the race anew
+            self.log(f"note: {path} chose its best epoch by {self.state.best_by}, this run by {self.config.best_by}; "
+                     f"the next checked epoch becomes best.pt")
+            self.state.best_loss, self.state.best_by = math.inf, self.config.best_by
         self.generator.set_state(payload["generator"])
         ckpt.set_rng_state(payload["rng"])
         return f"resuming exactly from {path} (step {self.state.step}, epoch {self.state.epoch})"
@@ -445,7 +456,8 @@ class Trainer:
         if stop.diverged is not None:
             raise stop.diverged
         state = self.state
-        best_text = (f"best epoch {state.best_epoch} (loss {state.best_loss:.5f})" if state.best_epoch >= 0 else
+        by = "fixed-batch loss" if self.config.best_by == "fixed_batch" else "epoch loss"
+        best_text = (f"best epoch {state.best_epoch} ({by} {state.best_loss:.5f})" if state.best_epoch >= 0 else
                      "no epoch completed, so best.pt holds the last weights")
         self.log(f"{stop.reason}; {best_text}; checkpoints in {self.checkpoint_dir}")
         return TrainResult(self.run_dir, self.checkpoint_dir / "best.pt", self.checkpoint_dir / "latest.pt", state,
@@ -616,6 +628,7 @@ class Trainer:
         summary = {"stop_reason": stop.reason, "diverged": stop.diverged is not None, "steps": state.step,
                    "epochs_completed": state.epoch, "best_epoch": state.best_epoch,
                    "best_loss": state.best_loss if math.isfinite(state.best_loss) else None,
+                   "best_by": self.config.best_by,
                    "processes": self.world.size, "global_batch": plan.global_batch}
         write_json(self.run_dir / "summary.json", summary)
         write_loss_plot(self.run_dir, state.best_epoch)
@@ -645,25 +658,54 @@ class Trainer:
         totals = distributed.all_reduce_sum(torch.cat([per_sample.sum(0).double(), count]))
         return (totals[:3] / totals[3]).tolist()
 
+    def network_of(self, module: torch.nn.Module):
+        """`module` called as the training step calls the network: (x_t, timesteps, one-hot labels). The mask
+        generator's trainer wraps it in its presence condition (masks_train.py)."""
+        return module
+
+    def _fixed_loss(self) -> float | None:
+        """The EMA weights' loss on the run's fixed batch when a check is due at this epoch's end (best_by
+        fixed_batch; the first epoch, then every check_interval steps), else None. A collective."""
+        cfg, state = self.config, self.state
+        if cfg.best_by != "fixed_batch":
+            return None
+        if state.last_check_step >= 0 and state.step - state.last_check_step < check_interval(
+                cfg.batch_size * self.world.size):
+            return None
+        if self.fixed_batch is None:
+            self.fixed_batch = make_fixed_batch(self.dataset.__getitem__, len(self.dataset),
+                                                self.diffusion.num_timesteps, cfg.num_classes, cfg.ignore_index,
+                                                cfg.seed, cfg.crop_size, cfg.drop_rate, cfg.offset_noise)
+        state.last_check_step = state.step
+        return fixed_batch_loss(self.diffusion, self.network_of(self.ema), self.fixed_batch, self.device,
+                                self.autocast, cfg.min_snr_gamma, self.pixel_weights, cfg.microbatch)
+
     def _end_epoch(self, progress: _Progress, seconds: float) -> None:
         state = self.state
         state.epoch_sums = distributed.all_reduce_sum(self.running).tolist()
         loss, mse, vb = (s / max(state.epoch_count, 1) for s in state.epoch_sums)
         if not math.isfinite(loss):
             self._raise_diverged()
-        is_best = loss < state.best_loss
+        fixed = self._fixed_loss()
+        if fixed is not None and not math.isfinite(fixed):
+            raise TrainingDiverged(self._diverged_text(f"the EMA weights' fixed-batch loss is {fixed} after step "
+                                                       f"{state.step}", state.step))
+        chosen_by = fixed if self.config.best_by == "fixed_batch" else loss
+        is_best = chosen_by is not None and chosen_by < state.best_loss
         if is_best:  # the loss is finite, but the epoch's last update may have made the weights NaN
             self._check_finite()
-            state.best_loss, state.best_epoch = loss, state.epoch
+            state.best_loss, state.best_epoch = chosen_by, state.epoch
             state.epochs_without_improvement = state.steps_without_improvement = 0
         else:
             state.epochs_without_improvement += 1
         progress.epochs.write({"epoch": state.epoch, "step": state.step, "loss": loss, "mse": mse, "vb": vb,
+                               "fixed_loss": "" if fixed is None else fixed,
                                "best_loss": state.best_loss, "is_best": int(is_best),
                                "images_per_s": round(state.epoch_count / seconds, 3) if seconds > 0 else 0.0,
                                "seconds": round(seconds, 3)})
-        progress.watch.scalars(state.step, {"loss": loss, "mse": mse, "vb": vb, "best_loss": state.best_loss},
-                               "epoch")
+        fixed_scalar = {} if fixed is None else {"fixed_loss": fixed}
+        progress.watch.scalars(state.step, {"loss": loss, "mse": mse, "vb": vb, **fixed_scalar,
+                                            "best_loss": state.best_loss}, "epoch")
         state.epoch += 1
         state.batch_in_epoch, state.epoch_sums, state.epoch_count = 0, [0.0, 0.0, 0.0], 0
         self.running = torch.zeros(3, dtype=torch.float64, device=self.device)

@@ -228,12 +228,17 @@ def loss_figure(step_rows: list[dict[str, str]], epoch_rows: list[dict[str, str]
     ax.plot(steps, losses, color="tab:blue", linewidth=0.8, alpha=0.6, label="step loss (log.csv)")
     ends, epoch_losses = _finite_points(epoch_rows, "step", "loss")
     ax.plot(ends, epoch_losses, "o-", color="tab:orange", markersize=4, label="epoch loss (epochs.csv)")
+    checked, fixed_losses = _finite_points(epoch_rows, "step", "fixed_loss")
+    if fixed_losses:
+        ax.plot(checked, fixed_losses, "s-", color="tab:green", markersize=3,
+                label="EMA loss on the fixed batch (picks best.pt)")
     best = [row for row in epoch_rows if row.get("epoch") == str(best_epoch)]
     if best:
-        ax.plot([float(best[0]["step"])], [float(best[0]["loss"])], "*", color="tab:red", markersize=14,
+        by = "fixed_loss" if best[0].get("fixed_loss") else "loss"
+        ax.plot([float(best[0]["step"])], [float(best[0][by])], "*", color="tab:red", markersize=14,
                 label=f"best.pt: epoch {best_epoch}")
     if losses or epoch_losses:
-        if min(losses + epoch_losses) > 0:
+        if min(losses + epoch_losses + fixed_losses) > 0:
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     else:

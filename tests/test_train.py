@@ -76,8 +76,8 @@ def test_a_negative_data_threads_is_one_line_naming_the_key():
     assert str(info.value) == "configs/x.json: key 'data_threads' must be >= 0 (0 = load in the step), got -1"
 
 
-def test_best_checkpoint_holds_the_epoch_with_the_lowest_mean_loss(demo_dir, tmp_path):
-    trainer = make_trainer(demo_dir, tmp_path, max_epochs=3)
+def test_with_isdms_rule_best_checkpoint_holds_the_epoch_with_the_lowest_mean_loss(demo_dir, tmp_path):
+    trainer = make_trainer(demo_dir, tmp_path, max_epochs=3, best_by="epoch_loss")
     result = trainer.run()
     epochs = read_csv(result.run_dir / "epochs.csv")
     assert [int(e["epoch"]) for e in epochs] == [0, 1, 2]
