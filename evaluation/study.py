@@ -114,6 +114,7 @@ class Study:
     bf16: bool
     log: Callable[[str], None]
     unit_progress: UnitProgress  # the progress lines of the units run and skipped
+    processor: str = ""  # the model of the CPU (or GPU) the units run on: recorded with each unit
     progress: bool = True  # tqdm bars
     report_only: bool = False  # run nothing: report what the ledger holds
     used: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # the units this run reads or runs
@@ -132,7 +133,9 @@ class Study:
             return done
         self.unit_progress.start(kind, where, what)
         started = time.perf_counter()
-        result = work()
+        # where and how it ran: bf16 scores differ between processor models (the report warns on mixed pairs);
+        # a unit that trains or samples an SDM reports the precision its own config resolved to
+        result = {"processor": self.processor, "precision": "bf16" if self.bf16 else "fp32", **work()}
         entry = self.ledger.add(kind, key, result, time.perf_counter() - started)
         self.unit_progress.finish(kind, where, entry["seconds"])
         return entry
@@ -183,13 +186,30 @@ def lay_out_subset(study: Study, fraction: float, pairs: list[Pair]) -> Path:
 # 2.-3. generators and their samples
 
 
+def precision_of(wanted: str, study: Study) -> str:
+    """What a stage's `precision` key resolved to on the study's device: "bf16" (autocast) or "fp32"."""
+    from guided_diffusion.model_setup import bf16_autocast
+
+    return "bf16" if bf16_autocast(wanted, study.device) else "fp32"
+
+
+def with_best_epoch_rule(values: dict[str, Any]) -> dict[str, Any]:
+    """An SDM unit's values as its fingerprint sees them: ISDM's best-epoch rule (best_by "epoch_loss", the only
+    rule before the key existed) leaves the key out, so SDMs trained by it keep their fingerprints; any other rule,
+    the default "fixed_batch" included, is written in, so a study trained before the default changed trains its
+    SDM again instead of reusing one whose best.pt was chosen by the old rule."""
+    rule = values.get("best_by", "fixed_batch")
+    rest = {k: v for k, v in values.items() if k != "best_by"}
+    return rest if rule == "epoch_loss" else {**rest, "best_by": rule}
+
+
 def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: str, sdm: dict[str, Any]
                     ) -> Path | None:
     """Train (and finetune) an SDM of settings `sdm` (model, train, finetune keys) on the subset; returns the run
     folder to sample from (None: not trained yet in a report-only run)."""
     common = {**study.config.generator_keys(str(data_dir), study.num_classes), **sdm.get("model", {})}
     train_values = {**common, **sdm["train"]}
-    key = fingerprint("sdm-train", train_values, subset_key)
+    key = fingerprint("sdm-train", with_best_epoch_rule(train_values), subset_key)
     root = study.root / "generator" / fraction_tag(fraction) / key
 
     def train(action: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +223,7 @@ def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: s
         if result.stop_signal:
             raise KeyboardInterrupt(f"{action} stopped by {result.stop_signal}")
         return {"run_dir": str(result.run_dir), "best_epoch": result.state.best_epoch,
+                "precision": precision_of(config.precision, study),
                 "steps": result.state.step, "stop_reason": result.stop_reason}
 
     where = (fraction, settings_key(sdm))
@@ -214,7 +235,7 @@ def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: s
     if sdm.get("finetune") is None:
         return Path(trained["run_dir"])
     finetune_values = {**common, **sdm["finetune"], "resume_checkpoint": trained["run_dir"]}
-    key = fingerprint("sdm-finetune", finetune_values, subset_key)
+    key = fingerprint("sdm-finetune", with_best_epoch_rule(finetune_values), subset_key)
     tuned = study.unit("sdm-finetune", key, f"finetuning the SDM with null labels ({fraction_tag(fraction)})",
                        lambda: train("finetune", finetune_values), where)
     return None if tuned is None else Path(tuned["run_dir"])
@@ -235,7 +256,8 @@ def train_mask_generator(study: Study, fraction: float, name: str, data_dir: Pat
         result = train_masks(config, study.log)
         if result.stop_signal:
             raise KeyboardInterrupt(f"masks stopped by {result.stop_signal}")
-        return {"run_dir": str(result.run_dir), "steps": result.state.step, "stop_reason": result.stop_reason}
+        return {"run_dir": str(result.run_dir), "steps": result.state.step, "stop_reason": result.stop_reason,
+                "precision": precision_of(config.precision, study)}
 
     done = study.unit("masks-train", key, f"training the mask generator of {name} on the masks of "
                                           f"{fraction_tag(fraction)}", work, (fraction, name))
@@ -315,7 +337,8 @@ def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir
             study.log(f"note: {note}")
         summary = run_sampling(config, set(values), f"study generators.{name}", study.log, measure_hardness)
         return {"run_dir": summary["run_dir"], "images": summary["num_samples"],
-                "seconds_per_image": summary.get("seconds_per_image")}
+                "seconds_per_image": summary.get("seconds_per_image"),
+                "precision": precision_of(config.precision, study)}
 
     return study.unit("sample", key, f"generator {name} ({generator.kind}) at {fraction_tag(fraction)}", work,
                       (fraction, name))
@@ -489,7 +512,7 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
               log: Callable[[str], None] = print_flushed,
               progress: bool = True, report_only: bool = False) -> Path:
     """Run the study (or, with `report_only`, run nothing and report the units the ledger holds)."""
-    from guided_diffusion.model_setup import bf16_autocast, select_device
+    from guided_diffusion.model_setup import bf16_autocast, processor_name, select_device
 
     from .study_report import write_report
 
@@ -508,7 +531,7 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
     root.mkdir(parents=True, exist_ok=True)
     lines = UnitProgress(plan_units(config, num_classes, SplitSizes.of(split)), log, started)
     study = Study(config, root, num_classes, names, Ledger(root / "ledger.jsonl"), device, bf16, log, lines,
-                  progress, report_only)
+                  processor_name(device), progress, report_only)
     done = len(study.ledger.entries)
     log(f"study folder: {root} ({f'resuming: {done} units done' if done else 'new'})"
         + ("; report only: nothing is run" if report_only else ""))

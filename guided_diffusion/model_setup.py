@@ -39,6 +39,24 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def processor_name(device: torch.device | None = None) -> str:
+    """The model of the processor a run computes on: the GPU's name on CUDA, else the CPU's model name (Linux's
+    /proc/cpuinfo; the platform's processor string elsewhere). bf16 scores differ between CPU models, so the
+    study records it with each unit."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown"
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_support() -> str:
     """How this CPU runs bf16: "native" (avx512_bf16 or amx_bf16 instructions), "emulated" (oneDNN's bf16 kernels

@@ -15,7 +15,7 @@ from evaluation import estimate
 from evaluation.estimate import (ModelCosts, SegmenterCosts, SplitSizes, Stage, format_duration, format_estimate,
                                  plan_study)
 from evaluation.study import Ledger, main as study_main, run_study
-from evaluation.study_config import study_from_dict
+from evaluation.study_config import SegmenterProtocol, study_from_dict
 from evaluation.study_report import paired_interval, without_sdm
 from guided_diffusion.errors import ConfigError
 
@@ -63,6 +63,17 @@ def finished_study(demo_dir, tmp_path_factory):
     values = study_values(demo_dir, root)
     run_study(study_from_dict(values, "test"), values, "test command", log=lambda *_: None, progress=False)
     return root, values
+
+
+def test_every_unit_records_the_processor_and_precision_it_ran_with(finished_study):
+    from guided_diffusion.model_setup import processor_name
+
+    root, _ = finished_study
+    entries = [json.loads(line) for line in (root / "ledger.jsonl").read_text().splitlines()]
+    assert {entry["processor"] for entry in entries} == {processor_name()}
+    assert all(entry["precision"] in ("bf16", "fp32") for entry in entries)
+    # the toy study's segmenters and SDM leave precision at "auto": bf16 where the CPU has it natively
+    assert {entry["kind"] for entry in entries} >= {"sdm-train", "sample", "segmenter"}
 
 
 def test_study_writes_report_summary_and_every_variant(finished_study):
@@ -254,6 +265,13 @@ def test_paired_interval_is_the_student_t_interval():
      "names generator 'sdn', which 'generators' does not define (did you mean 'sdm'?)"),
     ({"segmenter": {"seeds": [0]}}, "key 'segmenter.seeds' must be a list of at least two integers"),
     ({"segmenter": {"stpes": 3}}, "key 'segmenter.stpes' is unknown (did you mean 'steps'?)"),
+    ({"segmenter": {"encoder_weights": 3}},
+     "key 'segmenter.encoder_weights' must be \"imagenet\", a weights file path or null, got 3"),
+    ({"segmenter": {"encoder_weights": ""}},
+     "key 'segmenter.encoder_weights' must be \"imagenet\", a weights file path or null, got \"\""),
+    ({"segmenter": {"encoder_weights": "weights/missing.pt"}},
+     "key 'segmenter.encoder_weights' names no file: weights/missing.pt (give \"imagenet\", a weights file path, "
+     "or null for random init)"),
     ({"real_fractions": [0.5, 1.5]}, "key 'real_fractions' must be a list of fractions in (0, 1]"),
     ({"generators": {"p": {"kind": "copy"}}}, "key 'generators.p.kind' must be one of sdm, paste"),
     ({"generators": {"f": {"kind": "sdm", "labels": "filtered", "source": "sdn"}}},
@@ -337,6 +355,23 @@ def test_quick_keeps_every_stage_at_toy_size(demo_dir, tmp_path):
     assert [v.name for v in config.variants] == [v["name"] for v in values["variants"]]
     assert config.sdm["train"]["max_steps"] == 12
     assert all(g.sample["num_samples"] == 8 for g in config.generators.values() if g.labels == "raw")
+
+
+def test_quick_keeps_the_encoder_that_encoder_weights_are_for(demo_dir, tmp_path):
+    values = study_values(demo_dir, tmp_path / "s", segmenter={"encoder": "tu-tf_efficientnet_lite0",
+                                                               "encoder_weights": "imagenet", "seeds": [0, 1]})
+    config = study_from_dict(values, "test", quick=True)
+    assert (config.segmenter.encoder, config.segmenter.encoder_weights) == ("tu-tf_efficientnet_lite0", "imagenet")
+    values["segmenter"]["encoder_weights"] = None
+    assert study_from_dict(values, "test", quick=True).segmenter.encoder == "resnet18"
+
+
+def test_encoder_weights_null_leaves_the_segmenter_fingerprint_keys_as_before_the_key():
+    before = {"architecture": "fpn", "encoder": "resnet18", "steps": 1000, "batch_size": 8, "lr": 1e-3,
+              "weight_decay": 1e-4, "select_every": 100, "precision": "auto"}  # the protocol, seeds left out
+    assert list(SegmenterProtocol().fingerprint_keys().items()) == list(before.items())
+    assert SegmenterProtocol(encoder_weights="imagenet").fingerprint_keys() == {**before,
+                                                                                "encoder_weights": "imagenet"}
 
 
 def test_without_background_class_the_no_bg_mean_is_the_mean_over_every_class():
@@ -726,3 +761,12 @@ def test_with_void_pixels_the_generators_that_cannot_handle_them_stop_the_study_
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
     assert not (tmp_path / "study").exists()
+
+
+def test_an_sdm_of_isdms_best_epoch_rule_keeps_its_fingerprint_and_one_of_the_new_default_does_not():
+    from evaluation.study import with_best_epoch_rule
+
+    values = {"lr": 1e-4, "max_steps": 1500}
+    assert with_best_epoch_rule({**values, "best_by": "epoch_loss"}) == values  # as before the key existed
+    assert with_best_epoch_rule(values) == {**values, "best_by": "fixed_batch"}  # the default: trained again
+    assert with_best_epoch_rule({**values, "best_by": "fixed_batch"}) == with_best_epoch_rule(values)
