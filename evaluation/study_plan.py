@@ -106,7 +106,7 @@ def sampled_forwards(sample, trained_steps: int) -> tuple[float, float]:
     guided share of its steps."""
     diffusion = sampling_diffusion(sample, TrainedWith(diffusion_steps=trained_steps))
     steps = diffusion.num_timesteps if sample.mode == "noise" else start_step(diffusion, sample.strength) + 1
-    jumps = 1 + (sample.resample_steps if sample.mode == "inpaint" else 0)
+    jumps = 1 + (sample.resample_steps if sample.mode in ("inpaint", "harmonize") else 0)
     guided = guided_share(diffusion, sample.guidance_interval) if sample.s > 1.0 else 0.0
     return steps * jumps * (1.0 + guided), guided
 

@@ -9,6 +9,11 @@
   step is taken 1 + `resample_steps` times with a one-step jump back up in between, so that the painted region
   is denoised again seeing the pasted surroundings. The final image is composited in uint8 pixel space: outside
   the painted region it is the resized background byte for byte.
+- `harmonize`: copy-paste, then SDEdit inside the painted region. The mask's real defect pixels are pasted onto
+  the background as `paste` does; the run starts from that pasted image noised to `strength` and paints the
+  painted region as `inpaint` does (the rest kept from the background). At a low strength the real defect keeps
+  its shape and texture while its edges and its tone are redrawn to fit the new background, which pasting alone
+  leaves as hard seams. The masks need their real image (an augmented or generated mask has none).
 - `paste` (paste.py): no model at all; the mask's real defect pixels are copied onto a background. It uses the
   backgrounds, pairing and placement of this module (`place_defects`).
 
@@ -29,13 +34,13 @@ import torch
 from PIL import Image
 
 from .balance import ChosenMask, load_masks
-from .config import SampleConfig
+from .config import PLACING_MODES, SampleConfig
 from .data import IMAGE_EXTENSIONS, Pair, load_image, load_mask, resize_pair
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError, DatasetError
 from .samplers import NoiseSource, StepHook
 
-MODES = ("noise", "variation", "inpaint", "paste")
+MODES = ("noise", "variation", "inpaint", "harmonize", "paste")
 PAIRINGS = ("random", "round-robin")
 MAX_ENLARGEMENT = 4.0
 """A background_dir image enlarged more than this to reach image_size is refused: its known region would be a
@@ -244,6 +249,24 @@ def place_mask(mask: np.ndarray, placement: Placement) -> np.ndarray:
     return np.ascontiguousarray(np.roll(moved, placement.shift, axis=(0, 1)))
 
 
+def paste_defects(background: np.ndarray, image: np.ndarray, mask: np.ndarray,
+                  placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """The background with the defect pixels of (image, mask) pasted, and its label.
+
+    Image and mask are flipped and shifted together as `placement` says (its shift keeps the defects inside the
+    image); every pixel whose placed class id is not 0 takes the source image's bytes, every other pixel keeps
+    the background's. Returns the uint8 image (HxWx3, or HxW for grey inputs) and the int64 HxW label (0 except
+    the pasted pixels)."""
+    if image.shape[:2] != mask.shape or background.shape != image.shape:
+        raise ValueError(f"paste_defects expects background and image of one shape (HxWx3 or HxW) and an HxW mask "
+                         f"of their size, got {background.shape}, {image.shape} and {mask.shape}")
+    label = place_mask(np.asarray(mask, np.int64), placement)
+    moved = place_mask(image, placement)
+    pasted = label != 0
+    return np.where(pasted if image.ndim == 2 else pasted[:, :, None], moved, background), label
+
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The plan of a sampling run
 
@@ -252,7 +275,7 @@ def defect_candidates(config: SampleConfig, splits: dict[str, list[Pair]]) -> tu
     """For modes inpaint and paste: the `mask_split` pairs reduced to those with defect pixels at image_size (a
     mask without them has nothing to paint or paste), and how many were left out. Other modes: the splits as
     they are."""
-    if config.mode not in ("inpaint", "paste"):
+    if config.mode not in PLACING_MODES:
         return splits, 0
     pairs = splits[config.mask_split]
     masks = load_masks(pairs, config.image_size, config.dataset_mode, config.resize_mode)
@@ -355,7 +378,7 @@ class ModePlan:
 
     @property
     def resample_steps(self) -> int:
-        return self.config.resample_steps if self.config.mode == "inpaint" else 0
+        return self.config.resample_steps if self.config.mode in ("inpaint", "harmonize") else 0
 
     def prepare(self, ids: Sequence[int], items: Sequence[tuple[torch.Tensor, np.ndarray | None]],
                 noise: NoiseSource, device: torch.device | str) -> Batch:
@@ -369,16 +392,20 @@ class ModePlan:
         if mode == "variation":
             source = torch.stack([image_to_tensor(real) for real in reals]).to(device)
             return Batch(noised_start(self.diffusion, source, self.start_step, noise()), masks, reals)
-        placed, shown, painted = [], [], []
-        for i, (mask, _) in zip(ids, items):
+        placed, shown, painted, starts = [], [], [], []
+        for i, (mask, real) in zip(ids, items):
             placement = self.placements[i]
             placed.append(torch.from_numpy(place_mask(mask.numpy(), placement)))
             shown.append(load_background(self.backgrounds[placement.background], self.config.image_size,
                                          self.config.resize_mode, self.config.image_channels))
             painted.append(paint_region(placed[-1].numpy(), self.config.inpaint_margin))
+            # harmonize starts from the real defect pasted onto the background; inpaint from the background
+            starts.append(paste_defects(shown[-1], real, mask.numpy(), placement)[0] if mode == "harmonize"
+                          else shown[-1])
         background = torch.stack([image_to_tensor(image) for image in shown]).to(device)
         keep = torch.from_numpy(~np.stack(painted))[:, None].to(device)
-        x = noised_start(self.diffusion, background, self.start_step, noise())
+        start = torch.stack([image_to_tensor(image) for image in starts]).to(device)
+        x = noised_start(self.diffusion, start, self.start_step, noise())
         return Batch(x, torch.stack(placed), shown, known_region_hook(self.diffusion, background, keep, noise),
                      painted)
 
@@ -389,7 +416,7 @@ class ModePlan:
             return {"mode": mode}
         entries = {"mode": mode, "strength": self.config.strength, "start_step": self.start_step,
                    "steps_run": self.steps_run, **self.skipped}
-        if mode == "inpaint":
+        if mode in ("inpaint", "harmonize"):
             entries.update({"inpaint_margin": self.config.inpaint_margin, "resample_steps": self.resample_steps,
                             **background_summary(self.config, self.backgrounds, self.placements)})
         return entries
@@ -420,8 +447,20 @@ def plan_modes(config: SampleConfig, diffusion: GaussianDiffusion, sources: list
             f"(model timestep {int(diffusion.timestep_map[start])})")
         return ModePlan(config, diffusion, kept, start, skipped=skipped)
 
+    skipped = {}
+    if config.mode == "harmonize":  # it pastes the mask's real defect: a mask without its real image makes none
+        kept = [chosen for chosen in sources if chosen.pair is not None]
+        skipped = {"skipped_masks_without_source_image": len(sources) - len(kept)}
+        if skipped["skipped_masks_without_source_image"]:
+            log(f"harmonize: skipped {len(sources) - len(kept)} augmented masks: they have no real defect to paste")
+        if not kept:
+            raise ConfigError("mode 'harmonize' needs masks with their real image, but every chosen mask is "
+                              "augmented; turn off use_mask_augmentation in balance_args")
+        sources = kept
     placed = place_defects(config, sources, real_pairs, excluded, log)
-    log(f"inpaint: {len(placed.sources)} masks on {len({p.background for p in placed.placements})} of "
+    placed = placed._replace(skipped={**placed.skipped, **skipped})
+    log(f"{config.mode}: strength {config.strength:g} starts at step {start} of {diffusion.num_timesteps}; "
+        f"{len(placed.sources)} masks on {len({p.background for p in placed.placements})} of "
         f"{len(placed.backgrounds)} backgrounds ({config.pairing} pairing), painted region = defects + "
         f"{config.inpaint_margin} px, {config.resample_steps} resampling jumps per step")
     return ModePlan(config, diffusion, placed.sources, start, placed.backgrounds, placed.placements, placed.skipped)

@@ -32,7 +32,7 @@ from .data import Pair, load_image, load_mask, read_class_names, resize_pair
 from .distributed import current_world, made_by_main
 from .errors import ConfigError
 from .hardness import MeasureHardness, write_selection_reports
-from .inpaint import (Placement, background_summary, defect_candidates, load_background, place_defects, place_mask,
+from .inpaint import (background_summary, defect_candidates, load_background, paste_defects, place_defects,
                       placement_listing)
 from .model_setup import resolve_image_channels
 from .results import SampleWriter, new_run_dir, write_grid, write_json, write_legend
@@ -49,23 +49,6 @@ def load_source(pair: Pair, image_size: int, dataset_mode: str, resize_mode: str
     image, mask = resize_pair(load_image(pair.image, channels), load_mask(pair.mask, dataset_mode), image_size,
                               resize_mode)
     return image, mask.astype(np.int64)
-
-
-def paste_defects(background: np.ndarray, image: np.ndarray, mask: np.ndarray,
-                  placement: Placement) -> tuple[np.ndarray, np.ndarray]:
-    """The background with the defect pixels of (image, mask) pasted, and its label.
-
-    Image and mask are flipped and shifted together as `placement` says (its shift keeps the defects inside the
-    image); every pixel whose placed class id is not 0 takes the source image's bytes, every other pixel keeps
-    the background's. Returns the uint8 image (HxWx3, or HxW for grey inputs) and the int64 HxW label (0 except
-    the pasted pixels)."""
-    if image.shape[:2] != mask.shape or background.shape != image.shape:
-        raise ValueError(f"paste_defects expects background and image of one shape (HxWx3 or HxW) and an HxW mask "
-                         f"of their size, got {background.shape}, {image.shape} and {mask.shape}")
-    label = place_mask(np.asarray(mask, np.int64), placement)
-    moved = place_mask(image, placement)
-    pasted = label != 0
-    return np.where(pasted if image.ndim == 2 else pasted[:, :, None], moved, background), label
 
 
 def resolve_paste_config(config: SampleConfig, log: Callable[[str], None] = print) -> tuple[SampleConfig, TrainedWith]:

@@ -200,8 +200,9 @@ def test_placement_flips_and_moves_the_mask_without_losing_defect_pixels():
 @pytest.mark.parametrize("changes, message", [
     ({"mode": "inpaint", "strength": 0.0}, "key 'strength' must be in \\(0, 1\\]"),
     ({"mode": "variation", "strength": 1.5}, "key 'strength' must be in \\(0, 1\\]"),
-    ({"strength": 0.5}, "key 'strength' applies to mode 'variation' or 'inpaint', but mode is 'noise'"),
-    ({"background_dir": "tiles"}, "key 'background_dir' is only used with mode 'inpaint'"),
+    ({"strength": 0.5}, "key 'strength' applies to mode 'variation', 'inpaint' or 'harmonize', but mode is 'noise'"),
+    ({"mode": "harmonize"}, "key 'strength' must be below 1 with mode 'harmonize'"),
+    ({"background_dir": "tiles"}, "key 'background_dir' is only used with mode 'inpaint', 'harmonize' or 'paste'"),
     ({"mode": "inpaint", "inpaint_margin": -1}, "key 'inpaint_margin' must be >= 0"),
     ({"mode": "inpaint", "resample_steps": -1}, "key 'resample_steps' must be >= 0"),
     ({"mode": "repaint"}, "key 'mode' must be one of 'noise', 'variation', 'inpaint'"),
@@ -284,6 +285,30 @@ def test_inpainting_is_deterministic_and_independent_of_the_batch_size(demo_dir,
             difference = np.abs(image.astype(int) - pngs(one_by_one / sub)[name].astype(int))
             assert difference.max() <= 1, (sub, name)  # float rounding may flip a uint8 level, nothing more
     assert (first / "inpaint.json").read_text() == (one_by_one / "inpaint.json").read_text()
+
+
+def test_harmonize_redraws_the_pasted_defect_in_place_and_keeps_the_rest_of_the_background(
+        demo_dir, trained_run, background_dir, tmp_path):
+    options = {"background_dir": str(background_dir), "mask_flip": True, "mask_placement": "random",
+               "inpaint_margin": 1, "resample_steps": 0, "sampler": "ddim", "timestep_respacing": "", "steps": 20}
+    pasted = sample(demo_dir, trained_run, tmp_path / "paste", mode="paste", num_classes=4,
+                    image_size=TINY_MODEL["image_size"], **options)
+    harmonized = sample(demo_dir, trained_run, tmp_path / "harmonize", mode="harmonize", strength=0.1, **options)
+    inpainted = sample(demo_dir, trained_run, tmp_path / "inpaint", mode="inpaint", strength=0.1, **options)
+    assert_known_region_is_the_background(harmonized, margin=1)
+    assert json.loads((harmonized / "inpaint.json").read_text()) == json.loads((pasted / "paste.json").read_text())
+    paste_images, harmonized_images, inpainted_images = (pngs(run / "samples") for run in
+                                                         (pasted, harmonized, inpainted))
+    labels = pngs(harmonized / "labels")
+    assert labels.keys() == pngs(pasted / "labels").keys()
+    for name, label in labels.items():
+        defect = label != 0
+        assert np.array_equal(label, pngs(pasted / "labels")[name])  # the same defect in the same place
+        to_paste = lambda images: np.abs(images[name][defect].astype(int) - paste_images[name][defect]).mean()
+        # at a low strength harmonize keeps the pasted defect; inpaint, starting from the background, does not
+        assert to_paste(harmonized_images) < 0.5 * to_paste(inpainted_images), name
+    summary = json.loads((harmonized / "summary.json").read_text())
+    assert summary["mode"] == "harmonize" and summary["strength"] == 0.1 and summary["start_step"] < 19
 
 
 def test_variation_at_strength_one_is_sampling_from_noise(demo_dir, trained_run, tmp_path):
