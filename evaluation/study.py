@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from guided_diffusion.config import config_from_dict
+from guided_diffusion.config import PLACING_MODES, config_from_dict
 from guided_diffusion.data import Pair, index_dataset, split_train_val
 from guided_diffusion.errors import ConfigError, exit_status
 from guided_diffusion.results import write_json
@@ -158,7 +158,7 @@ def make_split(config: StudyConfig, num_classes: int) -> Split:
 
 
 def check_backgrounds_exist(config: StudyConfig, split: Split) -> None:
-    """Paste and inpaint put defects onto defect-free images (all-background masks) of the subset: refuse a
+    """Paste, inpaint and harmonize put defects onto defect-free images (all-background masks) of the subset: refuse a
     study whose subset has none, before any work, unless the generator names its own background_dir."""
     from guided_diffusion.inpaint import defect_free_pairs
 
@@ -167,7 +167,7 @@ def check_backgrounds_exist(config: StudyConfig, split: Split) -> None:
         for name in config.generators_at(fraction):
             generator = config.generators[name]
             mode = generator.sample_keys.get("mode", "noise")
-            if mode not in ("paste", "inpaint") or generator.sample.get("background_dir"):
+            if mode not in PLACING_MODES or generator.sample.get("background_dir"):
                 continue
             free = defect_free_pairs(pairs, config.dataset_mode) if free is None else free
             if not free:
@@ -428,7 +428,7 @@ def _train(study: Study, fraction: float, variant: Variant, seed: int, real: Ima
            synthetic: dict[str, ImageSet], val: ImageSet) -> tuple[Any, dict[str, Any]]:
     images, masks, num_real, num_fake = _training_set(variant, real, synthetic, seed)
     protocol = study.config.segmenter
-    spec = SegmenterSpec(protocol.architecture, study.num_classes, protocol.encoder)
+    spec = SegmenterSpec(protocol.architecture, study.num_classes, protocol.encoder, protocol.encoder_weights)
     selection = Selection()
 
     def validate(model) -> float:
@@ -525,6 +525,10 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
     bf16 = bf16_autocast(wanted, device)  # the SDM's rule: "auto" = bf16 where it is native (measured faster)
     if wanted == "bf16" and not bf16:
         raise ConfigError(f"key 'segmenter.precision' is bf16 but this {device.type} has no native bf16; use auto")
+    if not report_only:  # an encoder's weights that cannot be had (offline, a bad file) stop the study before any work
+        segmenter = config.segmenter
+        build_segmenter(SegmenterSpec(segmenter.architecture, num_classes, segmenter.encoder,
+                                      segmenter.encoder_weights))
     split = make_split(config, num_classes)  # the dataset is checked whole here, before anything is written
     check_backgrounds_exist(config, split)
     root = Path(config.output_dir)
@@ -548,7 +552,7 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
     load_seconds = time.perf_counter() - loaded_at
 
     # the seed list is left out (each unit's key has its seed): adding a seed redoes nothing else
-    protocol = {k: v for k, v in dataclasses.asdict(config.segmenter).items() if k != "seeds"}
+    protocol = config.segmenter.fingerprint_keys()
     protocol_key = fingerprint(protocol, config.image_size, config.resize_mode,
                                config.val_fraction, config.seed, config.background_class, config.ignore_index,
                                [p.stem for p in split.val], [p.stem for p in split.test])

@@ -30,6 +30,7 @@ from guided_diffusion.errors import ConfigError
 
 from .config import canonical_architecture, read_config_file
 from .freemask import FilterSettings
+from .pretrained import encoder_weights_problem
 from .segmenter import AUGMENTATIONS
 
 GENERATOR_KINDS = ("sdm", "paste")
@@ -59,8 +60,9 @@ QUICK: dict[str, Any] = {
     "mask_generator": {"image_size": 16, "channel_mult": "1,2", "max_steps": 12, "batch_size": 4,
                        "save_interval": 6},
 }
-"""What `--quick` changes: toy image size, segmenter steps, SDM and mask generator size and steps, and sample
-counts. Every other key, every stage and every variant stay as configured."""
+"""What `--quick` changes: toy image size, segmenter steps (and encoder, unless encoder_weights is set), SDM and
+mask generator size and steps, and sample counts. Every other key, every stage and every variant stay as
+configured."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class SegmenterProtocol:
 
     architecture: str = setting("fpn", canonical=canonical_architecture)
     encoder: str = setting("resnet18", expect="an encoder name such as \"resnet18\"")
+    # null = random init; "imagenet" = ImageNet weights (an installed package's, else smp's download); or a file
+    encoder_weights: str | None = setting(None, expect="\"imagenet\", a weights file path or null")
     steps: int = 1000
     batch_size: int = 8
     lr: float = 1e-3
@@ -78,8 +82,20 @@ class SegmenterProtocol:
     seeds: list[int] = setting(factory=lambda: [0, 1, 2, 3, 4],
                                expect="a list of at least two integers (the paired interval needs two)")
 
+    def fingerprint_keys(self) -> dict[str, Any]:
+        """The keys that make a segmenter unit's fingerprint: all but the seeds (each unit's key has its own seed,
+        so adding a seed redoes nothing else), and encoder_weights only when set (a study from before the key, or
+        with it null, keeps its fingerprints)."""
+        keys = dataclasses.asdict(self)
+        del keys["seeds"]
+        if keys["encoder_weights"] is None:
+            del keys["encoder_weights"]
+        return keys
+
     def validate(self) -> None:
         require(bool(self.encoder), "encoder", "must be an encoder name such as \"resnet18\", got \"\"")
+        problem = encoder_weights_problem(self.encoder_weights)
+        require(problem is None, "encoder_weights", problem or "")
         require(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")
         require(self.batch_size >= 2, "batch_size", f"must be at least 2 (batch norm needs two images), got "
                                                     f"{self.batch_size}")
@@ -355,7 +371,10 @@ def apply_quick(values: dict[str, Any]) -> dict[str, Any]:
     """The config values at toy size (see QUICK): the same stages and variants, minutes of work."""
     values = copy.deepcopy(values)
     values["image_size"] = QUICK["image_size"]
-    values["segmenter"] = deep_merge(values.get("segmenter") or {}, QUICK["segmenter"])
+    segmenter, quick_segmenter = values.get("segmenter") or {}, dict(QUICK["segmenter"])
+    if isinstance(segmenter, dict) and segmenter.get("encoder_weights") is not None:
+        del quick_segmenter["encoder"]  # weights fit their own encoder only (a file made for it, or its ImageNet's)
+    values["segmenter"] = deep_merge(segmenter, quick_segmenter)
     sdm = values.get("sdm") or {}
     values["sdm"] = {key: deep_merge(sdm.get(key) or {}, QUICK["sdm"].get(key, {})) for key in SDM_KEYS
                      if key in sdm or key in QUICK["sdm"]}

@@ -70,6 +70,13 @@ def _fmt(value: float, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _start(encoder_weights: str | None) -> str:
+    """Where the segmenters' encoder starts, in words."""
+    if encoder_weights is None:
+        return "random init"
+    return "ImageNet weights" if encoder_weights == "imagenet" else f"weights {encoder_weights}"
+
+
 def _points(value: float) -> str:
     return "–" if math.isnan(value) else f"{100 * value:+.1f}"
 
@@ -386,7 +393,8 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         f"- data: {config.data_dir}; {len(split.val)} real validation images (model selection only), "
         + ", ".join(f"{len(s)} real training images at {100 * f:.0f} %" for f, s in split.subsets.items())
         + f"; scored on the {len(split.test)} real test images at {config.image_size} px ({config.resize_mode})",
-        f"- segmenter: {protocol.architecture} + {protocol.encoder} (random init), {protocol.steps} steps of batch "
+        f"- segmenter: {protocol.architecture} + {protocol.encoder} ({_start(protocol.encoder_weights)}), "
+        f"{protocol.steps} steps of batch "
         f"{protocol.batch_size}, AdamW lr {protocol.lr:g} cosine, Dice + CE, {'bf16' if study.bf16 else 'fp32'}; "
         f"weights of the best validation check (every {protocol.select_every} steps) kept; seeds "
         f"{', '.join(map(str, protocol.seeds))} (paired: the same seed starts every variant from the same weights)",
