@@ -76,6 +76,17 @@ class TrainSettings:
     ignore_index: int | None = None
     bf16: bool = False
     select_every: int = 0
+    # how synthetic items enter training (train_segmenter's `synthetic` marks them); the defaults pool them with
+    # the real items, as before the keys existed
+    synthetic_ratio: float | None = None  # share of each batch drawn from synthetic items; None = pooled
+    synthetic_weight: float = 1.0  # weight of a synthetic item's loss against a real one's
+    real_finetune_share: float = 0.0  # share of the steps, at the end, on real items only (SegGen's two stages)
+
+    @property
+    def mixes(self) -> bool:
+        """Whether any of the synthetic-data keys is off its default (training then tells the items apart)."""
+        return (self.synthetic_ratio is not None or self.synthetic_weight != 1.0
+                or self.real_finetune_share > 0.0)
 
     @property
     def augmentation(self) -> str:
@@ -213,6 +224,50 @@ def batch_order(num_items: int, batch_size: int, steps: int, seed: int) -> Itera
         pending = pending[batch_size:]
 
 
+def mixed_batch_order(synthetic: np.ndarray, batch_size: int, steps: int, seed: int, ratio: float | None,
+                      real_steps: int) -> Iterator[np.ndarray]:
+    """Indices of each step's batch when synthetic items are told apart (`synthetic`, bool per item): with
+    `ratio`, round(ratio x batch) items of each batch from the synthetic items and the rest from the real ones,
+    each drawn in successive seeded permutations of its own (pooled, as batch_order, without `ratio`); the last
+    `real_steps` steps draw real items only."""
+    real, fake = np.flatnonzero(~synthetic), np.flatnonzero(synthetic)
+    streams = {"real": (real, np.random.default_rng([seed, 11])), "fake": (fake, np.random.default_rng([seed, 12])),
+               "all": (np.arange(len(synthetic)), np.random.default_rng(seed))}
+    pending = {name: np.empty(0, dtype=np.int64) for name in streams}
+
+    def take(name: str, count: int) -> np.ndarray:
+        items, rng = streams[name]
+        while len(pending[name]) < count:
+            pending[name] = np.concatenate([pending[name], items[rng.permutation(len(items))]])
+        chosen, pending[name] = pending[name][:count], pending[name][count:]
+        return chosen
+
+    for step in range(steps):
+        if step >= steps - real_steps:
+            yield take("real", batch_size)
+        elif ratio is None:
+            yield take("all", batch_size)
+        else:
+            count = round(ratio * batch_size) if len(real) else batch_size
+            count = count if len(fake) else 0
+            yield np.concatenate([take("real", batch_size - count), take("fake", count)])
+
+
+def mixing_problem(settings: TrainSettings, synthetic: np.ndarray | None) -> str | None:
+    """Why the synthetic-data keys cannot apply to these items, or None."""
+    if not settings.mixes:
+        return None
+    if settings.synthetic_ratio is not None and not 0.0 <= settings.synthetic_ratio <= 1.0:
+        return f"synthetic_ratio must be in [0, 1], got {settings.synthetic_ratio}"
+    if settings.synthetic_weight < 0.0:
+        return f"synthetic_weight must be >= 0, got {settings.synthetic_weight}"
+    if not 0.0 <= settings.real_finetune_share < 1.0:
+        return f"real_finetune_share must be in [0, 1), got {settings.real_finetune_share}"
+    if synthetic is None or not synthetic.any() or synthetic.all():
+        return "synthetic_ratio, synthetic_weight and real_finetune_share need real and synthetic items"
+    return None
+
+
 def _flip(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random horizontal and vertical flips per image (defect images have no preferred orientation)."""
     images, masks = images.copy(), masks.copy()
@@ -302,8 +357,14 @@ def train_segmenter(
     progress: bool = True,
     validate: Callable[[nn.Module], float] | None = None,
     selection: Selection | None = None,
+    synthetic: np.ndarray | None = None,
 ) -> tuple[nn.Module, float]:
     """Train a fresh segmenter on uint8 (H, W, 3) images and (H, W) class-id masks of one size.
+
+    `synthetic` (bool per item) tells the synthetic items from the real ones for the settings' synthetic-data
+    keys: a fixed synthetic share of each batch (`synthetic_ratio`), a weight of their loss (`synthetic_weight`:
+    the batch loss is the weighted mean of the real rows' and the synthetic rows' losses) and a last share of the
+    steps on real items only (`real_finetune_share`). At their defaults items are pooled and `synthetic` is unused.
 
     With `validate` (a score of the model in eval mode, higher is better, e.g. mIoU on a real validation split)
     and `settings.select_every`, the model is scored every that many steps and at the end, and the weights of
@@ -316,6 +377,9 @@ def train_segmenter(
     if settings.steps < 1 or settings.batch_size < 2:
         raise ValueError(f"need steps >= 1 and batch_size >= 2, got {settings.steps} and {settings.batch_size}")
     augmentation = settings.augmentation
+    problem = mixing_problem(settings, synthetic)
+    if problem is not None:
+        raise ValueError(problem)
     device = torch.device(device)
     model = build_segmenter(spec, settings.seed).to(device)
     loss_fn = segmentation_loss(spec.num_classes, settings.ignore_index)
@@ -343,7 +407,13 @@ def train_segmenter(
     with torch.random.fork_rng(devices=devices), tqdm(total=settings.steps, desc=desc, unit="step",
                                                        dynamic_ncols=True, disable=not progress) as bar:
         torch.manual_seed(settings.seed)  # dropout
-        for step, index in enumerate(batch_order(len(images), settings.batch_size, settings.steps, settings.seed)):
+        if settings.mixes:
+            real_steps = round(settings.real_finetune_share * settings.steps)
+            order = mixed_batch_order(synthetic, settings.batch_size, settings.steps, settings.seed,
+                                      settings.synthetic_ratio, real_steps)
+        else:
+            order = batch_order(len(images), settings.batch_size, settings.steps, settings.seed)
+        for step, index in enumerate(order):
             batch_images, batch_masks = images[index], masks[index]
             if augmentation == "flip":
                 batch_images, batch_masks = _flip(batch_images, batch_masks, augment_rng)
@@ -353,7 +423,8 @@ def train_segmenter(
             y = torch.from_numpy(np.ascontiguousarray(batch_masks)).to(device).long()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                 logits = model(x)
-            loss = loss_fn(logits.float(), y)
+            loss = loss_fn(logits.float(), y) if settings.synthetic_weight == 1.0 else \
+                _weighted_loss(loss_fn, logits.float(), y, synthetic[index], settings.synthetic_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -372,6 +443,20 @@ def train_segmenter(
         model.load_state_dict(best_state)
     model.eval()
     return model, float(np.mean(recent))
+
+
+def _weighted_loss(loss_fn: nn.Module, logits: torch.Tensor, masks: torch.Tensor, synthetic: np.ndarray,
+                   weight: float) -> torch.Tensor:
+    """The batch loss with synthetic rows weighted: (n_real x L(real rows) + weight x n_synthetic x
+    L(synthetic rows)) / (n_real + weight x n_synthetic), each L the loss (Dice + CE) of those rows alone."""
+    rows = torch.from_numpy(np.asarray(synthetic, dtype=bool)).to(logits.device)
+    total, norm = logits.new_zeros(()), 0.0
+    for chosen, scale in ((~rows, 1.0), (rows, weight)):
+        count = int(chosen.sum())
+        if count and scale:
+            total = total + scale * count * loss_fn(logits[chosen], masks[chosen])
+            norm += scale * count
+    return total / norm if norm else logits.sum() * 0.0
 
 
 @torch.no_grad()

@@ -369,7 +369,8 @@ def load_generated(study: Study, name: str, run_dir: str) -> ImageSet:
 def _settings(study: Study, variant: Variant, seed: int) -> TrainSettings:
     p = study.config.segmenter
     return TrainSettings(p.steps, p.batch_size, p.lr, p.weight_decay, variant.augment, seed,
-                         ignored_label(study), study.bf16, p.select_every)
+                         ignored_label(study), study.bf16, p.select_every, variant.synthetic_ratio,
+                         variant.synthetic_weight, variant.real_finetune_share)
 
 
 def _metrics(study: Study, model, images: np.ndarray, masks: np.ndarray):
@@ -437,7 +438,8 @@ def _train(study: Study, fraction: float, variant: Variant, seed: int, real: Ima
 
     model, final_loss = train_segmenter(images, masks, spec, _settings(study, variant, seed), study.device,
                                         desc=f"{fraction_tag(fraction)} {variant.name} seed {seed}",
-                                        progress=study.progress, validate=validate, selection=selection)
+                                        progress=study.progress, validate=validate, selection=selection,
+                                        synthetic=np.arange(len(images)) >= num_real)
     return model, {"fraction": fraction, "variant": variant.name, "seed": seed, "real_images": num_real,
                    "synthetic_images": num_fake, "selected_step": selection.best_step,
                    "val_miou_no_bg": selection.best_score, "final_loss": final_loss}
@@ -598,9 +600,7 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
             if any(name not in runs for name in variant.synthetic):
                 continue  # report-only: its data is not generated yet
             sources = {name: runs[name]["fingerprint"] for name in variant.synthetic}
-            # what decides its segmenters (not `fractions`, which says where the variant runs: a config that runs
-            # it at one more fraction reuses the segmenters already trained at the others; nor `versus`, a report)
-            recipe = {k: v for k, v in dataclasses.asdict(variant).items() if k not in ("fractions", "versus")}
+            recipe = variant.recipe()
             for seed in config.segmenter.seeds:
                 key = fingerprint("segmenter", protocol_key, subset_key, recipe, sources, seed)
                 needs = {n: synthetic[n] for n in variant.synthetic}

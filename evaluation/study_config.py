@@ -182,6 +182,10 @@ class Variant:
     # other variants this one is paired against, seed by seed, besides real-only (e.g. a lever's SDM against the
     # default SDM): the report's "Against other variants" table
     versus: list[str] = setting(factory=list, expect="a list of variant names")
+    # how its synthetic pairs enter training (segmenter.TrainSettings; the defaults pool them with the real ones)
+    synthetic_ratio: float | None = setting(None, expect="a share in [0, 1] or null")
+    synthetic_weight: float = setting(1.0, expect="a number >= 0")
+    real_finetune_share: float = setting(0.0, expect="a share in [0, 1)")
 
     @property
     def is_baseline(self) -> bool:
@@ -193,6 +197,27 @@ class Variant:
                 f"must be one of {', '.join(AUGMENTATIONS)}, got {json.dumps(self.augment)}")
         require(self.max_synthetic >= 0, "max_synthetic",
                 f"must be an integer >= 0 (0 = all), got {self.max_synthetic}")
+        require(self.synthetic_ratio is None or 0.0 <= self.synthetic_ratio <= 1.0, "synthetic_ratio",
+                f"must be a share of each batch in [0, 1] or null (pooled), got {self.synthetic_ratio}")
+        require(self.synthetic_weight >= 0.0, "synthetic_weight",
+                f"must be >= 0 (1 = as a real image), got {self.synthetic_weight}")
+        require(0.0 <= self.real_finetune_share < 1.0, "real_finetune_share",
+                f"must be in [0, 1) (0 = off), got {self.real_finetune_share}")
+        mixes = (self.synthetic_ratio is not None or self.synthetic_weight != 1.0 or self.real_finetune_share > 0)
+        require(not mixes or (self.real and bool(self.synthetic)), "synthetic_ratio",
+                "and synthetic_weight / real_finetune_share tell real from synthetic images: the variant needs both "
+                "(real true and a synthetic generator)")
+
+    def recipe(self) -> dict[str, Any]:
+        """What decides its segmenters: not `fractions` (where it runs: running it at one more fraction reuses the
+        segmenters trained at the others) nor `versus` (a report); the synthetic-data keys only when set, so the
+        variants of studies from before them keep their fingerprints."""
+        values = dataclasses.asdict(self)
+        for key, default in (("fractions", ...), ("versus", ...), ("synthetic_ratio", None),
+                             ("synthetic_weight", 1.0), ("real_finetune_share", 0.0)):
+            if default is ... or values[key] == default:
+                del values[key]
+        return values
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,19 @@ def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
+def mixed_processors(rows: list[dict[str, Any]]) -> list[str]:
+    """The paired cells whose segmenters ran on different processor models, as "25 % seed 3: A (real), B
+    (paste)" lines; bf16 scores differ between CPU models, so such a pair's difference mixes in the machines'.
+    Rows from a ledger older than the record (no "processor") are left out."""
+    groups: dict[tuple[float, int], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if row.get("processor"):
+            groups[(row["fraction"], row["seed"])][row["processor"]].append(row["variant"])
+    return [f"{100 * fraction:g} % seed {seed}: "
+            + "; ".join(f"{name} ({', '.join(variants)})" for name, variants in sorted(by.items()))
+            for (fraction, seed), by in sorted(groups.items()) if len(by) > 1]
+
+
 def _sdm_share(records: list[dict[str, Any]]) -> list[str]:
     """The report's table of what the SDM adds: each SDM variant paired against itself without the SDM."""
     rows = [r for r in records if "without_sdm" in r]
@@ -386,6 +399,12 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
             grid_links.append((name, target.relative_to(root).as_posix()))
     times = _stage_times(study)
     protocol = config.segmenter
+    mixed = mixed_processors(rows)
+    if mixed:
+        study.log(f"warning: {len(mixed)} paired cells have segmenters from different processor models (bf16 scores "
+                  f"differ between them, so their paired differences mix in the machines): {mixed[0]}"
+                  + (f"; and {len(mixed) - 1} more (report.md)" if len(mixed) > 1 else ""))
+    processors = sorted({row["processor"] for row in rows if row.get("processor")})
     lines = [
         f"# Low-data study: {Path(config.data_dir).name}" + (" (quick, toy size)" if config.quick else ""),
         "",
@@ -400,7 +419,15 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         f"{', '.join(map(str, protocol.seeds))} (paired: the same seed starts every variant from the same weights)",
         f"- 'w/o bg' leaves out class {config.background_class}" if config.background_class is not None
         else "- no background class: 'w/o bg' is the mean over every class",
+        f"- processor: {', '.join(processors) if processors else 'not recorded (a ledger from before the record)'}",
         "",
+    ]
+    if mixed:
+        lines += ["**Warning: paired segmenters ran on different processor models.** bf16 scores differ between "
+                  "CPU models, so these cells' paired differences mix in the machines' difference; rerun them on "
+                  "one machine (delete their ledger lines) before trusting them:", ""]
+        lines += [f"- {line}" for line in mixed] + [""]
+    lines += [
         "## mIoU on the real test split",
         "",
         "diff = mean over seeds of (variant − real-only) with the same seed, in mIoU points without background, "
@@ -467,8 +494,10 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
     (root / "report.md").write_text("\n".join(lines), encoding="utf-8")
     write_json(root / "summary.json", {
         "dataset": config.data_dir, "quick": config.quick, "command": command, "image_size": config.image_size,
-        "segmenter": {"architecture": protocol.architecture, "encoder": protocol.encoder, "steps": protocol.steps,
+        "segmenter": {"architecture": protocol.architecture, "encoder": protocol.encoder,
+                      "encoder_weights": protocol.encoder_weights, "steps": protocol.steps,
                       "seeds": protocol.seeds, "bf16": study.bf16},
+        "processors": processors, "mixed_processor_pairs": mixed,
         "background_class": config.background_class, "ignore_index": config.ignore_index,
         "variants": [{**{k: r[k] for k in ("real_fraction", "variant", "generator", "miou_no_bg", "diff", "ci_low",
                                            "ci_high", "miou", "real_images", "synthetic_images", "seeds")},

@@ -469,3 +469,44 @@ def test_defect_roughness_is_the_mean_distance_to_the_3x3_median_over_the_class_
     flat, salted = (image_set_look(images[i:i + 1], masks[i:i + 1], [0, 1], background_class=0) for i in (0, 1))
     assert list(salted.contrast) == [1] and list(salted.roughness) == [0, 1]
     assert salted.rougher_than(flat) == [1] and flat.rougher_than(salted) == []
+
+
+def test_a_synthetic_ratio_fixes_each_batchs_share_and_the_last_steps_are_real_only():
+    from evaluation.segmenter import mixed_batch_order
+
+    synthetic = np.array([False] * 6 + [True] * 10)
+    batches = list(mixed_batch_order(synthetic, batch_size=8, steps=10, seed=0, ratio=0.25, real_steps=3))
+    assert [int(synthetic[b].sum()) for b in batches] == [2] * 7 + [0] * 3
+    real_drawn = np.concatenate([b[~synthetic[b]] for b in batches[:3]])
+    assert sorted(real_drawn[:6]) == list(range(6))  # each stream cycles through all its items before repeating
+    assert all(len(b) == 8 for b in batches)
+    pooled = list(mixed_batch_order(synthetic, 8, 4, 0, ratio=None, real_steps=0))
+    from evaluation.segmenter import batch_order
+    assert all(np.array_equal(a, b) for a, b in zip(pooled, batch_order(16, 8, 4, 0)))  # the pooled order of before
+
+
+def test_a_synthetic_weight_of_zero_trains_on_the_real_rows_loss_alone():
+    from evaluation.segmenter import _weighted_loss, segmentation_loss
+
+    torch.manual_seed(0)
+    logits, masks = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4, 8, 8))
+    synthetic = np.array([False, True, False, True])
+    loss = segmentation_loss(3)
+    assert torch.allclose(_weighted_loss(loss, logits, masks, synthetic, 0.0), loss(logits[[0, 2]], masks[[0, 2]]))
+    halves = (loss(logits[[0, 2]], masks[[0, 2]]) + 3 * loss(logits[[1, 3]], masks[[1, 3]])) / 4
+    assert torch.allclose(_weighted_loss(loss, logits, masks, synthetic, 3.0), halves)
+
+
+def test_the_synthetic_data_keys_train_a_segmenter_and_refuse_items_that_are_all_real():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 32, 32, 3), dtype=np.uint8)
+    masks = rng.integers(0, 3, (12, 32, 32)).astype(np.uint8)
+    synthetic = np.arange(12) >= 8
+    settings = TrainSettings(steps=3, batch_size=4, synthetic_ratio=0.5, synthetic_weight=0.5,
+                             real_finetune_share=0.34)
+    model, loss = train_segmenter(images, masks, SegmenterSpec("fpn", 3), settings, progress=False,
+                                  synthetic=synthetic)
+    assert math.isfinite(loss)
+    with pytest.raises(ValueError, match="need real and synthetic items"):
+        train_segmenter(images, masks, SegmenterSpec("fpn", 3), settings, progress=False,
+                        synthetic=np.zeros(12, bool))

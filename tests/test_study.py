@@ -76,6 +76,28 @@ def test_every_unit_records_the_processor_and_precision_it_ran_with(finished_stu
     assert {entry["kind"] for entry in entries} >= {"sdm-train", "sample", "segmenter"}
 
 
+def test_paired_segmenters_from_different_processor_models_are_named():
+    from evaluation.study_report import mixed_processors
+
+    rows = [{"fraction": 0.25, "seed": 0, "variant": "real", "processor": "AMD EPYC"},
+            {"fraction": 0.25, "seed": 0, "variant": "paste", "processor": "Intel Xeon"},
+            {"fraction": 0.25, "seed": 1, "variant": "real", "processor": "AMD EPYC"},
+            {"fraction": 0.25, "seed": 1, "variant": "paste", "processor": "AMD EPYC"},
+            {"fraction": 1.0, "seed": 0, "variant": "real"},  # a ledger from before the record
+            {"fraction": 1.0, "seed": 0, "variant": "paste", "processor": "Intel Xeon"}]
+    assert mixed_processors(rows) == ["25 % seed 0: AMD EPYC (real); Intel Xeon (paste)"]
+
+
+def test_the_report_names_the_processor_and_finds_no_mixed_pairs_in_a_one_machine_study(finished_study):
+    from guided_diffusion.model_setup import processor_name
+
+    root, _ = finished_study
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["processors"] == [processor_name()] and summary["mixed_processor_pairs"] == []
+    assert f"- processor: {processor_name()}" in (root / "report.md").read_text()
+    assert "Warning" not in (root / "report.md").read_text()
+
+
 def test_study_writes_report_summary_and_every_variant(finished_study):
     root, _ = finished_study
     summary = json.loads((root / "summary.json").read_text())
@@ -258,6 +280,15 @@ def test_paired_interval_is_the_student_t_interval():
     assert math.isnan(paired_interval([0.5])[1])
 
 
+def test_a_variant_without_the_synthetic_data_keys_keeps_the_fingerprint_of_before_them():
+    from evaluation.study_config import Variant
+
+    before = {"name": "paste", "synthetic": ["paste"], "real": True, "augment": "flip", "max_synthetic": 0}
+    assert list(Variant(name="paste", synthetic=["paste"]).recipe().items()) == list(before.items())
+    assert Variant(name="paste", synthetic=["paste"], synthetic_ratio=0.25).recipe() == {**before,
+                                                                                        "synthetic_ratio": 0.25}
+
+
 @pytest.mark.parametrize("change, message", [
     ({"colour": 1}, "key 'colour' is unknown"),
     ({"variants": [{"name": "paste", "synthetic": ["paste"]}]}, "has no real-only baseline at real fraction 0.5"),
@@ -272,6 +303,14 @@ def test_paired_interval_is_the_student_t_interval():
     ({"segmenter": {"encoder_weights": "weights/missing.pt"}},
      "key 'segmenter.encoder_weights' names no file: weights/missing.pt (give \"imagenet\", a weights file path, "
      "or null for random init)"),
+    ({"variants": [{"name": "real"}, {"name": "p", "synthetic": ["paste"], "synthetic_ratio": 1.5}]},
+     "key 'variants.p.synthetic_ratio' must be a share of each batch in [0, 1] or null (pooled), got 1.5"),
+    ({"variants": [{"name": "real"}, {"name": "p", "synthetic": ["paste"], "synthetic_weight": -1}]},
+     "key 'variants.p.synthetic_weight' must be >= 0 (1 = as a real image), got -1"),
+    ({"variants": [{"name": "real"}, {"name": "p", "synthetic": ["paste"], "real_finetune_share": 1.0}]},
+     "key 'variants.p.real_finetune_share' must be in [0, 1) (0 = off), got 1.0"),
+    ({"variants": [{"name": "real"}, {"name": "a", "augment": "strong", "real_finetune_share": 0.3}]},
+     "key 'variants.a.synthetic_ratio' and synthetic_weight / real_finetune_share tell real from synthetic images"),
     ({"real_fractions": [0.5, 1.5]}, "key 'real_fractions' must be a list of fractions in (0, 1]"),
     ({"generators": {"p": {"kind": "copy"}}}, "key 'generators.p.kind' must be one of sdm, paste"),
     ({"generators": {"f": {"kind": "sdm", "labels": "filtered", "source": "sdn"}}},
