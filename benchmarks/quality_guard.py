@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guided_diffusion.config import config_from_dict  # noqa: E402
 from guided_diffusion.data import SegmentationDataset, index_dataset, one_hot, split_train_val  # noqa: E402
-from guided_diffusion.results import to_uint8_image  # noqa: E402
-from guided_diffusion.sample import load_sampling_model, sampling_denoiser, sampling_diffusion  # noqa: E402
+from guided_diffusion.run_folder import to_uint8_image  # noqa: E402
+from guided_diffusion.sampling.sample import load_sampling_model, sampling_denoiser, sampling_diffusion  # noqa: E402
 from guided_diffusion.samplers import SAMPLERS, PerImageNoise, image_seed, run_sampler  # noqa: E402
 
 

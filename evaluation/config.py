@@ -2,7 +2,7 @@
 
 Precedence: defaults < JSON config < command-line options < `--set`. A key that is unknown, of the wrong type or
 out of range raises a one-line `ConfigError` naming the source and the key. The keys are read by the one routine
-of guided_diffusion/checks.py (as the actions' configs are), then checked by `EvaluateConfig.validate()`.
+of guided_diffusion/config_io.py (as the actions' configs are), then checked by `EvaluateConfig.validate()`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guided_diffusion.checks import did_you_mean, expected, read, to_json_dict
+from guided_diffusion.config_io import did_you_mean, expected, read, to_json_dict
 from guided_diffusion.config import ARCHITECTURE_NAMES, canonical_architecture, option  # noqa: F401 (re-exported)
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError

@@ -34,7 +34,7 @@ import torch
 
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.data import one_hot
-from guided_diffusion.masks_train import MaskTrainer
+from guided_diffusion.masks.train import MaskTrainer
 from guided_diffusion.model_setup import bf16_autocast, cpu_bf16_support, select_device
 from guided_diffusion.train import Trainer
 

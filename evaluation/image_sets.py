@@ -23,7 +23,7 @@ import numpy as np
 from guided_diffusion.data import (Pair, canonical_dataset_mode, index_dataset, load_image, load_mask,
                                    read_class_names, resize_pair)
 from guided_diffusion.errors import ConfigError, DatasetError
-from guided_diffusion.results import latest_run_dir
+from guided_diffusion.run_folder import latest_run_dir
 
 _MAX_LISTED = 4
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from guided_diffusion.data import canonical_dataset_mode, index_dataset
 from guided_diffusion.errors import ConfigError
-from guided_diffusion.results import CsvLog, new_run_dir, write_json
+from guided_diffusion.run_folder import CsvLog, new_run_dir, write_json
 from guided_diffusion.model_setup import select_device
 
 from . import report

@@ -47,7 +47,7 @@ import torch
 from guided_diffusion.config import PLACING_MODES, config_from_dict
 from guided_diffusion.data import Pair, index_dataset, split_train_val
 from guided_diffusion.errors import ConfigError, exit_status
-from guided_diffusion.results import write_json
+from guided_diffusion.run_folder import write_json
 
 from .config import check_label_keys
 from .contrast import ImageSetLook, image_set_look
@@ -160,7 +160,7 @@ def make_split(config: StudyConfig, num_classes: int) -> Split:
 def check_backgrounds_exist(config: StudyConfig, split: Split) -> None:
     """Paste, inpaint and harmonize put defects onto defect-free images (all-background masks) of the subset: refuse a
     study whose subset has none, before any work, unless the generator names its own background_dir."""
-    from guided_diffusion.inpaint import defect_free_pairs
+    from guided_diffusion.sampling.inpaint import defect_free_pairs
 
     for fraction, pairs in split.subsets.items():
         free = None
@@ -244,7 +244,7 @@ def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: s
 def train_mask_generator(study: Study, fraction: float, name: str, data_dir: Path, subset_key: str) -> Path | None:
     """Train generator `name`'s mask generator (`main.py masks` keys) on the subset's masks; returns its run
     folder (None: not trained yet in a report-only run)."""
-    from guided_diffusion.masks_train import mask_config, train_mask_generator as train_masks
+    from guided_diffusion.masks.train import mask_config, train_mask_generator as train_masks
 
     values = {**study.config.mask_generator_keys(str(data_dir), study.num_classes), "seed": study.config.seed,
               **(study.config.generators[name].mask_generator or {})}
@@ -306,7 +306,7 @@ def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir
     """Sample one generator's pairs for a fraction (or filter its source's, already in `done`); returns its
     ledger entry (run_dir, images, seconds), or None in a report-only run when it (or what it needs) is not
     done yet."""
-    from guided_diffusion.sample import run_sampling
+    from guided_diffusion.sampling.sample import run_sampling
 
     from .freemask import measure_hardness  # the scorer of hardness_args, handed to the sample action
 

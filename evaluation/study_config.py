@@ -6,7 +6,7 @@ real fractions to draw, the segmenter protocol, the SDM's train / finetune keys 
 `main.py finetune`), the generators (each a `main.py sample` config: an SDM mode, or `paste`), and the variants:
 the training sets compared, each real images (or none) + the images of some generators, with an augmentation.
 
-The config is read by the one routine of guided_diffusion/checks.py (types, unknown keys; `segmenter`, each
+The config is read by the one routine of guided_diffusion/config_io.py (types, unknown keys; `segmenter`, each
 generator and each variant are dataclasses read the same way), then checked by `StudyConfig.validate()`, which
 holds the checks across keys (a variant's generators exist, a filtered generator's source, ...). Every key is
 checked before anything runs; a mistake is one `ConfigError` line naming the key; the keys of `sdm` and of each
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guided_diffusion.checks import did_you_mean, read, refuse_unknown_sub_keys, require, setting, within
+from guided_diffusion.config_io import did_you_mean, read, refuse_unknown_sub_keys, require, setting, within
 from guided_diffusion.config import parse_override
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError

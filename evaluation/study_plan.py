@@ -18,10 +18,10 @@ from typing import Any
 
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.guidance import guided_share
-from guided_diffusion.inpaint import start_step
-from guided_diffusion.mask_selection import TrainedWith
-from guided_diffusion.masks_model import POOL_FACTOR
-from guided_diffusion.sample import sampling_diffusion
+from guided_diffusion.sampling.inpaint import start_step
+from guided_diffusion.sampling.mask_selection import TrainedWith
+from guided_diffusion.masks.model import POOL_FACTOR
+from guided_diffusion.sampling.sample import sampling_diffusion
 
 from .study_config import StudyConfig
 

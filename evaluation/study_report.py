@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from guided_diffusion.results import write_json
+from guided_diffusion.run_folder import write_json
 
 from .contrast import INNER, OUTER, ROUGHER, ImageSetLook
 from .report import markdown_table

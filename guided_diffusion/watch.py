@@ -36,7 +36,7 @@ from .config import SampleConfig, TrainConfig
 from .data import Pair, SegmentationDataset, one_hot
 from .diffusion import GaussianDiffusion, space_timesteps
 from .guidance import conditional_denoiser
-from .results import colorize, grid_array, to_uint8_image
+from .run_folder import colorize, grid_array, to_uint8_image
 from .samplers import PerImageNoise, image_seed, run_sampler
 
 PREVIEW_IMAGES = 4

@@ -26,8 +26,8 @@ from evaluation.segmenter import segmentation_loss
 from guided_diffusion.balance import greedy_selection
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.errors import CheckpointError, ConfigError
-from guided_diffusion.hardness import draw_by_hardness, hardness_weights, write_selection_reports
-from guided_diffusion.sample import TrainedWith, mask_splits, select_masks
+from guided_diffusion.sampling.hardness import draw_by_hardness, hardness_weights, write_selection_reports
+from guided_diffusion.sampling.sample import TrainedWith, mask_splits, select_masks
 
 TINY_ENCODER = "tu-mobilenetv3_small_050"
 SIZE = 32

@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .balance import ChosenMask, load_masks
-from .config import PLACING_MODES, SampleConfig
-from .data import IMAGE_EXTENSIONS, Pair, load_image, load_mask, resize_pair
-from .diffusion import GaussianDiffusion
-from .errors import ConfigError, DatasetError
-from .samplers import NoiseSource, StepHook
+from ..balance import ChosenMask, load_masks
+from ..config import PLACING_MODES, SampleConfig
+from ..data import IMAGE_EXTENSIONS, Pair, load_image, load_mask, resize_pair
+from ..diffusion import GaussianDiffusion
+from ..errors import ConfigError, DatasetError
+from ..samplers import NoiseSource, StepHook
 
 MODES = ("noise", "variation", "inpaint", "harmonize", "paste")
 PAIRINGS = ("random", "round-robin")

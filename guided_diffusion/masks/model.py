@@ -26,7 +26,7 @@ Design choices, and why
 - Process and training: diffusion.py's GaussianDiffusion (hybrid loss, learned variance), with the cosine
   schedule by default (improved DDPM found it better than linear at 32-64 px); train.py's `Trainer` (run folder,
   EMA, best epoch, exact resume, progress bar, signals) with a dataset whose "image" is the encoded mask
-  (masks_train.py). Measured: the default model trains at ~19 masks/s at 32 px on one CPU thread; 64 px costs
+  (train.py). Measured: the default model trains at ~19 masks/s at 32 px on one CPU thread; 64 px costs
   about four times that.
 - Parametrisation and loss (defaults since 2026-12-03): the network predicts v (`prediction`), whose x0 estimate
   stays well conditioned at the top noise levels where masks take shape, and each pixel's error is weighted by
@@ -45,7 +45,7 @@ Design choices, and why
   them).
 - Sample runs (key `mask_source`): `generate_for_sampling` makes the masks of a run, with `balance_args` chosen
   by balance.py among generated candidates of which a share was asked to hold each class, and the quality report
-  of masks_report.py. Inpaint paints a mask's defect pixels only and skips masks of background alone, so in mode
+  of report.py. Inpaint paints a mask's defect pixels only and skips masks of background alone, so in mode
   `inpaint` the presence vectors are drawn among those that hold a class other than 0, and a mask that still
   comes out without one is redrawn (`_redraw_defect_free`): num_samples masks give num_samples images. (Before,
   on magnetic-tile, 28 of 100 generated masks held no defect and gave no image.)
@@ -63,16 +63,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
-from .balance import ChosenMask, balance, count_all, format_table, load_masks, make_report
-from .config import BalanceArgs, MaskTrainConfig, SampleConfig, config_from_dict
-from .data import Pair, one_hot
-from .diffusion import GaussianDiffusion
-from .errors import CheckpointError, ConfigError
-from .guidance import conditional_denoiser
-from .masks_report import mask_report, novelty_summary, remove_small_components
-from .samplers import SAMPLERS, PerImageNoise, run_sampler
-from .unet import SDMUNet
+from .. import checkpoint as ckpt
+from ..balance import ChosenMask, balance, count_all, format_table, load_masks, make_report
+from ..config import BalanceArgs, MaskTrainConfig, SampleConfig, config_from_dict
+from ..data import Pair, one_hot
+from ..diffusion import GaussianDiffusion
+from ..errors import CheckpointError, ConfigError
+from ..guidance import conditional_denoiser
+from ..samplers import SAMPLERS, PerImageNoise, run_sampler
+from ..unet import SDMUNet
+from .report import mask_report, novelty_summary, remove_small_components
 
 ACTION = "masks"
 """`main.py masks` trains a mask generator; its run folders are `masks_NNN/` (never mixed with the SDM's train
@@ -463,7 +463,7 @@ class GeneratedMasks:
 
     sources: list[ChosenMask]  # one per image; stem "genNNNNN" (balance_args augmentation: "augNNNN-<kind>_genNNNNN")
     selection_report: dict[str, Any] | None  # balance.json's content, with balance_args
-    quality_report: dict[str, Any]  # masks_report.json's content (masks_report.py)
+    quality_report: dict[str, Any]  # masks_report.json's content (report.py)
     checkpoint_path: Path
 
 

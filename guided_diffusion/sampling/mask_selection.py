@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .balance import ChosenMask, choose_masks
-from .config import SampleConfig
-from .data import Pair, index_dataset, split_train_val
-from .errors import ConfigError
+from ..balance import ChosenMask, choose_masks
+from ..config import SampleConfig
+from ..data import Pair, index_dataset, split_train_val
+from ..errors import ConfigError
 from .hardness import MeasureHardness, draw_by_hardness, uses_of, weigh_by_hardness
 
 

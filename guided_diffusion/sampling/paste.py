@@ -27,15 +27,15 @@ from typing import Any, Callable
 import numpy as np
 from tqdm import tqdm
 
-from .config import SampleConfig, config_to_dict
-from .data import Pair, load_image, load_mask, read_class_names, resize_pair
-from .distributed import current_world, made_by_main
-from .errors import ConfigError
+from ..config import SampleConfig, config_to_dict
+from ..data import Pair, load_image, load_mask, read_class_names, resize_pair
+from ..distributed import current_world, made_by_main
+from ..errors import ConfigError
+from ..model_setup import resolve_image_channels
+from ..run_folder import SampleWriter, new_run_dir, write_grid, write_json, write_legend
 from .hardness import MeasureHardness, write_selection_reports
 from .inpaint import (background_summary, defect_candidates, load_background, paste_defects, place_defects,
                       placement_listing)
-from .model_setup import resolve_image_channels
-from .results import SampleWriter, new_run_dir, write_grid, write_json, write_legend
 from .mask_selection import TrainedWith, mask_splits, select_masks
 
 CACHED_IMAGES = 128

@@ -37,10 +37,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from .config import ImportConfig, config_to_dict
-from .data import CLASSES_FILE, IMAGE_EXTENSIONS, index_dataset, load_mask
-from .errors import ConfigError, DatasetError
-from .results import write_json
+from ..config import ImportConfig, config_to_dict
+from ..data import CLASSES_FILE, IMAGE_EXTENSIONS, index_dataset, load_mask
+from ..errors import ConfigError, DatasetError
+from ..run_folder import write_json
 
 LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")  # lossless only: a jpg colour mask has stray colours
 MAX_CLASSES = 256  # masks are written as uint8

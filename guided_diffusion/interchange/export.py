@@ -39,10 +39,10 @@ from scipy import ndimage
 from skimage import measure
 from tqdm import tqdm
 
-from .config import ExportConfig, config_to_dict
-from .data import CLASSES_FILE, IMAGE_EXTENSIONS, MASK_EXTENSION, SPLITS, load_image, load_mask, read_class_names
-from .errors import ConfigError, DatasetError
-from .results import new_run_dir, palette, write_json
+from ..config import ExportConfig, config_to_dict
+from ..data import CLASSES_FILE, IMAGE_EXTENSIONS, MASK_EXTENSION, SPLITS, load_image, load_mask, read_class_names
+from ..errors import ConfigError, DatasetError
+from ..run_folder import new_run_dir, palette, write_json
 
 SAMPLE_RUN_FOLDERS = ("samples", "labels")
 CONTACT_CELL = 192  # side of one contact-sheet cell in pixels

@@ -26,7 +26,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .results import write_json
+from ..run_folder import write_json
 
 SIZE_BINS = np.linspace(-5.0, 0.0, 21)
 """Histogram bins of log10(component area / mask area): from 1e-5 of the mask (a pixel of a 316 px mask) to all."""

@@ -1,9 +1,9 @@
 """Training the mask generator (`main.py masks`): the SDM's Trainer on encoded masks, conditioned on presence.
 
 The loop, run folders (`masks_NNN/`), EMA, best epoch, exact resume, progress bar, stop signals and several
-processes are train.py's. What differs (see masks_model.py for why):
+processes are train.py's. What differs (see model.py for why):
 - the items: each train/ mask at the generator's image_size, its "image" the one-hot mask scaled to [-1, 1];
-- the process: it may predict v instead of eps (key `prediction`; see masks_model.py);
+- the process: it may predict v instead of eps (key `prediction`; see model.py);
 - the loss: with `class_weight_power` each pixel's squared error is weighted by its class's rarity;
 - the condition: the network gets the presence vector of the batch's label map (PresenceConditioned), so the
   Trainer's null-label dropout (drop_rate = presence_drop) drops it;
@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .balance import load_masks
-from .config import MaskTrainConfig, config_from_dict
-from .diffusion import GaussianDiffusion
-from .errors import CheckpointError, ConfigError
-from .masks_model import (ACTION, FORMAT, EncodedMaskDataset, PresenceConditioned, PresenceTable,
-                          with_legacy_keys)
-from .train import Trainer, TrainResult, build_diffusion, run_training, train_action
+from ..balance import load_masks
+from ..config import MaskTrainConfig, config_from_dict
+from ..diffusion import GaussianDiffusion
+from ..errors import CheckpointError, ConfigError
+from ..train import Trainer, TrainResult, build_diffusion, run_training, train_action
+from .model import (ACTION, FORMAT, EncodedMaskDataset, PresenceConditioned, PresenceTable,
+                    with_legacy_keys)
 
 
 class MaskTrainer(Trainer):

@@ -5,7 +5,7 @@ with the training run's seed and val_fraction), taken in dataset order and cycle
 `balance_args`, chosen (and augmented) by balance.py so the classes end up balanced, or, with `hardness_args`,
 drawn by hardness (mask_selection.py). The hardness is measured by evaluation's scorer, which this package does
 not import: the caller passes `measure_hardness` (main.py and the study pass evaluation.freemask's). With
-`mask_source` the masks are new ones from a mask generator instead (masks_model.py; with `balance_args` chosen
+`mask_source` the masks are new ones from a mask generator instead (masks/model.py; with `balance_args` chosen
 among generated candidates), and masks_report.md compares them with the real train/ masks. Image i
 starts from noise of its own generator (seeded by `seed` and i), so it is the same whatever `batch_size`.
 `mode` variation / inpaint start from the mask's real image / paint defects onto backgrounds (see inpaint.py);
@@ -26,23 +26,23 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from .balance import ChosenMask
-from .config import MODEL_KEYS, SampleConfig, parse_number_list, config_from_dict, config_to_dict
-from .data import Pair, SegmentationDataset, one_hot, read_class_names
-from .diffusion import GaussianDiffusion, make_betas, space_timesteps
-from .distributed import current_world, gather_to_main, made_by_main
-from .errors import ConfigError
-from .guidance import conditional_denoiser
+from .. import checkpoint as ckpt
+from ..balance import ChosenMask
+from ..config import MODEL_KEYS, SampleConfig, parse_number_list, config_from_dict, config_to_dict
+from ..data import Pair, SegmentationDataset, one_hot, read_class_names
+from ..diffusion import GaussianDiffusion, make_betas, space_timesteps
+from ..distributed import current_world, gather_to_main, made_by_main
+from ..errors import ConfigError
+from ..guidance import conditional_denoiser
+from ..masks.model import generate_for_sampling
+from ..masks.report import write_mask_report
+from ..model_setup import bf16_autocast, build_model, select_device
+from ..run_folder import SampleWriter, new_run_dir, to_uint8_image, write_grid, write_json, write_legend
+from ..samplers import PerImageNoise, image_seed, log_snr_timesteps, run_sampler
 from .hardness import MeasureHardness, write_selection_reports
 from .inpaint import Batch, ModePlan, defect_candidates, plan_modes
 from .mask_selection import TrainedWith, mask_splits, select_masks
-from .masks_model import generate_for_sampling
-from .masks_report import write_mask_report
-from .model_setup import bf16_autocast, build_model, select_device
 from .paste import resolve_paste_config, run_paste
-from .results import SampleWriter, new_run_dir, to_uint8_image, write_grid, write_json, write_legend
-from .samplers import PerImageNoise, image_seed, log_snr_timesteps, run_sampler
 
 
 DEFAULT_SOLVER_STEPS = 20
@@ -140,7 +140,7 @@ class MaskSources(NamedTuple):
 def choose_sources(config: SampleConfig, trained: TrainedWith, device: torch.device | str, log=print,
                    measure_hardness: MeasureHardness | None = None) -> MaskSources:
     """Dataset masks (mask_split, balance_args, hardness_args: mask_selection.py), or with mask_source new masks
-    from a mask generator (masks_model.generate_for_sampling), with the reports of their choice."""
+    from a mask generator (masks.model.generate_for_sampling), with the reports of their choice."""
     splits, real_pairs = mask_splits(config, trained)
     if config.mask_source:
         names = read_class_names(config.data_dir, config.num_classes)

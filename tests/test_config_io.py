@@ -1,4 +1,4 @@
-"""The config routine of guided_diffusion/checks.py: lists and objects of items, each read under its own key."""
+"""The config routine of guided_diffusion/config_io.py: lists and objects of items, each read under its own key."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from guided_diffusion.checks import read, to_json_dict
+from guided_diffusion.config_io import read, to_json_dict
 from guided_diffusion.errors import ConfigError
 
 

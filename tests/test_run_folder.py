@@ -1,4 +1,4 @@
-"""Tests for guided_diffusion/results.py: run folders, JSON, palette, sample layout, grids and CSV logs."""
+"""Tests for guided_diffusion/run_folder.py: run folders, JSON, palette, sample layout, grids and CSV logs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion.results import (
+from guided_diffusion.run_folder import (
     CsvLog,
     SampleWriter,
     colorize,
@@ -321,7 +321,7 @@ def test_csv_log_rejects_unknown_keys(tmp_path: Path) -> None:
 
 
 def test_legend_shows_each_class_colour_once_per_row(tmp_path):
-    from guided_diffusion.results import palette, write_legend
+    from guided_diffusion.run_folder import palette, write_legend
     names = ["background", "blowhole", "break", "crack"]
     write_legend(tmp_path / "legend.png", names, swatch=10)
     image = np.asarray(Image.open(tmp_path / "legend.png").convert("RGB"))

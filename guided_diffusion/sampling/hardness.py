@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from .balance import write_report
-from .config import HardnessArgs, SampleConfig  # HardnessArgs: the hardness_args keys, with the others in config.py
-from .data import Pair
-from .results import write_json
+from ..balance import write_report
+from ..config import HardnessArgs, SampleConfig  # HardnessArgs: the hardness_args keys, with the others in config.py
+from ..data import Pair
+from ..run_folder import write_json
 
 HISTOGRAM_BINS = 20
 
