@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from evaluation.config import EvaluateConfig
+from evaluation.evaluate.config import EvaluateConfig
 from guided_diffusion.config import ACTIONS, LoadedConfig, config_to_dict, load_config
 from guided_diffusion.distributed import current_world, process_group
 from guided_diffusion.errors import exit_status

@@ -109,8 +109,8 @@ def main() -> None:
 
     alignment = {}
     if args.segmenter_steps:
-        from evaluation.alignment import label_alignment_score
-        from evaluation.segmenter import SegmenterSpec, TrainSettings, train_segmenter
+        from evaluation.segmenter.alignment import label_alignment_score
+        from evaluation.segmenter.model import SegmenterSpec, TrainSettings, train_segmenter
         train = SegmentationDataset(train_pairs, config.image_size, config.dataset_mode, config.resize_mode,
                                     image_channels=config.image_channels)
         real_images = np.stack([to_uint8_image(train[i]["image"]) for i in range(len(train))])

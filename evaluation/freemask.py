@@ -57,8 +57,8 @@ from guided_diffusion.model_setup import select_device
 from guided_diffusion.run_folder import write_json
 
 from .image_sets import FILTER_REPORT, FILTERED_LABELS, IGNORE_INDEX, SampleFolder, class_names, load_pairs
-from .metrics import segmentation_metrics
-from .segmenter import SegmenterSpec, TrainSettings, build_segmenter, images_to_tensor, predict, train_segmenter
+from .segmenter.metrics import segmentation_metrics
+from .segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, images_to_tensor, predict, train_segmenter
 
 DROP_BASES = ("foreground", "all")
 """What an image's ignored fraction is taken over: all its pixels, or those labelled with a class other than 0."""

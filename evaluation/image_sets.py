@@ -151,6 +151,17 @@ def infer_num_classes(num_classes: int | None, dataset_mode: str, data_dir: str 
                       f"records it")
 
 
+def check_label_keys(background_class: int | None, ignore_index: int | None, num_classes: int) -> None:
+    """ConfigError when key background_class is no class id, or key ignore_index is one (checked once the number
+    of classes is known)."""
+    if background_class is not None and background_class >= num_classes:
+        raise ConfigError(f"key 'background_class' is {background_class} but the dataset has {num_classes} classes "
+                          f"(ids 0..{num_classes - 1}); use null when no class is background")
+    if ignore_index is not None and ignore_index < num_classes:
+        raise ConfigError(f"key 'ignore_index' {ignore_index} is a class id (0..{num_classes - 1}); use a value no "
+                          "class uses, such as 255")
+
+
 def load_real_dataset(
     data_dir: str | os.PathLike, dataset_mode: str, num_classes: int, image_size: int, resize_mode: str
 ) -> tuple[ImageSet, ImageSet]:

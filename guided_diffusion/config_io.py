@@ -1,9 +1,9 @@
 """The one routine that reads a JSON object into a typed config dataclass, and the helpers of the checks after it.
 
 Every config of the project is a dataclass read by `read`: the actions' configs (config.py) with their nested
-objects (`balance_args`, `hardness_args` and its `scorer`), the evaluation's config (evaluation/config.py),
+objects (`balance_args`, `hardness_args` and its `scorer`), the evaluation's config (evaluation/evaluate/config.py),
 FreeMask's filter settings (evaluation/freemask.py) and the low-data study's config with its segmenter, generators
-and variants (evaluation/study_config.py). Reading a config is two steps, always in this order:
+and variants (evaluation/study/config.py). Reading a config is two steps, always in this order:
 
 1. `read(cls, values, where)`: where the dict is read. Comment keys ('_...', '#...') are skipped, an alias
    (a field's `alias`, e.g. ISDM's `weights_decay`) becomes its key, an unknown key is refused (or handed to the
@@ -33,6 +33,7 @@ import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -266,3 +267,19 @@ def to_json_dict(config: Any) -> dict[str, Any]:
         return value
 
     return plain(dataclasses.asdict(config))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The key: value pairs of a JSON config file (ConfigError for a missing file or invalid JSON)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid JSON (not UTF-8 text)") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a JSON object of key: value pairs")
+    return values

@@ -159,6 +159,13 @@ def write_json(path: Path | str, data: Any) -> None:
     _atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Colours and image conversion
 # --------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ wall time measured elsewhere says little. The estimate times the study's own mod
 - each mask generator's training step and forward pass, the same way;
 - the segmenter's training step at the protocol's batch, and its prediction per image;
 
-and multiplies them by the work of each unit the study runs (study_plan.plan_units, the list the study's progress
+and multiplies them by the work of each unit the study runs (plan.plan_units, the list the study's progress
 lines count too): steps, sampled images x sampler steps x forwards per step (2 where classifier-free guidance
 runs), segmenters x (steps + validation checks + the test split), label alignment, FreeMask's scorer. Nothing
 is written into the study folder. What it leaves out (data loading, checkpoints, plots, patience stopping a run
@@ -38,10 +38,10 @@ from guided_diffusion.masks.train import MaskTrainer
 from guided_diffusion.model_setup import bf16_autocast, cpu_bf16_support, select_device
 from guided_diffusion.train import Trainer
 
-from .image_sets import link_subset
-from .segmenter import SegmenterSpec, TrainSettings, build_segmenter, predict, train_segmenter
-from .study_config import StudyConfig
-from .study_plan import Rate, SplitSizes, plan_units
+from ..image_sets import link_subset
+from ..segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, predict, train_segmenter
+from .config import StudyConfig
+from .plan import Rate, SplitSizes, plan_units
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def rate_seconds(rate: Rate, timings: Timings) -> float:
 
 
 def plan_study(config: StudyConfig, num_classes: int, sizes: SplitSizes, timings: Timings) -> list[Stage]:
-    """The study's work as stages with their seconds on `timings`: the units of study_plan.plan_units (what the
+    """The study's work as stages with their seconds on `timings`: the units of plan.plan_units (what the
     study runs), in the order the study runs them, those doing the same work (a stage) on one row."""
     stages: dict[str, Stage] = {}
     for unit in plan_units(config, num_classes, sizes):

@@ -13,18 +13,16 @@ import math
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from guided_diffusion.run_folder import write_json
+from guided_diffusion.run_folder import markdown_table, write_json
 
-from .contrast import INNER, OUTER, ROUGHER, ImageSetLook
-from .report import markdown_table
+from ..contrast import INNER, OUTER, ROUGHER, ImageSetLook
+from .config import Variant
+from .context import Split, Study
 
-if TYPE_CHECKING:
-    from .study import Split, Study
-    from .study_config import Variant
 
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 24: 2.064, 29: 2.045}

@@ -1,7 +1,7 @@
 """The study's progress lines: one when a unit starts, one when it is done, one for the units the ledger already
 holds, each with the time elapsed and an estimate of the time left, so that a 2-hour run shows where it is.
 
-The time left prices each unit not reached yet by its work (study_plan.plan_units, the list `--estimate` prices)
+The time left prices each unit not reached yet by its work (plan.plan_units, the list `--estimate` prices)
 at a prior rate per kind of work (`PRIOR_SECONDS_PER_MEGAPIXEL`), scaled by what the units already timed took
 against that prior: units of the same kind first, else any kind (the machine's speed against the prior's). No
 model is timed at the start; the estimate's few timed steps cost a minute the study need not spend.
@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .estimate import format_duration
-from .study_plan import PlannedUnit
+from .plan import PlannedUnit
 
 PRIOR_SECONDS_PER_MEGAPIXEL = {
     ("sdm", "train_step"): 30.0, ("sdm", "finetune_step"): 30.0, ("sdm", "forward"): 17.0,
@@ -89,7 +89,7 @@ def clock(seconds: float) -> str:
 
 
 class UnitProgress:
-    """Writes the progress lines of a study whose units are `units` (study_plan.plan_units, in run order), timed
+    """Writes the progress lines of a study whose units are `units` (plan.plan_units, in run order), timed
     from `started` (time.perf_counter of the study's start):
 
         [segmenter] segmenter r025 real seed 1 | unit 5/17, est. 6 min | elapsed 0:42:10, left ~1:35:00
@@ -111,8 +111,8 @@ class UnitProgress:
         self.current: dict[tuple, tuple[int, str, float]] = {}  # (kind, where) -> position, what, estimate
 
     def _position(self, kind: str, where: tuple) -> tuple[int, bool]:
-        """The unit's place in the plan, and whether the plan has it. A unit the plan lacks (a study.py and
-        study_plan.py out of step: a bug) is added at the end, without an estimate, so its line still shows."""
+        """The unit's place in the plan, and whether the plan has it. A unit the plan lacks (a run.py and
+        plan.py out of step: a bug) is added at the end, without an estimate, so its line still shows."""
         for position, unit in enumerate(self.units):
             if not self.reached[position] and unit.kind == kind and unit.where == where:
                 return position, True

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .metrics import SegmentationMetrics, segmentation_metrics
-from .segmenter import predict
+from .model import predict
 
 
 def label_alignment_score(

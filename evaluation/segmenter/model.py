@@ -27,9 +27,9 @@ from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 from tqdm import tqdm
 
+from guided_diffusion.config import canonical_architecture
 from guided_diffusion.errors import CheckpointError, ConfigError
 
-from .config import canonical_architecture
 from .pretrained import IMAGENET, install_hint, packaged_encoder_state
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {

@@ -13,15 +13,15 @@ One command runs every stage into one folder (`output_dir`), and a killed study 
               weights of the check with the best mIoU (without background) on the real validation split are
               kept; then scored once on the real test split. The real-only segmenters also score each
               generator's images against the masks they were made for (label alignment).
-5. report     report.md, summary.json, results.csv and plots (see study_report.py).
+5. report     report.md, summary.json, results.csv and plots (see report.py).
 
 Resume: every finished unit of work is recorded with a fingerprint of everything that decides its result. A
 rerun skips units whose fingerprint is recorded; a changed setting redoes just the units it touches, in new
 folders, and never overwrites earlier output. The test split is read in stage 4 for scoring and nowhere else.
 
-Progress: the units are planned before any runs (study_plan.plan_units, the list `--estimate` prices), and each
+Progress: the units are planned before any runs (plan.plan_units, the list `--estimate` prices), and each
 unit started, finished or found in the ledger prints a line with the time elapsed and an estimate of the time
-left (study_progress.py), with or without --no-progress (which turns off the tqdm bars only).
+left (progress.py), with or without --no-progress (which turns off the tqdm bars only).
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +48,15 @@ from guided_diffusion.data import Pair, index_dataset, split_train_val
 from guided_diffusion.errors import ConfigError, exit_status
 from guided_diffusion.run_folder import write_json
 
-from .config import check_label_keys
-from .contrast import ImageSetLook, image_set_look
-from .image_sets import (IGNORE_INDEX, ImageSet, class_names, index_sample_folder, infer_num_classes, link_subset,
-                         load_pairs, load_sample_folder)
-from .metrics import segmentation_metrics
-from .segmenter import SegmenterSpec, Selection, TrainSettings, build_segmenter, predict, train_segmenter
-from .study_config import StudyConfig, Variant, load_study
-from .study_plan import SplitSizes, fraction_tag, plan_units, settings_key
-from .study_progress import UnitProgress
+from ..contrast import ImageSetLook, image_set_look
+from ..image_sets import (IGNORE_INDEX, ImageSet, check_label_keys, class_names, index_sample_folder, infer_num_classes, link_subset,
+                          load_pairs, load_sample_folder)
+from ..segmenter.metrics import segmentation_metrics
+from ..segmenter.model import SegmenterSpec, Selection, TrainSettings, build_segmenter, predict, train_segmenter
+from .config import StudyConfig, Variant, load_study
+from .context import Ledger, Split, Study
+from .plan import SplitSizes, fraction_tag, plan_units, settings_key
+from .progress import UnitProgress
 
 PROG = "evaluation/experiment.sh"
 
@@ -66,79 +65,6 @@ def fingerprint(*parts: Any) -> str:
     """A short, stable hash of JSON-able values: what decides a unit of work's result."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-class Ledger:
-    """The study's record of finished work (`ledger.jsonl`, one JSON object a line, appended and flushed): a
-    unit's kind, its key and fingerprint, its result and seconds. A rerun reads it to skip finished units."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.entries: dict[tuple[str, str], dict[str, Any]] = {}
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill
-                self.entries[(entry["kind"], entry["fingerprint"])] = entry
-
-    def get(self, kind: str, key: str) -> dict[str, Any] | None:
-        return self.entries.get((kind, key))
-
-    def add(self, kind: str, key: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
-        entry = {"kind": kind, "fingerprint": key, "seconds": round(seconds, 2), **result}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, default=float) + "\n")
-        self.entries[(kind, key)] = entry
-        return entry
-
-
-@dataclass
-class Split:
-    val: list[Pair]
-    subsets: dict[float, list[Pair]]
-    test: list[Pair]
-
-
-@dataclass
-class Study:
-    """What the stages share: the config, its folder, the dataset's classes, the ledger and the device."""
-
-    config: StudyConfig
-    root: Path
-    num_classes: int
-    class_names: list[str]
-    ledger: Ledger
-    device: Any
-    bf16: bool
-    log: Callable[[str], None]
-    unit_progress: UnitProgress  # the progress lines of the units run and skipped
-    processor: str = ""  # the model of the CPU (or GPU) the units run on: recorded with each unit
-    progress: bool = True  # tqdm bars
-    report_only: bool = False  # run nothing: report what the ledger holds
-    used: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # the units this run reads or runs
-
-    def unit(self, kind: str, key: str, what: str, work: Callable[[], dict[str, Any]], where: tuple
-             ) -> dict[str, Any] | None:
-        """Run `work` unless the ledger holds (kind, key); record its result and time. With `report_only`, a
-        unit not in the ledger is not run and gives None. `where` names the unit in the plan
-        (study_plan.plan_units) for the progress lines."""
-        self.used.add((kind, key))
-        done = self.ledger.get(kind, key)
-        if self.report_only:
-            return done
-        if done is not None:
-            self.unit_progress.skip(kind, where, done.get("seconds"))
-            return done
-        self.unit_progress.start(kind, where, what)
-        started = time.perf_counter()
-        # where and how it ran: bf16 scores differ between processor models (the report warns on mixed pairs);
-        # a unit that trains or samples an SDM reports the precision its own config resolved to
-        result = {"processor": self.processor, "precision": "bf16" if self.bf16 else "fp32", **work()}
-        entry = self.ledger.add(kind, key, result, time.perf_counter() - started)
-        self.unit_progress.finish(kind, where, entry["seconds"])
-        return entry
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -268,7 +194,7 @@ def filter_generated(study: Study, fraction: float, name: str, source: dict[str,
                      ) -> dict[str, Any] | None:
     """FreeMask-filter the images of a generator's source run: a scorer trained on the subset's real images
     (cached under scorers/) marks the synthetic pixels it finds implausible as ignored (labels_filtered/)."""
-    from .freemask import FILTER_REPORT, ScorerSettings, filter_folders
+    from ..freemask import FILTER_REPORT, ScorerSettings, filter_folders
 
     config, protocol = study.config, study.config.segmenter
     generator = config.generators[name]
@@ -308,7 +234,7 @@ def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir
     done yet."""
     from guided_diffusion.sampling.sample import run_sampling
 
-    from .freemask import measure_hardness  # the scorer of hardness_args, handed to the sample action
+    from ..freemask import measure_hardness  # the scorer of hardness_args, handed to the sample action
 
     generator = study.config.generators[name]
     if generator.labels == "filtered":
@@ -516,7 +442,7 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
     """Run the study (or, with `report_only`, run nothing and report the units the ledger holds)."""
     from guided_diffusion.model_setup import bf16_autocast, processor_name, select_device
 
-    from .study_report import write_report
+    from .report import write_report
 
     started = time.perf_counter()
     num_classes = resolve_num_classes(config)

@@ -1,11 +1,11 @@
 """The study's units of work in the order the run meets them, each with the work it does: the one list that the
-run counts for its progress lines (study_progress.py) and that `--estimate` prices (estimate.py).
+run counts for its progress lines (progress.py) and that `--estimate` prices (estimate.py).
 
 A unit is what the study's ledger records: an SDM trained or finetuned, a mask generator trained, a generator
 sampled or filtered, a segmenter trained and scored, a label alignment. Its work is a few `Term`s, each a count
 of one `Rate` (an SDM's training step, a forward call of the sampler, a segmenter's step or predicted image):
 the estimate times each rate on this machine, the progress lines calibrate them on the units already run.
-`evaluation/study.py` names each unit it runs by the same (kind, where) as its planned twin here, and the tests
+`evaluation/study/run.py` names each unit it runs by the same (kind, where) as its planned twin here, and the tests
 check that every unit the study runs is planned.
 """
 
@@ -23,7 +23,7 @@ from guided_diffusion.sampling.mask_selection import TrainedWith
 from guided_diffusion.masks.model import POOL_FACTOR
 from guided_diffusion.sampling.sample import sampling_diffusion
 
-from .study_config import StudyConfig
+from .config import StudyConfig
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Part:
 
 @dataclass(frozen=True)
 class PlannedUnit:
-    """A unit of the study: its ledger kind, where it sits (what study.py names it by) and its work."""
+    """A unit of the study: its ledger kind, where it sits (what run.py names it by) and its work."""
 
     kind: str
     where: tuple

@@ -31,12 +31,10 @@ from guided_diffusion.errors import ConfigError
 from guided_diffusion.run_folder import CsvLog, new_run_dir, write_json
 from guided_diffusion.model_setup import select_device
 
-from . import report
-from .alignment import label_alignment_score
-from .config import EvaluateConfig, canonical_architecture, check_label_keys, config_to_dict
-from .fid import SKIPPED_NO_WEIGHTS, image_distance, inception_features, load_inception
-from .image_sets import (
+from ..fid import SKIPPED_NO_WEIGHTS, image_distance, inception_features, load_inception
+from ..image_sets import (
     IGNORE_INDEX,
+    check_label_keys,
     ImageSet,
     SampleFolder,
     class_names,
@@ -46,9 +44,12 @@ from .image_sets import (
     infer_num_classes,
     load_sample_folder,
 )
-from .metrics import SUMMARY_METRICS, metric_columns, segmentation_metrics
+from ..segmenter.alignment import label_alignment_score
+from ..segmenter.metrics import SUMMARY_METRICS, metric_columns, segmentation_metrics
+from ..segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, predict, train_segmenter
+from . import report
+from .config import EvaluateConfig, canonical_architecture, config_to_dict
 from .mixes import Mix, chosen_indices, parse_mixes
-from .segmenter import SegmenterSpec, TrainSettings, build_segmenter, predict, train_segmenter
 
 RUN_COLUMNS = ["mix", "real_images", "synthetic_images", "model", "encoder", "seed"]
 

@@ -12,9 +12,10 @@ import sys
 from typing import Any
 
 from guided_diffusion.config import parse_override
+from guided_diffusion.config_io import read_config_file
 from guided_diffusion.errors import exit_status
 
-from .config import config_from_dict, config_to_dict, read_config_file
+from .config import config_from_dict, config_to_dict
 
 PROG = "evaluation/evaluate.sh"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from guided_diffusion.config_io import did_you_mean, expected, read, to_json_dict
@@ -18,8 +17,9 @@ from guided_diffusion.config import ARCHITECTURE_NAMES, canonical_architecture, 
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError
 
+from ..image_sets import check_label_keys
+from ..segmenter.pretrained import encoder_weights_problem
 from .mixes import parse_mixes
-from .pretrained import encoder_weights_problem
 
 SYNTHETIC_LABELS = ("raw", "filtered")
 """Which labels of the sample folders train the segmenters: labels/ as sampled, or labels_filtered/ (255 =
@@ -138,17 +138,6 @@ class EvaluateConfig:
             raise ConfigError(f"key 'encoder_weights' {problem}")
 
 
-def check_label_keys(background_class: int | None, ignore_index: int | None, num_classes: int) -> None:
-    """ConfigError when key background_class is no class id, or key ignore_index is one (checked once the number
-    of classes is known)."""
-    if background_class is not None and background_class >= num_classes:
-        raise ConfigError(f"key 'background_class' is {background_class} but the dataset has {num_classes} classes "
-                          f"(ids 0..{num_classes - 1}); use null when no class is background")
-    if ignore_index is not None and ignore_index < num_classes:
-        raise ConfigError(f"key 'ignore_index' {ignore_index} is a class id (0..{num_classes - 1}); use a value no "
-                          "class uses, such as 255")
-
-
 _KEYS = [f.name for f in dataclasses.fields(EvaluateConfig)]
 
 
@@ -166,22 +155,6 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> Evaluate
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
     return config
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The key: value pairs of a JSON config file (ConfigError for a missing file or invalid JSON)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not valid JSON (not UTF-8 text)") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the top level must be a JSON object of key: value pairs")
-    return values
 
 
 def config_to_dict(config: EvaluateConfig) -> dict[str, Any]:

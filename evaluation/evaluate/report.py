@@ -18,7 +18,9 @@ matplotlib.use("Agg")  # files only; never a window  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .metrics import METRIC_LABELS  # noqa: E402
+from guided_diffusion.run_folder import markdown_table  # noqa: E402
+
+from ..segmenter.metrics import METRIC_LABELS  # noqa: E402
 
 TABLE_METRICS = ("miou", "miou_no_bg", "image_miou", "image_miou_no_bg", "f1_no_bg", "accuracy")
 """The metrics of the printed table (every metric is in summary.csv)."""
@@ -57,13 +59,6 @@ def summarize(rows: Sequence[dict[str, Any]], group_by: Sequence[str], metrics: 
             out[f"{metric}_mean"], out[f"{metric}_std"] = mean_std([float(m[metric]) for m in members])
         summary.append(out)
     return summary
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub markdown table."""
-    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def results_table(summary: Sequence[dict[str, Any]], metrics: Sequence[str] = TABLE_METRICS) -> str:
