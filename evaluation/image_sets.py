@@ -70,6 +70,13 @@ def concatenate(sets: Sequence[ImageSet], name: str) -> ImageSet:
     return ImageSet(name, stems, np.concatenate([s.images for s in sets]), np.concatenate([s.masks for s in sets]))
 
 
+def training_set(parts: Sequence[tuple[ImageSet, Sequence[int] | None]]) -> tuple[np.ndarray, np.ndarray]:
+    """The images and masks a segmenter trains on: of each (set, indices) part, in order, the pairs at `indices`
+    (all of them with None). evaluate.sh's mixes and the study's variants are put together by it."""
+    taken = [(part.images, part.masks) if indices is None else part.take(indices) for part, indices in parts]
+    return np.concatenate([images for images, _ in taken]), np.concatenate([masks for _, masks in taken])
+
+
 def _compact(mask: np.ndarray) -> np.ndarray:
     """uint8 class ids when they fit (a quarter of the memory of int64 masks kept for a whole run)."""
     return mask.astype(np.uint8) if mask.size == 0 or int(mask.max()) < 256 else mask.astype(np.int32)
@@ -149,6 +156,13 @@ def infer_num_classes(num_classes: int | None, dataset_mode: str, data_dir: str 
             return recorded
     raise ConfigError(f"{name} is required: the dataset has no classes.json and no sample folder's config.json "
                       f"records it")
+
+
+def resolve_num_classes(config, sample_dirs: Sequence[str | os.PathLike] = ()) -> int:
+    """The number of classes of a config with the keys num_classes, dataset_mode and data_dir (evaluate.sh's, the
+    study's): key num_classes, else binary -> 2, else classes.json, else the first of `sample_dirs`' config.json."""
+    return infer_num_classes(config.num_classes, config.dataset_mode, config.data_dir, sample_dirs,
+                             "key 'num_classes'")
 
 
 def check_label_keys(background_class: int | None, ignore_index: int | None, num_classes: int) -> None:

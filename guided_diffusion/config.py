@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from .config_io import did_you_mean, read, require, setting, to_json_dict, within
+from .config_io import did_you_mean, read, read_config_file, require, setting, to_json_dict, within
 from .data import RESIZE_MODES, canonical_dataset_mode
 from .errors import ConfigError
 from .unet import UNetSpec
@@ -819,15 +819,7 @@ class LoadedConfig(NamedTuple):
 
 def load_config(path: str | Path, action: str, overrides: list[str] = ()) -> LoadedConfig:
     """Read a JSON config file for `action`, apply `--set key=value` overrides, and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the top level must be a JSON object of key: value pairs")
+    values = read_config_file(path)
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value

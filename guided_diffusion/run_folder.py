@@ -18,10 +18,10 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -138,25 +138,71 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"object of type {type(value).__name__} is not JSON serialisable")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and move it onto ``path`` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+def temp_path(path: Path, pid: int | None = None) -> Path:
+    """The temporary file beside ``path`` that process ``pid`` (this one by default) writes before moving it onto
+    ``path``: ``.<name>.tmp-<pid>``, so a temporary file left by a killed process can be told by its pid."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened, e.g. on Windows)."""
     try:
-        with os.fdopen(handle, "wb") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+@contextmanager
+def atomic_write(path: Path | str, sync_folder: bool = False) -> Iterator[BinaryIO]:
+    """The one way a file is written whole or not at all: yields a binary handle on ``temp_path(path)``; when the
+    block ends, the file is flushed, fsynced and moved onto ``path`` with ``os.replace`` (readers see the old
+    file or the new one, a kill never leaves half a file under the real name), then with ``sync_folder`` the
+    folder is fsynced too (checkpoints). On an error the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    if sync_folder:
+        _fsync_folder(path.parent)
+
+
+def write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (``atomic_write``)."""
+    with atomic_write(path) as handle:
+        handle.write(data)
 
 
 def write_json(path: Path | str, data: Any) -> None:
     """Write ``data`` as indented JSON (keys in their given order), atomically: readers see the old or new file."""
     text = json.dumps(data, indent=2, sort_keys=False, default=_json_default, ensure_ascii=False) + "\n"
-    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_csv(path: Path | str, rows: Sequence[dict[str, Any]]) -> None:
+    """Write rows as a CSV file, atomically (nothing when there are none): the columns are the rows' keys in the
+    order first met (a row without one leaves its cell empty); floats at full precision, undefined values as nan
+    (as metrics.csv has them)."""
+    if not rows:
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(path, text.getvalue().encode("utf-8"))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -293,6 +339,11 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def write_png(path: Path | str, array: np.ndarray) -> None:
+    """Write a uint8 image array as a PNG file, atomically."""
+    write_bytes(path, _png_bytes(array))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Writers
 # --------------------------------------------------------------------------------------------------------------
@@ -390,7 +441,7 @@ def write_grid(
             real,
             _resize(_as_rgb(sample, "synthetic image"), height, width, nearest=False),
         ))
-    _atomic_write_bytes(Path(path), _png_bytes(grid_array(cells)))
+    write_png(path, grid_array(cells))
 
 
 def write_legend(path: Path | str, class_names: Sequence[str], swatch: int = 14) -> None:
@@ -407,7 +458,7 @@ def write_legend(path: Path | str, class_names: Sequence[str], swatch: int = 14)
         draw.rectangle((4, top, 4 + swatch - 1, top + swatch - 1), fill=tuple(int(c) for c in colours[i]),
                        outline=(128, 128, 128))
         draw.text((swatch + 10, top + 1), row, fill=(0, 0, 0))
-    _atomic_write_bytes(Path(path), _png_bytes(np.asarray(image)))
+    write_png(path, np.asarray(image))
 
 
 class CsvLog:

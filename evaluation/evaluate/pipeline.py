@@ -28,7 +28,7 @@ import numpy as np
 
 from guided_diffusion.data import canonical_dataset_mode, index_dataset
 from guided_diffusion.errors import ConfigError
-from guided_diffusion.run_folder import CsvLog, new_run_dir, write_json
+from guided_diffusion.run_folder import CsvLog, new_run_dir, write_csv, write_json
 from guided_diffusion.model_setup import select_device
 
 from ..fid import SKIPPED_NO_WEIGHTS, image_distance, inception_features, load_inception
@@ -41,7 +41,8 @@ from ..image_sets import (
     concatenate,
     index_sample_folder,
     load_pairs,
-    infer_num_classes,
+    resolve_num_classes,
+    training_set,
     load_sample_folder,
 )
 from ..segmenter.alignment import label_alignment_score
@@ -69,12 +70,6 @@ class Inputs:
     notes: list[str]
 
 
-def resolve_num_classes(config: EvaluateConfig) -> int:
-    """num_classes from the config, else binary -> 2, else classes.json, else the first sample folder's config.json."""
-    return infer_num_classes(config.num_classes, config.dataset_mode, config.data_dir, config.sample_dirs,
-                             "key 'num_classes'")
-
-
 def _unique_names(folders: list[SampleFolder]) -> list[str]:
     """Sample folder names for tables: the folder name, with its parent's when two folders share a name."""
     names = [f.name for f in folders]
@@ -86,7 +81,7 @@ def prepare(config: EvaluateConfig, log: Callable[[str], None] = print) -> Input
     mode = canonical_dataset_mode(config.dataset_mode)
     mixes = parse_mixes(config.mixes)
     notes: list[str] = []
-    num_classes = resolve_num_classes(config)
+    num_classes = resolve_num_classes(config, config.sample_dirs)
     folders = [index_sample_folder(path, num_classes, config.synthetic_labels) for path in config.sample_dirs]
     names = class_names(config.data_dir, num_classes)
 
@@ -129,15 +124,14 @@ def prepare(config: EvaluateConfig, log: Callable[[str], None] = print) -> Input
     return Inputs(num_classes, names, train, test, synthetic, pool, mixes, counts, notes)
 
 
-def _training_set(inputs: Inputs, mix: Mix, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def mix_training_set(inputs: Inputs, mix: Mix, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The images and masks of a mix for a seed (nested subsets; see mixes.py)."""
     num_real, num_synthetic = inputs.counts[mix]
-    images, masks = inputs.train.take(chosen_indices(num_real, len(inputs.train), seed, "real"))
+    parts = [(inputs.train, chosen_indices(num_real, len(inputs.train), seed, "real"))]
     if num_synthetic:
         assert inputs.pool is not None
-        fake_images, fake_masks = inputs.pool.take(chosen_indices(num_synthetic, len(inputs.pool), seed, "synthetic"))
-        images, masks = np.concatenate([images, fake_images]), np.concatenate([masks, fake_masks])
-    return images, masks
+        parts.append((inputs.pool, chosen_indices(num_synthetic, len(inputs.pool), seed, "synthetic")))
+    return training_set(parts)
 
 
 def _ignore_index(config: EvaluateConfig) -> int | None:
@@ -188,7 +182,7 @@ def run_evaluation(config: EvaluateConfig, command: str = "", log: Callable[[str
                 spec = SegmenterSpec(architecture, inputs.num_classes, config.encoder, config.encoder_weights)
                 for seed in config.seeds:
                     number += 1
-                    images, masks = _training_set(inputs, mix, seed)
+                    images, masks = mix_training_set(inputs, mix, seed)
                     settings = TrainSettings(config.steps, config.batch_size, config.lr, config.weight_decay,
                                              config.augment, seed, _ignore_index(config))
                     run_started = time.perf_counter()
@@ -251,7 +245,7 @@ def _image_distances(extractor, inputs: Inputs, device, run_dir: Path) -> tuple[
         rows.append({"sample_folder": synthetic.name, "real_images": distance.num_real,
                      "synthetic_images": distance.num_synthetic, "fid": distance.fid, "kid_mean": distance.kid_mean,
                      "kid_std": distance.kid_std})
-    report.write_csv(run_dir / "fid.csv", rows)
+    write_csv(run_dir / "fid.csv", rows)
     return rows, ("FID/KID with the given Inception weights (torchvision network; compare within this project "
                   "only; FID needs two or more images per set)")
 
@@ -269,7 +263,7 @@ def _write_summaries(run_dir: Path, config: EvaluateConfig, inputs: Inputs, rows
     metrics = list(SUMMARY_METRICS) + per_class + [f"image_iou_{name}" for name in inputs.class_names] \
         + [f"f1_{name}" for name in inputs.class_names]
     summary = report.summarize(rows, ["model", "mix"], metrics, keep=["real_images", "synthetic_images", "encoder"])
-    report.write_csv(run_dir / "summary.csv", summary)
+    write_csv(run_dir / "summary.csv", summary)
     report.plot_miou_vs_synthetic(run_dir / "miou_vs_synthetic.png", summary)
     report.plot_per_class_iou(run_dir / "per_class_iou.png", summary, inputs.class_names)
 

@@ -6,7 +6,6 @@ none and tables show the mean alone.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -76,17 +75,6 @@ def per_class_table(summary: Sequence[dict[str, Any]], class_names: Sequence[str
             + [format_mean_std(row[f"{prefix}_{c}_mean"], row[f"{prefix}_{c}_std"]) for c in class_names]
             for row in summary]
     return markdown_table(header, rows)
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write rows (all with the same keys) as a new CSV file; floats at full precision, undefined values as nan
-    (as metrics.csv has them)."""
-    if not rows:
-        return
-    with open(path, "x", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,17 @@ def _nanmean(values: Iterable[float]) -> float:
     return float(sum(finite) / len(finite)) if finite else math.nan
 
 
+def _class_mean(field: str, without_background: bool = False) -> property:
+    """A property: the mean over the classes of a per-class field (NaN where none is defined), without the
+    background class when asked."""
+
+    def mean(metrics: SegmentationMetrics) -> float:
+        values = getattr(metrics, field)
+        return _nanmean(metrics._without_background(values) if without_background else values)
+
+    return property(mean)
+
+
 @dataclass(frozen=True)
 class SegmentationMetrics:
     """The metric set of one test. Per-class lists have one entry per class id (NaN where undefined)."""
@@ -64,29 +75,12 @@ class SegmentationMetrics:
     def _without_background(self, values: tuple[float, ...]) -> list[float]:
         return [v for i, v in enumerate(values) if i != self.background_class]
 
-    @property
-    def miou(self) -> float:
-        return _nanmean(self.class_iou)
-
-    @property
-    def miou_no_bg(self) -> float:
-        return _nanmean(self._without_background(self.class_iou))
-
-    @property
-    def image_miou(self) -> float:
-        return _nanmean(self.class_image_iou)
-
-    @property
-    def image_miou_no_bg(self) -> float:
-        return _nanmean(self._without_background(self.class_image_iou))
-
-    @property
-    def f1(self) -> float:
-        return _nanmean(self.class_f1)
-
-    @property
-    def f1_no_bg(self) -> float:
-        return _nanmean(self._without_background(self.class_f1))
+    miou = _class_mean("class_iou")
+    miou_no_bg = _class_mean("class_iou", without_background=True)
+    image_miou = _class_mean("class_image_iou")
+    image_miou_no_bg = _class_mean("class_image_iou", without_background=True)
+    f1 = _class_mean("class_f1")
+    f1_no_bg = _class_mean("class_f1", without_background=True)
 
     def scalars(self) -> dict[str, float]:
         """The scalar metrics keyed by the names in SUMMARY_METRICS."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from guided_diffusion.run_folder import markdown_table, write_json
+from guided_diffusion.run_folder import markdown_table, write_csv, write_json
 
 from ..contrast import INNER, OUTER, ROUGHER, ImageSetLook
 from .config import Variant
@@ -282,15 +282,6 @@ def _finite_mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    flat = [{k: v for k, v in row.items() if k != "alignment"} for row in rows]
-    columns = list(dict.fromkeys(k for row in flat for k in row))
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, columns)
-        writer.writeheader()
-        writer.writerows(flat)
-
-
 def _plot_differences(path: Path, records: list[dict[str, Any]]) -> None:
     import matplotlib
 
@@ -383,7 +374,7 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
     records = summarize(study, rows)
     alignment = [{**a, "rougher_than_real": _rougher(study, looks, a["real_fraction"], a["generator"])}
                  for a in _alignment(study, rows)]
-    _write_csv(root / "results.csv", rows)
+    write_csv(root / "results.csv", [{k: v for k, v in row.items() if k != "alignment"} for row in rows])
     _plot_differences(root / "paired_differences.png", records)
     has_curve = _plot_generator_curves(root / "generator_loss.png", study)
     grids = root / "grids"

@@ -46,11 +46,11 @@ import torch
 from guided_diffusion.config import PLACING_MODES, config_from_dict
 from guided_diffusion.data import Pair, index_dataset, split_train_val
 from guided_diffusion.errors import ConfigError, exit_status
-from guided_diffusion.run_folder import write_json
+from guided_diffusion.run_folder import atomic_write, write_json
 
 from ..contrast import ImageSetLook, image_set_look
-from ..image_sets import (IGNORE_INDEX, ImageSet, check_label_keys, class_names, index_sample_folder, infer_num_classes, link_subset,
-                          load_pairs, load_sample_folder)
+from ..image_sets import (IGNORE_INDEX, ImageSet, check_label_keys, class_names, concatenate, index_sample_folder,
+                          link_subset, load_pairs, load_sample_folder, resolve_num_classes, training_set)
 from ..segmenter.metrics import segmentation_metrics
 from ..segmenter.model import SegmenterSpec, Selection, TrainSettings, build_segmenter, predict, train_segmenter
 from .config import StudyConfig, Variant, load_study
@@ -305,25 +305,21 @@ def _metrics(study: Study, model, images: np.ndarray, masks: np.ndarray):
                                 study.config.background_class)
 
 
-def _training_set(variant: Variant, real: ImageSet, synthetic: dict[str, ImageSet], seed: int
-                  ) -> tuple[np.ndarray, np.ndarray, int, int]:
-    parts_images, parts_masks = [], []
-    if variant.real:
-        parts_images.append(real.images)
-        parts_masks.append(real.masks)
-    fake_images = [synthetic[name].images for name in variant.synthetic]
-    fake_masks = [synthetic[name].masks for name in variant.synthetic]
+def variant_training_set(variant: Variant, real: ImageSet, synthetic: dict[str, ImageSet], seed: int
+                         ) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """A variant's images and masks (uint8), with its numbers of real and synthetic pairs: the real pairs when it
+    has them, then its generators' images, at most max_synthetic of them (a draw seeded by the seed)."""
+    parts: list[tuple[ImageSet, np.ndarray | None]] = [(real, None)] if variant.real else []
     num_fake = 0
-    if fake_images:
-        images, masks = np.concatenate(fake_images), np.concatenate(fake_masks)
-        if variant.max_synthetic and len(images) > variant.max_synthetic:
-            keep = np.sort(np.random.default_rng([seed, 77]).permutation(len(images))[:variant.max_synthetic])
-            images, masks = images[keep], masks[keep]
-        parts_images.append(images)
-        parts_masks.append(masks)
-        num_fake = len(images)
-    return (np.concatenate(parts_images), np.concatenate([m.astype(np.uint8) for m in parts_masks]),
-            len(real) if variant.real else 0, num_fake)
+    if variant.synthetic:
+        pool = concatenate([synthetic[name] for name in variant.synthetic], "synthetic")
+        keep = None
+        if variant.max_synthetic and len(pool) > variant.max_synthetic:
+            keep = np.sort(np.random.default_rng([seed, 77]).permutation(len(pool))[:variant.max_synthetic])
+        parts.append((pool, keep))
+        num_fake = len(pool) if keep is None else len(keep)
+    images, masks = training_set(parts)
+    return images, masks.astype(np.uint8), len(real) if variant.real else 0, num_fake
 
 
 def weights_path(study: Study, key: str) -> Path:
@@ -333,9 +329,8 @@ def weights_path(study: Study, key: str) -> Path:
 
 def save_weights(model, path: Path) -> None:
     """A segmenter's weights, written whole or not at all (a kill leaves no half file)."""
-    path.parent.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    with atomic_write(path) as handle:
+        torch.save(model.state_dict(), handle)
 
 
 def train_and_score(study: Study, fraction: float, variant: Variant, seed: int, real: ImageSet,
@@ -353,7 +348,7 @@ def train_and_score(study: Study, fraction: float, variant: Variant, seed: int, 
 
 def _train(study: Study, fraction: float, variant: Variant, seed: int, real: ImageSet,
            synthetic: dict[str, ImageSet], val: ImageSet) -> tuple[Any, dict[str, Any]]:
-    images, masks, num_real, num_fake = _training_set(variant, real, synthetic, seed)
+    images, masks, num_real, num_fake = variant_training_set(variant, real, synthetic, seed)
     protocol = study.config.segmenter
     spec = SegmenterSpec(protocol.architecture, study.num_classes, protocol.encoder, protocol.encoder_weights)
     selection = Selection()
@@ -391,10 +386,6 @@ def align(study: Study, fraction: float, variant: Variant, seed: int, real: Imag
 
 # -------------------------------------------------------------------------------------------------------------
 # the whole study
-
-
-def resolve_num_classes(config: StudyConfig) -> int:
-    return infer_num_classes(config.num_classes, config.dataset_mode, config.data_dir, [], "key 'num_classes'")
 
 
 def check_study(config: StudyConfig, num_classes: int) -> None:
