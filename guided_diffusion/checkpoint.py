@@ -128,6 +128,23 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu", trusted: bool =
     return payload
 
 
+def read_weights_file(path: Path, error: type[Exception], missing: str, unreadable: str,
+                      wrappers: tuple[str, ...] = ("state_dict",)) -> Any:
+    """What a weights file holds, loaded on the CPU with ``weights_only``; a dict under one of ``wrappers`` is
+    unwrapped, in their order. ``error(missing)`` when there is no such file, ``error(unreadable + " (<why>)")``
+    when torch cannot read it (a corrupt or foreign file is a user mistake)."""
+    if not path.is_file():
+        raise error(missing)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as problem:
+        raise error(f"{unreadable} ({type(problem).__name__})") from None
+    for key in wrappers:
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+    return payload
+
+
 # --------------------------------------------------------------------------------------------------------------
 # State dicts
 # --------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 from tqdm import tqdm
 
+from guided_diffusion.checkpoint import read_weights_file
 from guided_diffusion.config import canonical_architecture
 from guided_diffusion.errors import CheckpointError, ConfigError
 
@@ -100,15 +101,8 @@ class TrainSettings:
 def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a weights file: a plain state dict, or a dict holding one under 'state_dict' or 'model'."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"encoder_weights {path}: file not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt or foreign file is a user mistake
-        raise CheckpointError(f"encoder_weights {path}: cannot be read as PyTorch weights ({type(error).__name__})")
-    for key in ("state_dict", "model"):
-        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
-            payload = payload[key]
+    payload = read_weights_file(path, CheckpointError, f"encoder_weights {path}: file not found",
+                                f"encoder_weights {path}: cannot be read as PyTorch weights", ("state_dict", "model"))
     if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
         raise CheckpointError(f"encoder_weights {path}: not a state dict of tensors")
     return payload
