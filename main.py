@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from evaluation.config import EvaluateConfig
+from evaluation.evaluate.config import EvaluateConfig
 from guided_diffusion.config import ACTIONS, LoadedConfig, config_to_dict, load_config
 from guided_diffusion.distributed import current_world, process_group
 from guided_diffusion.errors import exit_status
@@ -69,24 +69,24 @@ def train(loaded: LoadedConfig, action: str, source: str) -> int | None:
 
 
 def masks(loaded: LoadedConfig, action: str, source: str) -> int | None:
-    from guided_diffusion.masks_train import masks_action
+    from guided_diffusion.masks.train import masks_action
     return masks_action(loaded.config)
 
 
 def sample(loaded: LoadedConfig, action: str, source: str) -> int | None:
-    from guided_diffusion.sample import run_sampling
+    from guided_diffusion.sampling.sample import run_sampling
     run_sampling(loaded.config, loaded.given, source, measure_hardness=hardness_measure(loaded.config))
     return None
 
 
 def export(loaded: LoadedConfig, action: str, source: str) -> int | None:
-    from guided_diffusion.export import run_export
+    from guided_diffusion.interchange.export import run_export
     run_export(loaded.config)
     return None
 
 
 def import_labels(loaded: LoadedConfig, action: str, source: str) -> int | None:
-    from guided_diffusion.convert import run_import
+    from guided_diffusion.interchange.importing import run_import
     run_import(loaded.config)
     return None
 
@@ -96,7 +96,7 @@ def dry_run(loaded: LoadedConfig, action: str, source: str) -> int | None:
     config = loaded.config
     print(json.dumps(config_to_dict(config), indent=2))
     if action == "sample" and (config.balance_args is not None or config.hardness_args is not None):
-        from guided_diffusion.sample import preview_mask_selection
+        from guided_diffusion.sampling.sample import preview_mask_selection
         preview_mask_selection(config, loaded.given, source, measure_hardness=hardness_measure(config))
     return None
 
@@ -106,7 +106,7 @@ STAGES = {"train": train, "finetune": train, "masks": masks, "sample": sample, "
 
 
 def hardness_measure(config):
-    """evaluation's scorer for a sample config with hardness_args (guided_diffusion/hardness.py), else None."""
+    """evaluation's scorer for a sample config with hardness_args (guided_diffusion/sampling/hardness.py), else None."""
     if config.hardness_args is None:
         return None
     from evaluation.freemask import measure_hardness

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from guided_diffusion.data import IMAGE_EXTENSIONS  # noqa: E402
-from guided_diffusion.results import latest_run_dir  # noqa: E402
+from guided_diffusion.run_folder import latest_run_dir  # noqa: E402
 
 
 def mean_colours(folder: Path, size: int) -> np.ndarray:

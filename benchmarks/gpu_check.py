@@ -282,7 +282,7 @@ FAST_RECIPE_INTERVAL = (0.08, 0.58)
 
 
 def sample_rows(runner: Runner) -> list[Row]:
-    from guided_diffusion.sample import DEFAULT_SOLVER_STEPS
+    from guided_diffusion.sampling.sample import DEFAULT_SOLVER_STEPS
     plan, rows = runner.plan, []
     low, high = FAST_RECIPE_INTERVAL
     runs = [("ancestral", 300, "ISDM's sampler and count (same cost per step as its rescaled 300-step schedule)",

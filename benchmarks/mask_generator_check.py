@@ -42,12 +42,12 @@ from guided_diffusion.balance import load_masks  # noqa: E402
 from guided_diffusion.config import MaskTrainConfig, config_from_dict  # noqa: E402
 from guided_diffusion.data import index_dataset, read_class_names, split_train_val  # noqa: E402
 from evaluation.image_sets import infer_num_classes, link_subset  # noqa: E402
-from guided_diffusion.masks_model import (load_mask_generator, presence_misses, presence_vectors,  # noqa: E402
+from guided_diffusion.masks.model import (load_mask_generator, presence_misses, presence_vectors,  # noqa: E402
                                           sample_masks, with_legacy_keys)
-from guided_diffusion.masks_report import mask_report, remove_small_components  # noqa: E402
+from guided_diffusion.masks.report import mask_report, remove_small_components  # noqa: E402
 from guided_diffusion.errors import ConfigError  # noqa: E402
-from guided_diffusion.masks_train import mask_config, train_mask_generator  # noqa: E402
-from guided_diffusion.results import palette  # noqa: E402
+from guided_diffusion.masks.train import mask_config, train_mask_generator  # noqa: E402
+from guided_diffusion.run_folder import palette  # noqa: E402
 
 CONFIG = REPO / "configs" / "config_masks.json"
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                          "mask_min_area": args.min_area * round((args.image_size / args.size) ** 2),
                          "root_log_dir": str(out / "painted"), "seed": args.seed}
         config, _ = config_from_dict("sample", sample_values, "mask_generator_check --sdm")
-        from guided_diffusion.sample import run_sampling
+        from guided_diffusion.sampling.sample import run_sampling
         summary = run_sampling(config, set(sample_values), "mask_generator_check --sdm", lambda *_: None)
         shutil.copyfile(Path(summary["run_dir"]) / "grid.png", out / "generated_masks_painted.png")
     print(f"\nfiles: {out}")

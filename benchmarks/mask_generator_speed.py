@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from guided_diffusion.masks_train import mask_config  # noqa: E402
+from guided_diffusion.masks.train import mask_config  # noqa: E402
 from guided_diffusion.model_setup import build_model  # noqa: E402
 
 CONFIG = REPO / "configs" / "config_masks.json"

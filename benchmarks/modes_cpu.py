@@ -28,8 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from guided_diffusion.config import config_from_dict  # noqa: E402
-from guided_diffusion.results import colorize  # noqa: E402
-from guided_diffusion.sample import run_sampling  # noqa: E402
+from guided_diffusion.run_folder import colorize  # noqa: E402
+from guided_diffusion.sampling.sample import run_sampling  # noqa: E402
 from guided_diffusion.samplers import SAMPLERS  # noqa: E402
 from guided_diffusion.train import Trainer  # noqa: E402
 

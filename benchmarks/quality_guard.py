@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guided_diffusion.config import config_from_dict  # noqa: E402
 from guided_diffusion.data import SegmentationDataset, index_dataset, one_hot, split_train_val  # noqa: E402
-from guided_diffusion.results import to_uint8_image  # noqa: E402
-from guided_diffusion.sample import load_sampling_model, sampling_denoiser, sampling_diffusion  # noqa: E402
+from guided_diffusion.run_folder import to_uint8_image  # noqa: E402
+from guided_diffusion.sampling.sample import load_sampling_model, sampling_denoiser, sampling_diffusion  # noqa: E402
 from guided_diffusion.samplers import SAMPLERS, PerImageNoise, image_seed, run_sampler  # noqa: E402
 
 
@@ -109,8 +109,8 @@ def main() -> None:
 
     alignment = {}
     if args.segmenter_steps:
-        from evaluation.alignment import label_alignment_score
-        from evaluation.segmenter import SegmenterSpec, TrainSettings, train_segmenter
+        from evaluation.segmenter.alignment import label_alignment_score
+        from evaluation.segmenter.model import SegmenterSpec, TrainSettings, train_segmenter
         train = SegmentationDataset(train_pairs, config.image_size, config.dataset_mode, config.resize_mode,
                                     image_channels=config.image_channels)
         real_images = np.stack([to_uint8_image(train[i]["image"]) for i in range(len(train))])

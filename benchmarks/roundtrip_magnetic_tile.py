@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from guided_diffusion.config import ExportConfig, ImportConfig  # noqa: E402
-from guided_diffusion.convert import run_import  # noqa: E402
+from guided_diffusion.interchange.importing import run_import  # noqa: E402
 from guided_diffusion.data import load_mask  # noqa: E402
-from guided_diffusion.export import run_export  # noqa: E402
+from guided_diffusion.interchange.export import run_export  # noqa: E402
 
 
 def objects(mask: np.ndarray, min_area: int) -> list[tuple[int, np.ndarray]]:

@@ -28,6 +28,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 from torchvision.models.inception import Inception3
 
+from guided_diffusion.checkpoint import read_weights_file
 from guided_diffusion.errors import ConfigError
 
 SKIPPED_NO_WEIGHTS = "FID skipped (no local Inception weights given)"
@@ -61,15 +62,8 @@ class InceptionFeatures(nn.Module):
 def load_inception(path: str | os.PathLike) -> InceptionFeatures:
     """The feature extractor from a local Inception-v3 state dict; ConfigError naming the file when it is not one."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"key 'inception_weights': file {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a corrupt or foreign file is a user mistake
-        raise ConfigError(f"key 'inception_weights': {path} cannot be read as PyTorch weights "
-                          f"({type(error).__name__})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    state = read_weights_file(path, ConfigError, f"key 'inception_weights': file {path} not found",
+                              f"key 'inception_weights': {path} cannot be read as PyTorch weights")
     if not isinstance(state, dict):
         raise ConfigError(f"key 'inception_weights': {path} is not a state dict")
     network = Inception3(aux_logits=False, init_weights=False, transform_input=False)

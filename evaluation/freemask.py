@@ -22,7 +22,7 @@ synthetic pixel is, and ignores the pixels it finds far more surprising than is 
 The same scorer measures how hard a real mask is (`mask_hardness`): the scorer's loss on the real image, averaged
 per class present and then over those classes, so a mask with one small hard defect is not drowned by its
 background. `main.py sample` with `hardness_args` draws masks in proportion to hardness^exponent
-(guided_diffusion/hardness.py), measured by `measure_hardness` here, which main.py hands to the sample action.
+(guided_diffusion/sampling/hardness.py), measured by `measure_hardness` here, which main.py hands to the sample action.
 The masks are the scorer's own training images; the loss on them is lower than on unseen images but still ranks
 them: rare classes, small or faint defects stay harder to fit.
 """
@@ -48,17 +48,17 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from guided_diffusion.checks import read, require
+from guided_diffusion.config_io import read, require
 from guided_diffusion.config import HardnessArgs, SampleConfig, ScorerSettings  # the keys, in the config layer
 from guided_diffusion.data import Pair, index_dataset, load_image, load_mask, resize_pair
 from guided_diffusion.distributed import current_world, made_by_main
 from guided_diffusion.errors import CheckpointError, ConfigError, DatasetError, UserError
 from guided_diffusion.model_setup import select_device
-from guided_diffusion.results import write_json
+from guided_diffusion.run_folder import write_json
 
 from .image_sets import FILTER_REPORT, FILTERED_LABELS, IGNORE_INDEX, SampleFolder, class_names, load_pairs
-from .metrics import segmentation_metrics
-from .segmenter import SegmenterSpec, TrainSettings, build_segmenter, images_to_tensor, predict, train_segmenter
+from .segmenter.metrics import segmentation_metrics
+from .segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, images_to_tensor, predict, train_segmenter
 
 DROP_BASES = ("foreground", "all")
 """What an image's ignored fraction is taken over: all its pixels, or those labelled with a class other than 0."""
@@ -362,7 +362,7 @@ def real_mask_hardness(scorer: Scorer, pairs: Sequence[Pair], dataset_mode: str,
 def measure_hardness(config: SampleConfig, pairs: Sequence[Pair], log: Callable[[str], None] = print
                      ) -> tuple[np.ndarray, dict[str, Any]]:
     """The hardness of a sample run's candidate pairs (`hardness_args` of `config`) and what its report records of
-    the scorer: guided_diffusion/hardness.py's MeasureHardness, which main.py and the study hand to the sample
+    the scorer: guided_diffusion/sampling/hardness.py's MeasureHardness, which main.py and the study hand to the sample
     action (guided_diffusion does not import this package). The scorer of config.data_dir comes from the cache;
     with hardness_args.allow_training a missing one is trained (rank 0 alone under a launcher, then every rank
     loads it), else a CheckpointError says how to train it."""

@@ -23,7 +23,7 @@ import numpy as np
 from guided_diffusion.data import (Pair, canonical_dataset_mode, index_dataset, load_image, load_mask,
                                    read_class_names, resize_pair)
 from guided_diffusion.errors import ConfigError, DatasetError
-from guided_diffusion.results import latest_run_dir
+from guided_diffusion.run_folder import latest_run_dir
 
 _MAX_LISTED = 4
 
@@ -68,6 +68,13 @@ def concatenate(sets: Sequence[ImageSet], name: str) -> ImageSet:
         raise ValueError("no image sets to concatenate")
     stems = tuple(f"{s.name}/{stem}" for s in sets for stem in s.stems)
     return ImageSet(name, stems, np.concatenate([s.images for s in sets]), np.concatenate([s.masks for s in sets]))
+
+
+def training_set(parts: Sequence[tuple[ImageSet, Sequence[int] | None]]) -> tuple[np.ndarray, np.ndarray]:
+    """The images and masks a segmenter trains on: of each (set, indices) part, in order, the pairs at `indices`
+    (all of them with None). evaluate.sh's mixes and the study's variants are put together by it."""
+    taken = [(part.images, part.masks) if indices is None else part.take(indices) for part, indices in parts]
+    return np.concatenate([images for images, _ in taken]), np.concatenate([masks for _, masks in taken])
 
 
 def _compact(mask: np.ndarray) -> np.ndarray:
@@ -149,6 +156,24 @@ def infer_num_classes(num_classes: int | None, dataset_mode: str, data_dir: str 
             return recorded
     raise ConfigError(f"{name} is required: the dataset has no classes.json and no sample folder's config.json "
                       f"records it")
+
+
+def resolve_num_classes(config, sample_dirs: Sequence[str | os.PathLike] = ()) -> int:
+    """The number of classes of a config with the keys num_classes, dataset_mode and data_dir (evaluate.sh's, the
+    study's): key num_classes, else binary -> 2, else classes.json, else the first of `sample_dirs`' config.json."""
+    return infer_num_classes(config.num_classes, config.dataset_mode, config.data_dir, sample_dirs,
+                             "key 'num_classes'")
+
+
+def check_label_keys(background_class: int | None, ignore_index: int | None, num_classes: int) -> None:
+    """ConfigError when key background_class is no class id, or key ignore_index is one (checked once the number
+    of classes is known)."""
+    if background_class is not None and background_class >= num_classes:
+        raise ConfigError(f"key 'background_class' is {background_class} but the dataset has {num_classes} classes "
+                          f"(ids 0..{num_classes - 1}); use null when no class is background")
+    if ignore_index is not None and ignore_index < num_classes:
+        raise ConfigError(f"key 'ignore_index' {ignore_index} is a class id (0..{num_classes - 1}); use a value no "
+                          "class uses, such as 255")
 
 
 def load_real_dataset(

@@ -38,10 +38,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .checks import within
 from .config import BalanceArgs, SampleConfig  # BalanceArgs: the balance_args keys, with the others in config.py
+from .config_io import within
 from .data import Pair, load_mask, read_class_names, resize_pair
-from .results import write_json
+from .run_folder import write_json
 
 REUSE_PENALTIES = (1.0, 0.5, 0.25)
 """A mask used u times counts (1 + penalty x u) times less: it must be that much better to be reused. The first

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .run_folder import atomic_write
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Key prefixes added by DistributedDataParallel / DataParallel and by torch.compile."""
@@ -36,11 +37,6 @@ _MAX_REASON_CHARS = 200
 # --------------------------------------------------------------------------------------------------------------
 # Saving and loading
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _temp_name(path: Path, pid: int) -> Path:
-    """The temporary file a save by process ``pid`` writes before moving it onto ``path``."""
-    return path.with_name(f".{path.name}.tmp-{pid}")
 
 
 def _process_alive(pid: int) -> bool:
@@ -66,20 +62,6 @@ def _remove_stale_temps(path: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (a no-op where folders cannot be opened, e.g. on Windows)."""
-    try:
-        handle = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
-
-
 def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
     """Save ``payload`` to ``path`` atomically: temp file beside it, flush + fsync, then ``os.replace``.
 
@@ -88,17 +70,8 @@ def save_checkpoint(path: Path | str, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
-    tmp = _temp_name(path, os.getpid())
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
+    with atomic_write(path, sync_folder=True) as handle:
+        torch.save(payload, handle)
 
 
 def _reason(error: BaseException) -> str:
@@ -152,6 +125,23 @@ def load_checkpoint(path: Path | str, map_location: Any = "cpu", trusted: bool =
         raise CheckpointError(
             f"checkpoint {path}: is not a readable checkpoint (it holds a {type(payload).__name__}, not a dict)"
         )
+    return payload
+
+
+def read_weights_file(path: Path, error: type[Exception], missing: str, unreadable: str,
+                      wrappers: tuple[str, ...] = ("state_dict",)) -> Any:
+    """What a weights file holds, loaded on the CPU with ``weights_only``; a dict under one of ``wrappers`` is
+    unwrapped, in their order. ``error(missing)`` when there is no such file, ``error(unreadable + " (<why>)")``
+    when torch cannot read it (a corrupt or foreign file is a user mistake)."""
+    if not path.is_file():
+        raise error(missing)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as problem:
+        raise error(f"{unreadable} ({type(problem).__name__})") from None
+    for key in wrappers:
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
     return payload
 
 

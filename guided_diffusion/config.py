@@ -8,10 +8,10 @@ flat key set there) and an ISDM/SDM key without effect here are accepted and rep
 
 The nested objects of a sample config are dataclasses of this module too: `balance_args` (BalanceArgs),
 `hardness_args` (HardnessArgs) and its `scorer` (ScorerSettings, which evaluation/freemask.py trains scorers
-with). Every config, nested or not, is read by the one routine of checks.py (types, aliases, unknown keys) and
+with). Every config, nested or not, is read by the one routine of config_io.py (types, aliases, unknown keys) and
 then checked by its `validate()`, which only checks; ISDM's spellings that set another key (`use_fp16`,
 `use_ddim`) are translated where the file is read (`config_from_dict`). This module imports no other config
-user (balance.py and hardness.py import it), so there is no import cycle.
+user (balance.py and sampling/hardness.py import it), so there is no import cycle.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from .checks import did_you_mean, read, require, setting, to_json_dict, within
+from .config_io import did_you_mean, read, read_config_file, require, setting, to_json_dict, within
 from .data import RESIZE_MODES, canonical_dataset_mode
 from .errors import ConfigError
 from .unet import UNetSpec
@@ -76,7 +76,7 @@ def option(default: Any = dataclasses.MISSING, doc: str = "", isdm: str = NO_ISD
            factory: Any = dataclasses.MISSING, alias: str = "", canonical: Any = None, expect: str = "") -> Any:
     """A config key: its default, its meaning (`doc`), its ISDM/SDM name (`isdm`: SAME, NO_ISDM or a note), an
     accepted alternative spelling (`alias`), the function giving a value's one form (`canonical`) and the expected
-    value in words (`expect`; both see checks.setting). The one place each is written: `python main.py keys` and
+    value in words (`expect`; both see config_io.setting). The one place each is written: `python main.py keys` and
     docs/configuration.md are generated from these fields (of the action configs and of the nested objects), and
     the loader takes the aliases from them."""
     if not doc:
@@ -317,7 +317,7 @@ class FinetuneConfig(TrainConfig):
 
 @dataclass
 class MaskTrainConfig(TrainConfig):
-    """`main.py masks`: train a mask generator, a diffusion model over the dataset's train/ masks (masks_model.py).
+    """`main.py masks`: train a mask generator, a diffusion model over the dataset's train/ masks (masks/model.py).
 
     The training keys are train's (run folders `masks_NNN/`); the defaults make a small 64 px model that trains in
     minutes on a CPU. Its `image_channels` are set to num_classes (its input is the one-hot mask) and its
@@ -560,7 +560,7 @@ class SampleConfig(CommonConfig):
     hardness_args: HardnessArgs | None = option(None, "hardness-aware mask selection, an object of its own keys "
                                                       "([`hardness_args`](#hardness_args)), see "
                                                       "[docs/filtering.md](filtering.md); null = off")
-    # variations and inpainting (inpaint.py); copy-paste without a model (paste.py)
+    # variations and inpainting (sampling/inpaint.py); copy-paste without a model (sampling/paste.py)
     mode: Literal["noise", "variation", "inpaint", "harmonize", "paste"] = option(
         "noise", "`noise`, `variation` (SDEdit from the mask's real image), `inpaint` (RePaint on a defect-free "
                  "background), `harmonize` (copy-paste, then the painted region re-drawn from the pasted image at "
@@ -579,7 +579,7 @@ class SampleConfig(CommonConfig):
     mask_flip: bool = option(False, "flip each mask horizontally and vertically, each with probability 1/2")
     mask_placement: Literal["keep", "random"] = option(
         "keep", "`keep` the mask where it is, or `random`: shift it so that its defects stay inside the image")
-    # new layouts from a mask generator (masks_model.py; docs/mask_generator.md)
+    # new layouts from a mask generator (masks/model.py; docs/mask_generator.md)
     mask_source: str = option("", "a mask generator (its `masks_NNN` run folder or checkpoint, from `main.py masks`): "
                                   "new masks are generated instead of taken from `mask_split`; `\"\"` = dataset masks")
     mask_classes: list[int] = option(factory=list, doc="with `mask_source`: classes every generated mask must hold "
@@ -819,15 +819,7 @@ class LoadedConfig(NamedTuple):
 
 def load_config(path: str | Path, action: str, overrides: list[str] = ()) -> LoadedConfig:
     """Read a JSON config file for `action`, apply `--set key=value` overrides, and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: the top level must be a JSON object of key: value pairs")
+    values = read_config_file(path)
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value

@@ -12,7 +12,7 @@ Few-step runs use the model's own process respaced to the wanted steps (`Gaussia
 
 Every sampler can also start lower than the top step (`start_step`: SDEdit variations start from a real image
 noised to that step) and take a per-step `hook` that replaces a known region of x after each update, with
-`resample_steps` RePaint jumps per step (inpainting; see inpaint.py). Without these options each sampler does
+`resample_steps` RePaint jumps per step (inpainting; see sampling/inpaint.py). Without these options each sampler does
 exactly what it did before they existed (same operations, same noise draws).
 """
 

@@ -56,7 +56,7 @@ from .data import SegmentationDataset, index_dataset, one_hot, read_class_names,
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError, UserError
 from .model_setup import bf16_autocast, build_model, cpu_bf16_support, resolve_image_channels, select_device
-from .results import CsvLog, new_run_dir, write_json
+from .run_folder import CsvLog, new_run_dir, write_json
 from .watch import Preview, Watch, make_preview, open_watch, write_loss_plot
 
 STEP_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s"]
@@ -256,17 +256,17 @@ class Trainer:
 
     def make_dataset(self, config: TrainConfig) -> torch.utils.data.Dataset:
         """The items trained on, made from `self.train_pairs`: {"image": C×S×S in [-1, 1], "mask": S×S class ids,
-        "index"}. The mask generator's trainer (masks_train.py) trains on encoded masks instead."""
+        "index"}. The mask generator's trainer (masks/train.py) trains on encoded masks instead."""
         return SegmentationDataset(self.train_pairs, config.image_size, config.dataset_mode, config.resize_mode,
                                    image_channels=config.image_channels)
 
     def make_diffusion(self, config: TrainConfig) -> GaussianDiffusion:
-        """The training process; the mask generator's may predict v instead of eps (masks_train.py)."""
+        """The training process; the mask generator's may predict v instead of eps (masks/train.py)."""
         return build_diffusion(config)
 
     def pixel_weights(self, images: torch.Tensor) -> torch.Tensor | None:
         """Weights of each pixel's squared error in the loss, for a batch of training images; None = all equal
-        (the SDM). The mask generator's trainer weights its rare classes' pixels up (masks_train.py)."""
+        (the SDM). The mask generator's trainer weights its rare classes' pixels up (masks/train.py)."""
         return None
 
     # --- starting point ---------------------------------------------------------------------------------
@@ -660,7 +660,7 @@ class Trainer:
 
     def network_of(self, module: torch.nn.Module):
         """`module` called as the training step calls the network: (x_t, timesteps, one-hot labels). The mask
-        generator's trainer wraps it in its presence condition (masks_train.py)."""
+        generator's trainer wraps it in its presence condition (masks/train.py)."""
         return module
 
     def _fixed_loss(self) -> float | None:
@@ -716,7 +716,7 @@ class Trainer:
 def run_training(config: TrainConfig, action: str, log=print, trainer_class: type[Trainer] = Trainer) -> TrainResult:
     """`main.py train|finetune|masks`: start where the config says (auto_resume: the newest `latest.pt` of an
     earlier run of this action under root_log_dir; else resume_checkpoint, a file or run folder) and train with
-    `trainer_class` (the mask generator's: masks_train.MaskTrainer)."""
+    `trainer_class` (the mask generator's: masks.train.MaskTrainer)."""
     start = ckpt.find_resumable(config.root_log_dir, action) if config.auto_resume else None
     if start is None and config.resume_checkpoint:
         prefer = "best" if action == "finetune" else "latest"

@@ -30,13 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .config import SampleConfig, TrainConfig
 from .data import Pair, SegmentationDataset, one_hot
 from .diffusion import GaussianDiffusion, space_timesteps
 from .guidance import conditional_denoiser
-from .results import colorize, grid_array, to_uint8_image
+from .run_folder import colorize, grid_array, to_uint8_image, write_png
 from .samplers import PerImageNoise, image_seed, run_sampler
 
 PREVIEW_IMAGES = 4
@@ -152,9 +151,7 @@ class Watch:
         """previews/step_NNNNNN.png (and the TensorBoard image) of `model` after `step` steps; its seconds."""
         started = time.perf_counter()
         grid = self.preview.grid(model)
-        folder = self.run_dir / "previews"
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(grid).save(folder / f"step_{step:06d}.png")
+        write_png(self.run_dir / "previews" / f"step_{step:06d}.png", grid)  # whole or not at all
         seconds = time.perf_counter() - started
         if self.writer is not None:
             self.writer.add_image("preview", grid, step, dataformats="HWC")

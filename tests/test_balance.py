@@ -17,7 +17,8 @@ from guided_diffusion.balance import (DIHEDRAL, Augmentation, BalanceArgs, balan
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.data import SegmentationDataset, index_dataset, split_train_val
 from guided_diffusion.errors import ConfigError
-from guided_diffusion.sample import TrainedWith, mask_splits, preview_mask_selection, run_sampling, select_masks
+from guided_diffusion.sampling.sample import (TrainedWith, mask_splits, preview_mask_selection, run_sampling,
+                                              select_masks)
 
 needs_real_data = pytest.mark.skipif(not MAGNETIC_TILE.is_dir(), reason="../shared/datasets is not present")
 

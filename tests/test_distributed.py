@@ -32,7 +32,7 @@ from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.distributed import (Launch, LaunchError, StopSignals, World, first_host, launch_from_mpi,
                                           process_group, read_launch, shard_bounds)
-from guided_diffusion.sample import run_sampling
+from guided_diffusion.sampling.sample import run_sampling
 from guided_diffusion.train import Trainer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,14 +18,14 @@ import torch
 from PIL import Image
 
 from conftest import MAGNETIC_TILE
-from evaluation.alignment import label_alignment_score
-from evaluation.cli import main as evaluate_main
-from evaluation.config import config_from_dict
+from evaluation.segmenter.alignment import label_alignment_score
+from evaluation.evaluate.cli import main as evaluate_main
+from evaluation.evaluate.config import config_from_dict
 from evaluation.fid import image_distance, load_inception
 from evaluation.image_sets import load_pairs
-from evaluation.metrics import segmentation_metrics
-from evaluation.mixes import Mix, chosen_indices, parse_mix, parse_mixes
-from evaluation.segmenter import SegmenterSpec, TrainSettings, build_segmenter, train_segmenter
+from evaluation.segmenter.metrics import segmentation_metrics
+from evaluation.evaluate.mixes import Mix, chosen_indices, parse_mix, parse_mixes
+from evaluation.segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, train_segmenter
 from guided_diffusion.data import index_dataset
 from guided_diffusion.errors import CheckpointError, ConfigError
 
@@ -472,7 +472,7 @@ def test_defect_roughness_is_the_mean_distance_to_the_3x3_median_over_the_class_
 
 
 def test_a_synthetic_ratio_fixes_each_batchs_share_and_the_last_steps_are_real_only():
-    from evaluation.segmenter import mixed_batch_order
+    from evaluation.segmenter.model import mixed_batch_order
 
     synthetic = np.array([False] * 6 + [True] * 10)
     batches = list(mixed_batch_order(synthetic, batch_size=8, steps=10, seed=0, ratio=0.25, real_steps=3))
@@ -481,12 +481,12 @@ def test_a_synthetic_ratio_fixes_each_batchs_share_and_the_last_steps_are_real_o
     assert sorted(real_drawn[:6]) == list(range(6))  # each stream cycles through all its items before repeating
     assert all(len(b) == 8 for b in batches)
     pooled = list(mixed_batch_order(synthetic, 8, 4, 0, ratio=None, real_steps=0))
-    from evaluation.segmenter import batch_order
+    from evaluation.segmenter.model import batch_order
     assert all(np.array_equal(a, b) for a, b in zip(pooled, batch_order(16, 8, 4, 0)))  # the pooled order of before
 
 
 def test_a_synthetic_weight_of_zero_trains_on_the_real_rows_loss_alone():
-    from evaluation.segmenter import _weighted_loss, segmentation_loss
+    from evaluation.segmenter.model import _weighted_loss, segmentation_loss
 
     torch.manual_seed(0)
     logits, masks = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4, 8, 8))

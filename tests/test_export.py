@@ -24,8 +24,8 @@ from conftest import MAGNETIC_TILE, write_config
 from guided_diffusion.config import ExportConfig, config_from_dict
 from guided_diffusion.data import load_mask
 from guided_diffusion.errors import ConfigError, DatasetError
-from guided_diffusion.export import coco_segmentation, find_instances, run_export
-from guided_diffusion.results import SampleWriter
+from guided_diffusion.interchange.export import coco_segmentation, find_instances, run_export
+from guided_diffusion.run_folder import SampleWriter
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 needs_real_data = pytest.mark.skipif(not MAGNETIC_TILE.is_dir(), reason="../shared/datasets is not present")

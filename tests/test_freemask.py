@@ -15,19 +15,19 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.cli import main as evaluate_main
+from evaluation.evaluate.cli import main as evaluate_main
 from evaluation.filter import main as filter_main
 from evaluation.freemask import (FilterSettings, ScorerSettings, class_loss_stats, ignored_fraction,
                                  ignored_pixels, load_or_train_scorer, mask_hardness, measure_hardness,
                                  training_command)
 from evaluation.image_sets import IGNORE_INDEX, index_sample_folder
-from evaluation.metrics import segmentation_metrics
-from evaluation.segmenter import segmentation_loss
+from evaluation.segmenter.metrics import segmentation_metrics
+from evaluation.segmenter.model import segmentation_loss
 from guided_diffusion.balance import greedy_selection
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.errors import CheckpointError, ConfigError
-from guided_diffusion.hardness import draw_by_hardness, hardness_weights, write_selection_reports
-from guided_diffusion.sample import TrainedWith, mask_splits, select_masks
+from guided_diffusion.sampling.hardness import draw_by_hardness, hardness_weights, write_selection_reports
+from guided_diffusion.sampling.sample import TrainedWith, mask_splits, select_masks
 
 TINY_ENCODER = "tu-mobilenetv3_small_050"
 SIZE = 32

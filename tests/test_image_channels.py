@@ -16,7 +16,7 @@ from guided_diffusion import checkpoint as ckpt
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.data import (SegmentationDataset, first_colour_image, index_dataset, is_grayscale, load_image)
 from guided_diffusion.errors import ConfigError
-from guided_diffusion.sample import load_sampling_model, run_sampling
+from guided_diffusion.sampling.sample import load_sampling_model, run_sampling
 from guided_diffusion.model_setup import resolve_image_channels
 from guided_diffusion.train import Trainer
 

@@ -18,10 +18,10 @@ from skimage import measure
 import main
 from conftest import MAGNETIC_TILE, write_config
 from guided_diffusion.config import ExportConfig, ImportConfig, config_from_dict
-from guided_diffusion.convert import run_import
+from guided_diffusion.interchange.importing import run_import
 from guided_diffusion.data import index_dataset, load_mask, read_class_names
 from guided_diffusion.errors import ConfigError, DatasetError
-from guided_diffusion.export import run_export
+from guided_diffusion.interchange.export import run_export
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 needs_real_data = pytest.mark.skipif(not MAGNETIC_TILE.is_dir(), reason="../shared/datasets is not present")

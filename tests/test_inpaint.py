@@ -18,9 +18,9 @@ from guided_diffusion.data import index_dataset, load_mask
 from guided_diffusion.diffusion import GaussianDiffusion, make_betas, space_timesteps
 from guided_diffusion.errors import ConfigError, DatasetError
 from guided_diffusion.guidance import conditional_denoiser
-from guided_diffusion.inpaint import (Placement, choose_placement, known_region_hook, noised_start, paint_region,
-                                      pair_backgrounds, place_mask, start_step)
-from guided_diffusion.sample import run_sampling
+from guided_diffusion.sampling.inpaint import (Placement, choose_placement, known_region_hook, noised_start,
+                                               paint_region, pair_backgrounds, place_mask, start_step)
+from guided_diffusion.sampling.sample import run_sampling
 from guided_diffusion.samplers import SAMPLERS, PerImageNoise, log_snr_timesteps, run_sampler
 from guided_diffusion.train import Trainer
 from guided_diffusion.unet import SDMUNet

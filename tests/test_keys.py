@@ -9,7 +9,7 @@ import pytest
 
 import main
 from guided_diffusion import config
-from evaluation.config import EvaluateConfig
+from evaluation.evaluate.config import EvaluateConfig
 from guided_diffusion import keys
 from guided_diffusion.config import (ACTIONS, ALIASES, CONFIG_CLASSES, IGNORED_LEGACY_KEYS, NO_ISDM, SAME, BalanceArgs,
                                      TrainConfig, option)

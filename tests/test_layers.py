@@ -1,5 +1,9 @@
 """The layers import one way: main.py -> evaluation -> guided_diffusion, and no module imports itself back.
 
+Inside a package the parts import one way too: a part is a sub-package (guided_diffusion/sampling/,
+evaluation/study/, ...) or a module at the package's top; no two parts import each other, even through others,
+and a module at the top of guided_diffusion/ imports no sub-package (the engine's base).
+
 Every .py of guided_diffusion/, evaluation/, benchmarks/ and main.py is parsed (not imported) with `ast`; each
 import of a project module is an edge, also one inside a function (a cycle hidden in a function is still a
 cycle of the design), but not one under `if TYPE_CHECKING:` (annotations only, never run).
@@ -109,10 +113,10 @@ def describe_cycle(cycle: list[str], graph: dict[str, dict[str, int]]) -> str:
 
 
 def test_the_walker_sees_imports_in_functions_but_not_under_type_checking():
-    source = ("from typing import TYPE_CHECKING\nfrom . import data\nif TYPE_CHECKING:\n    from .config import X\n"
+    source = ("from typing import TYPE_CHECKING\nfrom .. import data\nif TYPE_CHECKING:\n    from ..config import X\n"
               "def f():\n    from .sample import run_sampling\n    import evaluation.freemask\n")
-    names = {name for name, _ in imported_names(ast.parse(source), "guided_diffusion.balance", False)}
-    assert {"guided_diffusion.data", "guided_diffusion.sample", "evaluation.freemask"} <= names
+    names = {name for name, _ in imported_names(ast.parse(source), "guided_diffusion.sampling.paste", False)}
+    assert {"guided_diffusion.data", "guided_diffusion.sampling.sample", "evaluation.freemask"} <= names
     assert "guided_diffusion.config" not in names
 
 
@@ -134,3 +138,41 @@ def test_guided_diffusion_never_imports_evaluation():
              for module, edges in import_graph().items() if module.split(".")[0] == "guided_diffusion"
              for target, line in edges.items() if target.split(".")[0] == "evaluation"]
     assert not wrong, "the lower layer imports the upper one: " + "; ".join(wrong)
+
+
+def part_of(module: str) -> str:
+    """The part a module belongs to: its sub-package (guided_diffusion.sampling), else the module itself."""
+    return ".".join(module.split(".")[:2])
+
+
+def part_graph() -> dict[str, dict[str, int]]:
+    """part -> {imported part: line}, from the module graph of both packages (an entry point, `__main__`, only
+    calls a part and is left out)."""
+    graph: dict[str, dict[str, int]] = {}
+    for module, edges in import_graph().items():
+        if module.split(".")[0] not in PACKAGES[:2] or module.split(".")[-1] == "__main__":
+            continue
+        source = part_of(module)
+        graph.setdefault(source, {})
+        for target, line in edges.items():
+            if part_of(target) != source and target.split(".")[0] in PACKAGES[:2]:
+                graph[source].setdefault(part_of(target), line)
+    return graph
+
+
+def test_the_parts_of_each_package_import_one_way():
+    graph = part_graph()
+    assert {"guided_diffusion.sampling", "guided_diffusion.masks", "evaluation.study", "evaluation.segmenter"} \
+        <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, f"the parts import each other: {' -> '.join(cycle)}"
+
+
+def test_the_top_of_guided_diffusion_imports_no_sub_package():
+    subpackages = {p.parent.name for p in (REPO / "guided_diffusion").glob("*/__init__.py")}
+    assert {"sampling", "masks", "interchange"} <= subpackages
+    wrong = [f"{module} imports {target} (line {line})" for module, edges in import_graph().items()
+             if module.startswith("guided_diffusion.") and module.count(".") == 1
+             for target, line in edges.items() if target.startswith("guided_diffusion.")
+             and target.split(".")[1] in subpackages]
+    assert not wrong, "the engine's base imports a part built on it: " + "; ".join(wrong)

@@ -1,4 +1,4 @@
-"""The mask generator (masks_model.py) and the mask quality report (masks_report.py), on CPU at toy sizes."""
+"""The mask generator (guided_diffusion/masks/model.py) and its quality report (masks/report.py), on CPU, toy sizes."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 
 import main
-from guided_diffusion import masks_model as mm
+from guided_diffusion.masks import model as mm
 from guided_diffusion.config import config_from_dict
-from guided_diffusion.masks_train import mask_config, train_mask_generator
+from guided_diffusion.masks.train import mask_config, train_mask_generator
 from guided_diffusion.errors import CheckpointError, ConfigError, DatasetError
-from guided_diffusion.masks_report import markdown, mask_report, wasserstein_1, write_mask_report
-from guided_diffusion.sample import preview_mask_selection, run_sampling
+from guided_diffusion.masks.report import markdown, mask_report, wasserstein_1, write_mask_report
+from guided_diffusion.sampling.sample import preview_mask_selection, run_sampling
 
 TOY_GENERATOR = {"image_size": 16, "channel_mult": "1,2", "attention_resolutions": "8", "batch_size": 4,
                  "log_interval": 1, "save_interval": 2}
@@ -194,7 +194,7 @@ def test_pixel_weights_of_one_leave_the_loss_as_it_is_and_others_weight_each_pix
 
 
 def test_class_weights_average_one_over_the_pixels_and_power_one_weighs_every_class_alike():
-    from guided_diffusion.masks_train import class_weights
+    from guided_diffusion.masks.train import class_weights
     masks = [np.array([[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 2]]),
              np.zeros((4, 4), np.int64)]  # 29 background pixels, 2 of class 1, 1 of class 2, none of class 3
     counts = np.array([29, 2, 1, 0])
@@ -211,7 +211,7 @@ def test_class_weights_average_one_over_the_pixels_and_power_one_weighs_every_cl
 
 
 def test_a_class_weighted_generator_weighs_its_batch_pixels_by_class_and_trains(demo_dir, tmp_path):
-    from guided_diffusion.masks_train import MaskTrainer
+    from guided_diffusion.masks.train import MaskTrainer
     trainer = MaskTrainer(mask_config(generator_config(demo_dir, tmp_path / "w", max_steps=2,
                                                        class_weight_power=0.5)), log=lambda *_: None)
     masks = torch.tensor([[[0, 1], [2, 3]]])

@@ -15,10 +15,10 @@ from conftest import MAGNETIC_TILE, write_config
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.data import Pair, SegmentationDataset, index_dataset, load_mask, split_train_val
 from guided_diffusion.errors import ConfigError
-from guided_diffusion.inpaint import Placement, choose_placement
-from guided_diffusion.paste import paste_defects
-from guided_diffusion.results import to_uint8_image
-from guided_diffusion.sample import run_sampling
+from guided_diffusion.sampling.inpaint import Placement, choose_placement
+from guided_diffusion.sampling.paste import paste_defects
+from guided_diffusion.run_folder import to_uint8_image
+from guided_diffusion.sampling.sample import run_sampling
 
 NUM_CLASSES = 4
 SIZE = 32  # the sampling image_size; the files are 40 x 48, so pasting must resize them as the dataset does

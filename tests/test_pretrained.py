@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from skimage import data
 from torch import nn
 
-from evaluation.config import config_from_dict
-from evaluation.pretrained import LITE0, PACKAGED, lite0_key, packaged_encoder_state, packaged_file
-from evaluation.segmenter import SegmenterSpec, build_segmenter, images_to_tensor
+from evaluation.evaluate.config import config_from_dict
+from evaluation.segmenter.pretrained import LITE0, PACKAGED, lite0_key, packaged_encoder_state, packaged_file
+from evaluation.segmenter.model import SegmenterSpec, build_segmenter, images_to_tensor
 from guided_diffusion.errors import CheckpointError, ConfigError
 
 LITE0_ENCODERS = list(LITE0.encoders)

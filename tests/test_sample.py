@@ -13,7 +13,7 @@ from PIL import Image
 
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.errors import CheckpointError, ConfigError
-from guided_diffusion.sample import run_sampling, sampling_diffusion
+from guided_diffusion.sampling.sample import run_sampling, sampling_diffusion
 
 
 def sample(demo_dir: Path, model_path: Path, root: Path, **changes) -> Path:
@@ -148,7 +148,7 @@ def test_a_guidance_interval_covering_every_step_writes_the_same_images(demo_dir
 
 @pytest.mark.parametrize("mode", [{"mode": "noise"}, {"mode": "variation", "strength": 0.6}], ids=lambda m: m["mode"])
 def test_every_mode_guides_only_the_steps_inside_the_interval(demo_dir, trained_run, tmp_path, monkeypatch, mode):
-    from guided_diffusion import sample as sample_module
+    from guided_diffusion.sampling import sample as sample_module
     calls, real = [], sample_module.conditional_denoiser
 
     def recording(model, one_hot, scale, **options):
@@ -167,7 +167,7 @@ def test_guidance_of_a_grey_model_scales_its_eps_channel_and_leaves_its_learned_
     """A 1-channel model outputs eps and the variance interpolation v: s extrapolates eps only (guiding v would
     push the ancestral sampler's variance outside the range the model learned)."""
     from guided_diffusion.diffusion import GaussianDiffusion
-    from guided_diffusion.sample import sampling_denoiser
+    from guided_diffusion.sampling.sample import sampling_denoiser
 
     class Fixed(torch.nn.Module):  # eps 1 and v 0.5 for a real mask, eps 0 and v -0.5 for the null label
         def forward(self, x, t, one_hot):

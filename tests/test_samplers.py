@@ -15,7 +15,7 @@ from guided_diffusion.config import config_from_dict
 from guided_diffusion.diffusion import GaussianDiffusion, make_betas, space_timesteps
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.guidance import conditional_denoiser
-from guided_diffusion.sample import DEFAULT_SOLVER_STEPS, sampling_diffusion
+from guided_diffusion.sampling.sample import DEFAULT_SOLVER_STEPS, sampling_diffusion
 from guided_diffusion.samplers import PerImageNoise, log_snr_timesteps, run_sampler
 from guided_diffusion.unet import FixedMasks, MemoryBudget, SDMUNet, SPADEGroupNorm
 

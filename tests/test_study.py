@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation import estimate
-from evaluation.estimate import (ModelCosts, SegmenterCosts, SplitSizes, Stage, format_duration, format_estimate,
-                                 plan_study)
-from evaluation.study import Ledger, main as study_main, run_study
-from evaluation.study_config import SegmenterProtocol, study_from_dict
-from evaluation.study_report import paired_interval, without_sdm
+from evaluation.study import estimate
+from evaluation.study.estimate import (ModelCosts, SegmenterCosts, SplitSizes, Stage, format_duration, format_estimate,
+                                       plan_study)
+from evaluation.study.run import Ledger, main as study_main, run_study
+from evaluation.study.config import SegmenterProtocol, study_from_dict
+from evaluation.study.report import paired_interval, without_sdm
 from guided_diffusion.errors import ConfigError
 
 from conftest import TINY_MODEL, make_scene_dataset
@@ -77,7 +77,7 @@ def test_every_unit_records_the_processor_and_precision_it_ran_with(finished_stu
 
 
 def test_paired_segmenters_from_different_processor_models_are_named():
-    from evaluation.study_report import mixed_processors
+    from evaluation.study.report import mixed_processors
 
     rows = [{"fraction": 0.25, "seed": 0, "variant": "real", "processor": "AMD EPYC"},
             {"fraction": 0.25, "seed": 0, "variant": "paste", "processor": "Intel Xeon"},
@@ -281,7 +281,7 @@ def test_paired_interval_is_the_student_t_interval():
 
 
 def test_a_variant_without_the_synthetic_data_keys_keeps_the_fingerprint_of_before_them():
-    from evaluation.study_config import Variant
+    from evaluation.study.config import Variant
 
     before = {"name": "paste", "synthetic": ["paste"], "real": True, "augment": "flip", "max_synthetic": 0}
     assert list(Variant(name="paste", synthetic=["paste"]).recipe().items()) == list(before.items())
@@ -414,7 +414,7 @@ def test_encoder_weights_null_leaves_the_segmenter_fingerprint_keys_as_before_th
 
 
 def test_without_background_class_the_no_bg_mean_is_the_mean_over_every_class():
-    from evaluation.metrics import segmentation_metrics
+    from evaluation.segmenter.metrics import segmentation_metrics
     target = np.array([[[0, 0, 1, 1]]])
     predicted = np.array([[[0, 1, 1, 1]]])
     with_bg = segmentation_metrics(predicted, target, 2)
@@ -429,7 +429,7 @@ def test_label_alignment_sits_beside_the_real_test_score_of_the_same_seeds():
     """A generator aligned on fewer seeds than the baseline has (one added later) is compared with the real test
     score of those seeds only; seeds whose masks hold no scored class (NaN) are left out without a warning."""
     import warnings
-    from evaluation.study_report import _alignment
+    from evaluation.study.report import _alignment
     SimpleNamespace = types.SimpleNamespace
     study = SimpleNamespace(config=SimpleNamespace(real_fractions=[0.5], generators={
         "old": SimpleNamespace(kind="sdm"), "new": SimpleNamespace(kind="paste")}))
@@ -454,7 +454,7 @@ def test_label_alignment_sits_beside_the_real_test_score_of_the_same_seeds():
 def test_label_alignment_names_the_classes_a_generator_draws_far_rougher_than_the_real_subset():
     """Pixel noise is easy for a segmenter to find: the alignment table names such classes beside the score."""
     from evaluation.contrast import ClassStat, ImageSetLook
-    from evaluation.study_report import _rougher
+    from evaluation.study.report import _rougher
     study = types.SimpleNamespace(class_names=["background", "spot", "crack"])
 
     def look(*roughness: float) -> ImageSetLook:
@@ -803,7 +803,7 @@ def test_with_void_pixels_the_generators_that_cannot_handle_them_stop_the_study_
 
 
 def test_an_sdm_of_isdms_best_epoch_rule_keeps_its_fingerprint_and_one_of_the_new_default_does_not():
-    from evaluation.study import with_best_epoch_rule
+    from evaluation.study.run import with_best_epoch_rule
 
     values = {"lr": 1e-4, "max_steps": 1500}
     assert with_best_epoch_rule({**values, "best_by": "epoch_loss"}) == values  # as before the key existed

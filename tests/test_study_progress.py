@@ -11,9 +11,9 @@ import re
 
 import pytest
 
-from evaluation.study import main as study_main
-from evaluation.study_plan import Part, PlannedUnit, Rate, Term
-from evaluation.study_progress import (PRIOR_SECONDS_PER_MEGAPIXEL, Timed, UnitCost, UnitProgress, time_left,
+from evaluation.study.run import main as study_main
+from evaluation.study.plan import Part, PlannedUnit, Rate, Term
+from evaluation.study.progress import (PRIOR_SECONDS_PER_MEGAPIXEL, Timed, UnitCost, UnitProgress, time_left,
                                        unit_cost)
 
 from test_study import study_values

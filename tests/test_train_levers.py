@@ -16,7 +16,7 @@ from guided_diffusion import model_setup
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.diffusion import GaussianDiffusion
 from guided_diffusion.errors import ConfigError
-from guided_diffusion.sample import run_sampling
+from guided_diffusion.sampling.sample import run_sampling
 from guided_diffusion.model_setup import bf16_autocast, cpu_bf16_support
 from guided_diffusion.train import Trainer, crop_windows
 

@@ -18,7 +18,7 @@ from guided_diffusion.config import config_from_dict
 from guided_diffusion.distributed import World
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.model_setup import build_model
-from guided_diffusion.results import colorize
+from guided_diffusion.run_folder import colorize
 from guided_diffusion.train import Trainer, build_diffusion
 
 
