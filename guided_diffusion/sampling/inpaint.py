@@ -266,13 +266,12 @@ def paste_defects(background: np.ndarray, image: np.ndarray, mask: np.ndarray,
     return np.where(pasted if image.ndim == 2 else pasted[:, :, None], moved, background), label
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # The plan of a sampling run
 
 
 def defect_candidates(config: SampleConfig, splits: dict[str, list[Pair]]) -> tuple[dict[str, list[Pair]], int]:
-    """For modes inpaint and paste: the `mask_split` pairs reduced to those with defect pixels at image_size (a
+    """For the modes that place defects (inpaint, harmonize, paste): the `mask_split` pairs reduced to those with defect pixels at image_size (a
     mask without them has nothing to paint or paste), and how many were left out. Other modes: the splits as
     they are."""
     if config.mode not in PLACING_MODES:
