@@ -249,6 +249,20 @@ def place_mask(mask: np.ndarray, placement: Placement) -> np.ndarray:
     return np.ascontiguousarray(np.roll(moved, placement.shift, axis=(0, 1)))
 
 
+def with_real_image(sources: Sequence[ChosenMask], mode: str, purpose: str, log: Callable[[str], None]
+                    ) -> tuple[list[ChosenMask], int]:
+    """The chosen masks that have their real image (modes variation, harmonize and paste use it; a mask made by
+    balance_args' augmentation has none), and how many were skipped (logged as "they have no real image to
+    `purpose`"). One error line when none is left."""
+    kept = [chosen for chosen in sources if chosen.pair is not None]
+    if len(kept) < len(sources):
+        log(f"{mode}: skipped {len(sources) - len(kept)} augmented masks: they have no real image to {purpose}")
+    if not kept:
+        raise ConfigError(f"mode '{mode}' needs masks with their real image, but every chosen mask is augmented; "
+                          "turn off use_mask_augmentation in balance_args")
+    return kept, len(sources) - len(kept)
+
+
 def paste_defects(background: np.ndarray, image: np.ndarray, mask: np.ndarray,
                   placement: Placement) -> tuple[np.ndarray, np.ndarray]:
     """The background with the defect pixels of (image, mask) pasted, and its label.
@@ -435,27 +449,16 @@ def plan_modes(config: SampleConfig, diffusion: GaussianDiffusion, sources: list
         return ModePlan(config, diffusion, list(sources), None)
     start = start_step(diffusion, config.strength)
     if config.mode == "variation":
-        kept = [chosen for chosen in sources if chosen.pair is not None]
-        skipped = {"skipped_masks_without_source_image": len(sources) - len(kept)}
-        if skipped["skipped_masks_without_source_image"]:
-            log(f"variation: skipped {len(sources) - len(kept)} augmented masks: they have no real image to vary")
-        if not kept:
-            raise ConfigError("mode 'variation' needs masks with their real image, but every chosen mask is "
-                              "augmented; turn off use_mask_augmentation in balance_args")
+        kept, without_image = with_real_image(sources, "variation", "vary", log)
+        skipped = {"skipped_masks_without_source_image": without_image}
         log(f"variation: strength {config.strength:g} starts at step {start} of {diffusion.num_timesteps} "
             f"(model timestep {int(diffusion.timestep_map[start])})")
         return ModePlan(config, diffusion, kept, start, skipped=skipped)
 
     skipped = {}
     if config.mode == "harmonize":  # it pastes the mask's real defect: a mask without its real image makes none
-        kept = [chosen for chosen in sources if chosen.pair is not None]
-        skipped = {"skipped_masks_without_source_image": len(sources) - len(kept)}
-        if skipped["skipped_masks_without_source_image"]:
-            log(f"harmonize: skipped {len(sources) - len(kept)} augmented masks: they have no real defect to paste")
-        if not kept:
-            raise ConfigError("mode 'harmonize' needs masks with their real image, but every chosen mask is "
-                              "augmented; turn off use_mask_augmentation in balance_args")
-        sources = kept
+        sources, without_image = with_real_image(sources, "harmonize", "paste a defect from", log)
+        skipped = {"skipped_masks_without_source_image": without_image}
     placed = place_defects(config, sources, real_pairs, excluded, log)
     placed = placed._replace(skipped={**placed.skipped, **skipped})
     log(f"{config.mode}: strength {config.strength:g} starts at step {start} of {diffusion.num_timesteps}; "

@@ -35,7 +35,7 @@ from ..model_setup import resolve_image_channels
 from ..run_folder import SampleWriter, new_run_dir, write_grid, write_json, write_legend
 from .hardness import MeasureHardness, write_selection_reports
 from .inpaint import (background_summary, defect_candidates, load_background, paste_defects, place_defects,
-                      placement_listing)
+                      placement_listing, with_real_image)
 from .mask_selection import TrainedWith, mask_splits, select_masks
 
 CACHED_IMAGES = 128
@@ -85,13 +85,7 @@ def run_paste(config: SampleConfig, log: Callable[[str], None] = print,
     config = resolve_image_channels(config, real_pairs, log)  # "auto": 1 when every train/ image is grey
     splits, without_defects = defect_candidates(config, splits)
     chosen, selection_report = select_masks(config, splits, real_pairs, log, measure_hardness)
-    with_image = [c for c in chosen if c.pair is not None]
-    without_image = len(chosen) - len(with_image)
-    if without_image:
-        log(f"paste: skipped {without_image} augmented masks: they have no real image to copy defects from")
-    if not with_image:
-        raise ConfigError("mode 'paste' needs masks with their real image, but every chosen mask is augmented; "
-                          "turn off use_mask_augmentation in balance_args")
+    with_image, without_image = with_real_image(chosen, "paste", "copy defects from", log)
     placed = place_defects(config, with_image, real_pairs, without_defects, log)
     sources, backgrounds, placements = placed.sources, placed.backgrounds, placed.placements
     log(f"paste: {len(sources)} masks from split '{config.mask_split}' ({len({s.stem for s in sources})} distinct) "
