@@ -113,7 +113,10 @@ def link_subset(pairs: Sequence[Pair], folder: Path, data_dir: str | os.PathLike
         for name, source in wanted.items():
             link = target / name
             if not link.is_symlink():
-                link.symlink_to(Path(os.path.abspath(source)))
+                try:
+                    link.symlink_to(Path(os.path.abspath(source)))
+                except FileExistsError:  # made meanwhile by another process of the study (its Slurm jobs)
+                    pass
     classes = Path(data_dir) / "classes.json"
     if classes.is_file():
         shutil.copyfile(classes, folder / "classes.json")

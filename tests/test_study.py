@@ -65,6 +65,20 @@ def finished_study(demo_dir, tmp_path_factory):
     return root, values
 
 
+def test_the_units_the_estimate_prices_are_exactly_the_units_the_study_ran_in_the_plans_order(finished_study):
+    from evaluation.image_sets import resolve_num_classes
+    from evaluation.study.run import make_split
+
+    root, values = finished_study
+    config = study_from_dict(values, "test")
+    num_classes = resolve_num_classes(config)
+    units = estimate.plan_units(config, num_classes, SplitSizes.of(make_split(config, num_classes)))
+    ran = [json.loads(line)["unit"] for line in (root / "ledger.jsonl").read_text().splitlines()]
+    assert ran == [unit.id for unit in units]
+    stages = plan_study(config, num_classes, SplitSizes.of(make_split(config, num_classes)), FixedTimings())
+    assert sum(stage.runs for stage in stages) == sum(len(unit.parts) for unit in units)
+
+
 def test_every_unit_records_the_processor_and_precision_it_ran_with(finished_study):
     from guided_diffusion.model_setup import processor_name
 
@@ -803,7 +817,7 @@ def test_with_void_pixels_the_generators_that_cannot_handle_them_stop_the_study_
 
 
 def test_an_sdm_of_isdms_best_epoch_rule_keeps_its_fingerprint_and_one_of_the_new_default_does_not():
-    from evaluation.study.run import with_best_epoch_rule
+    from evaluation.study.generators.sdm import with_best_epoch_rule
 
     values = {"lr": 1e-4, "max_steps": 1500}
     assert with_best_epoch_rule({**values, "best_by": "epoch_loss"}) == values  # as before the key existed

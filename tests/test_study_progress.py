@@ -12,7 +12,7 @@ import re
 import pytest
 
 from evaluation.study.run import main as study_main
-from evaluation.study.plan import Part, PlannedUnit, Rate, Term
+from evaluation.study.units import Part, PlannedUnit, Rate, Term
 from evaluation.study.progress import (PRIOR_SECONDS_PER_MEGAPIXEL, Timed, UnitCost, UnitProgress, time_left,
                                        unit_cost)
 

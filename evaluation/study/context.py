@@ -1,11 +1,13 @@
-"""What the study's stages share: the Study (config, folder, classes, ledger, device) and the data split.
+"""What the study's stages share: the Study (config, folder, classes, ledger, device, split) and the data split.
 
-A module of its own so that the runner (run.py) and the report (report.py) both import it and neither imports
-the other back."""
+A module of its own so that the runner (run.py), the generator kinds (generators/) and the report (report.py)
+all import it and none imports another back."""
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -16,7 +18,14 @@ from typing import Any
 from guided_diffusion.data import Pair
 
 from .config import StudyConfig
+from .units import PlannedUnit, fraction_tag
 from .progress import UnitProgress
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short, stable hash of JSON-able values: what decides a unit of work's result."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 class Ledger:
@@ -38,9 +47,16 @@ class Ledger:
         return self.entries.get((kind, key))
 
     def add(self, kind: str, key: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
+        """Append a finished unit. Units run as Slurm jobs append to one ledger at once: each line is written
+        whole, in one call, under an exclusive lock of the file."""
         entry = {"kind": kind, "fingerprint": key, "seconds": round(seconds, 2), **result}
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, default=float) + "\n")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                handle.write(json.dumps(entry, default=float) + "\n")
+                handle.flush()
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
         self.entries[(kind, key)] = entry
         return entry
 
@@ -65,19 +81,40 @@ class Study:
     bf16: bool
     log: Callable[[str], None]
     unit_progress: UnitProgress  # the progress lines of the units run and skipped
+    split: Split
     processor: str = ""  # the model of the CPU (or GPU) the units run on: recorded with each unit
     progress: bool = True  # tqdm bars
     report_only: bool = False  # run nothing: report what the ledger holds
+    only: str | None = None  # run just the unit of this id (a Slurm job): the others are read from the ledger
     used: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # the units this run reads or runs
 
-    def unit(self, kind: str, key: str, what: str, work: Callable[[], dict[str, Any]], where: tuple
+    def subset_dir(self, fraction: float) -> Path:
+        """The dataset folder of links of a fraction's subset (laid out when the study starts)."""
+        return self.root / "data" / fraction_tag(fraction)
+
+    def subset_key(self, fraction: float) -> str:
+        """What identifies a fraction's real subset in the keys of the units trained or sampled on it."""
+        return fingerprint([p.stem for p in self.split.subsets[fraction]], self.config.data_dir)
+
+    def precision(self, wanted: str) -> str:
+        """What a stage's `precision` key resolves to on the study's device: "bf16" (autocast) or "fp32"."""
+        from guided_diffusion.model_setup import bf16_autocast
+
+        return "bf16" if bf16_autocast(wanted, self.device) else "fp32"
+
+    def runs(self, unit: PlannedUnit) -> bool:
+        """Whether this run may run `unit` (else it only reads the ledger): not in a report-only run, and in a
+        run of one unit only that one."""
+        return not self.report_only and (self.only is None or unit.id == self.only)
+
+    def unit(self, unit: PlannedUnit, key: str, what: str, work: Callable[[], dict[str, Any]]
              ) -> dict[str, Any] | None:
-        """Run `work` unless the ledger holds (kind, key); record its result and time. With `report_only`, a
-        unit not in the ledger is not run and gives None. `where` names the unit in the plan
-        (plan.plan_units) for the progress lines."""
+        """Run `work` unless the ledger holds (kind, key); record its result and time. A unit this run may not
+        run (`runs`) gives its ledger entry, or None when it is not done."""
+        kind, where = unit.kind, unit.where
         self.used.add((kind, key))
         done = self.ledger.get(kind, key)
-        if self.report_only:
+        if not self.runs(unit):
             return done
         if done is not None:
             self.unit_progress.skip(kind, where, done.get("seconds"))
@@ -86,7 +123,8 @@ class Study:
         started = time.perf_counter()
         # where and how it ran: bf16 scores differ between processor models (the report warns on mixed pairs);
         # a unit that trains or samples an SDM reports the precision its own config resolved to
-        result = {"processor": self.processor, "precision": "bf16" if self.bf16 else "fp32", **work()}
+        result = {"unit": unit.id, "processor": self.processor, "precision": "bf16" if self.bf16 else "fp32",
+                  **work()}
         entry = self.ledger.add(kind, key, result, time.perf_counter() - started)
         self.unit_progress.finish(kind, where, entry["seconds"])
         return entry

@@ -41,7 +41,9 @@ from guided_diffusion.train import Trainer
 from ..image_sets import link_subset
 from ..segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, predict, train_segmenter
 from .config import StudyConfig
-from .plan import Rate, SplitSizes, plan_units
+from .plan import plan_units
+from .progress import format_duration
+from .units import Rate, SplitSizes
 
 
 @dataclass(frozen=True)
@@ -260,14 +262,6 @@ def _segmenter_costs(config: StudyConfig, num_classes: int, device: torch.device
     model = build_segmenter(spec).to(device).eval()
     predicting = seconds_per_call(lambda: predict(model, images, device, bf16=bf16)) / len(images)
     return SegmenterCosts(step, predicting)
-
-
-def format_duration(seconds: float) -> str:
-    """'4 h 05 min', '12 min', '40 s'."""
-    if seconds < 60:
-        return f"{seconds:.0f} s"
-    minutes = round(seconds / 60)
-    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def format_estimate(stages: list[Stage], machine: str) -> str:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from .estimate import format_duration
-from .plan import PlannedUnit
+from .units import PlannedUnit
 
 PRIOR_SECONDS_PER_MEGAPIXEL = {
     ("sdm", "train_step"): 30.0, ("sdm", "finetune_step"): 30.0, ("sdm", "forward"): 17.0,
@@ -35,16 +34,14 @@ KINDS_OF_WORK = {
 """The kinds of work calibrated apart (an SDM's finetuning step is its training step at another batch)."""
 
 
-@dataclass(frozen=True)
-class UnitCost:
+class UnitCost(NamedTuple):
     """A unit's seconds at the prior rates, and the kind of work that takes most of them."""
 
     kind: str
     prior: float
 
 
-@dataclass(frozen=True)
-class Timed:
+class Timed(NamedTuple):
     """A unit's real seconds: run here (`here`), or recorded in the ledger by an earlier run of the study."""
 
     cost: UnitCost
@@ -80,6 +77,14 @@ def estimated_seconds(cost: UnitCost, timed: Sequence[Timed]) -> float:
 def time_left(costs: Sequence[UnitCost], timed: Sequence[Timed]) -> float:
     """The estimated seconds of the units `costs` (those not reached yet), calibrated on the `timed` ones."""
     return sum(estimated_seconds(cost, timed) for cost in costs)
+
+
+def format_duration(seconds: float) -> str:
+    """'4 h 05 min', '12 min', '40 s'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def clock(seconds: float) -> str:

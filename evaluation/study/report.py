@@ -22,6 +22,7 @@ from guided_diffusion.run_folder import markdown_table, write_csv, write_json
 from ..contrast import INNER, OUTER, ROUGHER, ImageSetLook
 from .config import Variant
 from .context import Split, Study
+from .generators import report_group
 
 
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -56,11 +57,11 @@ def paired_differences(cell: dict[int, dict[str, Any]], other: dict[int, dict[st
 def generator_kind(study: Study, variant_name: str) -> str:
     """Which generator made a variant's extra data: sdm, paste, augment (classic augmentation only) or none."""
     variant = next(v for v in study.config.variants if v.name == variant_name)
-    kinds = {study.config.generators[name].kind for name in variant.synthetic}
-    if "sdm" in kinds:
+    groups = {report_group(study.config.generators[name]) for name in variant.synthetic}
+    if "sdm" in groups:
         return "sdm"
-    if "paste" in kinds:
-        return "paste"
+    if groups:
+        return sorted(groups)[0]
     return "augment" if variant.augment == "strong" else "none"
 
 
@@ -171,10 +172,10 @@ def without_sdm(study: Study, variant: Variant, fraction: float) -> str | None:
     """The variant of the same fraction that is `variant` without its SDM generators (same real images, same
     augmentation, the other generators), so the SDM's own share of a gain can be paired out; None when `variant`
     uses no SDM or no such variant is studied."""
-    kinds = study.config.generators
-    if variant.real is False or not any(kinds[n].kind == "sdm" for n in variant.synthetic):
+    generators = study.config.generators
+    if variant.real is False or not any(report_group(generators[n]) == "sdm" for n in variant.synthetic):
         return None
-    rest = sorted(n for n in variant.synthetic if kinds[n].kind != "sdm")
+    rest = sorted(n for n in variant.synthetic if report_group(generators[n]) != "sdm")
     for other in study.config.variants_at(fraction):
         if other.real == variant.real and other.augment == variant.augment and sorted(other.synthetic) == rest \
                 and other.max_synthetic == variant.max_synthetic:

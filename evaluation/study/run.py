@@ -19,21 +19,24 @@ Resume: every finished unit of work is recorded with a fingerprint of everything
 rerun skips units whose fingerprint is recorded; a changed setting redoes just the units it touches, in new
 folders, and never overwrites earlier output. The test split is read in stage 4 for scoring and nowhere else.
 
-Progress: the units are planned before any runs (plan.plan_units, the list `--estimate` prices), and each
-unit started, finished or found in the ledger prints a line with the time elapsed and an estimate of the time
-left (progress.py), with or without --no-progress (which turns off the tqdm bars only).
+One plan: the units are planned before any runs (plan.plan_units, the list `--estimate` prices and the report
+reads), and the runner executes that list (run_units): each unit, given the ledger entries of the units it needs,
+is run by its executor (generators/ for stages 2-3, this module for stage 4). The same list runs here in one
+process, one unit at a time as Slurm jobs (`--slurm`, slurm.py; a job runs `--unit <id>`), or not at all
+(`--report-only`, `--list-units`).
+
+Progress: each unit started, finished or found in the ledger prints a line with the time elapsed and an estimate
+of the time left (progress.py), with or without --no-progress (which turns off the tqdm bars only).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -44,7 +47,7 @@ import numpy as np
 import torch
 
 from guided_diffusion.config import PLACING_MODES, config_from_dict
-from guided_diffusion.data import Pair, index_dataset, split_train_val
+from guided_diffusion.data import index_dataset, split_train_val
 from guided_diffusion.errors import ConfigError, exit_status
 from guided_diffusion.run_folder import atomic_write, write_json
 
@@ -54,17 +57,12 @@ from ..image_sets import (IGNORE_INDEX, ImageSet, check_label_keys, class_names,
 from ..segmenter.metrics import segmentation_metrics
 from ..segmenter.model import SegmenterSpec, Selection, TrainSettings, build_segmenter, predict, train_segmenter
 from .config import StudyConfig, Variant, load_study
-from .context import Ledger, Split, Study
-from .plan import SplitSizes, fraction_tag, plan_units, settings_key
+from .context import Ledger, Split, Study, fingerprint
+from .plan import plan_units
+from .units import PlannedUnit, SplitSizes, fraction_tag
 from .progress import UnitProgress
 
 PROG = "evaluation/experiment.sh"
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short, stable hash of JSON-able values: what decides a unit of work's result."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -101,173 +99,6 @@ def check_backgrounds_exist(config: StudyConfig, split: Split) -> None:
                                   f"but none of the {len(pairs)} images of the {100 * fraction:g} % subset of "
                                   f"{config.data_dir} has an all-background mask; remove this generator (and its "
                                   "variants) or set its sample.background_dir to a folder of defect-free images")
-
-
-def lay_out_subset(study: Study, fraction: float, pairs: list[Pair]) -> Path:
-    """The subset as a dataset folder of symbolic links (train/ only; the SDM never sees val or test)."""
-    return link_subset(pairs, study.root / "data" / fraction_tag(fraction), study.config.data_dir)
-
-
-# -------------------------------------------------------------------------------------------------------------
-# 2.-3. generators and their samples
-
-
-def precision_of(wanted: str, study: Study) -> str:
-    """What a stage's `precision` key resolved to on the study's device: "bf16" (autocast) or "fp32"."""
-    from guided_diffusion.model_setup import bf16_autocast
-
-    return "bf16" if bf16_autocast(wanted, study.device) else "fp32"
-
-
-def with_best_epoch_rule(values: dict[str, Any]) -> dict[str, Any]:
-    """An SDM unit's values as its fingerprint sees them: ISDM's best-epoch rule (best_by "epoch_loss", the only
-    rule before the key existed) leaves the key out, so SDMs trained by it keep their fingerprints; any other rule,
-    the default "fixed_batch" included, is written in, so a study trained before the default changed trains its
-    SDM again instead of reusing one whose best.pt was chosen by the old rule."""
-    rule = values.get("best_by", "fixed_batch")
-    rest = {k: v for k, v in values.items() if k != "best_by"}
-    return rest if rule == "epoch_loss" else {**rest, "best_by": rule}
-
-
-def train_generator(study: Study, fraction: float, data_dir: Path, subset_key: str, sdm: dict[str, Any]
-                    ) -> Path | None:
-    """Train (and finetune) an SDM of settings `sdm` (model, train, finetune keys) on the subset; returns the run
-    folder to sample from (None: not trained yet in a report-only run)."""
-    common = {**study.config.generator_keys(str(data_dir), study.num_classes), **sdm.get("model", {})}
-    train_values = {**common, **sdm["train"]}
-    key = fingerprint("sdm-train", with_best_epoch_rule(train_values), subset_key)
-    root = study.root / "generator" / fraction_tag(fraction) / key
-
-    def train(action: str, values: dict[str, Any]) -> dict[str, Any]:
-        from guided_diffusion.train import run_training
-
-        config, notes = config_from_dict(action, {**values, "root_log_dir": str(root), "auto_resume": True},
-                                         f"study sdm.{action}")
-        for note in notes:
-            study.log(f"note: {note}")
-        result = run_training(config, action, study.log)
-        if result.stop_signal:
-            raise KeyboardInterrupt(f"{action} stopped by {result.stop_signal}")
-        return {"run_dir": str(result.run_dir), "best_epoch": result.state.best_epoch,
-                "precision": precision_of(config.precision, study),
-                "steps": result.state.step, "stop_reason": result.stop_reason}
-
-    where = (fraction, settings_key(sdm))
-    trained = study.unit("sdm-train", key, f"training the SDM on {len(list((data_dir / 'train/images').iterdir()))} "
-                                           f"images ({fraction_tag(fraction)})", lambda: train("train", train_values),
-                         where)
-    if trained is None:
-        return None
-    if sdm.get("finetune") is None:
-        return Path(trained["run_dir"])
-    finetune_values = {**common, **sdm["finetune"], "resume_checkpoint": trained["run_dir"]}
-    key = fingerprint("sdm-finetune", with_best_epoch_rule(finetune_values), subset_key)
-    tuned = study.unit("sdm-finetune", key, f"finetuning the SDM with null labels ({fraction_tag(fraction)})",
-                       lambda: train("finetune", finetune_values), where)
-    return None if tuned is None else Path(tuned["run_dir"])
-
-
-def train_mask_generator(study: Study, fraction: float, name: str, data_dir: Path, subset_key: str) -> Path | None:
-    """Train generator `name`'s mask generator (`main.py masks` keys) on the subset's masks; returns its run
-    folder (None: not trained yet in a report-only run)."""
-    from guided_diffusion.masks.train import mask_config, train_mask_generator as train_masks
-
-    values = {**study.config.mask_generator_keys(str(data_dir), study.num_classes), "seed": study.config.seed,
-              **(study.config.generators[name].mask_generator or {})}
-    key = fingerprint("masks-train", values, subset_key)
-
-    def work() -> dict[str, Any]:
-        config = mask_config({**values, "root_log_dir": str(study.root / "masks" / fraction_tag(fraction) / key),
-                              "auto_resume": True}, f"study generators.{name}.mask_generator")
-        result = train_masks(config, study.log)
-        if result.stop_signal:
-            raise KeyboardInterrupt(f"masks stopped by {result.stop_signal}")
-        return {"run_dir": str(result.run_dir), "steps": result.state.step, "stop_reason": result.stop_reason,
-                "precision": precision_of(config.precision, study)}
-
-    done = study.unit("masks-train", key, f"training the mask generator of {name} on the masks of "
-                                          f"{fraction_tag(fraction)}", work, (fraction, name))
-    return None if done is None else Path(done["run_dir"])
-
-
-def filter_generated(study: Study, fraction: float, name: str, source: dict[str, Any], data_dir: Path
-                     ) -> dict[str, Any] | None:
-    """FreeMask-filter the images of a generator's source run: a scorer trained on the subset's real images
-    (cached under scorers/) marks the synthetic pixels it finds implausible as ignored (labels_filtered/)."""
-    from ..freemask import FILTER_REPORT, ScorerSettings, filter_folders
-
-    config, protocol = study.config, study.config.segmenter
-    generator = config.generators[name]
-    settings = generator.filter
-    scorer = ScorerSettings(protocol.architecture, protocol.encoder, config.image_size, config.resize_mode,
-                            protocol.steps, protocol.batch_size, protocol.lr, protocol.weight_decay, True, config.seed)
-    key = fingerprint("filter", source["fingerprint"], dataclasses.asdict(settings), dataclasses.asdict(scorer))
-    # the filter writes labels_filtered/ into the folder it filters: it gets a folder of its own that links the
-    # source's files, so the source stays as sampled and each filter setting keeps its own labels
-    run_dir = study.root / "synthetic" / data_dir.name / f"{name}-{key}" / "sample_001"
-
-    def work() -> dict[str, Any]:
-        if not (run_dir / FILTER_REPORT).is_file():  # a kill after the filter wrote its files: reuse them
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # a copy cut short by a kill (the study's own folder)
-            run_dir.mkdir(parents=True)
-            origin = Path(source["run_dir"])
-            for entry in origin.iterdir():
-                if entry.is_dir() and entry.name in ("samples", "labels", "images", "colored_labels"):
-                    (run_dir / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
-            shutil.copyfile(origin / "config.json", run_dir / "config.json")
-            folder = index_sample_folder(run_dir, study.num_classes)
-            filter_folders([folder], str(data_dir), config.dataset_mode, study.num_classes, scorer, settings,
-                           str(study.root / "scorers"), True, study.device, study.log, study.progress)
-        report = json.loads((run_dir / FILTER_REPORT).read_text(encoding="utf-8"))
-        return {"run_dir": str(run_dir), "images": report["kept_images"], "dropped": report["dropped_images"],
-                "ignored_pixel_share": report["ignored_pixel_share"], "labels": "filtered"}
-
-    return study.unit("filter", key, f"filtering {generator.source}'s images into {name} ({fraction_tag(fraction)})",
-                      work, (fraction, name))
-
-
-def generate(study: Study, fraction: float, name: str, data_dir: Path, model_dir: Path | None,
-             subset_key: str, done: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """Sample one generator's pairs for a fraction (or filter its source's, already in `done`); returns its
-    ledger entry (run_dir, images, seconds), or None in a report-only run when it (or what it needs) is not
-    done yet."""
-    from guided_diffusion.sampling.sample import run_sampling
-
-    from ..freemask import measure_hardness  # the scorer of hardness_args, handed to the sample action
-
-    generator = study.config.generators[name]
-    if generator.labels == "filtered":
-        source = done.get(generator.source)
-        return None if source is None else filter_generated(study, fraction, name, source, data_dir)
-    if generator.kind == "sdm" and model_dir is None:
-        return None  # report-only, the SDM not trained yet
-    model_keys = study.config.sdm_settings(name).get("model", {})
-    values = {**study.config.generator_keys(str(data_dir), study.num_classes), **model_keys,
-              "seed": study.config.seed, **generator.sample_keys}
-    if generator.kind == "paste":
-        values = {k: v for k, v in values.items() if k not in model_keys}
-    if model_dir is not None:
-        values["model_path"] = str(model_dir)
-    if generator.mask_generator is not None:
-        masks_run = train_mask_generator(study, fraction, name, data_dir, subset_key)
-        if masks_run is None:
-            return None  # report-only, the mask generator not trained yet
-        values["mask_source"] = str(masks_run)
-    key = fingerprint("sample", values, subset_key, generator.kind)
-    root = study.root / "synthetic" / fraction_tag(fraction) / f"{name}-{key}"
-
-    def work() -> dict[str, Any]:
-        config, notes = config_from_dict("sample", {**values, "root_log_dir": str(root)}, f"study generators.{name}")
-        for note in notes:
-            study.log(f"note: {note}")
-        summary = run_sampling(config, set(values), f"study generators.{name}", study.log, measure_hardness)
-        return {"run_dir": summary["run_dir"], "images": summary["num_samples"],
-                "seconds_per_image": summary.get("seconds_per_image"),
-                "precision": precision_of(config.precision, study)}
-
-    return study.unit("sample", key, f"generator {name} ({generator.kind}) at {fraction_tag(fraction)}", work,
-                      (fraction, name))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -417,25 +248,170 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
                                        **generator.mask_generator}, f"study generators.{name}.mask_generator")
 
 
-def subset_key_of(pairs: list[Pair], data_dir: str) -> str:
-    """What identifies a real subset in the keys of the units trained or sampled on it."""
-    return fingerprint([p.stem for p in pairs], data_dir)
-
-
 def print_flushed(line: str) -> None:
     """The study's log: stdout, each line flushed as it is written (a log file shows where the study is)."""
     print(line, flush=True)
 
 
-def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
-              log: Callable[[str], None] = print_flushed,
-              progress: bool = True, report_only: bool = False) -> Path:
-    """Run the study (or, with `report_only`, run nothing and report the units the ledger holds)."""
+class StudyData:
+    """The study's image sets, loaded when a unit first needs them: the real validation and test splits, and the
+    real subset and generated sets of one fraction at a time (those of the fraction before are let go)."""
+
+    def __init__(self, study: Study):
+        self.study = study
+        self.load_seconds = 0.0  # loading val and test
+        self._val: ImageSet | None = None
+        self._test: ImageSet | None = None
+        self.fraction: float | None = None
+        self.sets: dict[str, ImageSet] = {}  # "real" and the generated sets (by run folder) of self.fraction
+
+    def _real_split(self, name: str) -> ImageSet:
+        config = self.study.config
+        started = time.perf_counter()
+        pairs = load_pairs(getattr(self.study.split, name), config.dataset_mode, config.image_size,
+                           config.resize_mode, name)
+        self.load_seconds += time.perf_counter() - started
+        return pairs
+
+    @property
+    def val(self) -> ImageSet:
+        if self._val is None:
+            self._val = self._real_split("val")
+        return self._val
+
+    @property
+    def test(self) -> ImageSet:
+        if self._test is None:
+            self._test = self._real_split("test")
+        return self._test
+
+    def _at(self, fraction: float) -> None:
+        if fraction != self.fraction:
+            self.fraction, self.sets = fraction, {}
+
+    def real(self, fraction: float) -> ImageSet:
+        self._at(fraction)
+        if "real" not in self.sets:
+            config = self.study.config
+            self.sets["real"] = load_pairs(self.study.split.subsets[fraction], config.dataset_mode,
+                                           config.image_size, config.resize_mode, fraction_tag(fraction))
+        return self.sets["real"]
+
+    def generated(self, fraction: float, name: str, entry: dict[str, Any]) -> ImageSet:
+        self._at(fraction)
+        key = f"{name}:{entry['run_dir']}"
+        if key not in self.sets:
+            self.sets[key] = load_generated(self.study, name, entry["run_dir"])
+        return self.sets[key]
+
+
+class SegmenterUnits:
+    """The executors of the segmenter and label-alignment units, over the study's image sets."""
+
+    def __init__(self, study: Study, data: StudyData):
+        self.study, self.data = study, data
+        config, split = study.config, study.split
+        # the seed list is left out (each unit's key has its seed): adding a seed redoes nothing else
+        self.protocol_key = fingerprint(config.segmenter.fingerprint_keys(), config.image_size, config.resize_mode,
+                                        config.val_fraction, config.seed, config.background_class,
+                                        config.ignore_index, [p.stem for p in split.val],
+                                        [p.stem for p in split.test])
+
+    def variant(self, name: str) -> Variant:
+        return next(v for v in self.study.config.variants if v.name == name)
+
+    def segmenter(self, study: Study, unit: PlannedUnit, needs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        fraction, name, seed = unit.where
+        variant = self.variant(name)
+        sources = {generator: needs[generator]["fingerprint"] for generator in variant.synthetic}
+        key = fingerprint("segmenter", self.protocol_key, study.subset_key(fraction), variant.recipe(), sources, seed)
+
+        def work() -> dict[str, Any]:
+            synthetic = {generator: self.data.generated(fraction, generator, needs[generator])
+                         for generator in variant.synthetic}
+            return train_and_score(study, fraction, variant, seed, self.data.real(fraction), synthetic,
+                                   self.data.val, self.data.test, key)
+
+        return study.unit(unit, key, f"segmenter {fraction_tag(fraction)} {variant.name} seed {seed}", work)
+
+    def alignment(self, study: Study, unit: PlannedUnit, needs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+        fraction, name, seed = unit.where
+        segmenter, generated = needs["segmenter"], needs["generated"]
+        variant = self.variant(segmenter["variant"])
+        key = fingerprint("alignment", segmenter["fingerprint"], generated["fingerprint"])
+        return study.unit(unit, key, f"label alignment of {name} ({fraction_tag(fraction)}, seed {seed})",
+                          lambda: align(study, fraction, variant, seed, self.data.real(fraction), self.data.val,
+                                        segmenter["fingerprint"], self.data.generated(fraction, name, generated)))
+
+
+def run_units(study: Study, units: list[PlannedUnit], executors: dict[str, Callable[..., dict[str, Any] | None]]
+              ) -> dict[str, dict[str, Any] | None]:
+    """Execute the plan in order: each unit, given the ledger entries of the units it needs, is run, or found in
+    the ledger (resume), or, where this run may not run it (report-only, or another unit's Slurm job), read from
+    the ledger. A unit whose needs are not done is left (None), and so are the units after it that need it."""
+    entries: dict[str, dict[str, Any] | None] = {}
+    for unit in units:
+        needs = {role: entries.get(needed) for role, needed in unit.needs}
+        if any(entry is None for entry in needs.values()):
+            entries[unit.id] = None
+            continue
+        entries[unit.id] = executors[unit.kind](study, unit, needs)
+        if study.only == unit.id:
+            break
+    return entries
+
+
+def report_inputs(units: list[PlannedUnit], entries: dict[str, dict[str, Any] | None], config: StudyConfig
+                  ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """What the report reads, from the ledger entries of the plan's units: the segmenter rows in plan order, each
+    real-only one with the label alignment of its seed ({generator: scores}); and each generator's entry by
+    '<fraction tag>/<name>'."""
+    aligned: dict[tuple, dict[str, Any]] = {}
+    generator_runs: dict[str, dict[str, Any]] = {}
+    for unit in units:
+        entry = entries.get(unit.id)
+        if entry is None:
+            continue
+        if unit.kind == "alignment":
+            fraction, name, seed = unit.where
+            aligned.setdefault((fraction, seed), {})[name] = {
+                k: v for k, v in entry.items() if k not in ("kind", "fingerprint", "seconds")}
+        elif unit.kind in ("sample", "filter"):
+            generator_runs[f"{fraction_tag(unit.where[0])}/{unit.where[1]}"] = entry
+    baselines = {v.name for v in config.variants if v.is_baseline}
+    rows = []
+    for unit in units:
+        entry = entries.get(unit.id)
+        if unit.kind != "segmenter" or entry is None:
+            continue
+        fraction, name, seed = unit.where
+        rows.append({**entry, "alignment": aligned.get((fraction, seed), {})} if name in baselines else entry)
+    return rows, generator_runs
+
+
+def set_looks(study: Study, data: StudyData, generator_runs: dict[str, dict[str, Any]]
+              ) -> dict[float, dict[str, ImageSetLook]]:
+    """How each set draws each class, per fraction with generated sets (the report's "Defect contrast" and
+    "Defect roughness")."""
+    looks: dict[float, dict[str, ImageSetLook]] = {}
+    for fraction in study.config.real_fractions:
+        tag = fraction_tag(fraction)
+        runs = {key.split("/", 1)[1]: entry for key, entry in generator_runs.items() if key.split("/")[0] == tag}
+        if not runs:
+            continue
+        sets = {"real": data.real(fraction),
+                **{name: data.generated(fraction, name, entry) for name, entry in runs.items()}}
+        looks[fraction] = {name: image_set_look(images.images, images.masks, list(range(study.num_classes)),
+                                                study.config.background_class, ignored_label(study))
+                           for name, images in sets.items()}
+    return looks
+
+
+def open_study(config: StudyConfig, log: Callable[[str], None], progress: bool, report_only: bool,
+               only: str | None, started: float) -> tuple[Study, list[PlannedUnit]]:
+    """Check the config against the dataset, make the split and the plan; the Study that runs it."""
     from guided_diffusion.model_setup import bf16_autocast, processor_name, select_device
 
-    from .report import write_report
-
-    started = time.perf_counter()
     num_classes = resolve_num_classes(config)
     check_study(config, num_classes)
     names = class_names(config.data_dir, num_classes)
@@ -444,107 +420,98 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
     bf16 = bf16_autocast(wanted, device)  # the SDM's rule: "auto" = bf16 where it is native (measured faster)
     if wanted == "bf16" and not bf16:
         raise ConfigError(f"key 'segmenter.precision' is bf16 but this {device.type} has no native bf16; use auto")
+    split = make_split(config, num_classes)  # the dataset is checked whole here, before anything is written
+    check_backgrounds_exist(config, split)
+    units = plan_units(config, num_classes, SplitSizes.of(split))
+    if only is not None and only not in {unit.id for unit in units}:
+        raise ConfigError(f"--unit {only}: the study has no such unit; its units are {units[0].id} ... "
+                          f"{units[-1].id} (see --list-units)")
     if not report_only:  # an encoder's weights that cannot be had (offline, a bad file) stop the study before any work
         segmenter = config.segmenter
         build_segmenter(SegmenterSpec(segmenter.architecture, num_classes, segmenter.encoder,
                                       segmenter.encoder_weights))
-    split = make_split(config, num_classes)  # the dataset is checked whole here, before anything is written
-    check_backgrounds_exist(config, split)
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    lines = UnitProgress(plan_units(config, num_classes, SplitSizes.of(split)), log, started)
-    study = Study(config, root, num_classes, names, Ledger(root / "ledger.jsonl"), device, bf16, log, lines,
-                  processor_name(device), progress, report_only)
-    done = len(study.ledger.entries)
-    log(f"study folder: {root} ({f'resuming: {done} units done' if done else 'new'})"
-        + ("; report only: nothing is run" if report_only else ""))
+    planned = units if only is None else [unit for unit in units if unit.id == only]
+    study = Study(config, root, num_classes, names, Ledger(root / "ledger.jsonl"), device, bf16, log,
+                  UnitProgress(planned, log, started), split, processor_name(device), progress, report_only, only)
+    for fraction, pairs in split.subsets.items():
+        link_subset(pairs, study.subset_dir(fraction), config.data_dir)  # the SDM never sees val or test
+    return study, units
+
+
+def execute(study: Study, units: list[PlannedUnit]) -> tuple[dict[str, dict[str, Any] | None], StudyData]:
+    """Run the plan's units as far as this run may (Study.runs); their ledger entries by unit id."""
+    from .generators import EXECUTORS
+
+    data = StudyData(study)
+    segmenters = SegmenterUnits(study, data)
+    return run_units(study, units, {**EXECUTORS, "segmenter": segmenters.segmenter,
+                                    "alignment": segmenters.alignment}), data
+
+
+def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
+              log: Callable[[str], None] = print_flushed,
+              progress: bool = True, report_only: bool = False, only: str | None = None) -> Path:
+    """Run the study's plan (or, with `report_only`, run nothing and report the units the ledger holds; with
+    `only`, run that one unit, whose needs the ledger holds, and write no report: a Slurm job)."""
+    from .report import write_report
+
+    started = time.perf_counter()
+    study, units = open_study(config, log, progress, report_only, only, started)
+    root, split = study.root, study.split
+    if only is None:
+        done = len(study.ledger.entries)
+        log(f"study folder: {root} ({f'resuming: {done} units done' if done else 'new'})"
+            + ("; report only: nothing is run" if report_only else ""))
+        if not report_only:
+            write_config(study, values, command)
+        write_json(root / "split.json", {"val": [p.stem for p in split.val],
+                                         **{fraction_tag(f): [p.stem for p in s] for f, s in split.subsets.items()}})
+        log(f"real data: {len(split.val)} validation, "
+            + ", ".join(f"{len(s)} at {fraction_tag(f)}" for f, s in split.subsets.items())
+            + f", {len(split.test)} test images (test used for scoring only)")
+    entries, data = execute(study, units)
+    if only is not None:
+        if entries.get(only) is None:
+            raise ConfigError(f"--unit {only}: the units it needs are not all in the ledger of {root}")
+        return root
     if not report_only:
-        write_json(root / f"config{'_quick' if config.quick else ''}.json", {**values, "_command": command})
-    write_json(root / "split.json", {"val": [p.stem for p in split.val],
-                                     **{fraction_tag(f): [p.stem for p in s] for f, s in split.subsets.items()}})
-    log(f"real data: {sum(len(s) for s in [split.val])} validation, "
-        + ", ".join(f"{len(s)} at {fraction_tag(f)}" for f, s in split.subsets.items())
-        + f", {len(split.test)} test images (test used for scoring only)")
-    loaded_at = time.perf_counter()
-    val = load_pairs(split.val, config.dataset_mode, config.image_size, config.resize_mode, "val")
-    test = load_pairs(split.test, config.dataset_mode, config.image_size, config.resize_mode, "test")
-    load_seconds = time.perf_counter() - loaded_at
-
-    # the seed list is left out (each unit's key has its seed): adding a seed redoes nothing else
-    protocol = config.segmenter.fingerprint_keys()
-    protocol_key = fingerprint(protocol, config.image_size, config.resize_mode,
-                               config.val_fraction, config.seed, config.background_class, config.ignore_index,
-                               [p.stem for p in split.val], [p.stem for p in split.test])
-    rows: list[dict[str, Any]] = []
-    generator_runs: dict[str, dict[str, Any]] = {}
-    sdm_runs: dict[tuple[float, str], Path | None] = {}
-    looks: dict[float, dict[str, ImageSetLook]] = {}
-
-    def sdm_of(fraction: float, name: str) -> Path | None:
-        """The SDM a generator samples: of its settings (`sdm_settings`), trained on its `sdm_fraction`'s subset
-        (default: this fraction's); each (subset, settings) trained once."""
-        generator = config.generators[name]
-        if generator.kind != "sdm" or generator.labels == "filtered":
-            return None
-        trained_at = generator.sdm_fraction if generator.sdm_fraction is not None else fraction
-        settings = config.sdm_settings(name)
-        key = (trained_at, fingerprint(settings))
-        if key not in sdm_runs:
-            pairs = split.subsets[trained_at]
-            sdm_runs[key] = train_generator(study, trained_at, lay_out_subset(study, trained_at, pairs),
-                                            subset_key_of(pairs, config.data_dir), settings)
-        return sdm_runs[key]
-
-    for fraction in config.real_fractions:
-        tag = fraction_tag(fraction)
-        pairs = split.subsets[fraction]
-        subset_key = subset_key_of(pairs, config.data_dir)
-        data_dir = lay_out_subset(study, fraction, pairs)
-        runs: dict[str, dict[str, Any]] = {}
-        for name in config.generators_at(fraction):  # sources of filtered generators come first
-            runs[name] = generate(study, fraction, name, data_dir, sdm_of(fraction, name), subset_key, runs)
-        runs = {name: run for name, run in runs.items() if run is not None}  # None: report-only, not done
-        for name, run in runs.items():
-            generator_runs[f"{tag}/{name}"] = run
-        real = load_pairs(pairs, config.dataset_mode, config.image_size, config.resize_mode, tag)
-        synthetic = {name: load_generated(study, name, run["run_dir"]) for name, run in runs.items()}
-        if synthetic:  # how each set draws each class (the report's "Defect contrast" and "Defect roughness")
-            looks[fraction] = {name: image_set_look(images.images, images.masks, list(range(study.num_classes)),
-                                                    config.background_class, ignored_label(study))
-                               for name, images in {"real": real, **synthetic}.items()}
-        variants = sorted(config.variants_at(fraction), key=lambda v: not v.is_baseline)  # baseline first
-        for variant in variants:
-            if any(name not in runs for name in variant.synthetic):
-                continue  # report-only: its data is not generated yet
-            sources = {name: runs[name]["fingerprint"] for name in variant.synthetic}
-            recipe = variant.recipe()
-            for seed in config.segmenter.seeds:
-                key = fingerprint("segmenter", protocol_key, subset_key, recipe, sources, seed)
-                needs = {n: synthetic[n] for n in variant.synthetic}
-                row = study.unit("segmenter", key, f"segmenter {tag} {variant.name} seed {seed}",
-                                 lambda: train_and_score(study, fraction, variant, seed, real, needs, val, test, key),
-                                 (fraction, variant.name, seed))
-                if row is None:
-                    continue
-                if variant.is_baseline:  # label alignment, a unit per generator: adding one redoes nothing else
-                    aligned = {}
-                    for name, run in runs.items():
-                        done = study.unit("alignment", fingerprint("alignment", key, run["fingerprint"]),
-                                          f"label alignment of {name} ({tag}, seed {seed})",
-                                          lambda: align(study, fraction, variant, seed, real, val, key,
-                                                        synthetic[name]), (fraction, name, seed))
-                        if done is not None:
-                            aligned[name] = {k: v for k, v in done.items() if k not in ("kind", "fingerprint",
-                                                                                          "seconds")}
-                    row = {**row, "alignment": aligned}
-                rows.append(row)
-        del real, synthetic
-    if not report_only:
-        lines.close()
-    seconds = time.perf_counter() - started
-    write_report(study, rows, generator_runs, split, command, seconds, load_seconds, looks)
+        study.unit_progress.close()
+    rows, generator_runs = report_inputs(units, entries, config)
+    looks = set_looks(study, data, generator_runs)
+    write_report(study, rows, generator_runs, split, command, time.perf_counter() - started, data.load_seconds,
+                 looks)
     log(f"report: {root / 'report.md'}")
     return root
+
+
+def write_config(study: Study, values: dict[str, Any], command: str) -> None:
+    write_json(study.root / f"config{'_quick' if study.config.quick else ''}.json", {**values, "_command": command})
+
+
+def list_units(config: StudyConfig, log: Callable[[str], None]) -> None:
+    """`--list-units`: each unit of the plan in run order, whether the ledger holds it, and the units it needs."""
+    study, units = open_study(config, lambda *_: None, False, True, None, time.perf_counter())
+    entries, _ = execute(study, units)
+    for unit in units:
+        state = "done" if entries.get(unit.id) is not None else "to do"
+        needs = ", ".join(needed for _, needed in unit.needs)
+        log(f"{unit.id}  [{state}]" + (f"  needs {needs}" if needs else ""))
+
+
+def submit(config: StudyConfig, values: dict[str, Any], command: str, study_argv: list[str],
+           sbatch_args: list[str], kind_args: dict[str, list[str]], wait: bool,
+           log: Callable[[str], None] = print_flushed) -> None:
+    """`--slurm`: the units not done as Slurm jobs (slurm.py); with `wait`, return once they all ended."""
+    from .slurm import submit_study, wait_for
+
+    study, units = open_study(config, log, False, True, None, time.perf_counter())
+    entries, _ = execute(study, units)
+    write_config(study, values, command)
+    jobs = submit_study(study.root, units, entries, study_argv, sbatch_args, kind_args, log)
+    if wait:
+        wait_for(list(jobs.values()))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -573,6 +540,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (for log files); the one-line progress of each unit, with the time "
                              "elapsed and left, stays")
+    parser.add_argument("--list-units", action="store_true",
+                        help="print the plan: each unit in run order, done or to do, and the units it needs; run nothing")
+    cluster = parser.add_argument_group("Slurm (docs/scale_out.md)")
+    cluster.add_argument("--slurm", action="store_true",
+                         help="submit each unit not done as a Slurm job (sbatch), after the jobs of the units it "
+                              "needs, and a report job after them all; rerun to resubmit only what is unfinished")
+    cluster.add_argument("--sbatch-args", default="", metavar="ARGS",
+                         help="sbatch arguments for every job, e.g. \"--partition=cpu --time=2:00:00\"")
+    cluster.add_argument("--sbatch-kind", action="append", default=[], metavar="KIND=ARGS",
+                         help="sbatch arguments for the jobs of one unit kind, after --sbatch-args, e.g. "
+                              "sdm-train=\"--gres=gpu:1\" (kinds: sdm-train, sdm-finetune, masks-train, sample, "
+                              "filter, segmenter, alignment)")
+    cluster.add_argument("--wait", action="store_true", help="with --slurm: return once every job has ended")
+    cluster.add_argument("--unit", metavar="ID", help="run this one unit of the plan (what a Slurm job runs); the "
+                                                      "units it needs must be done")
     return parser.parse_args(argv)
 
 
@@ -600,8 +582,20 @@ def main(argv: list[str] | None = None) -> int:
                       "estimate below counts the whole study")
             print(estimate_study(config, num_classes, make_split(config, num_classes), print))
             return
+        if args.list_units:
+            list_units(config, print_flushed)
+            return
+        if args.slurm:
+            from .slurm import parse_kind_args  # noqa: PLC0415 - only --slurm needs it
+
+            study_argv = ["-c", args.config, *(["--quick"] if args.quick else []),
+                          *(["--output-dir", args.output_dir] if args.output_dir else []),
+                          *[part for override in args.overrides for part in ("--set", override)]]
+            submit(config, values, shlex.join([PROG, *argv]), study_argv, shlex.split(args.sbatch_args),
+                   parse_kind_args(args.sbatch_kind), args.wait)
+            return
         run_study(config, values, shlex.join([PROG, *argv]), progress=not args.no_progress,
-                  report_only=args.report_only)
+                  report_only=args.report_only, only=args.unit)
 
     return exit_status(action)
 
