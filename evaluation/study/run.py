@@ -541,7 +541,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="no progress bars (for log files); the one-line progress of each unit, with the time "
                              "elapsed and left, stays")
     parser.add_argument("--list-units", action="store_true",
-                        help="print the plan: each unit in run order, done or to do, and the units it needs; run nothing")
+                        help="print the plan: each unit in run order, done or to do, and the units it needs; run "
+                             "nothing")
     cluster = parser.add_argument_group("Slurm (docs/scale_out.md)")
     cluster.add_argument("--slurm", action="store_true",
                          help="submit each unit not done as a Slurm job (sbatch), after the jobs of the units it "
@@ -566,6 +567,13 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TQDM_DISABLE"] = "1"  # sets it before Python starts)
 
     def action() -> None:
+        modes = [name for name, on in (("--slurm", args.slurm), ("--unit", args.unit),
+                                       ("--report-only", args.report_only), ("--list-units", args.list_units),
+                                       ("--estimate", args.estimate), ("--dry-run", args.dry_run)) if on]
+        if len(modes) > 1:
+            raise ConfigError(f"{' and '.join(modes)} do not go together: give one of them")
+        if (args.wait or args.sbatch_args or args.sbatch_kind) and not args.slurm:
+            raise ConfigError("--wait, --sbatch-args and --sbatch-kind only apply with --slurm")
         config, values = load_study(args.config, args.overrides, args.quick, args.output_dir)
         if args.dry_run:
             check_study(config, resolve_num_classes(config))
