@@ -413,6 +413,74 @@ def test_encoder_weights_null_leaves_the_segmenter_fingerprint_keys_as_before_th
                                                                                 "encoder_weights": "imagenet"}
 
 
+PINNED_KEYS = Path(__file__).resolve().parent / "fixtures" / "study_fingerprints.json"
+
+
+def unit_name(kind: str, where: tuple) -> str:
+    """A unit as tests/fixtures/study_fingerprints.json names it: 'segmenter r025 real seed 0', 'sdm-train r025'."""
+    from evaluation.study.plan import fraction_tag
+
+    if kind in ("sdm-train", "sdm-finetune"):
+        return f"{kind} {fraction_tag(where[0])}"  # where[1] is the SDM's settings, one SDM in these configs
+    return f"{kind} {fraction_tag(where[0])} {where[1]}" + (f" seed {where[2]}" if len(where) > 2 else "")
+
+
+def unit_keys_of(name: str, quick: bool, tmp_path: Path, monkeypatch) -> dict[str, str]:
+    """The key of every unit the study of configs/<name> meets, by unit name, with no work done: it runs from a
+    folder laid out as the repository (its data_dir ../shared/... and output_dir Results/... are read as they are,
+    and are part of some keys); each unit is recorded and answered with the ledger entry of a first run instead of
+    run (its run folder is part of later units' keys), each generator's images are two blank stand-ins, and no
+    report is written."""
+    from evaluation.image_sets import ImageSet
+    from evaluation.study import report as study_report, run as study_run
+    from evaluation.study.config import load_study
+    from evaluation.study.context import Study
+    from evaluation.study.plan import fraction_tag
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "shared").symlink_to((repo.parent / "shared").resolve(), target_is_directory=True)
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    keys: dict[str, str] = {}
+
+    def record(study, kind, key, what, work, where):
+        name, tag = unit_name(kind, where), fraction_tag(where[0])
+        assert name not in keys, name
+        keys[name] = key
+        # the run folder a first run makes (later keys hold it): <root_log_dir>/<action>_001
+        folders = {"sdm-train": f"generator/{tag}/{key}/train_001",
+                   "sdm-finetune": f"generator/{tag}/{keys.get(f'sdm-train {tag}')}/finetune_001",
+                   "sample": f"synthetic/{tag}/{where[1]}-{key}/sample_001",
+                   "filter": f"synthetic/{tag}/{where[1]}-{key}/sample_001"}
+        return {"kind": kind, "fingerprint": key, "seconds": 0.0,
+                "run_dir": str(study.root / folders[kind]) if kind in folders else ""}
+
+    def blank(study, generator, run_dir):
+        side = study.config.image_size
+        return ImageSet(generator, ("a", "b"), np.zeros((2, side, side, 3), np.uint8),
+                        np.zeros((2, side, side), np.uint8))
+
+    monkeypatch.setattr(Study, "unit", record)
+    monkeypatch.setattr(study_run, "load_generated", blank)
+    monkeypatch.setattr(study_report, "write_report", lambda *args, **kwargs: None)
+    config, values = load_study(repo / "configs" / name, [], quick)
+    run_study(config, values, "pinned keys", log=lambda *_: None, progress=False)
+    return keys
+
+
+@pytest.mark.parametrize("name, quick", [("experiment_magnetic_tile.json", False),
+                                         ("experiment_magnetic_tile.json", True),
+                                         ("experiment_magnetic_tile_full.json", False),
+                                         ("experiment_magnetic_tile_full.json", True)])
+def test_the_committed_study_configs_key_their_units_as_before_so_their_folders_resume(name, quick, tmp_path,
+                                                                                      monkeypatch):
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / json.loads((repo / "configs" / name).read_text())["data_dir"]).is_dir():
+        pytest.skip("the magnetic-tile dataset is not on this machine")
+    pinned = json.loads(PINNED_KEYS.read_text(encoding="utf-8"))[name + (" --quick" if quick else "")]
+    assert unit_keys_of(name, quick, tmp_path, monkeypatch) == pinned
+
+
 def test_without_background_class_the_no_bg_mean_is_the_mean_over_every_class():
     from evaluation.segmenter.metrics import segmentation_metrics
     target = np.array([[[0, 0, 1, 1]]])
