@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from guided_diffusion.config_io import read, require
-from guided_diffusion.config import HardnessArgs, SampleConfig, ScorerSettings  # the keys, in the config layer
+from guided_diffusion.config import HardnessArgs, SampleConfig
 from guided_diffusion.data import Pair, index_dataset, load_image, load_mask, resize_pair
 from guided_diffusion.distributed import current_world, made_by_main
 from guided_diffusion.errors import CheckpointError, ConfigError, DatasetError, UserError
@@ -59,6 +59,7 @@ from guided_diffusion.run_folder import write_json
 from .image_sets import FILTER_REPORT, FILTERED_LABELS, IGNORE_INDEX, SampleFolder, class_names, load_pairs
 from .segmenter.metrics import segmentation_metrics
 from .segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, images_to_tensor, predict, train_segmenter
+from .segmenter.settings import ScorerSettings
 
 DROP_BASES = ("foreground", "all")
 """What an image's ignored fraction is taken over: all its pixels, or those labelled with a class other than 0."""
@@ -367,7 +368,7 @@ def measure_hardness(config: SampleConfig, pairs: Sequence[Pair], log: Callable[
     with hardness_args.allow_training a missing one is trained (rank 0 alone under a launcher, then every rank
     loads it), else a CheckpointError says how to train it."""
     args = config.hardness_args or HardnessArgs()
-    settings = args.scorer.at_size(config.image_size)
+    settings = ScorerSettings.of_sample_config(config).at_size(config.image_size)
     command = training_command(config.data_dir, settings, args.scorer_dir, config.dataset_mode)
     hint = f"train it once with `{command}`, or set hardness_args.allow_training to true"
 

@@ -347,6 +347,19 @@ def test_a_bad_study_key_is_one_line_naming_it(demo_dir, tmp_path, change, messa
     assert "\n" not in str(caught.value)
 
 
+def test_a_bad_scorer_key_of_a_generators_hardness_args_stops_the_study_before_any_work(demo_dir, tmp_path,
+                                                                                         capsys):
+    values = study_values(demo_dir, tmp_path / "study")
+    values["generators"]["sdm"]["sample"]["hardness_args"] = {"scorer": {"batch_size": 1}}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(values))
+    assert study_main(["-c", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: study generators.sdm: key 'hardness_args.scorer.batch_size' must be at least 2 (batch " \
+                  "norm needs two images), got 1"
+    assert not (tmp_path / "study").exists()
+
+
 def test_a_bad_sample_key_of_a_generator_stops_the_study_before_any_work(demo_dir, tmp_path, capsys):
     values = study_values(demo_dir, tmp_path / "study")
     values["generators"]["sdm"]["sample"]["sampler"] = "euler"

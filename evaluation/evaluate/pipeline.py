@@ -48,8 +48,9 @@ from ..image_sets import (
 from ..segmenter.alignment import label_alignment_score
 from ..segmenter.metrics import SUMMARY_METRICS, metric_columns, segmentation_metrics
 from ..segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, predict, train_segmenter
+from ..segmenter.settings import canonical_architecture
 from . import report
-from .config import EvaluateConfig, canonical_architecture, config_to_dict
+from .config import EvaluateConfig, config_to_dict
 from .mixes import Mix, chosen_indices, parse_mixes
 
 RUN_COLUMNS = ["mix", "real_images", "synthetic_images", "model", "encoder", "seed"]

@@ -53,6 +53,7 @@ from ..image_sets import (IGNORE_INDEX, ImageSet, check_label_keys, class_names,
                           link_subset, load_pairs, load_sample_folder, resolve_num_classes, training_set)
 from ..segmenter.metrics import segmentation_metrics
 from ..segmenter.model import SegmenterSpec, Selection, TrainSettings, build_segmenter, predict, train_segmenter
+from ..segmenter.settings import ScorerSettings
 from .config import StudyConfig, Variant, load_study
 from .context import Ledger, Split, Study
 from .plan import SplitSizes, fraction_tag, plan_units, settings_key
@@ -194,7 +195,7 @@ def filter_generated(study: Study, fraction: float, name: str, source: dict[str,
                      ) -> dict[str, Any] | None:
     """FreeMask-filter the images of a generator's source run: a scorer trained on the subset's real images
     (cached under scorers/) marks the synthetic pixels it finds implausible as ignored (labels_filtered/)."""
-    from ..freemask import FILTER_REPORT, ScorerSettings, filter_folders
+    from ..freemask import FILTER_REPORT, filter_folders
 
     config, protocol = study.config, study.config.segmenter
     generator = config.generators[name]
@@ -410,8 +411,9 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
                 config_from_dict("finetune", {**common, **model, **sdm["finetune"], "resume_checkpoint": "x"},
                                  f"{where}.finetune")
         masks = {} if generator.mask_generator is None else {"mask_source": "x"}
-        config_from_dict("sample", {**model, **common, **generator.sample_keys, "model_path": "x", **masks},
-                         f"study generators.{name}")
+        sample, _ = config_from_dict("sample", {**model, **common, **generator.sample_keys, "model_path": "x",
+                                                **masks}, f"study generators.{name}")
+        ScorerSettings.of_sample_config(sample, f"study generators.{name}")  # hardness_args.scorer: evaluation's keys
         if generator.mask_generator is not None:
             config_from_dict("masks", {**config.mask_generator_keys(config.data_dir, num_classes),
                                        **generator.mask_generator}, f"study generators.{name}.mask_generator")
