@@ -156,6 +156,37 @@ def test_a_filtered_generator_trains_on_the_filtered_labels_of_its_source(finish
     assert list((root / "scorers").iterdir()), "the scorer is cached in the study folder"
 
 
+def test_the_study_trains_and_scores_each_segmenter_by_the_one_segmenter_run(finished_study, demo_dir):
+    """A segmenter unit of the study is `train_and_test` (segmenter/run.py, as evaluate.sh's runs are) with the
+    study's options: the weights of the best check on the real validation split, bf16 as the unit records, the
+    ignored label 255, synthetic items told apart (none for the real-only variant)."""
+    from evaluation.image_sets import load_pairs
+    from evaluation.segmenter.model import SegmenterSpec, TrainSettings
+    from evaluation.segmenter.run import Scoring, train_and_test
+    from guided_diffusion.data import index_dataset
+
+    root, _ = finished_study
+    entries = [json.loads(line) for line in (root / "ledger.jsonl").read_text().splitlines()]
+    [unit] = [e for e in entries if e["kind"] == "segmenter" and (e["fraction"], e["variant"], e["seed"]) ==
+              (1.0, "real", 0)]
+    split = json.loads((root / "split.json").read_text())
+    index = index_dataset(demo_dir, "multi-class", 4, require_test=True)
+    by_stem = {pair.stem: pair for pair in index.train}
+    real = load_pairs([by_stem[stem] for stem in split["r100"]], "multi-class", 32, "resize", "r100")
+    val = load_pairs([by_stem[stem] for stem in split["val"]], "multi-class", 32, "resize", "val")
+    test = load_pairs(index.test, "multi-class", 32, "resize", "test")
+    bf16 = unit["precision"] == "bf16"
+    run = train_and_test(real.images, real.masks.astype(np.uint8), SegmenterSpec("fpn", 4),
+                         TrainSettings(steps=4, batch_size=4, augment="flip", seed=0, ignore_index=255, bf16=bf16,
+                                       select_every=2),
+                         Scoring(4, ignore_index=255, background_class=0, bf16=bf16), validation=val, test=test,
+                         synthetic=np.zeros(len(real), bool), progress=False)
+    assert (unit["selected_step"], unit["val_miou_no_bg"], unit["final_loss"]) == \
+        (run.selection.best_step, run.selection.best_score, run.final_loss)
+    assert {k: unit[k] for k in ("miou", "miou_no_bg", "f1")} == {k: run.test.scalars()[k] for k in
+                                                                 ("miou", "miou_no_bg", "f1")}
+
+
 def test_study_trains_the_generator_on_the_subset_only(finished_study):
     root, _ = finished_study
     split = json.loads((root / "split.json").read_text())
