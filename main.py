@@ -5,9 +5,10 @@ Thin on purpose: parse the action and config, make a fresh run folder, call one 
 input (config, dataset, checkpoint) prints one line and exits with status 2.
 
 The top of the layers: it may import evaluation/, which guided_diffusion never does. A sample config with
-`hardness_args` needs evaluation's scorer; this file hands `evaluation.freemask.measure_hardness` to the sample
-action (imported only then: the scorer's packages load only when used). `keys` adds evaluation's config
-(`evaluate`, of evaluation/evaluate.sh) to guided_diffusion's sections here, at the top.
+`hardness_args` needs evaluation's scorer; this file reads its settings (`hardness_args.scorer`, a mistake stops
+the action before any work) and hands `evaluation.freemask.measure_hardness` to the sample action (imported only
+then: the scorer's packages load only when used). `keys` adds evaluation's config sections (`hardness_args.scorer`,
+and `evaluate` of evaluation/evaluate.sh) to guided_diffusion's here, at the top.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import json
 import sys
 
 from evaluation.evaluate.config import EvaluateConfig
+from evaluation.segmenter.settings import SCORER_KEY, ScorerSettings
 from guided_diffusion.config import ACTIONS, LoadedConfig, config_to_dict, load_config
 from guided_diffusion.distributed import current_world, process_group
 from guided_diffusion.errors import exit_status
 from guided_diffusion.keys import keys_text, sections
 
 # config sections of the layers above guided_diffusion, after its own in `main.py keys` and docs/configuration.md
-KEY_SECTIONS = (("evaluate", EvaluateConfig),)
+KEY_SECTIONS = ((SCORER_KEY, ScorerSettings), ("evaluate", EvaluateConfig))
 
 DEFAULT_CONFIGS = {action: f"configs/config_{action}.json" for action in ACTIONS}
 
@@ -75,7 +77,7 @@ def masks(loaded: LoadedConfig, action: str, source: str) -> int | None:
 
 def sample(loaded: LoadedConfig, action: str, source: str) -> int | None:
     from guided_diffusion.sampling.sample import run_sampling
-    run_sampling(loaded.config, loaded.given, source, measure_hardness=hardness_measure(loaded.config))
+    run_sampling(loaded.config, loaded.given, source, measure_hardness=hardness_measure(loaded.config, source))
     return None
 
 
@@ -94,10 +96,11 @@ def import_labels(loaded: LoadedConfig, action: str, source: str) -> int | None:
 def dry_run(loaded: LoadedConfig, action: str, source: str) -> int | None:
     """Print the resolved config; a sample config that selects masks also previews the selection."""
     config = loaded.config
+    measure = hardness_measure(config, source) if action == "sample" else None
     print(json.dumps(config_to_dict(config), indent=2))
     if action == "sample" and (config.balance_args is not None or config.hardness_args is not None):
         from guided_diffusion.sampling.sample import preview_mask_selection
-        preview_mask_selection(config, loaded.given, source, measure_hardness=hardness_measure(config))
+        preview_mask_selection(config, loaded.given, source, measure_hardness=measure)
     return None
 
 
@@ -105,10 +108,12 @@ STAGES = {"train": train, "finetune": train, "masks": masks, "sample": sample, "
           "import": import_labels}
 
 
-def hardness_measure(config):
-    """evaluation's scorer for a sample config with hardness_args (guided_diffusion/sampling/hardness.py), else None."""
+def hardness_measure(config, source: str):
+    """evaluation's scorer for a sample config with hardness_args (guided_diffusion/sampling/hardness.py), its
+    settings read first (a ConfigError naming `source` and the key), else None."""
     if config.hardness_args is None:
         return None
+    ScorerSettings.of_sample_config(config, source)
     from evaluation.freemask import measure_hardness
     return measure_hardness
 

@@ -5,7 +5,7 @@
 A segmenter (Unet++ resnet18 from scratch, `--segmenter-steps` steps) is trained once on the dataset's real
 train/ images; it then segments each sample folder's synthetic images (samples/), and the mIoU of its predictions
 against the masks that conditioned them (labels/) is the folder's label alignment
-(evaluation/segmenter/alignment.py). The same segmenter on the real test images gives the ceiling. One segmenter scores every folder, so the folders are
+(evaluation/segmenter/run.py). The same segmenter on the real test images gives the ceiling. One segmenter scores every folder, so the folders are
 compared with each other, not with other runs of this script. Also printed per folder: the mean grey level and
 the mean absolute difference between neighbouring pixels (graininess) of the samples, against the real test
 images', since a grainy or washed-out grid can still be segmented.
@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.segmenter.alignment import label_alignment_score  # noqa: E402
 from evaluation.segmenter.model import SegmenterSpec, TrainSettings, train_segmenter  # noqa: E402
+from evaluation.segmenter.run import Scoring, score  # noqa: E402  (on generated images: label alignment)
 from guided_diffusion.data import IMAGE_EXTENSIONS, load_image, load_mask  # noqa: E402
 
 
@@ -66,9 +66,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     rows = {"real test images (ceiling)": (test_images, test_masks), **folders}
     for name, (images, masks) in rows.items():
-        score = label_alignment_score(segmenter, images, masks, args.num_classes).miou
+        aligned = score(segmenter, images, masks, Scoring(args.num_classes)).miou
         grey, grain = image_statistics(images)
-        print(f"| {name} | {len(images)} | {score:.3f} | {grey:.1f} | {grain:.2f} |", flush=True)
+        print(f"| {name} | {len(images)} | {aligned:.3f} | {grey:.1f} | {grain:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -109,8 +109,8 @@ def main() -> None:
 
     alignment = {}
     if args.segmenter_steps:
-        from evaluation.segmenter.alignment import label_alignment_score
         from evaluation.segmenter.model import SegmenterSpec, TrainSettings, train_segmenter
+        from evaluation.segmenter.run import Scoring, score  # score on generated images = label alignment
         train = SegmentationDataset(train_pairs, config.image_size, config.dataset_mode, config.resize_mode,
                                     image_channels=config.image_channels)
         real_images = np.stack([to_uint8_image(train[i]["image"]) for i in range(len(train))])
@@ -118,10 +118,10 @@ def main() -> None:
         segmenter, _ = train_segmenter(real_images, real_masks, SegmenterSpec("unetplusplus", config.num_classes),
                                        TrainSettings(steps=args.segmenter_steps, batch_size=16), progress=False)
         val_images = np.stack([to_uint8_image(item["image"]) for item in items])
-        alignment["real val images (ceiling)"] = label_alignment_score(
-            segmenter, val_images, masks.numpy(), config.num_classes).miou
+        alignment["real val images (ceiling)"] = score(segmenter, val_images, masks.numpy(),
+                                                       Scoring(config.num_classes)).miou
         for key, (images, _) in results.items():
-            alignment[key] = label_alignment_score(segmenter, images, masks.numpy(), config.num_classes).miou
+            alignment[key] = score(segmenter, images, masks.numpy(), Scoring(config.num_classes)).miou
 
     reference = results["ancestral", 0, args.seed, False][0].astype(np.float64)
     ode = results["dpm++2m", 100, args.seed, False][0].astype(np.float64)

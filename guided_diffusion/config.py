@@ -6,12 +6,12 @@ fields (guided_diffusion/keys.py). A key that is unknown, of the wrong type or o
 `ConfigError` naming the file and the key. A key of another of ISDM's actions (train, finetune, sample share one
 flat key set there) and an ISDM/SDM key without effect here are accepted and reported in one note line.
 
-The nested objects of a sample config are dataclasses of this module too: `balance_args` (BalanceArgs),
-`hardness_args` (HardnessArgs) and its `scorer` (ScorerSettings, which evaluation/freemask.py trains scorers
-with). Every config, nested or not, is read by the one routine of config_io.py (types, aliases, unknown keys) and
-then checked by its `validate()`, which only checks; ISDM's spellings that set another key (`use_fp16`,
-`use_ddim`) are translated where the file is read (`config_from_dict`). This module imports no other config
-user (balance.py and sampling/hardness.py import it), so there is no import cycle.
+The nested objects of a sample config are dataclasses of this module too: `balance_args` (BalanceArgs) and
+`hardness_args` (HardnessArgs); the object `hardness_args.scorer` is kept as given, for evaluation/ to read (the
+scorer is evaluation's). Every config, nested or not, is read by the one routine of config_io.py (types, aliases,
+unknown keys) and then checked by its `validate()`, which only checks; ISDM's spellings that set another key
+(`use_fp16`, `use_ddim`) are translated where the file is read (`config_from_dict`). This module imports no other
+config user (balance.py and sampling/hardness.py import it), so there is no import cycle.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from .config_io import did_you_mean, read, read_config_file, require, setting, to_json_dict, within
-from .data import RESIZE_MODES, canonical_dataset_mode
+from .data import canonical_dataset_mode
 from .errors import ConfigError
 from .unet import UNetSpec
 
@@ -391,70 +391,7 @@ def mask_generator_keys(config: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The nested objects of a sample config: balance_args, hardness_args and its scorer
-
-
-ARCHITECTURE_NAMES = ("unetplusplus", "fpn", "deeplabv3plus", "unet")
-"""Segmenters accepted in `models` and `scorer.architecture` (segmentation_models_pytorch's Unet++, FPN, DeepLabV3+
-and U-Net); here, with the other keys, so that hardness_args.scorer is checked where the sample config is read."""
-_ARCHITECTURE_ALIASES = {"unet++": "unetplusplus", "deeplabv3+": "deeplabv3plus"}
-
-
-def canonical_architecture(name: str, key: str = "models") -> str:
-    """The architecture name for a spelling such as 'UnetPlusPlus', 'unet++', 'FPN' or 'DeepLabV3+'."""
-    lowered = name.lower() if isinstance(name, str) else ""
-    lowered = _ARCHITECTURE_ALIASES.get(lowered, lowered)
-    if lowered not in ARCHITECTURE_NAMES:
-        raise ConfigError(f"key '{key}': unknown segmenter {name!r}; use one of {', '.join(ARCHITECTURE_NAMES)}")
-    return lowered
-
-
-@dataclass(frozen=True)
-class ScorerSettings:
-    """How a FreeMask scorer (evaluation/freemask.py) is trained: the `hardness_args.scorer` sub-keys of a sample
-    config, and the `--scorer-*` options of evaluation/filter.sh; part of the scorer's cache key. `image_size` None =
-    the size of what it scores (the samples' size)."""
-
-    architecture: str = option("fpn", "smp segmenter (`unetplusplus`, `fpn`, `deeplabv3plus`, `unet`), random init",
-                               canonical=canonical_architecture)
-    encoder: str = option("resnet18", "smp encoder of the segmenter, random init")
-    image_size: int | None = option(None, "size it is trained and scores at; multiple of 32; `null` = the samples' "
-                                          "size (filter) / the sampling `image_size` (hardness)")
-    resize_mode: str = option("resize", "how the real images are brought to that size: `resize` (stretch) or `crop` "
-                                        "(short side + centre crop)")
-    steps: int = option(1000, "optimizer steps of its training (AdamW with cosine decay, as for `evaluate.sh`)")
-    batch_size: int = option(8, "images per step; >= 2")
-    lr: float = option(1e-3, "learning rate; > 0")
-    weight_decay: float = option(1e-4, "AdamW weight decay; >= 0")
-    augment: bool = option(True, "random horizontal and vertical flips")
-    seed: int = option(0, "seed of its training run")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any], where: str = "scorer") -> ScorerSettings:
-        """Read and check the settings strictly (one-line ConfigError naming '<where>.<key>')."""
-        settings = read(cls, values, where)
-        with within(where):
-            settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        size = self.image_size
-        require(size is None or (size >= 32 and size % 32 == 0), "image_size",
-                f"must be a multiple of 32 (the encoders downsample 32 times) or null, got {size}")
-        require(self.resize_mode in RESIZE_MODES, "resize_mode",
-                f"must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
-        require(self.steps >= 1, "steps", f"must be at least 1, got {self.steps}")
-        require(self.batch_size >= 2, "batch_size", f"must be at least 2 (batch norm needs two images), got "
-                                                    f"{self.batch_size}")
-        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-
-    def at_size(self, image_size: int) -> ScorerSettings:
-        """These settings with image_size filled in when it was left to the data (None)."""
-        return self if self.image_size is not None else dataclasses.replace(self, image_size=image_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return to_json_dict(self)
+# The nested objects of a sample config: balance_args and hardness_args
 
 
 @dataclass(frozen=True)
@@ -503,24 +440,25 @@ class HardnessArgs:
     """The `hardness_args` sub-keys of a sample config, with their defaults (docs/filtering.md).
 
     `scorer` holds the scorer's training settings (part of the cache key; image_size null = the sampling
-    image_size), so the scorer that filters a sample run is the one found here when both use the defaults."""
+    image_size), so the scorer that filters a sample run is the one found here when both use the defaults. The
+    scorer is evaluation's (the caller hands it in, sampling/hardness.py): this package keeps the object as it is
+    given, and evaluation/segmenter/settings.py reads and checks its keys, which main.py and the study do before
+    any work."""
 
     exponent: float = option(1.0, "weight = (hardness / mean hardness)^exponent; 0 = all masks alike, larger = hard "
                                   "masks still more often; >= 0", expect="a number >= 0 (0 = hardness has no effect)")
     scorer_dir: str = option(DEFAULT_SCORER_DIR, "the scorer cache", expect="a folder path")
     allow_training: bool = option(False, "train the scorer when the cache has none (else a one-line error with the "
                                          "command that trains it)")
-    scorer: ScorerSettings = option(doc="scorer settings, an object of its own keys "
+    scorer: dict[str, Any] = option(doc="scorer settings, an object of its own keys "
                                         "([`hardness_args.scorer`](#hardness_argsscorer)); part of the cache key; "
                                         "`{}` = the defaults, `image_size` = the sampling `image_size`",
-                                    factory=ScorerSettings, expect="an object of scorer settings")
+                                    factory=dict, expect="an object of scorer settings")
 
     def validate(self) -> None:
         require(self.exponent >= 0, "exponent", f"must be a number >= 0 (0 = hardness has no effect), got "
                                                 f"{json.dumps(self.exponent)}")
         require(bool(self.scorer_dir), "scorer_dir", f"must be a folder path, got {json.dumps(self.scorer_dir)}")
-        with within("scorer"):
-            self.scorer.validate()
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved sub-keys (what a run's config.json records)."""

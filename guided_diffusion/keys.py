@@ -2,9 +2,9 @@
 
 Each key's default, meaning and ISDM/SDM name are written once, next to its field (`config.option`);
 docs/configuration.md is this module's output for all actions and nested objects (`balance_args`,
-`hardness_args`, `hardness_args.scorer`), and tests/test_keys.py checks that it is current. Configs of the layers
-above (evaluation's `evaluate`) are passed in as extra (title, dataclass) sections by main.py: this module imports
-nothing above guided_diffusion.
+`hardness_args`) and the sections main.py adds, and tests/test_keys.py checks that it is current. Configs of the
+layers above (evaluation's `hardness_args.scorer` and `evaluate`) are passed in as extra (title, dataclass)
+sections by main.py: this module imports nothing above guided_diffusion.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import json
 from collections.abc import Sequence
 
 from .config import (ACTIONS, CONFIG_CLASSES, IGNORED_LEGACY_KEYS, ISDM_ACTIONS, NO_ISDM, SAME, BalanceArgs,
-                     HardnessArgs, ScorerSettings)
+                     HardnessArgs)
 
 PAGE = "docs/configuration.md"
 COMMAND = f"python main.py keys > {PAGE}"
 # the nested objects of a sample config, each a section of its own after the actions'
-NESTED: tuple[tuple[str, type], ...] = (("balance_args", BalanceArgs), ("hardness_args", HardnessArgs),
-                                        ("hardness_args.scorer", ScorerSettings))
+NESTED: tuple[tuple[str, type], ...] = (("balance_args", BalanceArgs), ("hardness_args", HardnessArgs))
 
 
 def _cell(text: str) -> str:
@@ -31,7 +30,7 @@ def _cell(text: str) -> str:
 def default_text(field: dataclasses.Field) -> str:
     """The default as it would be written in a JSON config, e.g. `""`, `null`, `0.0001`."""
     value = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-    if dataclasses.is_dataclass(value):  # a nested object (hardness_args.scorer): its defaults are its own section
+    if dataclasses.is_dataclass(value):  # a nested object: its defaults are its own section
         return "`{}`"
     return f"`{json.dumps(value)}`"
 

@@ -235,8 +235,9 @@ def test_isdm_spellings_are_translated_where_the_file_is_read_and_validate_only_
 
 
 def test_nested_objects_are_read_by_the_routine_of_the_top_level_keys():
-    nested = error_for("sample", {**SAMPLE, "hardness_args": {"scorer": {"steps": "10"}}})
-    assert nested == "configs/x.json: key 'hardness_args.scorer.steps' must be an integer, got \"10\""
+    nested = error_for("sample", {**SAMPLE, "hardness_args": {"exponent": "2"}})
+    assert nested == "configs/x.json: key 'hardness_args.exponent' must be a number >= 0 (0 = hardness has no " \
+                     "effect), got \"2\""
     top = error_for("sample", {**SAMPLE, "steps": "10"})
     assert top == "configs/x.json: key 'steps' must be an integer, got \"10\""
     not_finite = balance_error({"max_class_dif": float("nan")})
@@ -247,8 +248,16 @@ def test_a_resolved_sample_config_reads_back_equal():
     values = {**SAMPLE, "balance_args": {"ejection_classes": [2, 0, 2]},
               "hardness_args": {"scorer": {"architecture": "FPN"}}}
     config, _ = config_from_dict("sample", values)
-    assert config.balance_args.ejection_classes == (0, 2) and config.hardness_args.scorer.architecture == "fpn"
+    assert config.balance_args.ejection_classes == (0, 2)
+    assert config.hardness_args.scorer == {"architecture": "FPN"}  # evaluation's to read (test_freemask.py)
     assert config_from_dict("sample", config_to_dict(config))[0] == config
+
+
+def test_the_engine_keeps_the_scorer_object_as_given_and_refuses_anything_but_an_object():
+    config, _ = config_from_dict("sample", {**SAMPLE, "hardness_args": {"scorer": {"stpes": "x"}}})
+    assert config.hardness_args.scorer == {"stpes": "x"}  # its keys are the scorer's: evaluation/ checks them
+    assert error_for("sample", {**SAMPLE, "hardness_args": {"scorer": 3}}) == \
+        "configs/x.json: key 'hardness_args.scorer' must be an object of scorer settings, got 3"
 
 
 def test_shipped_configs_load():

@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from conftest import MAGNETIC_TILE
-from evaluation.segmenter.alignment import label_alignment_score
 from evaluation.evaluate.cli import main as evaluate_main
 from evaluation.evaluate.config import config_from_dict
 from evaluation.fid import image_distance, load_inception
@@ -26,6 +25,7 @@ from evaluation.image_sets import load_pairs
 from evaluation.segmenter.metrics import segmentation_metrics
 from evaluation.evaluate.mixes import Mix, chosen_indices, parse_mix, parse_mixes
 from evaluation.segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, train_segmenter
+from evaluation.segmenter.run import Scoring, score
 from guided_diffusion.data import index_dataset
 from guided_diffusion.errors import CheckpointError, ConfigError
 
@@ -224,10 +224,10 @@ def test_label_alignment_is_high_for_real_pairs_and_near_chance_for_shuffled_pai
     spec = SegmenterSpec("fpn", NUM_CLASSES, encoder=TINY_ENCODER)
     model, _ = train_segmenter(data.images, data.masks, spec,
                                TrainSettings(steps=40, batch_size=5, lr=1e-2, augment=False, seed=0), progress=False)
-    aligned = label_alignment_score(model, data.images, data.masks, NUM_CLASSES)
+    aligned = score(model, data.images, data.masks, Scoring(NUM_CLASSES))
     # shift by one class group: every image gets the mask of an image with another defect class
     shuffled_masks = np.roll(data.masks, 2, axis=0)
-    shuffled = label_alignment_score(model, data.images, shuffled_masks, NUM_CLASSES)
+    shuffled = score(model, data.images, shuffled_masks, Scoring(NUM_CLASSES))
     # chance: even a perfect segmenter (predicting the true masks) scores this against shuffled masks
     chance = segmentation_metrics(data.masks, shuffled_masks, NUM_CLASSES)
     assert aligned.miou_no_bg > 0.4
@@ -392,6 +392,37 @@ def test_error_for_synthetic_mixes_without_sample_folders(tmp_path: Path, capsys
     data, _ = small_inputs
     err = _run_error(tmp_path, capsys, ["--data-dir", str(data), "--mixes", "RALLF000", "FALL"])
     assert "R000FALL use synthetic images but no sample folder was given" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one segmenter loop: evaluate.sh's numbers are those of segmenter/run.py
+
+
+def test_evaluate_trains_and_scores_each_segmenter_by_the_one_segmenter_run(tmp_path: Path, small_inputs) -> None:
+    """A run of evaluate.sh is `train_and_test` with evaluate's options: no validation set (the last weights),
+    fp32, the mix's items pooled, the test split and each sample folder (label alignment) scored alike."""
+    from evaluation.evaluate.pipeline import mix_training_set, prepare, run_evaluation
+    from evaluation.segmenter.run import train_and_test
+
+    data, samples = small_inputs
+    config = config_from_dict({"data_dir": str(data), "sample_dirs": [str(samples)], "mixes": ["RALLF000"],
+                               "seeds": [1], "models": ["fpn"], "encoder": TINY_ENCODER, "image_size": 32,
+                               "steps": 3, "batch_size": 2, "root_log_dir": str(tmp_path / "out")})
+    run_dir = run_evaluation(config, log=lambda *_: None, progress=False)
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        [row] = list(csv.DictReader(handle))
+    with open(run_dir / "alignment.csv", newline="") as handle:
+        [aligned] = list(csv.DictReader(handle))
+
+    inputs = prepare(config, log=lambda *_: None)
+    images, masks = mix_training_set(inputs, inputs.mixes[0], seed=1)
+    run = train_and_test(images, masks, SegmenterSpec("fpn", NUM_CLASSES, TINY_ENCODER),
+                         TrainSettings(steps=3, batch_size=2, lr=1e-3, weight_decay=1e-4, augment=True, seed=1),
+                         Scoring(NUM_CLASSES), test=inputs.test, generated=inputs.synthetic, progress=False)
+    for name in ("miou", "miou_no_bg", "image_miou", "f1", "iou_blowhole"):  # as written: exact, NaN alike
+        assert row[name] == str(run.test.row(inputs.class_names)[name]), name
+        assert aligned[name] == str(run.alignment["sample_001"].row(inputs.class_names)[name]), name
+    assert row["final_loss"] == str(run.final_loss)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from PIL import Image
 from evaluation.evaluate.cli import main as evaluate_main
 from evaluation.filter import main as filter_main
 from evaluation.freemask import (FilterSettings, ScorerSettings, class_loss_stats, ignored_fraction,
-                                 ignored_pixels, load_or_train_scorer, mask_hardness, measure_hardness,
+                                 ignored_pixels, load_or_train_scorer, mask_hardness, measure_hardness, scorer_key,
                                  training_command)
 from evaluation.image_sets import IGNORE_INDEX, index_sample_folder
 from evaluation.segmenter.metrics import segmentation_metrics
@@ -323,14 +323,50 @@ def test_hardness_args_are_checked_strictly(toy) -> None:
     base = {"data_dir": str(data), "num_classes": 3, "model_path": "m"}
     for hardness_args, message in (({"exponnt": 1}, r"'hardness_args.exponnt' is unknown \(did you mean 'exponent'"),
                                    ({"exponent": -1}, "'hardness_args.exponent' must be a number >= 0"),
-                                   ({"allow_training": "yes"}, "'hardness_args.allow_training' must be true/false"),
-                                   ({"scorer": {"image_size": 40}}, "'hardness_args.scorer.image_size' must be a "
-                                                                    "multiple of 32"),
-                                   ({"scorer": {"architecture": "segformer"}}, "unknown segmenter 'segformer'")):
+                                   ({"allow_training": "yes"}, "'hardness_args.allow_training' must be true/false")):
         with pytest.raises(ConfigError, match=message):
             config_from_dict("sample", {**base, "hardness_args": hardness_args})
     config, _ = config_from_dict("sample", {**base, "hardness_args": {}})
     assert config.hardness_args.exponent == 1.0 and config.hardness_args.allow_training is False
+    assert ScorerSettings.of_sample_config(config) == ScorerSettings()  # `{}`: the defaults
+
+
+@pytest.mark.parametrize("scorer, message", [
+    ({"image_size": 40}, "key 'hardness_args.scorer.image_size' must be a multiple of 32"),
+    ({"steps": "10"}, "key 'hardness_args.scorer.steps' must be an integer, got \"10\""),
+    ({"stpes": 10}, "key 'hardness_args.scorer.stpes' is unknown (did you mean 'steps'?)"),
+    ({"architecture": "segformer"}, "key 'hardness_args.scorer.architecture': unknown segmenter 'segformer'"),
+])
+def test_the_scorer_keys_of_hardness_args_are_read_strictly_by_evaluation(scorer, message) -> None:
+    # guided_diffusion keeps the object as given (its engine knows no segmenter); evaluation reads it, with the
+    # one-line error of any other key, naming the config file
+    config, _ = config_from_dict("sample", {"data_dir": "d", "num_classes": 3, "model_path": "m",
+                                            "hardness_args": {"scorer": scorer}})
+    with pytest.raises(ConfigError) as caught:
+        ScorerSettings.of_sample_config(config, "configs/x.json")
+    assert str(caught.value).startswith(f"configs/x.json: {message}") and "\n" not in str(caught.value)
+
+
+def test_a_bad_scorer_key_stops_main_py_sample_before_any_work(toy, tmp_path, capsys) -> None:
+    import main
+
+    data, _ = toy
+    path = tmp_path / "sample.json"
+    path.write_text(json.dumps({"data_dir": str(data), "num_classes": 3, "model_path": str(tmp_path / "none"),
+                                "root_log_dir": str(tmp_path / "runs"),
+                                "hardness_args": {"scorer": {"steps": 0}}}))
+    for dry_run in ([], ["--dry-run"]):
+        assert main.main(["sample", "-c", str(path), *dry_run]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.strip() == f"error: {path}: key 'hardness_args.scorer.steps' must be at least 1, got 0"
+        assert captured.out == "" and not (tmp_path / "runs").exists()
+
+
+def test_the_scorer_settings_keep_their_cache_key() -> None:
+    # the key of a scorer cached before the settings moved out of guided_diffusion/config.py (issue 35)
+    defaults = ScorerSettings().at_size(64)
+    assert scorer_key("0" * 64, defaults, "multi-class", 3) == \
+        "ecc0f8b0d413cd4dccdb85e34ddee1f4ddb467ae3806224e1f5e39dcc8f98320"
 
 
 def test_hardness_without_a_cached_scorer_says_how_to_train_it(toy, tmp_path) -> None:

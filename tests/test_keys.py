@@ -10,6 +10,7 @@ import pytest
 import main
 from guided_diffusion import config
 from evaluation.evaluate.config import EvaluateConfig
+from evaluation.segmenter.settings import ScorerSettings
 from guided_diffusion import keys
 from guided_diffusion.config import (ACTIONS, ALIASES, CONFIG_CLASSES, IGNORED_LEGACY_KEYS, NO_ISDM, SAME, BalanceArgs,
                                      TrainConfig, option)
@@ -17,7 +18,7 @@ from guided_diffusion.keys import COMMAND, NESTED, PAGE, action_table, keys_text
 
 REPO = Path(__file__).resolve().parents[1]
 NESTED_CLASSES = [cls for _, cls in NESTED]
-CLASSES = [config.CommonConfig, *CONFIG_CLASSES.values(), *NESTED_CLASSES, EvaluateConfig]
+CLASSES = [config.CommonConfig, *CONFIG_CLASSES.values(), *NESTED_CLASSES, ScorerSettings, EvaluateConfig]
 
 
 def page_text() -> str:
@@ -61,7 +62,7 @@ def test_the_page_has_a_section_per_action_nested_object_and_evaluate():
 
 def test_nested_and_evaluate_keys_have_the_isdm_marker():
     assert {f.metadata["isdm"] for f in dataclasses.fields(BalanceArgs)} == {SAME}  # ISDM's balance_args keys
-    for cls in (config.HardnessArgs, config.ScorerSettings, EvaluateConfig):
+    for cls in (config.HardnessArgs, ScorerSettings, EvaluateConfig):
         assert {f.metadata["isdm"] for f in dataclasses.fields(cls)} == {NO_ISDM}, cls.__name__
 
 
@@ -90,13 +91,15 @@ def test_an_evaluate_default_changed_in_code_alone_makes_the_page_stale(monkeypa
     class Changed(EvaluateConfig):
         steps: int = option(500, "optimizer steps per training run")
 
-    monkeypatch.setattr(main, "KEY_SECTIONS", (("evaluate", Changed),))
+    monkeypatch.setattr(main, "KEY_SECTIONS", tuple((title, Changed if title == "evaluate" else cls)
+                                                    for title, cls in main.KEY_SECTIONS))
     assert "| `steps` | `500` |" in keys_text("evaluate", main.KEY_SECTIONS)
     assert generated() != page_text()
 
 
-def test_guided_diffusion_alone_makes_no_evaluate_section():
-    assert "## `evaluate`" not in keys_text() and "evaluate" not in sections()
+def test_guided_diffusion_alone_makes_no_section_of_evaluations_keys():
+    for title in ("evaluate", "hardness_args.scorer"):  # the scorer's keys are evaluation's, as its segmenter
+        assert f"## `{title}`" not in keys_text() and title not in sections()
 
 
 def test_a_section_given_twice_is_refused():

@@ -170,6 +170,37 @@ def test_a_filtered_generator_trains_on_the_filtered_labels_of_its_source(finish
     assert list((root / "scorers").iterdir()), "the scorer is cached in the study folder"
 
 
+def test_the_study_trains_and_scores_each_segmenter_by_the_one_segmenter_run(finished_study, demo_dir):
+    """A segmenter unit of the study is `train_and_test` (segmenter/run.py, as evaluate.sh's runs are) with the
+    study's options: the weights of the best check on the real validation split, bf16 as the unit records, the
+    ignored label 255, synthetic items told apart (none for the real-only variant)."""
+    from evaluation.image_sets import load_pairs
+    from evaluation.segmenter.model import SegmenterSpec, TrainSettings
+    from evaluation.segmenter.run import Scoring, train_and_test
+    from guided_diffusion.data import index_dataset
+
+    root, _ = finished_study
+    entries = [json.loads(line) for line in (root / "ledger.jsonl").read_text().splitlines()]
+    [unit] = [e for e in entries if e["kind"] == "segmenter" and (e["fraction"], e["variant"], e["seed"]) ==
+              (1.0, "real", 0)]
+    split = json.loads((root / "split.json").read_text())
+    index = index_dataset(demo_dir, "multi-class", 4, require_test=True)
+    by_stem = {pair.stem: pair for pair in index.train}
+    real = load_pairs([by_stem[stem] for stem in split["r100"]], "multi-class", 32, "resize", "r100")
+    val = load_pairs([by_stem[stem] for stem in split["val"]], "multi-class", 32, "resize", "val")
+    test = load_pairs(index.test, "multi-class", 32, "resize", "test")
+    bf16 = unit["precision"] == "bf16"
+    run = train_and_test(real.images, real.masks.astype(np.uint8), SegmenterSpec("fpn", 4),
+                         TrainSettings(steps=4, batch_size=4, augment="flip", seed=0, ignore_index=255, bf16=bf16,
+                                       select_every=2),
+                         Scoring(4, ignore_index=255, background_class=0, bf16=bf16), validation=val, test=test,
+                         synthetic=np.zeros(len(real), bool), progress=False)
+    assert (unit["selected_step"], unit["val_miou_no_bg"], unit["final_loss"]) == \
+        (run.selection.best_step, run.selection.best_score, run.final_loss)
+    assert {k: unit[k] for k in ("miou", "miou_no_bg", "f1")} == {k: run.test.scalars()[k] for k in
+                                                                 ("miou", "miou_no_bg", "f1")}
+
+
 def test_study_trains_the_generator_on_the_subset_only(finished_study):
     root, _ = finished_study
     split = json.loads((root / "split.json").read_text())
@@ -361,6 +392,19 @@ def test_a_bad_study_key_is_one_line_naming_it(demo_dir, tmp_path, change, messa
     assert "\n" not in str(caught.value)
 
 
+def test_a_bad_scorer_key_of_a_generators_hardness_args_stops_the_study_before_any_work(demo_dir, tmp_path,
+                                                                                         capsys):
+    values = study_values(demo_dir, tmp_path / "study")
+    values["generators"]["sdm"]["sample"]["hardness_args"] = {"scorer": {"batch_size": 1}}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(values))
+    assert study_main(["-c", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: study generators.sdm: key 'hardness_args.scorer.batch_size' must be at least 2 (batch " \
+                  "norm needs two images), got 1"
+    assert not (tmp_path / "study").exists()
+
+
 def test_a_bad_sample_key_of_a_generator_stops_the_study_before_any_work(demo_dir, tmp_path, capsys):
     values = study_values(demo_dir, tmp_path / "study")
     values["generators"]["sdm"]["sample"]["sampler"] = "euler"
@@ -425,6 +469,75 @@ def test_encoder_weights_null_leaves_the_segmenter_fingerprint_keys_as_before_th
     assert list(SegmenterProtocol().fingerprint_keys().items()) == list(before.items())
     assert SegmenterProtocol(encoder_weights="imagenet").fingerprint_keys() == {**before,
                                                                                 "encoder_weights": "imagenet"}
+
+
+PINNED_KEYS = Path(__file__).resolve().parent / "fixtures" / "study_fingerprints.json"
+
+
+def unit_name(kind: str, where: tuple) -> str:
+    """A unit as tests/fixtures/study_fingerprints.json names it: 'segmenter r025 real seed 0', 'sdm-train r025'."""
+    from evaluation.study.units import fraction_tag
+
+    if kind in ("sdm-train", "sdm-finetune"):
+        return f"{kind} {fraction_tag(where[0])}"  # where[1] is the SDM's first generator, one SDM in these configs
+    return f"{kind} {fraction_tag(where[0])} {where[1]}" + (f" seed {where[2]}" if len(where) > 2 else "")
+
+
+def unit_keys_of(name: str, quick: bool, tmp_path: Path, monkeypatch) -> dict[str, str]:
+    """The key of every unit the study of configs/<name> meets, by unit name, with no work done: it runs from a
+    folder laid out as the repository (its data_dir ../shared/... and output_dir Results/... are read as they are,
+    and are part of some keys); each unit is recorded and answered with the ledger entry of a first run instead of
+    run (its run folder is part of later units' keys), each generator's images are two blank stand-ins, and no
+    report is written."""
+    from evaluation.image_sets import ImageSet
+    from evaluation.study import report as study_report, run as study_run
+    from evaluation.study.config import load_study
+    from evaluation.study.context import Study
+    from evaluation.study.units import fraction_tag
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "shared").symlink_to((repo.parent / "shared").resolve(), target_is_directory=True)
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    keys: dict[str, str] = {}
+
+    def record(study, unit, key, what, work):
+        kind, where = unit.kind, unit.where
+        name, tag = unit_name(kind, where), fraction_tag(where[0])
+        assert name not in keys, name
+        keys[name] = key
+        # the run folder a first run makes (later keys hold it): <root_log_dir>/<action>_001
+        folders = {"sdm-train": f"generator/{tag}/{key}/train_001",
+                   "sdm-finetune": f"generator/{tag}/{keys.get(f'sdm-train {tag}')}/finetune_001",
+                   "sample": f"synthetic/{tag}/{where[1]}-{key}/sample_001",
+                   "filter": f"synthetic/{tag}/{where[1]}-{key}/sample_001"}
+        return {"kind": kind, "fingerprint": key, "seconds": 0.0,
+                "run_dir": str(study.root / folders[kind]) if kind in folders else ""}
+
+    def blank(study, generator, run_dir):
+        side = study.config.image_size
+        return ImageSet(generator, ("a", "b"), np.zeros((2, side, side, 3), np.uint8),
+                        np.zeros((2, side, side), np.uint8))
+
+    monkeypatch.setattr(Study, "unit", record)
+    monkeypatch.setattr(study_run, "load_generated", blank)
+    monkeypatch.setattr(study_report, "write_report", lambda *args, **kwargs: None)
+    config, values = load_study(repo / "configs" / name, [], quick)
+    run_study(config, values, "pinned keys", log=lambda *_: None, progress=False)
+    return keys
+
+
+@pytest.mark.parametrize("name, quick", [("experiment_magnetic_tile.json", False),
+                                         ("experiment_magnetic_tile.json", True),
+                                         ("experiment_magnetic_tile_full.json", False),
+                                         ("experiment_magnetic_tile_full.json", True)])
+def test_the_committed_study_configs_key_their_units_as_before_so_their_folders_resume(name, quick, tmp_path,
+                                                                                      monkeypatch):
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / json.loads((repo / "configs" / name).read_text())["data_dir"]).is_dir():
+        pytest.skip("the magnetic-tile dataset is not on this machine")
+    pinned = json.loads(PINNED_KEYS.read_text(encoding="utf-8"))[name + (" --quick" if quick else "")]
+    assert unit_keys_of(name, quick, tmp_path, monkeypatch) == pinned
 
 
 def test_without_background_class_the_no_bg_mean_is_the_mean_over_every_class():

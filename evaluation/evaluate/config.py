@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from guided_diffusion.config_io import did_you_mean, expected, read, to_json_dict
-from guided_diffusion.config import ARCHITECTURE_NAMES, canonical_architecture, option  # noqa: F401 (re-exported)
+from guided_diffusion.config import option
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError
 
 from ..image_sets import check_label_keys
 from ..segmenter.pretrained import encoder_weights_problem
+from ..segmenter.settings import canonical_architecture
 from .mixes import parse_mixes
 
 SYNTHETIC_LABELS = ("raw", "filtered")

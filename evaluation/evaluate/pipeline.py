@@ -45,11 +45,12 @@ from ..image_sets import (
     training_set,
     load_sample_folder,
 )
-from ..segmenter.alignment import label_alignment_score
-from ..segmenter.metrics import SUMMARY_METRICS, metric_columns, segmentation_metrics
-from ..segmenter.model import SegmenterSpec, TrainSettings, build_segmenter, predict, train_segmenter
+from ..segmenter.metrics import SUMMARY_METRICS, metric_columns
+from ..segmenter.model import SegmenterSpec, TrainSettings, build_segmenter
+from ..segmenter.run import Scoring, train_and_test
+from ..segmenter.settings import canonical_architecture
 from . import report
-from .config import EvaluateConfig, canonical_architecture, config_to_dict
+from .config import EvaluateConfig, config_to_dict
 from .mixes import Mix, chosen_indices, parse_mixes
 
 RUN_COLUMNS = ["mix", "real_images", "synthetic_images", "model", "encoder", "seed"]
@@ -171,6 +172,7 @@ def run_evaluation(config: EvaluateConfig, command: str = "", log: Callable[[str
         f"seeds) of {config.steps} steps, batch {config.batch_size}, on {device}; testing on {len(inputs.test)} "
         "real test images")
     metric_names = metric_columns(inputs.class_names)
+    scoring = Scoring(inputs.num_classes, _ignore_index(config), config.background_class)
     rows: list[dict[str, Any]] = []
     alignment_rows: list[dict[str, Any]] = []
     alignment_log = None
@@ -183,37 +185,34 @@ def run_evaluation(config: EvaluateConfig, command: str = "", log: Callable[[str
                 for seed in config.seeds:
                     number += 1
                     images, masks = mix_training_set(inputs, mix, seed)
+                    # no validation set: the last weights; the label alignment of each sample folder by the
+                    # segmenters trained on all real images
                     settings = TrainSettings(config.steps, config.batch_size, config.lr, config.weight_decay,
                                              config.augment, seed, _ignore_index(config))
-                    run_started = time.perf_counter()
-                    model, final_loss = train_segmenter(images, masks, spec, settings, device,
-                                                        desc=f"[{number}/{total}] {architecture} {mix.name} "
-                                                             f"seed {seed}", progress=progress)
-                    seconds = time.perf_counter() - run_started
-                    metrics = segmentation_metrics(predict(model, inputs.test.images, device), inputs.test.masks,
-                                                   inputs.num_classes, _ignore_index(config), config.background_class)
+                    aligning = config.label_alignment and mix.is_all_real_only
+                    run = train_and_test(images, masks, spec, settings, scoring, device, test=inputs.test,
+                                         generated=inputs.synthetic if aligning else (),
+                                         desc=f"[{number}/{total}] {architecture} {mix.name} seed {seed}",
+                                         progress=progress)
+                    metrics, seconds = run.test, run.train_seconds
                     row = {"mix": mix.name, "real_images": num_real, "synthetic_images": num_synthetic,
                            "model": architecture, "encoder": config.encoder, "seed": seed,
-                           **metrics.row(inputs.class_names), "final_loss": final_loss,
+                           **metrics.row(inputs.class_names), "final_loss": run.final_loss,
                            "train_seconds": round(seconds, 2)}
                     metrics_log.write(row)
                     rows.append(row)
                     log(f"  {architecture} {mix.name} seed {seed}: mIoU {metrics.miou:.4f}, without background "
                         f"{metrics.miou_no_bg:.4f} ({seconds:.0f} s)")
-                    if config.label_alignment and mix.is_all_real_only:
-                        for synthetic in inputs.synthetic:
-                            score = label_alignment_score(model, synthetic.images, synthetic.masks,
-                                                          inputs.num_classes, device, _ignore_index(config),
-                                                          background_class=config.background_class)
-                            aligned = {"sample_folder": synthetic.name, "model": architecture,
-                                       "encoder": config.encoder, "seed": seed, "images": len(synthetic),
-                                       "real_test_miou": metrics.miou, "real_test_miou_no_bg": metrics.miou_no_bg,
-                                       **score.row(inputs.class_names)}
-                            if alignment_log is None:
-                                alignment_log = CsvLog(run_dir / "alignment.csv", list(aligned))
-                            alignment_log.write(aligned)
-                            alignment_rows.append(aligned)
-                    del model
+                    for synthetic in inputs.synthetic if aligning else ():
+                        aligned = {"sample_folder": synthetic.name, "model": architecture,
+                                   "encoder": config.encoder, "seed": seed, "images": len(synthetic),
+                                   "real_test_miou": metrics.miou, "real_test_miou_no_bg": metrics.miou_no_bg,
+                                   **run.alignment[synthetic.name].row(inputs.class_names)}
+                        if alignment_log is None:
+                            alignment_log = CsvLog(run_dir / "alignment.csv", list(aligned))
+                        alignment_log.write(aligned)
+                        alignment_rows.append(aligned)
+                    del run
     if alignment_log is not None:
         alignment_log.close()
 

@@ -28,10 +28,10 @@ from torch import nn
 from tqdm import tqdm
 
 from guided_diffusion.checkpoint import read_weights_file
-from guided_diffusion.config import canonical_architecture
 from guided_diffusion.errors import CheckpointError, ConfigError
 
 from .pretrained import IMAGENET, install_hint, packaged_encoder_state
+from .settings import canonical_architecture
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "unetplusplus": smp.UnetPlusPlus,
@@ -39,7 +39,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "deeplabv3plus": smp.DeepLabV3Plus,
     "unet": smp.Unet,
 }
-"""The smp class behind each architecture name of config.ARCHITECTURE_NAMES."""
+"""The smp class behind each architecture name of settings.ARCHITECTURE_NAMES."""
 
 # ImageNet statistics: what smp encoders expect when they start from pretrained weights; harmless from scratch
 _MEAN = (0.485, 0.456, 0.406)

@@ -25,13 +25,14 @@ from typing import Any
 
 from guided_diffusion.config_io import (did_you_mean, read, read_config_file, refuse_unknown_sub_keys, require,
                                         setting, within)
-from guided_diffusion.config import canonical_architecture, parse_override
+from guided_diffusion.config import parse_override
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
 from guided_diffusion.errors import ConfigError
 
 from ..freemask import FilterSettings
 from ..segmenter.model import AUGMENTATIONS
 from ..segmenter.pretrained import encoder_weights_problem
+from ..segmenter.settings import canonical_architecture
 
 GENERATOR_KINDS = ("sdm", "paste")
 """What makes a generator's images: the study's SDM (trained on the subset) sampled with the generator's sample

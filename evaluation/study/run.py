@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shlex
 import sys
@@ -54,8 +53,9 @@ from guided_diffusion.run_folder import atomic_write, write_json
 from ..contrast import ImageSetLook, image_set_look
 from ..image_sets import (IGNORE_INDEX, ImageSet, check_label_keys, class_names, concatenate, index_sample_folder,
                           link_subset, load_pairs, load_sample_folder, resolve_num_classes, training_set)
-from ..segmenter.metrics import segmentation_metrics
-from ..segmenter.model import SegmenterSpec, Selection, TrainSettings, build_segmenter, predict, train_segmenter
+from ..segmenter.model import SegmenterSpec, TrainSettings, build_segmenter
+from ..segmenter.run import Scoring, SegmenterRun, score, train_and_test
+from ..segmenter.settings import ScorerSettings
 from .config import StudyConfig, Variant, load_study
 from .context import Ledger, Split, Study, fingerprint
 from .plan import plan_units
@@ -130,10 +130,14 @@ def _settings(study: Study, variant: Variant, seed: int) -> TrainSettings:
                          variant.synthetic_weight, variant.real_finetune_share)
 
 
-def _metrics(study: Study, model, images: np.ndarray, masks: np.ndarray):
-    predicted = predict(model, images, study.device, bf16=study.bf16)
-    return segmentation_metrics(predicted, masks, study.num_classes, ignored_label(study),
-                                study.config.background_class)
+def _spec(study: Study) -> SegmenterSpec:
+    p = study.config.segmenter
+    return SegmenterSpec(p.architecture, study.num_classes, p.encoder, p.encoder_weights)
+
+
+def _scoring(study: Study) -> Scoring:
+    """Validation, test and label alignment alike: the ignored label, the background class, bf16 as trained."""
+    return Scoring(study.num_classes, ignored_label(study), study.config.background_class, study.bf16)
 
 
 def variant_training_set(variant: Variant, real: ImageSet, synthetic: dict[str, ImageSet], seed: int
@@ -168,33 +172,27 @@ def train_and_score(study: Study, fraction: float, variant: Variant, seed: int, 
                     synthetic: dict[str, ImageSet], val: ImageSet, test: ImageSet, key: str) -> dict[str, Any]:
     """Train one segmenter of a variant and seed, keep the best validation check, score it on test. A
     real-only segmenter's weights are saved for label alignment."""
-    model, row = _train(study, fraction, variant, seed, real, synthetic, val)
-    metrics = _metrics(study, model, test.images, test.masks)
+    run, row = _train(study, fraction, variant, seed, real, synthetic, val, test)
+    metrics = run.test
     if variant.is_baseline:
-        save_weights(model, weights_path(study, key))
+        save_weights(run.model, weights_path(study, key))
     study.log(f"  {fraction_tag(fraction)} {variant.name} seed {seed}: test mIoU {metrics.miou:.4f}, without "
               f"background {metrics.miou_no_bg:.4f} (step {row['selected_step']} chosen on val)")
     return {**row, **metrics.row(study.class_names)}
 
 
 def _train(study: Study, fraction: float, variant: Variant, seed: int, real: ImageSet,
-           synthetic: dict[str, ImageSet], val: ImageSet) -> tuple[Any, dict[str, Any]]:
+           synthetic: dict[str, ImageSet], val: ImageSet, test: ImageSet | None = None
+           ) -> tuple[SegmenterRun, dict[str, Any]]:
+    """The segmenter run of a variant and seed (segmenter/run.py: weights chosen on `val`, scored on `test` when
+    given) and its row: what it trained on, the step chosen and its validation score, the final loss."""
     images, masks, num_real, num_fake = variant_training_set(variant, real, synthetic, seed)
-    protocol = study.config.segmenter
-    spec = SegmenterSpec(protocol.architecture, study.num_classes, protocol.encoder, protocol.encoder_weights)
-    selection = Selection()
-
-    def validate(model) -> float:
-        score = _metrics(study, model, val.images, val.masks).miou_no_bg
-        return -1.0 if math.isnan(score) else score
-
-    model, final_loss = train_segmenter(images, masks, spec, _settings(study, variant, seed), study.device,
-                                        desc=f"{fraction_tag(fraction)} {variant.name} seed {seed}",
-                                        progress=study.progress, validate=validate, selection=selection,
-                                        synthetic=np.arange(len(images)) >= num_real)
-    return model, {"fraction": fraction, "variant": variant.name, "seed": seed, "real_images": num_real,
-                   "synthetic_images": num_fake, "selected_step": selection.best_step,
-                   "val_miou_no_bg": selection.best_score, "final_loss": final_loss}
+    run = train_and_test(images, masks, _spec(study), _settings(study, variant, seed), _scoring(study),
+                         study.device, validation=val, test=test, synthetic=np.arange(len(images)) >= num_real,
+                         desc=f"{fraction_tag(fraction)} {variant.name} seed {seed}", progress=study.progress)
+    return run, {"fraction": fraction, "variant": variant.name, "seed": seed, "real_images": num_real,
+                 "synthetic_images": num_fake, "selected_step": run.selection.best_step,
+                 "val_miou_no_bg": run.selection.best_score, "final_loss": run.final_loss}
 
 
 def align(study: Study, fraction: float, variant: Variant, seed: int, real: ImageSet, val: ImageSet,
@@ -204,15 +202,14 @@ def align(study: Study, fraction: float, variant: Variant, seed: int, real: Imag
     against their masks."""
     path = weights_path(study, key)
     if path.is_file():
-        protocol = study.config.segmenter
-        model = build_segmenter(SegmenterSpec(protocol.architecture, study.num_classes, protocol.encoder))
+        model = build_segmenter(dataclasses.replace(_spec(study), encoder_weights=None))  # the file holds them all
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         model.to(study.device).eval()
     else:
         study.log(f"  {path} is gone: training the real-only segmenter of seed {seed} again")
-        model, _ = _train(study, fraction, variant, seed, real, {}, val)
+        model = _train(study, fraction, variant, seed, real, {}, val)[0].model
         save_weights(model, path)
-    return _metrics(study, model, generated.images, generated.masks).scalars()
+    return score(model, generated.images, generated.masks, _scoring(study), study.device).scalars()
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -241,8 +238,9 @@ def check_study(config: StudyConfig, num_classes: int) -> None:
                 config_from_dict("finetune", {**common, **model, **sdm["finetune"], "resume_checkpoint": "x"},
                                  f"{where}.finetune")
         masks = {} if generator.mask_generator is None else {"mask_source": "x"}
-        config_from_dict("sample", {**model, **common, **generator.sample_keys, "model_path": "x", **masks},
-                         f"study generators.{name}")
+        sample, _ = config_from_dict("sample", {**model, **common, **generator.sample_keys, "model_path": "x",
+                                                **masks}, f"study generators.{name}")
+        ScorerSettings.of_sample_config(sample, f"study generators.{name}")  # hardness_args.scorer: evaluation's keys
         if generator.mask_generator is not None:
             config_from_dict("masks", {**config.mask_generator_keys(config.data_dir, num_classes),
                                        **generator.mask_generator}, f"study generators.{name}.mask_generator")
@@ -337,7 +335,7 @@ class SegmenterUnits:
     def alignment(self, study: Study, unit: PlannedUnit, needs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
         fraction, name, seed = unit.where
         segmenter, generated = needs["segmenter"], needs["generated"]
-        variant = self.variant(segmenter["variant"])
+        variant = next(v for v in study.config.variants_at(fraction) if v.is_baseline)  # the real-only one
         key = fingerprint("alignment", segmenter["fingerprint"], generated["fingerprint"])
         return study.unit(unit, key, f"label alignment of {name} ({fraction_tag(fraction)}, seed {seed})",
                           lambda: align(study, fraction, variant, seed, self.data.real(fraction), self.data.val,

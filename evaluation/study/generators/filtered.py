@@ -35,8 +35,9 @@ def plan(planner: Planner, fraction: float, name: str) -> list[PlannedUnit]:
 def filter_images(study: Study, unit: PlannedUnit, needs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """Filter the images of the source's run into a folder of its own that links the source's files, so that the
     source stays as sampled and each filter setting keeps its own labels."""
-    from ...freemask import FILTER_REPORT, ScorerSettings, filter_folders
+    from ...freemask import FILTER_REPORT, filter_folders
     from ...image_sets import index_sample_folder
+    from ...segmenter.settings import ScorerSettings
 
     fraction, name = unit.where
     source = needs["source"]
