@@ -554,7 +554,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cluster.add_argument("--wait", action="store_true", help="with --slurm: return once every job has ended")
     cluster.add_argument("--unit", metavar="ID", help="run this one unit of the plan (what a Slurm job runs); the "
                                                       "units it needs must be done")
-    return parser.parse_args(argv)
+    return parser.parse_args(glued(argv or [], "--sbatch-args"))
+
+
+def glued(argv: list[str], option: str) -> list[str]:
+    """`option VALUE` as `option=VALUE`: argparse takes a lone value such as "--cpus-per-task=1" for an option."""
+    out: list[str] = []
+    rest = iter(argv)
+    for arg in rest:
+        value = next(rest, None) if arg == option else None
+        out.append(arg if value is None else f"{option}={value}")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

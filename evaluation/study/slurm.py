@@ -8,7 +8,8 @@ appends its line under a lock).
 
 Rerunning the same command after a failed or cancelled job submits only what is unfinished: units the ledger holds
 are skipped, and units whose job from an earlier submission is still pending or running are not submitted twice
-(their job ids are kept in `<output_dir>/slurm/jobs.json`; the new jobs wait on them). `--report-only` works at any
+(their job ids are kept in `<output_dir>/slurm/jobs.json`, with the last report job's under "report"; the new
+jobs wait on them). `--report-only` works at any
 time. Each job's log is `<output_dir>/slurm/<unit id, / as ->-<job id>.log`.
 """
 
@@ -124,8 +125,8 @@ def submit_study(root: Path, units: list[PlannedUnit], done: dict[str, Any], stu
     report = sbatch.submit([f"--job-name={job_name('report')}", f"--output={folder / 'report'}-%j.log",
                             *(["--dependency=afterany:" + ":".join(map(str, report_after))] if report_after else []),
                             *sbatch_args, "--wrap", unit_command(study_argv, ["--report-only"])])
-    write_json(record, {**earlier, **jobs})
     jobs["report"] = report
+    write_json(record, {**earlier, **jobs})
     log(f"slurm: {submitted} units submitted, {kept} still queued from before, "
         f"{sum(entry is not None for entry in done.values())} done in the ledger; the report job {report} runs "
         f"when they end ({folder}/report-{report}.log). Rerun this command after a failure: it submits only "
