@@ -157,3 +157,23 @@ def test_slurm_resubmits_neither_done_units_nor_units_whose_earlier_job_is_still
 def test_a_bad_sbatch_kind_is_one_line_naming_the_kinds():
     with pytest.raises(ConfigError, match="--sbatch-kind 'gpu=--gres=gpu:1'.*sdm-train"):
         parse_kind_args(["gpu=--gres=gpu:1"])
+
+
+def test_slurm_checks_the_segmenters_weights_before_it_submits_anything(demo_dir, tmp_path, monkeypatch, capsys):
+    from evaluation.study import slurm
+    from evaluation.study.run import main as study_main
+
+    def refuse(self, args):
+        raise AssertionError("submitted a job")
+    monkeypatch.setattr(slurm.Sbatch, "submit", refuse)
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: "/usr/bin/sbatch")
+    weights = tmp_path / "encoder.pt"
+    weights.write_bytes(b"not a weights file")
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0], variants=[{"name": "real"}])
+    values["segmenter"]["encoder_weights"] = str(weights)
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(values))
+    assert study_main(["-c", str(path), "--slurm"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(weights) in error[0], error
+    assert not (tmp_path / "study" / "slurm").exists()

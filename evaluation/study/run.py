@@ -406,8 +406,9 @@ def set_looks(study: Study, data: StudyData, generator_runs: dict[str, dict[str,
 
 
 def open_study(config: StudyConfig, log: Callable[[str], None], progress: bool, report_only: bool,
-               only: str | None, started: float) -> tuple[Study, list[PlannedUnit]]:
-    """Check the config against the dataset, make the split and the plan; the Study that runs it."""
+               only: str | None, started: float, checks_weights: bool = False) -> tuple[Study, list[PlannedUnit]]:
+    """Check the config against the dataset, make the split and the plan; the Study that runs it (with
+    `report_only`, one that runs nothing: its segmenter's weights are fetched only with `checks_weights`)."""
     from guided_diffusion.model_setup import bf16_autocast, processor_name, select_device
 
     num_classes = resolve_num_classes(config)
@@ -424,8 +425,8 @@ def open_study(config: StudyConfig, log: Callable[[str], None], progress: bool, 
     if only is not None and only not in {unit.id for unit in units}:
         raise ConfigError(f"--unit {only}: the study has no such unit; its units are {units[0].id} ... "
                           f"{units[-1].id} (see --list-units)")
-    if not report_only:  # an encoder's weights that cannot be had (offline, a bad file) stop the study before any work
-        segmenter = config.segmenter
+    if not report_only or checks_weights:  # encoder weights that cannot be had (offline, a bad file) stop the
+        segmenter = config.segmenter       # study (or its submission as Slurm jobs) before any work
         build_segmenter(SegmenterSpec(segmenter.architecture, num_classes, segmenter.encoder,
                                       segmenter.encoder_weights))
     root = Path(config.output_dir)
@@ -504,7 +505,7 @@ def submit(config: StudyConfig, values: dict[str, Any], command: str, study_argv
     """`--slurm`: the units not done as Slurm jobs (slurm.py); with `wait`, return once they all ended."""
     from .slurm import submit_study, wait_for
 
-    study, units = open_study(config, log, False, True, None, time.perf_counter())
+    study, units = open_study(config, log, False, True, None, time.perf_counter(), checks_weights=True)
     entries, _ = execute(study, units)
     write_config(study, values, command)
     jobs = submit_study(study.root, units, entries, study_argv, sbatch_args, kind_args, log)
