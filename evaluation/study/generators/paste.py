@@ -12,7 +12,7 @@ REPORT_GROUP = "paste"
 
 
 def plan(planner: Planner, fraction: float, name: str) -> list[PlannedUnit]:
-    config = planned_sample_config(planner, name)
+    config = planned_sample_config(planner, name, with_model=False)
     unit = PlannedUnit("sample", (fraction, name), (Part(f"generator {name} ({fraction_tag(fraction)})",
                                                          f"{config.num_samples} images, no model"),))
     planner.made[fraction][name] = (config.num_samples, unit.id)

@@ -11,16 +11,17 @@ from ..context import Study, fingerprint
 from ..units import PlannedUnit, Planner, fraction_tag
 
 
-def planned_sample_config(planner: Planner, name: str) -> SampleConfig:
-    """Generator `name`'s sample config as the plan prices it (stand-ins for the model and mask folders)."""
+def planned_sample_config(planner: Planner, name: str, with_model: bool) -> SampleConfig:
+    """Generator `name`'s sample config as the plan prices it: with the SDM's model keys (`with_model`), and
+    stand-ins for the model and mask folders that the units it needs will make."""
     config = planner.config
     generator = config.generators[name]
-    model = config.sdm_settings(name).get("model", {}) if generator.kind == "sdm" else {}
+    model = config.sdm_settings(name).get("model", {}) if with_model else {}
     values = {**planner.common, **model, **generator.sample_keys}
+    if with_model:
+        values["model_path"] = "x"
     if generator.mask_generator is not None:
         values["mask_source"] = "x"
-    if generator.kind == "sdm":
-        values["model_path"] = "x"
     sample, _ = config_from_dict("sample", values, f"study generators.{name}")
     return sample
 

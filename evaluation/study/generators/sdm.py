@@ -38,7 +38,7 @@ def plan(planner: Planner, fraction: float, name: str) -> list[PlannedUnit]:
         trained = _sdm_units(planner, settings, subset, name)
         units += trained
         model_unit = planner.sdms[subset, settings_key(settings)] = trained[-1].id
-    sample = planned_sample_config(planner, name)
+    sample = planned_sample_config(planner, name, with_model=True)
     needs = [("model", model_unit)]
     parts = []
     if generator.mask_generator is not None:
