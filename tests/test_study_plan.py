@@ -177,3 +177,18 @@ def test_slurm_checks_the_segmenters_weights_before_it_submits_anything(demo_dir
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and str(weights) in error[0], error
     assert not (tmp_path / "study" / "slurm").exists()
+
+
+def test_wait_returns_once_slurm_lists_none_of_the_jobs_as_active():
+    from evaluation.study.slurm import wait_for
+
+    answers = iter([{1: "RUNNING", 2: "PENDING"}, {1: "COMPLETED", 2: "RUNNING"}, {2: "FAILED"}])
+    asked = []
+
+    class Queue(StandInSbatch):
+        def states(self, job_ids):
+            asked.append(list(job_ids))
+            return next(answers)
+
+    wait_for([1, 2], Queue(), poll=0)
+    assert asked == [[1, 2]] * 3
