@@ -134,6 +134,11 @@ def test_study_writes_report_summary_and_every_variant(finished_study):
                     "## Generator", "## Wall time"):
         assert heading in report
     assert "test command" in report
+    # how each generator's images were made, in its kind's words (generators/<kind>.py: note)
+    assert "| 50 % | paste | paste | 4 images, real defects pasted (no model) |" in report
+    assert "| 50 % | sdm | sdm | 4 images sampled from the SDM, " in report
+    assert "| 50 % | sdm_filtered | sdm | " in report and "of their pixels marked ignored by the FreeMask scorer" \
+        in report
     for picture in ("paired_differences.png", "generator_loss.png", "grids/r050_sdm.png", "grids/r100_paste.png"):
         assert (root / picture).is_file(), picture
     alignment = {(a["real_fraction"], a["generator"]) for a in summary["label_alignment"]}

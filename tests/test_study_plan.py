@@ -67,6 +67,8 @@ def test_every_generator_kind_of_the_config_has_its_module_with_the_plug_in_part
         assert callable(module.plan) and isinstance(module, ModuleType)
     for module in generators.KINDS.values():
         assert callable(module.sample) and module.REPORT_GROUP
+    for module in [*generators.KINDS.values(), generators.filtered]:
+        assert callable(module.note)
     assert set(generators.EXECUTORS) | {"segmenter", "alignment"} == set(UNIT_KINDS)
 
 

@@ -22,7 +22,8 @@ from guided_diffusion.run_folder import markdown_table, write_csv, write_json
 from ..contrast import INNER, OUTER, ROUGHER, ImageSetLook
 from .config import Variant
 from .context import Split, Study
-from .generators import report_group
+from .generators import report_group, report_note
+from .units import fraction_tag
 
 
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -461,6 +462,12 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
                               for a in alignment]) if alignment else "no generators", ""]
     lines += _look_sections(study, looks)
     lines += ["## Generator", ""]
+    made = [[f"{100 * fraction:g} %", name, config.generators[name].kind,
+             report_note(config.generators[name], generator_runs[f"{fraction_tag(fraction)}/{name}"])]
+            for fraction in config.real_fractions for name in config.generators_at(fraction)
+            if f"{fraction_tag(fraction)}/{name}" in generator_runs]
+    if made:
+        lines += [markdown_table(["real", "generator", "kind", "how its images were made"], made), ""]
     lines += (["![SDM training loss](generator_loss.png)", ""] if has_curve else ["no SDM in this study", ""])
     used = {name: config.generators[name] for fraction in config.real_fractions  # generators of no variant: unsaid
             for name in config.generators_at(fraction)}

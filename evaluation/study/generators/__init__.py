@@ -7,6 +7,8 @@ A kind module has:
 - `sample(study, unit, needs) -> entry | None` where it makes images with `main.py sample`, and the executors of
   the other unit kinds it plans in `EXECUTORS` ({unit kind: run(study, unit, needs)}): each makes the unit's
   fingerprint from its inputs and the ledger entries of the units it needs, and runs it through `study.unit`;
+- `note(entry) -> str`: how a unit of its made its images, from the unit's ledger entry (the report's
+  "Generator" table);
 - `REPORT_GROUP` (the kinds of the config's `kind` values): how the report colours and groups the variants
   its images go into ("sdm": made by a diffusion model, whose share of a gain the report pairs out).
 
@@ -35,6 +37,11 @@ def kind_of(generator: Generator) -> ModuleType:
 def report_group(generator: Generator) -> str:
     """The report's group of a generator's images (a filtered generator's kind is its source's)."""
     return KINDS[generator.kind].REPORT_GROUP
+
+
+def report_note(generator: Generator, entry: dict[str, Any]) -> str:
+    """How a generator's images were made (its sample or filter unit's ledger entry), in the kind's words."""
+    return kind_of(generator).note(entry)
 
 
 def run_sample(study, unit, needs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

@@ -71,4 +71,10 @@ def filter_images(study: Study, unit: PlannedUnit, needs: dict[str, dict[str, An
                       work)
 
 
+def note(entry: dict[str, Any]) -> str:
+    """How its labels were made, for the report."""
+    return (f"{entry['images']} images kept, {entry['dropped']} dropped; {100 * entry['ignored_pixel_share']:.1f} % "
+            "of their pixels marked ignored by the FreeMask scorer")
+
+
 EXECUTORS = {"filter": filter_images}

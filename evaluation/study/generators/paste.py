@@ -22,3 +22,8 @@ def plan(planner: Planner, fraction: float, name: str) -> list[PlannedUnit]:
 def sample(study, unit: PlannedUnit, needs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     return run_sample_unit(study, unit, sample_values(study, unit.where[0], unit.where[1],
                                                                         with_model=False))
+
+
+def note(entry: dict[str, Any]) -> str:
+    """How its images were made, for the report."""
+    return f"{entry['images']} images, real defects pasted (no model)"

@@ -154,4 +154,11 @@ def sample(study: Study, unit: PlannedUnit, needs: dict[str, dict[str, Any]]) ->
     return run_sample_unit(study, unit, values)
 
 
+def note(entry: dict[str, Any]) -> str:
+    """How its images were made, for the report."""
+    seconds = entry.get("seconds_per_image")
+    speed = f", {seconds:.2f} s an image" if seconds is not None else ""
+    return f"{entry['images']} images sampled from the SDM{speed} ({entry.get('precision', 'fp32')})"
+
+
 EXECUTORS = {"sdm-train": train, "sdm-finetune": finetune}
