@@ -18,8 +18,8 @@ from typing import Any
 from guided_diffusion.data import Pair
 
 from .config import StudyConfig
-from .units import PlannedUnit, fraction_tag
 from .progress import UnitProgress
+from .units import PlannedUnit, fraction_tag
 
 
 def fingerprint(*parts: Any) -> str:
