@@ -194,3 +194,25 @@ def test_wait_returns_once_slurm_lists_none_of_the_jobs_as_active():
 
     wait_for([1, 2], Queue(), poll=0)
     assert asked == [[1, 2]] * 3
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--unit", "segmenter/r100/pasta/0"], "error: --unit segmenter/r100/pasta/0: the study has no such unit (did "
+                                           "you mean 'segmenter/r100/paste/0'?); --list-units lists them"),
+    (["--unit", "segmenter/r100/paste/0"], "error: --unit segmenter/r100/paste/0: the units it needs are not all in "
+                                           "the ledger of "),
+    (["--slurm", "--report-only"], "error: --slurm and --report-only do not go together: give one of them"),
+    (["--wait"], "error: --wait, --sbatch-args and --sbatch-kind only apply with --slurm"),
+])
+def test_a_bad_unit_or_mode_option_is_one_line(demo_dir, tmp_path, capsys, options, message):
+    from evaluation.study.run import main as study_main
+
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
+    values["generators"] = {"paste": values["generators"]["paste"]}
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(values))
+    assert study_main(["-c", str(path), *options]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(message), error
+    assert not (tmp_path / "study" / "ledger.jsonl").exists()

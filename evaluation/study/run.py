@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from guided_diffusion.config import PLACING_MODES, config_from_dict
+from guided_diffusion.config_io import did_you_mean
 from guided_diffusion.data import index_dataset, split_train_val
 from guided_diffusion.errors import ConfigError, exit_status
 from guided_diffusion.run_folder import atomic_write, write_json
@@ -423,8 +424,8 @@ def open_study(config: StudyConfig, log: Callable[[str], None], progress: bool, 
     check_backgrounds_exist(config, split)
     units = plan_units(config, num_classes, SplitSizes.of(split))
     if only is not None and only not in {unit.id for unit in units}:
-        raise ConfigError(f"--unit {only}: the study has no such unit; its units are {units[0].id} ... "
-                          f"{units[-1].id} (see --list-units)")
+        raise ConfigError(f"--unit {only}: the study has no such unit{did_you_mean(only, [u.id for u in units])}; "
+                          "--list-units lists them")
     if not report_only or checks_weights:  # encoder weights that cannot be had (offline, a bad file) stop the
         segmenter = config.segmenter       # study (or its submission as Slurm jobs) before any work
         build_segmenter(SegmenterSpec(segmenter.architecture, num_classes, segmenter.encoder,
