@@ -115,6 +115,8 @@ class Study:
         self.used.add((kind, key))
         done = self.ledger.get(kind, key)
         if not self.runs(unit):
+            if done is not None and self.only is not None:  # a one-unit run prices its unit from the others' times
+                self.unit_progress.calibrate(unit, done.get("seconds"))
             return done
         if done is not None:
             self.unit_progress.skip(kind, where, done.get("seconds"))

@@ -152,6 +152,12 @@ class UnitProgress:
         if seconds is not None:
             self.timed.append(Timed(self.costs[position], float(seconds), here=False))
 
+    def calibrate(self, unit: PlannedUnit, seconds: float | None) -> None:
+        """A unit outside this run's list (a one-unit run reads the rest of the plan from the ledger), with the
+        seconds it took: it only calibrates the estimates."""
+        if seconds is not None:
+            self.timed.append(Timed(unit_cost(unit), float(seconds), here=False))
+
     def start(self, kind: str, where: tuple, what: str) -> None:
         self._report_skipped()
         position, planned = self._position(kind, where)
