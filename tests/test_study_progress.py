@@ -102,7 +102,6 @@ def test_a_resumed_study_says_how_many_units_are_done_and_starts_only_the_others
     assert not any(START.match(line) for line in lines)
 
 
-
 def test_a_one_unit_run_prices_its_unit_from_the_times_the_ledger_holds(quick_study):
     """--unit (a Slurm job, or a unit run by hand): the rest of the plan is only read from the ledger, and the
     seconds recorded there calibrate the unit's estimate, as they do a resumed study's."""
@@ -116,6 +115,7 @@ def test_a_one_unit_run_prices_its_unit_from_the_times_the_ledger_holds(quick_st
     assert START.match(start)["position"] == START.match(start)["units"] == "1", start
     assert "nothing timed" not in start, start
     assert json.loads(ledger.read_text().splitlines()[-1])["unit"] == last
+
 
 def unit(kind: str, model: str, what: str, count: float) -> PlannedUnit:
     """A unit of `count` steps (or images) of one megapixel each: `count` x the prior's rate in seconds."""

@@ -149,12 +149,11 @@ class UnitProgress:
         self.reached[position] = True
         self.skipped += 1
         self.done += 1
-        if seconds is not None:
-            self.timed.append(Timed(self.costs[position], float(seconds), here=False))
+        self.calibrate(self.units[position], seconds)
 
     def calibrate(self, unit: PlannedUnit, seconds: float | None) -> None:
-        """A unit outside this run's list (a one-unit run reads the rest of the plan from the ledger), with the
-        seconds it took: it only calibrates the estimates."""
+        """A unit done before this run (found in the ledger), with the seconds it took then, where recorded: it
+        calibrates the estimates. A one-unit run calls it for the units outside its list."""
         if seconds is not None:
             self.timed.append(Timed(unit_cost(unit), float(seconds), here=False))
 
