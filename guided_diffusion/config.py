@@ -65,8 +65,12 @@ def default_channel_mult(image_size: int) -> tuple[float, ...]:
     return (1, 2, 2) if image_size <= 32 else (1, 2, 2, 4)
 
 
-PLACING_MODES = ("inpaint", "harmonize", "paste")
+PAINTING_MODES = ("inpaint", "harmonize", "blend")
+"""Sample modes that paint a region of a placed mask with the model (RePaint): `inpaint_margin`, `resample_steps`."""
+PLACING_MODES = (*PAINTING_MODES, "paste")
 """Sample modes that put the masks' defects onto defect-free backgrounds (background_dir, pairing, placement)."""
+STRENGTH_MODES = ("variation", *PAINTING_MODES)
+"""Sample modes that may start from a noised image instead of pure noise (`strength`)."""
 
 SAME = "same"  # ISDM/SDM use the same key name
 NO_ISDM = "—"  # ISDM/SDM have no such key
@@ -499,18 +503,22 @@ class SampleConfig(CommonConfig):
                                                       "([`hardness_args`](#hardness_args)), see "
                                                       "[docs/filtering.md](filtering.md); null = off")
     # variations and inpainting (sampling/inpaint.py); copy-paste without a model (sampling/paste.py)
-    mode: Literal["noise", "variation", "inpaint", "harmonize", "paste"] = option(
+    mode: Literal["noise", "variation", "inpaint", "harmonize", "blend", "paste"] = option(
         "noise", "`noise`, `variation` (SDEdit from the mask's real image), `inpaint` (RePaint on a defect-free "
                  "background), `harmonize` (copy-paste, then the painted region re-drawn from the pasted image at "
-                 "`strength`, so the real defect blends into its new background) or `paste` (copy-paste, no model)")
+                 "`strength`, so the real defect blends into its new background), `blend` (copy-paste, then only "
+                 "the seam, the `inpaint_margin` px around the pasted defect, painted by the model: the defect's "
+                 "pixels stay real) or `paste` (copy-paste, no model)")
     strength: float = option(1.0, "noise level the run starts from, in (0, 1]; 1 = pure noise; only with `variation`, "
-                                  "`inpaint` or `harmonize` (which needs it below 1: 0.3 keeps the defect's shape "
-                                  "and redraws its edges)")
-    inpaint_margin: int = option(2, "pixels (at `image_size`) added around the defects to form the painted region")
+                                  "`inpaint`, `harmonize` (which needs it below 1: 0.3 keeps the defect's shape "
+                                  "and redraws its edges) or `blend`")
+    inpaint_margin: int = option(2, "pixels (at `image_size`) added around the defects to form the painted region "
+                                    "(with `blend`: the painted seam, at least 1)")
     resample_steps: int = option(2, "RePaint jumps back per step (each costs one model evaluation per step); 0 = "
                                     "plain pasting")
     background_dir: str = option("", "folder of defect-free images to paint or paste on; `\"\"` = the dataset's "
-                                     "train/ images whose mask is all 0; only with `inpaint` or `paste`")
+                                     "train/ images whose mask is all 0; only with `inpaint`, `harmonize`, `blend` or "
+                                     "`paste`")
     pairing: Literal["random", "round-robin"] = option(
         "random", "`random` (each image draws a background) or `round-robin` (a seeded shuffle of the backgrounds, "
                   "used in turn)")
@@ -551,16 +559,19 @@ class SampleConfig(CommonConfig):
                 f"is true but 'sampler' is {self.sampler!r}; remove use_ddim or set sampler to 'ddim'")
         require(0.0 < self.strength <= 1.0, "strength",
                 f"must be in (0, 1] (1 = start from noise), got {self.strength}")
-        require(self.mode in ("variation", "inpaint", "harmonize") or self.strength == 1.0, "strength",
-                f"applies to mode 'variation', 'inpaint' or 'harmonize', but mode is {self.mode!r}; remove it or set "
-                f"mode")
+        require(self.mode in STRENGTH_MODES or self.strength == 1.0, "strength",
+                f"applies to mode {', '.join(repr(m) for m in STRENGTH_MODES)}, but mode is {self.mode!r}; remove it "
+                f"or set mode")
         require(self.mode != "harmonize" or self.strength < 1.0, "strength",
                 "must be below 1 with mode 'harmonize' (at 1 the pasted defect is drowned in noise: that is mode "
                 "'inpaint'); 0.3 keeps the defect and redraws its edges")
         require(self.inpaint_margin >= 0, "inpaint_margin", f"must be >= 0 pixels, got {self.inpaint_margin}")
+        require(self.mode != "blend" or self.inpaint_margin >= 1, "inpaint_margin",
+                "must be at least 1 with mode 'blend': it is the width of the seam the model paints around the "
+                "pasted defect (0 paints nothing; 2 is the default)")
         require(self.resample_steps >= 0, "resample_steps", f"must be >= 0 (0 = no jumps), got {self.resample_steps}")
         require(self.mode in PLACING_MODES or not self.background_dir, "background_dir",
-                f"is only used with mode 'inpaint', 'harmonize' or 'paste', but mode is {self.mode!r}")
+                f"is only used with mode {', '.join(repr(m) for m in PLACING_MODES)}, but mode is {self.mode!r}")
         if self.balance_args is not None:
             known = self.num_classes if self.num_classes is not None or self.dataset_mode != "binary" else 2
             with within("balance_args"):

@@ -200,9 +200,12 @@ def test_placement_flips_and_moves_the_mask_without_losing_defect_pixels():
 @pytest.mark.parametrize("changes, message", [
     ({"mode": "inpaint", "strength": 0.0}, "key 'strength' must be in \\(0, 1\\]"),
     ({"mode": "variation", "strength": 1.5}, "key 'strength' must be in \\(0, 1\\]"),
-    ({"strength": 0.5}, "key 'strength' applies to mode 'variation', 'inpaint' or 'harmonize', but mode is 'noise'"),
+    ({"strength": 0.5}, "key 'strength' applies to mode 'variation', 'inpaint', 'harmonize', 'blend', but mode is "
+                        "'noise'"),
     ({"mode": "harmonize"}, "key 'strength' must be below 1 with mode 'harmonize'"),
-    ({"background_dir": "tiles"}, "key 'background_dir' is only used with mode 'inpaint', 'harmonize' or 'paste'"),
+    ({"mode": "blend", "inpaint_margin": 0}, "key 'inpaint_margin' must be at least 1 with mode 'blend'"),
+    ({"background_dir": "tiles"}, "key 'background_dir' is only used with mode 'inpaint', 'harmonize', 'blend', "
+                                  "'paste'"),
     ({"mode": "inpaint", "inpaint_margin": -1}, "key 'inpaint_margin' must be >= 0"),
     ({"mode": "inpaint", "resample_steps": -1}, "key 'resample_steps' must be >= 0"),
     ({"mode": "repaint"}, "key 'mode' must be one of 'noise', 'variation', 'inpaint'"),
@@ -309,6 +312,28 @@ def test_harmonize_redraws_the_pasted_defect_in_place_and_keeps_the_rest_of_the_
         assert to_paste(harmonized_images) < 0.5 * to_paste(inpainted_images), name
     summary = json.loads((harmonized / "summary.json").read_text())
     assert summary["mode"] == "harmonize" and summary["strength"] == 0.1 and summary["start_step"] < 19
+
+
+def test_blend_keeps_the_pasted_defect_byte_for_byte_and_paints_only_the_seam_around_it(
+        demo_dir, trained_run, background_dir, tmp_path):
+    options = {"background_dir": str(background_dir), "mask_flip": True, "mask_placement": "random",
+               "inpaint_margin": 2, "resample_steps": 1, "timestep_respacing": "4"}
+    pasted = sample(demo_dir, trained_run, tmp_path / "paste", mode="paste", num_classes=4,
+                    image_size=TINY_MODEL["image_size"], **options)
+    blended = sample(demo_dir, trained_run, tmp_path / "blend", mode="blend", **options)
+    assert json.loads((blended / "inpaint.json").read_text()) == json.loads((pasted / "paste.json").read_text())
+    paste_images, blended_images, labels = (pngs(run / sub) for run, sub in
+                                            ((pasted, "samples"), (blended, "samples"), (blended, "labels")))
+    assert blended_images.keys() == paste_images.keys() == labels.keys() and labels
+    for name, label in labels.items():
+        assert np.array_equal(label, pngs(pasted / "labels")[name])
+        seam = paint_region(label, 2) & (label == 0)
+        assert seam.any()
+        # every pixel off the seam, the real defect's included, is the pasted image's byte; the seam is redrawn
+        assert np.array_equal(blended_images[name][~seam], paste_images[name][~seam]), name
+        assert (blended_images[name][seam] != paste_images[name][seam]).any(), name
+    summary = json.loads((blended / "summary.json").read_text())
+    assert summary["mode"] == "blend" and summary["inpaint_margin"] == 2 and summary["resample_steps"] == 1
 
 
 def test_variation_at_strength_one_is_sampling_from_noise(demo_dir, trained_run, tmp_path):

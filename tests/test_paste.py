@@ -246,7 +246,8 @@ def test_a_dataset_without_defect_free_images_is_one_error_and_writes_nothing(tm
 @pytest.mark.parametrize("changes, message", [
     ({"model_path": ""}, None),
     ({"background_dir": "plates"}, None),
-    ({"strength": 0.5}, "key 'strength' applies to mode 'variation', 'inpaint' or 'harmonize', but mode is 'paste'"),
+    ({"strength": 0.5}, "key 'strength' applies to mode 'variation', 'inpaint', 'harmonize', 'blend', but mode is "
+                        "'paste'"),
     ({"mode": "noise"}, "key 'model_path' is required"),
 ])
 def test_paste_config_keys(changes, message):

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from guided_diffusion.config import PAINTING_MODES
 from guided_diffusion.guidance import guided_share
 from guided_diffusion.sampling.inpaint import start_step
 from guided_diffusion.sampling.mask_selection import TrainedWith
@@ -118,7 +119,7 @@ def sampled_forwards(sample, trained_steps: int) -> tuple[float, float]:
     guided share of its steps."""
     diffusion = sampling_diffusion(sample, TrainedWith(diffusion_steps=trained_steps))
     steps = diffusion.num_timesteps if sample.mode == "noise" else start_step(diffusion, sample.strength) + 1
-    jumps = 1 + (sample.resample_steps if sample.mode in ("inpaint", "harmonize") else 0)
+    jumps = 1 + (sample.resample_steps if sample.mode in PAINTING_MODES else 0)
     guided = guided_share(diffusion, sample.guidance_interval) if sample.s > 1.0 else 0.0
     return steps * jumps * (1.0 + guided), guided
 

@@ -14,6 +14,10 @@
   painted region as `inpaint` does (the rest kept from the background). At a low strength the real defect keeps
   its shape and texture while its edges and its tone are redrawn to fit the new background, which pasting alone
   leaves as hard seams. The masks need their real image (an augmented or generated mask has none).
+- `blend`: copy-paste, then RePaint on the seam only. The real defect is pasted as `paste` does and stays byte for
+  byte; the painted region is the ring of `inpaint_margin` px around it (the defect's own pixels left out), and
+  the known region is the pasted image. So the model draws only the transition between a real defect and its new
+  background, the place where pasting leaves its hard edges. Its masks need their real image too.
 - `paste` (paste.py): no model at all; the mask's real defect pixels are copied onto a background. It uses the
   backgrounds, pairing and placement of this module (`place_defects`).
 
@@ -34,13 +38,13 @@ import torch
 from PIL import Image
 
 from ..balance import ChosenMask, load_masks
-from ..config import PLACING_MODES, SampleConfig
+from ..config import PAINTING_MODES, PLACING_MODES, SampleConfig
 from ..data import IMAGE_EXTENSIONS, Pair, load_image, load_mask, resize_pair
 from ..diffusion import GaussianDiffusion
 from ..errors import ConfigError, DatasetError
 from ..samplers import NoiseSource, StepHook
 
-MODES = ("noise", "variation", "inpaint", "harmonize", "paste")
+MODES = ("noise", "variation", "inpaint", "harmonize", "blend", "paste")
 PAIRINGS = ("random", "round-robin")
 MAX_ENLARGEMENT = 4.0
 """A background_dir image enlarged more than this to reach image_size is refused: its known region would be a
@@ -363,13 +367,14 @@ class Batch:
     masks: torch.Tensor  # int64 N×H×W: the conditioning masks, written as the labels
     shown: list[np.ndarray | None]  # per image, what images/ holds: the real, source or background image
     hook: StepHook | None = None
-    painted: list[np.ndarray] | None = None  # inpaint: the painted region of each image
+    painted: list[np.ndarray] | None = None  # the painting modes: the painted region of each image
+    known: list[np.ndarray] | None = None  # and the image its known region is kept from
 
     def finish(self, k: int, sample: np.ndarray) -> np.ndarray:
-        """Image k's final uint8 image: inpainted images are composited onto their background."""
+        """Image k's final uint8 image: painted images are composited onto their known image."""
         if self.painted is None:
             return sample
-        return composite(sample, self.shown[k], self.painted[k])
+        return composite(sample, self.known[k], self.painted[k])
 
 
 @dataclass
@@ -391,7 +396,7 @@ class ModePlan:
 
     @property
     def resample_steps(self) -> int:
-        return self.config.resample_steps if self.config.mode in ("inpaint", "harmonize") else 0
+        return self.config.resample_steps if self.config.mode in PAINTING_MODES else 0
 
     def prepare(self, ids: Sequence[int], items: Sequence[tuple[torch.Tensor, np.ndarray | None]],
                 noise: NoiseSource, device: torch.device | str) -> Batch:
@@ -405,22 +410,26 @@ class ModePlan:
         if mode == "variation":
             source = torch.stack([image_to_tensor(real) for real in reals]).to(device)
             return Batch(noised_start(self.diffusion, source, self.start_step, noise()), masks, reals)
-        placed, shown, painted, starts = [], [], [], []
+        placed, shown, painted, starts, known = [], [], [], [], []
         for i, (mask, real) in zip(ids, items):
             placement = self.placements[i]
             placed.append(torch.from_numpy(place_mask(mask.numpy(), placement)))
             shown.append(load_background(self.backgrounds[placement.background], self.config.image_size,
                                          self.config.resize_mode, self.config.image_channels))
             painted.append(paint_region(placed[-1].numpy(), self.config.inpaint_margin))
-            # harmonize starts from the real defect pasted onto the background; inpaint from the background
-            starts.append(paste_defects(shown[-1], real, mask.numpy(), placement)[0] if mode == "harmonize"
+            # harmonize and blend start from the real defect pasted onto the background; inpaint from the
+            # background. Blend keeps the pasted defect (known) and paints only the ring around it.
+            starts.append(paste_defects(shown[-1], real, mask.numpy(), placement)[0] if mode != "inpaint"
                           else shown[-1])
-        background = torch.stack([image_to_tensor(image) for image in shown]).to(device)
+            if mode == "blend":
+                painted[-1] = painted[-1] & (placed[-1].numpy() == 0)
+            known.append(starts[-1] if mode == "blend" else shown[-1])
+        kept = torch.stack([image_to_tensor(image) for image in known]).to(device)
         keep = torch.from_numpy(~np.stack(painted))[:, None].to(device)
         start = torch.stack([image_to_tensor(image) for image in starts]).to(device)
         x = noised_start(self.diffusion, start, self.start_step, noise())
-        return Batch(x, torch.stack(placed), shown, known_region_hook(self.diffusion, background, keep, noise),
-                     painted)
+        return Batch(x, torch.stack(placed), shown, known_region_hook(self.diffusion, kept, keep, noise),
+                     painted, known)
 
     def summary(self) -> dict:
         """The mode's entries of summary.json."""
@@ -429,7 +438,7 @@ class ModePlan:
             return {"mode": mode}
         entries = {"mode": mode, "strength": self.config.strength, "start_step": self.start_step,
                    "steps_run": self.steps_run, **self.skipped}
-        if mode in ("inpaint", "harmonize"):
+        if mode in PAINTING_MODES:
             entries.update({"inpaint_margin": self.config.inpaint_margin, "resample_steps": self.resample_steps,
                             **background_summary(self.config, self.backgrounds, self.placements)})
         return entries
@@ -456,8 +465,8 @@ def plan_modes(config: SampleConfig, diffusion: GaussianDiffusion, sources: list
         return ModePlan(config, diffusion, kept, start, skipped=skipped)
 
     skipped = {}
-    if config.mode == "harmonize":  # it pastes the mask's real defect: a mask without its real image makes none
-        sources, without_image = with_real_image(sources, "harmonize", "paste a defect from", log)
+    if config.mode in ("harmonize", "blend"):  # they paste the mask's real defect: a mask without its real image
+        sources, without_image = with_real_image(sources, config.mode, "paste a defect from", log)  # makes none
         skipped = {"skipped_masks_without_source_image": without_image}
     placed = place_defects(config, sources, real_pairs, excluded, log)
     placed = placed._replace(skipped={**placed.skipped, **skipped})
