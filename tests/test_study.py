@@ -15,7 +15,7 @@ from evaluation.study import estimate
 from evaluation.study.estimate import (ModelCosts, SegmenterCosts, SplitSizes, Stage, format_duration, format_estimate,
                                        plan_study)
 from evaluation.study.run import Ledger, main as study_main, run_study
-from evaluation.study.config import SegmenterProtocol, study_from_dict
+from evaluation.study.config import SegmenterProtocol, load_study, study_from_dict
 from evaluation.study.report import paired_interval, without_sdm
 from guided_diffusion.errors import ConfigError
 
@@ -296,6 +296,56 @@ def test_report_only_runs_nothing_and_reports_the_finished_units(demo_dir, tmp_p
     assert [(v["variant"], v["seeds"]) for v in summary["variants"]] == [("real", 2)]
 
 
+def test_a_report_in_its_report_dir_shows_the_configs_beside_it_read_from_its_own_folder(finished_study,
+                                                                                          tmp_path):
+    root, values = finished_study
+    before = {name: (root / name).read_bytes() for name in ("report.md", "summary.json", "ledger.jsonl")}
+    # the same study cut to two variants, whose output_dir is replaced by the study's; and another segmenter
+    # protocol (more steps), none of whose segmenters has run
+    cut = {**values, "output_dir": str(tmp_path / "not_read"), "variants": values["variants"][:3]}
+    other = {**values, "segmenter": {**values["segmenter"], "steps": 6}}
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    main = {**values, "report_dir": "with_beside", "beside": [str(tmp_path / "cut.json"), str(tmp_path / "other.json")]}
+    run_study(study_from_dict(main, "test"), main, log=lambda *_: None, progress=False, report_only=True)
+
+    assert {name: (root / name).read_bytes() for name in before} == before  # the folder's own report untouched
+    report = (root / "with_beside" / "report.md").read_text()
+    assert f"## Beside: {tmp_path / 'cut.json'}" in report and f"## Beside: {tmp_path / 'other.json'}" in report
+    assert report.split("## Beside: ")[2].count("None of its segmenters is in the ledger yet") == 1
+    summary = json.loads((root / "with_beside" / "summary.json").read_text())
+    own = {(v["real_fraction"], v["variant"]): v for v in summary["variants"]}
+    cut_rows, other_rows = (entry["variants"] for entry in summary["beside"])
+    assert {v["variant"] for v in cut_rows} == {"real", "augment", "paste"} and not other_rows
+    for row in cut_rows:  # read from the same segmenters, so the same numbers
+        assert row == own[(row["real_fraction"], row["variant"])]
+    assert summary["beside"][1]["segmenter"]["steps"] == 6
+    assert (root / "with_beside" / "results.csv").is_file()
+
+
+def test_a_config_beside_that_draws_another_split_is_one_line_before_any_work(finished_study, tmp_path):
+    root, values = finished_study
+    (tmp_path / "draw2.json").write_text(json.dumps({**values, "seed": 7}))
+    (tmp_path / "main.json").write_text(json.dumps({**values, "beside": [str(tmp_path / "draw2.json")]}))
+    with pytest.raises(ConfigError) as caught:
+        load_study(tmp_path / "main.json")
+    assert str(caught.value) == (f"{tmp_path / 'main.json'}: key 'beside[0]' {tmp_path / 'draw2.json'} has seed 7 "
+                                 "where this study has 0: a config beside it must draw the same split")
+
+
+def test_a_config_of_another_split_is_refused_in_a_study_folder_whose_subsets_stay_as_they_were(demo_dir,
+                                                                                              tmp_path):
+    values = study_values(demo_dir, tmp_path / "study")
+    run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False, report_only=True)
+    subset = tmp_path / "study" / "data" / "r050" / "train" / "images"
+    before = sorted(path.name for path in subset.iterdir())
+    redrawn = {**values, "seed": 7}  # another subset of the same dataset into the same folder
+    with pytest.raises(ConfigError, match=r"its r050 subset holds \d+ images this config does not draw .*: the "
+                                          r"folder belongs to a study of another split"):
+        run_study(study_from_dict(redrawn, "test"), redrawn, log=lambda *_: None, progress=False, report_only=True)
+    assert sorted(path.name for path in subset.iterdir()) == before
+
+
 def test_a_killed_study_resumes_after_its_last_finished_unit(demo_dir, tmp_path):
     values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
                           variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
@@ -362,6 +412,9 @@ def test_a_variant_without_the_synthetic_data_keys_keeps_the_fingerprint_of_befo
     ({"variants": [{"name": "real"}, {"name": "a", "augment": "strong", "real_finetune_share": 0.3}]},
      "key 'variants.a.synthetic_ratio' and synthetic_weight / real_finetune_share tell real from synthetic images"),
     ({"real_fractions": [0.5, 1.5]}, "key 'real_fractions' must be a list of fractions in (0, 1]"),
+    ({"report_dir": "../elsewhere"}, "key 'report_dir' must be a folder inside output_dir (a relative path without "
+                                     "'..'), got \"../elsewhere\""),
+    ({"beside": ["configs/missing.json"]}, "key 'beside[0]' names no file: \"configs/missing.json\""),
     ({"generators": {"p": {"kind": "copy"}}}, "key 'generators.p.kind' must be one of sdm, paste"),
     ({"generators": {"f": {"kind": "sdm", "labels": "filtered", "source": "sdn"}}},
      "key 'generators.f.source' must name the generator whose images are filtered"),

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guided_diffusion.config_io import (did_you_mean, read, read_config_file, refuse_unknown_sub_keys, require,
+from guided_diffusion.config_io import (did_you_mean, read, read_config_file, require,
                                         setting, within)
 from guided_diffusion.config import parse_override
 from guided_diffusion.data import RESIZE_MODES, canonical_dataset_mode
@@ -240,6 +240,12 @@ class StudyConfig:
         factory=dict, expect="an object with 'model', 'train' and 'finetune' keys")
     generators: dict[str, Generator] = setting(factory=dict, expect="an object of name: {kind, sample}")
     variants: list[Variant] = setting(factory=list, expect="a non-empty list of variants")
+    # where this config's report goes inside output_dir ("" = output_dir itself), so that several configs that
+    # share one study folder (its SDMs, images and segmenters) keep a report each
+    report_dir: str = setting("", expect="a folder path inside output_dir")
+    # other study configs whose results, read from this study's folder, the report shows beside its own (e.g.
+    # the same study with random-init segmenters)
+    beside: list[str] = setting(factory=list, expect="a list of study config file paths")
     quick: bool = False  # set by --quick (study_from_dict), not by the file
 
     def sdm_settings(self, name: str) -> dict[str, Any]:
@@ -297,6 +303,12 @@ class StudyConfig:
                 f"must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device",
                 f"must be 'auto', 'cpu' or 'cuda[:N]', got {json.dumps(self.device)}")
+        inside = Path(self.report_dir)
+        require(not inside.is_absolute() and ".." not in inside.parts, "report_dir",
+                f"must be a folder inside output_dir (a relative path without '..'), got {json.dumps(self.report_dir)}")
+        for position, path in enumerate(self.beside):
+            require(Path(path).is_file(), f"beside[{position}]", f"names no file: {json.dumps(path)} (a study config, "
+                                                                 "relative to the working directory)")
         with within("segmenter"):
             self.segmenter.validate()
         self._validate_generators()
@@ -422,6 +434,29 @@ def apply_quick(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+SHARED_SPLIT_KEYS = ("data_dir", "dataset_mode", "seed", "val_fraction", "image_size", "resize_mode")
+"""Keys a `beside` config must share with its study: they make the split and the subsets in the shared folder."""
+
+
+def load_beside(config: StudyConfig) -> list[StudyConfig]:
+    """The `beside` configs of a study, each to be read from the study's folder (its output_dir replaced by the
+    study's, at toy size with --quick). One line names the file and key when one cannot be read, or draws another
+    split: its subsets would replace the study's own in the shared folder."""
+    configs = []
+    for position, path in enumerate(config.beside):
+        try:
+            values = {**read_config_file(path), "output_dir": config.output_dir}
+            other = study_from_dict(values, path, config.quick)
+        except ConfigError as error:
+            raise ConfigError(f"key 'beside[{position}]': {error}") from None
+        for key in SHARED_SPLIT_KEYS:
+            require(getattr(other, key) == getattr(config, key), f"beside[{position}]",
+                    f"{path} has {key} {json.dumps(getattr(other, key))} where this study has "
+                    f"{json.dumps(getattr(config, key))}: a config beside it must draw the same split")
+        configs.append(dataclasses.replace(other, beside=[]))  # one level: its own beside is not read
+    return configs
+
+
 def study_from_dict(values: dict[str, Any], source: str, quick: bool = False) -> StudyConfig:
     """Read and check the study config (with `quick`, at toy size); ConfigError names `source` and the key."""
     try:
@@ -452,4 +487,9 @@ def load_study(path: str | Path, overrides: list[str] = (), quick: bool = False,
         values["output_dir"] = output_dir
     if quick:
         values["output_dir"] = str(values.get("output_dir", "")).rstrip("/") + "_quick"
-    return study_from_dict(values, str(path), quick), values
+    config = study_from_dict(values, str(path), quick)
+    try:
+        load_beside(config)  # checked before anything runs; read again by the report
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return config, values

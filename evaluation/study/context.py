@@ -88,6 +88,11 @@ class Study:
     only: str | None = None  # run just the unit of this id (a Slurm job): the others are read from the ledger
     used: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # the units this run reads or runs
 
+    @property
+    def report_root(self) -> Path:
+        """The folder of this config's report: `report_dir` inside the study folder."""
+        return self.root / self.config.report_dir
+
     def subset_dir(self, fraction: float) -> Path:
         """The dataset folder of links of a fraction's subset (laid out when the study starts)."""
         return self.root / "data" / fraction_tag(fraction)

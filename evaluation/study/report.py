@@ -13,14 +13,14 @@ import math
 import shutil
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from guided_diffusion.run_folder import markdown_table, write_csv, write_json
 
 from ..contrast import INNER, OUTER, ROUGHER, ImageSetLook
-from .config import Variant
+from .config import SegmenterProtocol, StudyConfig, Variant
 from .context import Split, Study
 from .generators import report_group, report_note
 from .units import fraction_tag
@@ -368,10 +368,75 @@ def _stage_times(study: Study) -> dict[str, float]:
     return dict(totals)
 
 
+def _miou_table(records: list[dict[str, Any]]) -> str:
+    """The report's table of every (fraction, variant): mIoU over seeds and the paired difference to real-only."""
+    header = ["real", "variant", "generator", "real imgs", "synthetic imgs", "mIoU w/o bg", "mIoU", "diff (points)",
+              "95 % interval", "verdict", "steps kept"]
+    body = []
+    for r in records:
+        interval = "–" if math.isnan(r["ci_low"]) or r["is_baseline"] else \
+            f"[{_points(r['ci_low'])}, {_points(r['ci_high'])}]"
+        body.append([f"{100 * r['real_fraction']:.0f} %", r["variant"], r["generator"], r["real_images"],
+                     r["synthetic_images"], f"{_fmt(r['miou_no_bg'])} ± {_fmt(r['miou_no_bg_std'])}",
+                     f"{_fmt(r['miou'])} ± {_fmt(r['miou_std'])}",
+                     "baseline" if r["is_baseline"] else _points(r["diff"]), interval, verdict(r),
+                     " ".join(str(step) for step in r["selected_steps"])])
+    return markdown_table(header, body)
+
+
+class Beside(NamedTuple):
+    """The results of a `beside` config, read from this study's folder: its path, config, records and whether
+    its segmenters run in bf16 here."""
+
+    path: str
+    config: StudyConfig
+    records: list[dict[str, Any]]
+    bf16: bool
+
+
+def _protocol_line(protocol: SegmenterProtocol) -> str:
+    return (f"{protocol.architecture} + {protocol.encoder} ({_start(protocol.encoder_weights)}), {protocol.steps} "
+            f"steps, seeds {', '.join(map(str, protocol.seeds))}")
+
+
+def _beside(beside: Sequence[Beside]) -> list[str]:
+    """A section per `beside` config: its verdicts, its mIoU table and its `versus` pairings."""
+    lines = []
+    for item in beside:
+        lines += [f"## Beside: {item.path}", "",
+                  f"The same study folder read with `{item.path}` (report only): segmenter "
+                  f"{_protocol_line(item.config.segmenter)}; the same real splits. Its differences pair its own "
+                  "segmenters, seed by seed, as above.", ""]
+        if not item.records:
+            lines += ["None of its segmenters is in the ledger yet.", ""]
+            continue
+        lines += verdict_lines(item.records) + ["", _miou_table(item.records), ""] + _versus(item.records)
+    return lines
+
+
+def _variant_entries(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """summary.json's entry of each (fraction, variant)."""
+    return [{**{k: r[k] for k in ("real_fraction", "variant", "generator", "miou_no_bg", "diff", "ci_low",
+                                  "ci_high", "miou", "real_images", "synthetic_images", "seeds")},
+             **{k: r[k] for k in ("without_sdm", "sdm_diff", "sdm_ci_low", "sdm_ci_high") if k in r},
+             **({"versus": r["versus"]} if r["versus"] else {}),
+             "verdict": verdict(r)} for r in records]
+
+
+def _segmenter_entry(protocol: SegmenterProtocol, bf16: bool) -> dict[str, Any]:
+    return {"architecture": protocol.architecture, "encoder": protocol.encoder,
+            "encoder_weights": protocol.encoder_weights, "steps": protocol.steps, "seeds": protocol.seeds,
+            "bf16": bf16}
+
+
 def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[str, dict[str, Any]], split: Split,
                  command: str, seconds: float, load_seconds: float,
-                 looks: dict[float, dict[str, ImageSetLook]] | None = None) -> None:
-    root, config = study.root, study.config
+                 looks: dict[float, dict[str, ImageSetLook]] | None = None,
+                 beside: Sequence[Beside] = ()) -> None:
+    """report.md, summary.json, results.csv and the plots, into the config's report folder (`report_dir`); with
+    `beside`, other configs' results read from the same folder in sections of their own."""
+    root, config = study.report_root, study.config
+    root.mkdir(parents=True, exist_ok=True)
     looks = looks or {}
     records = summarize(study, rows)
     alignment = [{**a, "rougher_than_real": _rougher(study, looks, a["real_fraction"], a["generator"])}
@@ -429,20 +494,10 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
     ]
     lines += ["Verdict (a variant helps or hurts when its whole 95 % interval is above or below 0):", ""]
     lines += verdict_lines(records) + [""]
-    header = ["real", "variant", "generator", "real imgs", "synthetic imgs", "mIoU w/o bg", "mIoU", "diff (points)",
-              "95 % interval", "verdict", "steps kept"]
-    body = []
-    for r in records:
-        interval = "–" if math.isnan(r["ci_low"]) or r["is_baseline"] else \
-            f"[{_points(r['ci_low'])}, {_points(r['ci_high'])}]"
-        body.append([f"{100 * r['real_fraction']:.0f} %", r["variant"], r["generator"], r["real_images"],
-                     r["synthetic_images"], f"{_fmt(r['miou_no_bg'])} ± {_fmt(r['miou_no_bg_std'])}",
-                     f"{_fmt(r['miou'])} ± {_fmt(r['miou_std'])}",
-                     "baseline" if r["is_baseline"] else _points(r["diff"]), interval, verdict(r),
-                     " ".join(str(step) for step in r["selected_steps"])])
-    lines += [markdown_table(header, body), "", "![paired differences](paired_differences.png)", ""]
+    lines += [_miou_table(records), "", "![paired differences](paired_differences.png)", ""]
     lines += _sdm_share(records)
     lines += _versus(records)
+    lines += _beside(beside)
     lines += ["## Per-class IoU (mean over seeds)", ""]
     lines += [markdown_table(["real", "variant"] + study.class_names,
                              [[f"{100 * r['real_fraction']:.0f} %", r["variant"]]
@@ -491,16 +546,12 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
     (root / "report.md").write_text("\n".join(lines), encoding="utf-8")
     write_json(root / "summary.json", {
         "dataset": config.data_dir, "quick": config.quick, "command": command, "image_size": config.image_size,
-        "segmenter": {"architecture": protocol.architecture, "encoder": protocol.encoder,
-                      "encoder_weights": protocol.encoder_weights, "steps": protocol.steps,
-                      "seeds": protocol.seeds, "bf16": study.bf16},
+        "segmenter": _segmenter_entry(protocol, study.bf16),
         "processors": processors, "mixed_processor_pairs": mixed,
         "background_class": config.background_class, "ignore_index": config.ignore_index,
-        "variants": [{**{k: r[k] for k in ("real_fraction", "variant", "generator", "miou_no_bg", "diff", "ci_low",
-                                           "ci_high", "miou", "real_images", "synthetic_images", "seeds")},
-                      **{k: r[k] for k in ("without_sdm", "sdm_diff", "sdm_ci_low", "sdm_ci_high") if k in r},
-                      **({"versus": r["versus"]} if r["versus"] else {}),
-                      "verdict": verdict(r)} for r in records],
+        "variants": _variant_entries(records),
+        **({"beside": [{"config": item.path, "segmenter": _segmenter_entry(item.config.segmenter, item.bf16),
+                        "variants": _variant_entries(item.records)} for item in beside]} if beside else {}),
         "per_class_iou": [{"real_fraction": r["real_fraction"], "variant": r["variant"],
                            **{n: r[f"iou_{n}"] for n in study.class_names}} for r in records],
         "label_alignment": alignment,

@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -57,11 +57,14 @@ from ..image_sets import (IGNORE_INDEX, ImageSet, check_label_keys, class_names,
 from ..segmenter.model import SegmenterSpec, TrainSettings, build_segmenter
 from ..segmenter.run import Scoring, SegmenterRun, score, train_and_test
 from ..segmenter.settings import ScorerSettings
-from .config import StudyConfig, Variant, load_study
+from .config import StudyConfig, Variant, load_beside, load_study
 from .context import Ledger, Split, Study, fingerprint
 from .plan import plan_units
 from .units import PlannedUnit, SplitSizes, fraction_tag
 from .progress import UnitProgress
+
+if TYPE_CHECKING:
+    from .report import Beside
 
 PROG = "evaluation/experiment.sh"
 
@@ -435,9 +438,25 @@ def open_study(config: StudyConfig, log: Callable[[str], None], progress: bool, 
     planned = units if only is None else [unit for unit in units if unit.id == only]
     study = Study(config, root, num_classes, names, Ledger(root / "ledger.jsonl"), device, bf16, log,
                   UnitProgress(planned, log, started), split, processor_name(device), progress, report_only, only)
+    check_same_split(study)
     for fraction, pairs in split.subsets.items():
         link_subset(pairs, study.subset_dir(fraction), config.data_dir)  # the SDM never sees val or test
     return study, units
+
+
+def check_same_split(study: Study) -> None:
+    """Refuse a study folder whose subsets hold other images than this config draws: it belongs to a study of
+    another split (seed, val_fraction, data_dir or the dataset changed), and relinking its subsets would make its
+    own later SDMs and samples read this config's images."""
+    for fraction, pairs in study.split.subsets.items():
+        folder = study.subset_dir(fraction) / "train" / "images"
+        have = {path.name for path in folder.iterdir()} if folder.is_dir() else set()
+        want = {pair.image.name for pair in pairs}
+        if have and have != want:
+            raise ConfigError(f"output_dir {study.root}: its {fraction_tag(fraction)} subset holds "
+                              f"{len(have - want)} images this config does not draw (of {len(have)}): the folder "
+                              f"belongs to a study of another split (seed, val_fraction, data_dir or the dataset "
+                              f"changed); give another output_dir, or the config of that study")
 
 
 def execute(study: Study, units: list[PlannedUnit]) -> tuple[dict[str, dict[str, Any] | None], StudyData]:
@@ -481,13 +500,29 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
     rows, generator_runs = report_inputs(units, entries, config)
     looks = set_looks(study, data, generator_runs)
     write_report(study, rows, generator_runs, split, command, time.perf_counter() - started, data.load_seconds,
-                 looks)
-    log(f"report: {root / 'report.md'}")
+                 looks, beside_results(config))
+    log(f"report: {study.report_root / 'report.md'}")
     return root
 
 
+def beside_results(config: StudyConfig) -> list[Beside]:
+    """The results of each `beside` config, read (report only, nothing run) from this study's folder."""
+    from .report import Beside, summarize
+
+    results = []
+    for path, other in zip(config.beside, load_beside(config)):
+        study, units = open_study(other, lambda *_: None, False, True, None, time.perf_counter())
+        entries, _ = execute(study, units)
+        rows, _ = report_inputs(units, entries, other)
+        results.append(Beside(path, other, summarize(study, rows), study.bf16))
+    return results
+
+
 def write_config(study: Study, values: dict[str, Any], command: str) -> None:
-    write_json(study.root / f"config{'_quick' if study.config.quick else ''}.json", {**values, "_command": command})
+    """The config a run was given, beside its report (`report_dir`)."""
+    study.report_root.mkdir(parents=True, exist_ok=True)
+    write_json(study.report_root / f"config{'_quick' if study.config.quick else ''}.json",
+               {**values, "_command": command})
 
 
 def list_units(config: StudyConfig, log: Callable[[str], None]) -> None:
