@@ -447,12 +447,13 @@ def open_study(config: StudyConfig, log: Callable[[str], None], progress: bool, 
 def check_same_split(study: Study) -> None:
     """Refuse a study folder whose subsets hold other images than this config draws: it belongs to a study of
     another split (seed, val_fraction, data_dir or the dataset changed), and relinking its subsets would make its
-    own later SDMs and samples read this config's images."""
+    own later SDMs and samples read this config's images. A subset only partly linked (by another process of
+    the same study, its Slurm jobs, meanwhile) is no conflict."""
     for fraction, pairs in study.split.subsets.items():
         folder = study.subset_dir(fraction) / "train" / "images"
         have = {path.name for path in folder.iterdir()} if folder.is_dir() else set()
         want = {pair.image.name for pair in pairs}
-        if have and have != want:
+        if have - want:
             raise ConfigError(f"output_dir {study.root}: its {fraction_tag(fraction)} subset holds "
                               f"{len(have - want)} images this config does not draw (of {len(have)}): the folder "
                               f"belongs to a study of another split (seed, val_fraction, data_dir or the dataset "
