@@ -465,8 +465,9 @@ def plan_modes(config: SampleConfig, diffusion: GaussianDiffusion, sources: list
         return ModePlan(config, diffusion, kept, start, skipped=skipped)
 
     skipped = {}
-    if config.mode in ("harmonize", "blend"):  # they paste the mask's real defect: a mask without its real image
-        sources, without_image = with_real_image(sources, config.mode, "paste a defect from", log)  # makes none
+    if config.mode in ("harmonize", "blend"):
+        # they paste the mask's real defect: a mask without its real image makes none
+        sources, without_image = with_real_image(sources, config.mode, "paste a defect from", log)
         skipped = {"skipped_masks_without_source_image": without_image}
     placed = place_defects(config, sources, real_pairs, excluded, log)
     placed = placed._replace(skipped={**placed.skipped, **skipped})
