@@ -86,7 +86,7 @@ def make_split(config: StudyConfig, num_classes: int) -> Split:
 
 
 def check_backgrounds_exist(config: StudyConfig, split: Split) -> None:
-    """Paste, inpaint and harmonize put defects onto defect-free images (all-background masks) of the subset: refuse a
+    """The placing modes (paste, inpaint, harmonize, blend) put defects onto defect-free images of the subset: refuse a
     study whose subset has none, before any work, unless the generator names its own background_dir."""
     from guided_diffusion.sampling.inpaint import defect_free_pairs
 
