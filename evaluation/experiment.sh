@@ -3,10 +3,10 @@
 # the real images, generates every synthetic variant (SDM modes, copy-paste), trains segmenters on each over
 # paired seeds and writes <output_dir>/report.md + summary.json. A killed study resumes where it stopped.
 #
-#   evaluation/experiment.sh -c configs/experiment_magnetic_tile.json            # the 2-hour study (bf16 CPU)
+#   evaluation/experiment.sh -c configs/experiment_magnetic_tile.json            # real, paste, SDM: ~4.7 h (bf16 CPU)
 #   evaluation/experiment.sh -c configs/experiment_magnetic_tile.json --estimate # its time here, by stage
-#   evaluation/experiment.sh -c configs/experiment_magnetic_tile_full.json       # every variant, 2 h more (bf16)
-#   evaluation/experiment.sh -c configs/experiment_magnetic_tile.json --quick    # the same at toy size, minutes
+#   evaluation/experiment.sh -c configs/experiment_magnetic_tile.json --quick    # the same at toy size, about a minute
+#   evaluation/experiment.sh -c configs/experiment_magnetic_tile_round_one.json  # round one's 2-hour study (bf16 CPU)
 #   evaluation/experiment.sh --help
 #
 # Exit status 2 = a mistake in the input (one line names the file and key).

@@ -587,6 +587,8 @@ def unit_keys_of(name: str, quick: bool, tmp_path: Path, monkeypatch) -> dict[st
 
 @pytest.mark.parametrize("name, quick", [("experiment_magnetic_tile.json", False),
                                          ("experiment_magnetic_tile.json", True),
+                                         ("experiment_magnetic_tile_round_one.json", False),
+                                         ("experiment_magnetic_tile_round_one.json", True),
                                          ("experiment_magnetic_tile_full.json", False),
                                          ("experiment_magnetic_tile_full.json", True)])
 def test_the_committed_study_configs_key_their_units_as_before_so_their_folders_resume(name, quick, tmp_path,
