@@ -489,7 +489,8 @@ def test_paste_and_inpaint_without_defect_free_images_stop_the_study_before_any_
     assert study_main(["-c", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: key 'generators.paste': mode 'paste' puts defects onto defect-free images, but "
-                          "none of the ")
+                          "none of the ") and "\n" not in err
+    assert err.endswith("configs/experiment_magnetic_tile_from_masks.json is a study that needs none")
     assert not (tmp_path / "study").exists()
 
 
@@ -587,6 +588,8 @@ def unit_keys_of(name: str, quick: bool, tmp_path: Path, monkeypatch) -> dict[st
 
 @pytest.mark.parametrize("name, quick", [("experiment_magnetic_tile.json", False),
                                          ("experiment_magnetic_tile.json", True),
+                                         ("experiment_magnetic_tile_from_masks.json", False),
+                                         ("experiment_magnetic_tile_from_masks.json", True),
                                          ("experiment_magnetic_tile_round_one.json", False),
                                          ("experiment_magnetic_tile_round_one.json", True),
                                          ("experiment_magnetic_tile_full.json", False),

@@ -102,7 +102,8 @@ def check_backgrounds_exist(config: StudyConfig, split: Split) -> None:
                 raise ConfigError(f"key 'generators.{name}': mode '{mode}' puts defects onto defect-free images, "
                                   f"but none of the {len(pairs)} images of the {100 * fraction:g} % subset of "
                                   f"{config.data_dir} has an all-background mask; remove this generator (and its "
-                                  "variants) or set its sample.background_dir to a folder of defect-free images")
+                                  "variants) or set its sample.background_dir to a folder of defect-free images; "
+                                  "configs/experiment_magnetic_tile_from_masks.json is a study that needs none")
 
 
 # -------------------------------------------------------------------------------------------------------------
