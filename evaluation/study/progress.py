@@ -23,8 +23,8 @@ PRIOR_SECONDS_PER_MEGAPIXEL = {
 """Seconds per million pixels through each kind of work (a step's batch x crop, a forward call's rows x image):
 `--estimate` of round one's study (configs/experiment_magnetic_tile_round_one.json) on 2 CPU cores with native
 bf16 (2026-12-06: SDM step 1.0 s at batch 8 of 64 px crops, forward call 9 s of 32 rows at 128 px, segmenter step
-0.24 s at batch 8 of 128 px, 0.01 s a predicted image). The mask generator, not timed there, is priced as the SDM. Only the units run before
-any of their kind lean on it; a machine 3x slower reads 3x from its first unit on."""
+0.24 s at batch 8 of 128 px, 0.01 s a predicted image). The mask generator, not timed there, is priced as the
+SDM. Only the units run before any of their kind lean on it; a machine 3x slower reads 3x from its first unit on."""
 
 KINDS_OF_WORK = {
     ("sdm", "train_step"): "SDM step", ("sdm", "finetune_step"): "SDM step", ("sdm", "forward"): "SDM forward",
