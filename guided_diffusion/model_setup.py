@@ -40,21 +40,40 @@ def select_device(name: str) -> torch.device:
 
 
 def processor_name(device: torch.device | None = None) -> str:
-    """The model of the processor a run computes on: the GPU's name on CUDA, else the CPU's model name (Linux's
-    /proc/cpuinfo; the platform's processor string elsewhere). bf16 scores differ between CPU models, so the
-    study records it with each unit."""
+    """The model of the processor a run computes on: the GPU's name on CUDA, else the CPU's (Linux's
+    /proc/cpuinfo, `cpu_model`; the platform's processor string elsewhere). bf16 scores differ between CPU
+    models, so the study records it with each unit."""
     if device is not None and device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            name = cpu_model(handle.read())
+        if name:
+            return name
     except OSError:
         pass
     import platform
 
     return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_model(cpuinfo: str) -> str:
+    """The first CPU's model in /proc/cpuinfo's text: its model name, with its family and model numbers where
+    the file gives them ("AMD EPYC (family 25, model 17)"). A virtual machine often shows only a generic name,
+    which two CPU generations share (an AMD EPYC with native bf16 and one without), and their bf16 scores
+    differ; the numbers tell them apart. "" when the text names no model."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor's block is enough: every core of a machine is the same model
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    name = fields.get("model name", "")
+    if name and fields.get("cpu family") and fields.get("model"):
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 @functools.lru_cache(maxsize=None)

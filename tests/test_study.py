@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from evaluation.study import estimate
 from evaluation.study.estimate import (ModelCosts, SegmenterCosts, SplitSizes, Stage, format_duration, format_estimate,
@@ -102,13 +103,42 @@ def test_paired_segmenters_from_different_processor_models_are_named():
     assert mixed_processors(rows) == ["25 % seed 0: AMD EPYC (real); Intel Xeon (paste)"]
 
 
+def test_paired_segmenters_of_one_processor_name_in_two_precisions_are_named():
+    # a virtual machine may show the same generic name for a CPU with native bf16 and one without; where the
+    # study's precision is auto, the first ran in bf16 and the second in fp32, and their scores differ
+    from evaluation.study.report import mixed_processors
+
+    rows = [{"fraction": 0.25, "seed": 2, "variant": "real", "processor": "AMD EPYC", "precision": "bf16"},
+            {"fraction": 0.25, "seed": 2, "variant": "paste", "processor": "AMD EPYC", "precision": "fp32"},
+            {"fraction": 0.25, "seed": 3, "variant": "real", "processor": "AMD EPYC", "precision": "fp32"},
+            {"fraction": 0.25, "seed": 3, "variant": "paste", "processor": "AMD EPYC", "precision": "fp32"}]
+    assert mixed_processors(rows) == ["25 % seed 2: AMD EPYC, bf16 (real); AMD EPYC, fp32 (paste)"]
+
+
+def test_the_cpu_model_carries_family_and_model_numbers_that_tell_two_generations_apart():
+    from guided_diffusion.model_setup import cpu_model
+
+    def cpuinfo(model: int) -> str:
+        core = f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: {model}\n" \
+               "model name\t: AMD EPYC\nflags\t\t: fpu avx2\n"
+        return core + "\n" + core.replace("processor\t: 0", "processor\t: 1") + "\n"
+
+    assert cpu_model(cpuinfo(1)) == "AMD EPYC (family 25, model 1)"
+    assert cpu_model(cpuinfo(17)) == "AMD EPYC (family 25, model 17)"
+    # an ARM machine's /proc/cpuinfo has no family and model lines, and often no model name at all
+    assert cpu_model("model name\t: Neoverse-V2\n") == "Neoverse-V2"
+    assert cpu_model("processor\t: 0\nBogoMIPS\t: 2000.00\n") == ""
+
+
 def test_the_report_names_the_processor_and_finds_no_mixed_pairs_in_a_one_machine_study(finished_study):
-    from guided_diffusion.model_setup import processor_name
+    from guided_diffusion.model_setup import bf16_autocast, processor_name
 
     root, _ = finished_study
     summary = json.loads((root / "summary.json").read_text())
-    assert summary["processors"] == [processor_name()] and summary["mixed_processor_pairs"] == []
-    assert f"- processor: {processor_name()}" in (root / "report.md").read_text()
+    # the toy study leaves precision at "auto"
+    machine = f"{processor_name()}, {'bf16' if bf16_autocast('auto', torch.device('cpu')) else 'fp32'}"
+    assert summary["processors"] == [machine] and summary["mixed_processor_pairs"] == []
+    assert f"- processor: {machine}" in (root / "report.md").read_text()
     assert "Warning" not in (root / "report.md").read_text()
 
 

@@ -127,14 +127,22 @@ def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
+def machine(row: dict[str, Any]) -> str:
+    """Where a ledger row's unit ran: its processor model and its precision ("AMD EPYC (family 25, model 1),
+    fp32"); "" for a row from a ledger older than the record."""
+    processor = row.get("processor") or ""
+    return f"{processor}, {row['precision']}" if processor and row.get("precision") else processor
+
+
 def mixed_processors(rows: list[dict[str, Any]]) -> list[str]:
-    """The paired cells whose segmenters ran on different processor models, as "25 % seed 3: A (real), B
-    (paste)" lines; bf16 scores differ between CPU models, so such a pair's difference mixes in the machines'.
-    Rows from a ledger older than the record (no "processor") are left out."""
+    """The paired cells whose segmenters ran on different processor models or in different precisions, as
+    "25 % seed 3: A, bf16 (real); B, fp32 (paste)" lines; bf16 scores differ between CPU models, and bf16 from
+    fp32, so such a pair's difference mixes in the machines'. Rows from a ledger older than the record (no
+    "processor") are left out."""
     groups: dict[tuple[float, int], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        if row.get("processor"):
-            groups[(row["fraction"], row["seed"])][row["processor"]].append(row["variant"])
+        if machine(row):
+            groups[(row["fraction"], row["seed"])][machine(row)].append(row["variant"])
     return [f"{100 * fraction:g} % seed {seed}: "
             + "; ".join(f"{name} ({', '.join(variants)})" for name, variants in sorted(by.items()))
             for (fraction, seed), by in sorted(groups.items()) if len(by) > 1]
@@ -457,10 +465,11 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
     protocol = config.segmenter
     mixed = mixed_processors(rows)
     if mixed:
-        study.log(f"warning: {len(mixed)} paired cells have segmenters from different processor models (bf16 scores "
-                  f"differ between them, so their paired differences mix in the machines): {mixed[0]}"
+        study.log(f"warning: {len(mixed)} paired cells have segmenters from different processor models or "
+                  f"precisions (bf16 scores differ between them, so their paired differences mix in the machines): "
+                  f"{mixed[0]}"
                   + (f"; and {len(mixed) - 1} more (report.md)" if len(mixed) > 1 else ""))
-    processors = sorted({row["processor"] for row in rows if row.get("processor")})
+    processors = sorted({machine(row) for row in rows if machine(row)})
     lines = [
         f"# Low-data study: {Path(config.data_dir).name}" + (" (quick, toy size)" if config.quick else ""),
         "",
@@ -479,9 +488,9 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         "",
     ]
     if mixed:
-        lines += ["**Warning: paired segmenters ran on different processor models.** bf16 scores differ between "
-                  "CPU models, so these cells' paired differences mix in the machines' difference; rerun them on "
-                  "one machine (delete their ledger lines) before trusting them:", ""]
+        lines += ["**Warning: paired segmenters ran on different processor models or precisions.** bf16 scores "
+                  "differ between CPU models, and from fp32, so these cells' paired differences mix in the machines' "
+                  "difference; rerun them on one machine (delete their ledger lines) before trusting them:", ""]
         lines += [f"- {line}" for line in mixed] + [""]
     lines += [
         "## mIoU on the real test split",
