@@ -410,6 +410,35 @@ def test_paired_interval_is_the_student_t_interval():
     assert math.isnan(paired_interval([0.5])[1])
 
 
+def test_a_verdict_that_data_helps_or_hurts_needs_five_paired_seeds():
+    from evaluation.study.report import interval_verdict
+
+    assert interval_verdict(0.018, 0.041, 5) == "helps"
+    assert interval_verdict(-0.051, -0.002, 5) == "hurts"
+    assert interval_verdict(-0.031, 0.023, 5) == "no clear effect"
+    # three seeds whose interval clears 0 lean that way but make no claim (the study's screens run 3 seeds)
+    assert interval_verdict(0.008, 0.044, 3) == "leans up (3 seeds; 5 for a claim)"
+    assert interval_verdict(-0.044, -0.008, 3) == "leans down (3 seeds; 5 for a claim)"
+    assert interval_verdict(-0.065, 0.077, 3) == "no clear effect"
+    assert interval_verdict(math.nan, math.nan, 1) == "too few seeds"
+
+
+def test_the_verdict_line_lists_as_helping_only_variants_with_five_seeds():
+    from evaluation.study.report import verdict_lines
+
+    def record(variant: str, diff: float, low: float, high: float, seeds: int, baseline: bool = False) -> dict:
+        return {"real_fraction": 0.25, "variant": variant, "generator": "paste" if "paste" in variant else "sdm",
+                "diff": diff, "ci_low": low, "ci_high": high, "paired_seeds": seeds, "is_baseline": baseline}
+
+    line, = verdict_lines([record("real", 0.0, math.nan, math.nan, 5, baseline=True),
+                           record("sdm_inpaint_balanced", 0.030, 0.018, 0.041, 5),
+                           record("paste_sdm_inpaint_balanced", 0.026, 0.008, 0.044, 3)])
+    helping = line.split("helps: ")[1].split(";")[0]
+    assert "sdm_inpaint_balanced (+3.0)" in helping and "paste_sdm" not in helping
+    assert "too few seeds for a claim (fewer than 5), though the interval clears 0: " \
+           "paste_sdm_inpaint_balanced (+2.6, 3 seeds)" in line
+
+
 def test_a_variant_without_the_synthetic_data_keys_keeps_the_fingerprint_of_before_them():
     from evaluation.study.config import Variant
 

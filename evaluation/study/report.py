@@ -114,15 +114,16 @@ def summarize(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if without is not None and by_cell.get((fraction, without)):
                 other = by_cell[(fraction, without)]
                 record["without_sdm"] = without
-                record["sdm_diff"], record["sdm_ci_low"], record["sdm_ci_high"] = paired_interval(
-                    paired_differences(cell, other))
+                paired_sdm = paired_differences(cell, other)
+                record["sdm_diff"], record["sdm_ci_low"], record["sdm_ci_high"] = paired_interval(paired_sdm)
+                record["sdm_seeds"] = len(paired_sdm)
             record["versus"] = []
             for other_name in variant.versus:
                 paired = paired_differences(cell, by_cell.get((fraction, other_name), {}))
                 if paired:
                     diff, low, high = paired_interval(paired)
                     record["versus"].append({"variant": other_name, "diff": diff, "ci_low": low, "ci_high": high,
-                                             "seeds": len(paired), "verdict": interval_verdict(low, high)})
+                                             "seeds": len(paired), "verdict": interval_verdict(low, high, len(paired))})
             records.append(record)
     return records
 
@@ -155,7 +156,7 @@ def _sdm_share(records: list[dict[str, Any]]) -> list[str]:
         return []
     body = [[f"{100 * r['real_fraction']:.0f} %", r["variant"], r["without_sdm"], _points(r["sdm_diff"]),
              "–" if math.isnan(r["sdm_ci_low"]) else f"[{_points(r['sdm_ci_low'])}, {_points(r['sdm_ci_high'])}]",
-             interval_verdict(r["sdm_ci_low"], r["sdm_ci_high"])]
+             interval_verdict(r["sdm_ci_low"], r["sdm_ci_high"], r["sdm_seeds"])]
             for r in rows]
     return ["### What the SDM adds", "",
             "Each variant with SDM data against the same variant without it (same real images, augmentation and "
@@ -192,20 +193,29 @@ def without_sdm(study: Study, variant: Variant, fraction: float) -> str | None:
     return None
 
 
+# A claim that synthetic data helps or hurts rests on at least this many paired seeds: with fewer, the interval's
+# own width is estimated from so few differences that it clears 0 by chance too often to be called a result.
+MIN_CLAIM_SEEDS = 5
+
+
 def verdict(record: dict[str, Any]) -> str:
     """A variant's verdict on its paired difference to the baseline (interval_verdict)."""
-    return "baseline" if record["is_baseline"] else interval_verdict(record["ci_low"], record["ci_high"])
+    if record["is_baseline"]:
+        return "baseline"
+    return interval_verdict(record["ci_low"], record["ci_high"], record["paired_seeds"])
 
 
-def interval_verdict(low: float, high: float) -> str:
-    """'helps' when a paired 95 % interval lies above 0, 'hurts' when below, else 'no clear effect'."""
+def interval_verdict(low: float, high: float, seeds: int) -> str:
+    """'helps' when a paired 95 % interval over at least MIN_CLAIM_SEEDS seeds lies above 0, 'hurts' when below,
+    else 'no clear effect'. With fewer seeds an interval that clears 0 only 'leans' that way: no claim."""
     if math.isnan(low):
         return "too few seeds"
-    if low > 0:
-        return "helps"
-    if high < 0:
-        return "hurts"
-    return "no clear effect"
+    if low <= 0 <= high:
+        return "no clear effect"
+    word = "helps" if low > 0 else "hurts"
+    if seeds < MIN_CLAIM_SEEDS:
+        return f"leans {'up' if word == 'helps' else 'down'} ({seeds} seeds; {MIN_CLAIM_SEEDS} for a claim)"
+    return word
 
 
 def verdict_lines(records: list[dict[str, Any]]) -> list[str]:
@@ -222,6 +232,11 @@ def verdict_lines(records: list[dict[str, Any]]) -> list[str]:
             else "no variant is measurably better than real-only"
         if hurts:
             text += "; hurts: " + ", ".join(f"{r['variant']} ({_points(r['diff'])})" for r in hurts)
+        leaning = [r for r in here if verdict(r).startswith("leans")]
+        if leaning:
+            text += (f"; too few seeds for a claim (fewer than {MIN_CLAIM_SEEDS}), though the interval clears 0: "
+                     + ", ".join(f"{r['variant']} ({_points(r['diff'])}, {r['paired_seeds']} seeds)"
+                                 for r in leaning))
         sdm = [r for r in here if r["generator"] == "sdm"]
         if sdm:
             best = max(sdm, key=lambda r: r["diff"])
@@ -426,7 +441,7 @@ def _variant_entries(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """summary.json's entry of each (fraction, variant)."""
     return [{**{k: r[k] for k in ("real_fraction", "variant", "generator", "miou_no_bg", "diff", "ci_low",
                                   "ci_high", "miou", "real_images", "synthetic_images", "seeds")},
-             **{k: r[k] for k in ("without_sdm", "sdm_diff", "sdm_ci_low", "sdm_ci_high") if k in r},
+             **{k: r[k] for k in ("without_sdm", "sdm_diff", "sdm_ci_low", "sdm_ci_high", "sdm_seeds") if k in r},
              **({"versus": r["versus"]} if r["versus"] else {}),
              "verdict": verdict(r)} for r in records]
 
