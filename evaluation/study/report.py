@@ -511,12 +511,14 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         "## mIoU on the real test split",
         "",
         "diff = mean over seeds of (variant − real-only) with the same seed, in mIoU points without background, "
-        "with its 95 % Student-t interval. A variant helps when the whole interval is above 0. 'steps kept': the "
+        f"with its 95 % Student-t interval. A variant helps when the whole interval is above 0, over at least "
+        f"{MIN_CLAIM_SEEDS} paired seeds (with fewer it only leans up). 'steps kept': the "
         f"training step whose weights each seed kept (best on the validation split); {protocol.steps} everywhere "
         "means the segmenters were still improving when training stopped.",
         "",
     ]
-    lines += ["Verdict (a variant helps or hurts when its whole 95 % interval is above or below 0):", ""]
+    lines += [f"Verdict (a variant helps or hurts when its whole 95 % interval, over at least {MIN_CLAIM_SEEDS} paired "
+              "seeds, is above or below 0):", ""]
     lines += verdict_lines(records) + [""]
     lines += [_miou_table(records), "", "![paired differences](paired_differences.png)", ""]
     lines += _sdm_share(records)
