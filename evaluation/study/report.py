@@ -142,8 +142,8 @@ def mixed_processors(rows: list[dict[str, Any]]) -> list[str]:
     "processor") are left out."""
     groups: dict[tuple[float, int], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
-        if machine(row):
-            groups[(row["fraction"], row["seed"])][machine(row)].append(row["variant"])
+        if name := machine(row):
+            groups[(row["fraction"], row["seed"])][name].append(row["variant"])
     return [f"{100 * fraction:g} % seed {seed}: "
             + "; ".join(f"{name} ({', '.join(variants)})" for name, variants in sorted(by.items()))
             for (fraction, seed), by in sorted(groups.items()) if len(by) > 1]
@@ -484,7 +484,7 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
                   f"precisions (bf16 scores differ between them, so their paired differences mix in the machines): "
                   f"{mixed[0]}"
                   + (f"; and {len(mixed) - 1} more (report.md)" if len(mixed) > 1 else ""))
-    processors = sorted({machine(row) for row in rows if machine(row)})
+    processors = sorted({name for row in rows if (name := machine(row))})
     lines = [
         f"# Low-data study: {Path(config.data_dir).name}" + (" (quick, toy size)" if config.quick else ""),
         "",
