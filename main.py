@@ -76,8 +76,13 @@ def masks(loaded: LoadedConfig, action: str, source: str) -> int | None:
 
 
 def sample(loaded: LoadedConfig, action: str, source: str) -> int | None:
+    from guided_diffusion import distributed
     from guided_diffusion.sampling.sample import run_sampling
-    run_sampling(loaded.config, loaded.given, source, measure_hardness=hardness_measure(loaded.config, source))
+    result = run_sampling(loaded.config, loaded.given, source,
+                          measure_hardness=hardness_measure(loaded.config, source))
+    if result.get("stop_signal"):  # the images written are kept: a requeued job with auto_resume continues
+        distributed.ignore_stop_signals()
+        return distributed.REQUEUE_EXIT_STATUS
     return None
 
 

@@ -495,6 +495,11 @@ class SampleConfig(CommonConfig):
     mask_split: Literal["train", "val", "test", "all"] = option(
         "val", "masks from `val` (held out of training), `train`, `test` or `all`")
     use_ema: bool = option(True, "sample with the EMA weights")
+    auto_resume: bool = option(False, "continue the newest `sample_NNN` run under `root_log_dir` when it stopped "
+                                      "before its end (no summary.json) and its config.json is this run's: the "
+                                      "images it wrote are kept, the others sampled, the same as in an unbroken run; "
+                                      "otherwise a new run folder (the log says why); `mode: \"paste\"` always "
+                                      "starts a new one")
     balance_args: BalanceArgs | None = option(None, "class-balanced mask selection, an object of its own keys "
                                                     "([`balance_args`](#balance_args)), see "
                                                     "[docs/balancing.md](balancing.md); null = masks in dataset "

@@ -192,6 +192,11 @@ def write_json(path: Path | str, data: Any) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def as_written(data: Any) -> Any:
+    """``data`` as `write_json` stores it and `json.load` reads it back (paths as strings, tuples as lists, ...)."""
+    return json.loads(json.dumps(data, default=_json_default))
+
+
 def write_csv(path: Path | str, rows: Sequence[dict[str, Any]]) -> None:
     """Write rows as a CSV file, atomically (nothing when there are none): the columns are the rows' keys in the
     order first met (a row without one leaves its cell empty); floats at full precision, undefined values as nan
@@ -388,6 +393,21 @@ class SampleWriter:
         for folder, data in files.items():
             with open(paths[folder], "xb") as handle:  # "x": never overwrite, even in a race
                 handle.write(data)
+
+    def discard(self, stem: str) -> None:
+        """Remove whatever files of ``stem`` exist: the leftovers of a run stopped while it wrote them."""
+        for path in self.paths(stem).values():
+            path.unlink(missing_ok=True)
+
+    def read(self, stem: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """The (mask, real image or None, sample) that `write` stored under ``stem``, as arrays."""
+        paths = self.paths(stem)
+
+        def load(folder: str) -> np.ndarray:
+            with Image.open(paths[folder]) as image:
+                return np.asarray(image)
+
+        return load("labels"), load("images") if paths["images"].exists() else None, load("samples")
 
 
 def _resize(image: np.ndarray, height: int, width: int, nearest: bool) -> np.ndarray:

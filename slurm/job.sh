@@ -1,6 +1,7 @@
 # Sourced by the sbatch templates in this folder, never submitted itself. It loads the site's software, runs
 # `main.py $ACTION` (or evaluation/evaluate.sh) on every task of the job with srun, and requeues the job when
-# training stopped on SIGTERM/SIGUSR1 after saving its checkpoint (main.py's exit status 75).
+# training stopped on SIGTERM/SIGUSR1 after saving its checkpoint, or sampling after its batch under way
+# (main.py's exit status 75).
 #
 # Set by the template before sourcing: ACTION, DEFAULT_CONFIG, SITE_MODULES, SITE_CONDA_ENV.
 # Arguments (those given to sbatch after the template): [config.json] [more main.py options, e.g. --set k=v]
@@ -39,8 +40,10 @@ else
     config="${1:-${DEFAULT_CONFIG}}"
     [ "$#" -gt 0 ] && shift
     command=("${PYTHON}" main.py "${ACTION}" -c "${config}")
-    if [ "${ACTION}" = train ] || [ "${ACTION}" = finetune ]; then
-        command+=(--set auto_resume=true)  # a requeued job continues from the newest latest.pt of root_log_dir
+    if [ "${ACTION}" = train ] || [ "${ACTION}" = finetune ] || [ "${ACTION}" = sample ]; then
+        # a requeued job continues: training from the newest latest.pt of root_log_dir, sampling in the newest
+        # sample run folder there, keeping the images it wrote
+        command+=(--set auto_resume=true)
     fi
     command+=("$@")
 fi
@@ -57,7 +60,7 @@ done
 trap - TERM
 
 if [ "${status}" -eq "${REQUEUE_STATUS}" ]; then
-    echo "job.sh: $(date +%T) training stopped on a signal with latest.pt saved; requeueing job ${SLURM_JOB_ID:-?}"
+    echo "job.sh: $(date +%T) ${ACTION} stopped on a signal with its work saved; requeueing job ${SLURM_JOB_ID:-?}"
     # After a preemption Slurm requeues the job itself and this may report that it is already being requeued.
     scontrol requeue "${SLURM_JOB_ID}" || true
     exit 0

@@ -448,3 +448,31 @@ def test_crack_and_blowhole_masks_painted_on_defect_free_tiles_make_a_valid_data
         (dataset / "train" / sub).symlink_to(run_dir / source)
     index = index_dataset(dataset, "multi-class", 6, require_test=False)
     assert len(index.train) == 6
+
+
+def test_a_stopped_inpainting_run_continues_with_the_backgrounds_and_placements_of_an_unbroken_one(
+        demo_dir, trained_run, background_dir, tmp_path, monkeypatch):
+    """The study's mode: every image's background, flips and shift are drawn from (seed, i), so the images sampled
+    after a stop land where an unbroken run puts them, and inpaint.json lists them."""
+    from guided_diffusion.sampling import sample as sample_module
+
+    settings = {"mode": "inpaint", "background_dir": str(background_dir), "mask_placement": "random",
+                "mask_flip": True, "resample_steps": 0, "num_samples": 5, "batch_size": 2, "auto_resume": True}
+    unbroken = sample(demo_dir, trained_run, tmp_path / "unbroken", **settings)
+    real_batch = sample_module.sample_batch
+
+    def stop_at_the_third_batch(job, ids, progress):
+        if ids == [4]:
+            raise KeyboardInterrupt
+        return real_batch(job, ids, progress)
+    with monkeypatch.context() as patch:
+        patch.setattr(sample_module, "sample_batch", stop_at_the_third_batch)
+        with pytest.raises(KeyboardInterrupt):
+            sample(demo_dir, trained_run, tmp_path / "stopped", **settings)
+    resumed = sample(demo_dir, trained_run, tmp_path / "stopped", **settings)
+    assert resumed.name == "sample_001" and (resumed / "sampled.txt").read_text() == "0\n1\n2\n3\n4\n"
+    for folder in ("images", "labels", "samples"):
+        assert pngs(resumed / folder).keys() == pngs(unbroken / folder).keys()
+        for name, image in pngs(resumed / folder).items():
+            assert np.array_equal(image, pngs(unbroken / folder)[name]), (folder, name)
+    assert json.loads((resumed / "inpaint.json").read_text()) == json.loads((unbroken / "inpaint.json").read_text())

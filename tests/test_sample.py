@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,14 +14,16 @@ from PIL import Image
 
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.errors import CheckpointError, ConfigError
+from guided_diffusion.run_folder import SAMPLE_FOLDERS
+from guided_diffusion.sampling import sample as sample_module
 from guided_diffusion.sampling.sample import run_sampling, sampling_diffusion
 
 
-def sample(demo_dir: Path, model_path: Path, root: Path, **changes) -> Path:
+def sample(demo_dir: Path, model_path: Path, root: Path, log=lambda *_: None, **changes) -> Path:
     values = {"data_dir": str(demo_dir), "model_path": str(model_path), "root_log_dir": str(root),
               "num_samples": 3, "batch_size": 3, "timestep_respacing": "5", **changes}
     config, _ = config_from_dict("sample", values)
-    return Path(run_sampling(config, given=set(values), log=lambda *_: None)["run_dir"])
+    return Path(run_sampling(config, given=set(values), log=log)["run_dir"])
 
 
 def pngs(folder: Path) -> dict[str, np.ndarray]:
@@ -184,3 +187,129 @@ def test_guidance_of_a_grey_model_scales_its_eps_channel_and_leaves_its_learned_
     assert out.shape == (2, 2, 8, 8)
     assert torch.all(out[:, 0] == 3.0)  # 0 + 3 * (1 - 0)
     assert torch.all(out[:, 1] == 0.5)  # the conditional v, unguided
+
+
+class Stop(Exception):
+    """A session's end or a Slurm time limit, in the middle of a sample run."""
+
+
+def batches_sampled(monkeypatch, stop_at: int | None = None) -> list[list[int]]:
+    """The image ids of every batch sampled from now on; with `stop_at`, Stop is raised instead of sampling that
+    batch (counted from 1)."""
+    real, calls = sample_module.sample_batch, []
+
+    def counted(job, ids, progress):
+        calls.append(ids)
+        if stop_at is not None and len(calls) >= stop_at:
+            raise Stop
+        return real(job, ids, progress)
+
+    monkeypatch.setattr(sample_module, "sample_batch", counted)
+    return calls
+
+
+def files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes()
+            for folder in SAMPLE_FOLDERS for p in sorted((run_dir / folder).glob("*.png"))}
+
+
+def stopped_run(demo_dir, trained_run, root, monkeypatch) -> Path:
+    """5 images in batches of 2 with auto_resume, stopped as the third batch starts: images 0-3 are written."""
+    with monkeypatch.context() as patch:
+        batches_sampled(patch, stop_at=3)
+        with pytest.raises(Stop):
+            sample(demo_dir, trained_run, root, num_samples=5, batch_size=2, auto_resume=True)
+    return root / "sample_001"
+
+
+def test_auto_resume_continues_a_stopped_run_in_its_folder_and_ends_with_the_files_of_an_unbroken_run(
+        demo_dir, trained_run, tmp_path, monkeypatch):
+    unbroken = sample(demo_dir, trained_run, tmp_path / "unbroken", num_samples=5, batch_size=2)
+    stopped = stopped_run(demo_dir, trained_run, tmp_path / "stopped", monkeypatch)
+    assert len(pngs(stopped / "samples")) == 4 and not (stopped / "summary.json").exists()
+
+    sampled, log = batches_sampled(monkeypatch), []
+    resumed = sample(demo_dir, trained_run, tmp_path / "stopped", log=log.append, num_samples=5, batch_size=2,
+                     auto_resume=True)
+    assert resumed == stopped and sampled == [[4]]  # only the batch the stop cut off is sampled
+    assert files(resumed) == files(unbroken)
+    assert np.array_equal(pngs(resumed)["grid.png"], pngs(unbroken)["grid.png"])  # its first rows read back
+    assert json.loads((resumed / "summary.json").read_text())["kept_from_stopped_run"] == 4
+    assert any("4 kept from the stopped run, 1 to go" in line for line in log)
+
+
+def test_an_image_whose_files_a_stop_cut_short_is_sampled_again(demo_dir, trained_run, tmp_path, monkeypatch):
+    unbroken = sample(demo_dir, trained_run, tmp_path / "unbroken", num_samples=5, batch_size=2)
+    stopped = stopped_run(demo_dir, trained_run, tmp_path / "stopped", monkeypatch)
+    record = stopped / "sampled.txt"
+    record.write_text(record.read_text()[:-2])  # image 3's line was being written: "3" without its newline
+    cut_short = next((stopped / "samples").glob("00003_*.png"))
+    cut_short.write_bytes(cut_short.read_bytes()[:20])
+
+    sampled = batches_sampled(monkeypatch)
+    resumed = sample(demo_dir, trained_run, tmp_path / "stopped", num_samples=5, batch_size=2, auto_resume=True)
+    assert sampled == [[2, 3], [4]]  # image 2 is kept as written, image 3 made again
+    assert files(resumed) == files(unbroken)
+
+
+@pytest.mark.parametrize("change, reason", [({"s": 2.0}, "its config.json differs in s"),
+                                            ({"finish": True}, "it is finished (summary.json)")])
+def test_auto_resume_starts_a_new_folder_beside_a_run_it_must_not_continue_and_says_why(
+        demo_dir, trained_run, tmp_path, monkeypatch, change, reason):
+    stopped = stopped_run(demo_dir, trained_run, tmp_path, monkeypatch)
+    refused = stopped
+    if change.pop("finish", False):
+        refused = sample(demo_dir, trained_run, tmp_path, num_samples=5, batch_size=2, auto_resume=True)
+    before, log = files(refused), []
+    run_dir = sample(demo_dir, trained_run, tmp_path, log=log.append, num_samples=5, batch_size=2,
+                     auto_resume=True, **change)
+    assert run_dir not in (stopped, refused) and len(pngs(run_dir / "samples")) == 5
+    assert any(f"not continuing {refused}: {reason}" in line for line in log), log
+    assert files(refused) == before  # the run not continued is left as it was
+
+
+def test_without_auto_resume_a_stopped_run_is_left_alone(demo_dir, trained_run, tmp_path, monkeypatch):
+    stopped = stopped_run(demo_dir, trained_run, tmp_path, monkeypatch)
+    before = files(stopped)
+    run_dir = sample(demo_dir, trained_run, tmp_path, num_samples=5, batch_size=2)
+    assert run_dir.name == "sample_002" and files(stopped) == before
+
+
+def test_a_stop_signal_ends_sampling_after_the_batch_under_way_and_auto_resume_finishes_it(
+        demo_dir, trained_run, tmp_path, monkeypatch):
+    """SIGUSR1 is what `sbatch --signal=USR1@300` sends before the time limit (SIGTERM: a preemption)."""
+    import os
+    import signal
+
+    unbroken = sample(demo_dir, trained_run, tmp_path / "unbroken", num_samples=5, batch_size=2)
+    real_batch = sample_module.sample_batch
+
+    def signalled_during_the_first_batch(job, ids, progress):
+        if ids == [0, 1]:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the handler records it; the batch goes on
+        return real_batch(job, ids, progress)
+    values = {"data_dir": str(demo_dir), "model_path": str(trained_run), "root_log_dir": str(tmp_path / "stopped"),
+              "num_samples": 5, "batch_size": 2, "timestep_respacing": "5", "auto_resume": True}
+    config, _ = config_from_dict("sample", values)
+    with monkeypatch.context() as patch:
+        patch.setattr(sample_module, "sample_batch", signalled_during_the_first_batch)
+        result = run_sampling(config, given=set(values), log=lambda *_: None)
+    stopped = Path(result["run_dir"])
+    assert result["stop_signal"] == "SIGUSR1" and not (stopped / "summary.json").exists()
+    assert (stopped / "sampled.txt").read_text() == "0\n1\n"
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handler is gone with the run
+
+    assert sample(demo_dir, trained_run, tmp_path / "stopped", num_samples=5, batch_size=2, auto_resume=True) == stopped
+    assert files(stopped) == files(unbroken)
+
+
+def test_main_sample_asks_sbatch_to_requeue_when_a_stop_signal_ended_the_run(monkeypatch):
+    import main
+    from guided_diffusion import distributed
+
+    ignored = []
+    monkeypatch.setattr(sample_module, "run_sampling", lambda *_, **__: {"stop_signal": "SIGTERM", "run_dir": "x"})
+    monkeypatch.setattr(distributed, "ignore_stop_signals", lambda: ignored.append(True))
+    loaded = SimpleNamespace(config=SimpleNamespace(hardness_args=None), given=set())
+    assert main.sample(loaded, "sample", "config.json") == distributed.REQUEUE_EXIT_STATUS == 75
+    assert ignored  # the exit itself must not be cut short by a second signal

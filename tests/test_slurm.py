@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -27,10 +28,12 @@ from pathlib import Path
 import pytest
 
 from guided_diffusion.checkpoint import load_checkpoint
+from guided_diffusion.config import config_from_dict
+from guided_diffusion.sampling.sample import run_sampling
 from test_distributed import (PROCESSES, REPO, STEPS, assert_losses_like_one_process,  # noqa: F401
                               assert_same_samples, assert_weights_like_one_process, clean_environment,
-                              read_csv_column, reference, sampling_values, show_in_ci_log, training_values,
-                              write_json_file)
+                              folder_digest, one_thread, read_csv_column, reference, sampling_values, show_in_ci_log,
+                              silent, training_values, write_json_file)
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo")
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/local/sbin"])
@@ -250,6 +253,38 @@ def test_sample_template_with_srun_over_two_tasks_writes_the_files_of_one_proces
     assert output.count("run folder:") == 1  # rank 0 alone logs
     [run_dir] = (tmp_path / "runs").iterdir()
     show_in_ci_log(capsys, f"slurm/sample.sbatch, srun 2 tasks vs 1 process: {assert_same_samples(run_dir, reference)}")
+
+
+def test_sample_template_stopped_before_the_time_limit_continues_its_run_folder_to_the_files_of_one_process(
+        cluster, demo_dir, tmp_path, reference, capsys):
+    """SIGUSR1 to both tasks (what `--signal=USR1@300` sends before the time limit) while each samples its first
+    batch: they stop after it with status 75, the template requeues the job, and the requeued job (auto_resume)
+    samples the other two batches into the same folder, which ends as one uninterrupted process leaves its own."""
+    values = {**sampling_values(demo_dir, reference.checkpoint, tmp_path / "runs"), "num_samples": 8,
+              "timestep_respacing": "100"}  # 4 batches of 2, long enough for the signal to find one under way
+    config = write_json_file(tmp_path / "sample.json", values)
+    job_id = cluster.sbatch("sample", str(config), options=(f"--ntasks-per-node={PROCESSES}",))
+    run_dir = tmp_path / "runs" / "sample_001"
+    wait_for_steps(cluster, job_id, run_dir / "sampled.txt", 0)  # the first image written: batches under way
+    cluster.command("scancel", "--signal=USR1", str(job_id))
+    job = cluster.wait(job_id)
+    output = cluster.log(job_id)
+    show_in_ci_log(capsys, job_summary(job_id, "sample", job, output))
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output + cluster.daemon_logs()
+    written = re.search(r"stopped by SIGUSR1 with (\d) of 8 images written", output)
+    assert written and 2 <= int(written[1]) <= 6 and output.count("requeueing job") == 1, output  # whole batches
+    kept = int(written[1])
+    resumed = f"({kept} kept from the stopped run, {8 - kept} to go)"
+    assert f"auto_resume: continuing {run_dir}" in output and resumed in output
+    assert [run.name for run in (tmp_path / "runs").iterdir()] == ["sample_001"]
+
+    with one_thread():
+        one_config, _ = config_from_dict("sample", {**values, "root_log_dir": str(tmp_path / "one")})
+        one_process = Path(run_sampling(one_config, log=silent)["run_dir"])
+    digest = folder_digest(run_dir)
+    assert len(digest) == 4 * 8 + 1 and digest == folder_digest(one_process)
+    show_in_ci_log(capsys, f"slurm/sample.sbatch, 2 tasks stopped by SIGUSR1 after {kept} of 8 images and requeued: "
+                           f"{len(digest)} files byte-identical to one uninterrupted process")
 
 
 def test_finetune_template_starts_from_the_trained_weights(cluster, demo_dir, tmp_path, reference, capsys):

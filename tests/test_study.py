@@ -396,6 +396,33 @@ def test_a_killed_study_resumes_after_its_last_finished_unit(demo_dir, tmp_path)
     assert not any(m.startswith("[sample]") for m in messages)
 
 
+def test_a_sample_unit_stopped_mid_way_keeps_the_images_it_wrote(demo_dir, tmp_path, monkeypatch):
+    """A session's end or a Slurm time limit during a long sampling unit costs only the batch it cut off."""
+    from guided_diffusion.sampling import sample as sample_module
+
+    generator = {"kind": "sdm", "sample": {"mask_split": "all", "num_samples": 4, "batch_size": 2, "sampler": "ddim",
+                                           "steps": 2}}
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0], generators={"sdm": generator},
+                          variants=[{"name": "real"}, {"name": "sdm", "synthetic": ["sdm"]}])
+    config = study_from_dict(values, "test")
+    real_batch, batches = sample_module.sample_batch, []
+
+    def stop_at_the_second_batch(job, ids, progress):
+        batches.append(ids)
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        return real_batch(job, ids, progress)
+    monkeypatch.setattr(sample_module, "sample_batch", stop_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, values, log=lambda *_: None, progress=False)
+    batches.clear()
+    run_study(config, values, log=lambda *_: None, progress=False)
+    assert batches == [[2, 3]]
+    runs = list((tmp_path / "study" / "synthetic").glob("*/sdm-*/sample_*"))
+    assert [run.name for run in runs] == ["sample_001"]
+    assert json.loads((runs[0] / "summary.json").read_text())["kept_from_stopped_run"] == 2
+
+
 def test_ledger_skips_a_line_cut_short_by_a_kill(tmp_path):
     path = tmp_path / "ledger.jsonl"
     path.write_text(json.dumps({"kind": "sample", "fingerprint": "abc", "seconds": 1.0}) + "\n{\"kind\": \"segm")

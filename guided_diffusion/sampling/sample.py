@@ -11,12 +11,15 @@ starts from noise of its own generator (seeded by `seed` and i), so it is the sa
 `mode` variation / inpaint start from the mask's real image / paint defects onto backgrounds (see inpaint.py);
 `mode` paste needs no model: it copies the masks' real defect pixels onto backgrounds (see paste.py).
 Outputs follow ISDM's layout: images/ labels/ colored_labels/ samples/ with the same stem, plus grid.png
-(generated masks have no real image: no images/ file).
+(generated masks have no real image: no images/ file). sampled.txt lists each image whose files are all written;
+with `auto_resume` a run stopped before its end (no summary.json) is continued in its own folder: the images it
+lists are kept, the rest sampled, and since image i depends only on `seed` and i the files match an unbroken run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +34,14 @@ from ..balance import ChosenMask
 from ..config import MODEL_KEYS, SampleConfig, parse_number_list, config_from_dict, config_to_dict
 from ..data import Pair, SegmentationDataset, one_hot, read_class_names
 from ..diffusion import GaussianDiffusion, make_betas, space_timesteps
-from ..distributed import current_world, gather_to_main, made_by_main
+from ..distributed import StopSignals, current_world, gather_to_main, made_by_main
 from ..errors import ConfigError
 from ..guidance import conditional_denoiser
 from ..masks.model import generate_for_sampling
 from ..masks.report import write_mask_report
 from ..model_setup import bf16_autocast, build_model, select_device
-from ..run_folder import SampleWriter, new_run_dir, to_uint8_image, write_grid, write_json, write_legend
+from ..run_folder import (SampleWriter, as_written, latest_run_dir, new_run_dir, to_uint8_image, write_grid,
+                          write_json, write_legend)
 from ..samplers import PerImageNoise, image_seed, log_snr_timesteps, run_sampler
 from .hardness import MeasureHardness, write_selection_reports
 from .inpaint import Batch, ModePlan, defect_candidates, plan_modes
@@ -227,6 +231,8 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
     `given` are the keys the user set explicitly: those must agree with the checkpoint's config.
     With N processes, sampling batch k goes to rank k % N (so each image is computed in the same batch as by one
     process, and the files are the same); rank 0 makes the folder and writes config, grid and summary.
+    SIGTERM or SIGUSR1 (Slurm's preemption or time limit) stop it after the batch under way: the result then has
+    `stop_signal` and no summary.json is written; `auto_resume` continues the run.
     Mode paste builds no model: paste.run_paste does the whole run. `measure_hardness` measures the masks'
     hardness with hardness_args (see hardness.py; evaluation.freemask.measure_hardness)."""
     if config.mode == "paste":
@@ -234,24 +240,36 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
     world = current_world()
     log = log if world.is_main else (lambda *_: None)
     job = prepare_sampling(config, set(given), source, log, measure_hardness)
-    run_dir = made_by_main(lambda: new_run_dir(job.config.root_log_dir, "sample"))
+    run_dir = made_by_main(lambda: sampling_run_dir(job, log))
     log(f"run folder: {run_dir}")
-    if world.is_main:
+    record = SampledRecord(run_dir)
+    kept = len(record.done & set(range(job.num_images)))
+    if world.is_main and not record.done:
         write_start_files(job, run_dir)
     config = job.config
     masks_from = f"masks from {config.mask_source}" if config.mask_source else f"masks from split '{config.mask_split}'"
-    log(f"sampling {job.num_images} images from {job.checkpoint_path} with {job.diffusion.num_timesteps} "
+    resumed = f" ({kept} kept from the stopped run, {job.num_images - kept} to go)" if kept else ""
+    log(f"sampling {job.num_images} images{resumed} from {job.checkpoint_path} with {job.diffusion.num_timesteps} "
         f"{config.sampler} steps, guidance s={config.s}{interval_text(config)}, {masks_from} "
         f"({len({s.stem for s in job.plan.sources})} distinct)")
     started = time.perf_counter()
-    grid_rows = sample_my_batches(job, SampleWriter(run_dir, config.num_classes, config.ignore_index))
+    with StopSignals() as signals:
+        grid_rows, stopped_by = sample_my_batches(job, SampleWriter(run_dir, config.num_classes, config.ignore_index),
+                                                  record, signals)
     grid_rows = [row for _, row in sorted(gather_to_main(grid_rows), key=lambda entry: entry[0])]  # waits for all
-    summary = sampling_summary(job, time.perf_counter() - started)
+    stopped = [name for name in gather_to_main([stopped_by]) if name]
+    if stopped:
+        log(f"stopped by {stopped[0]} with {len(SampledRecord(run_dir).done)} of {job.num_images} images written "
+            f"to {run_dir}: rerun with auto_resume to continue it")
+        return {"stop_signal": stopped[0], "run_dir": str(run_dir)}
+    summary = sampling_summary(job, time.perf_counter() - started, kept)
     if world.is_main:
         write_grid(run_dir / "grid.png", grid_rows, config.num_classes, ignore_index=config.ignore_index)
         write_legend(run_dir / "legend.png", job.class_names)
         write_json(run_dir / "summary.json", summary)
-    log(f"wrote {job.num_images} samples to {run_dir} ({summary['seconds_per_image']:.3f} s/image)")
+    seconds = summary["seconds_per_image"]
+    pace = "none sampled anew" if seconds is None else f"{seconds:.3f} s/image"
+    log(f"wrote {job.num_images} samples to {run_dir} ({pace})")
     return {**summary, "run_dir": str(run_dir)}
 
 
@@ -263,9 +281,59 @@ def interval_text(config: SampleConfig) -> str:
     return f" at t/T in [{low:g}, {high:g}]"
 
 
+class SampledRecord:
+    """sampled.txt in a sample run folder: the index of each image whose files are all written, one line each,
+    appended as the image is finished (by every process of a run). What `auto_resume` keeps of a stopped run."""
+
+    NAME = "sampled.txt"
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / self.NAME
+        text = self.path.read_text() if self.path.exists() else ""
+        # only whole lines: a stop while a line was written leaves a last line without its newline
+        self.done = {int(line) for line in text.split("\n")[:-1] if line.strip().isdigit()}
+
+    def add(self, index: int) -> None:
+        with open(self.path, "a") as handle:  # one short append per image: whole, even beside other processes
+            handle.write(f"{index}\n")
+        self.done.add(index)
+
+
+def start_config(job: SamplingJob) -> dict[str, Any]:
+    """config.json of the run: the merged config and the checkpoint it resolved to."""
+    return {**config_to_dict(job.config), "resolved_model_path": str(job.checkpoint_path)}
+
+
+def resume_refusal(job: SamplingJob, run_dir: Path) -> str | None:
+    """Why the stopped run `run_dir` cannot be continued by `job`, or None when it can."""
+    if (run_dir / "summary.json").exists():
+        return "it is finished (summary.json)"
+    try:
+        written = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "it has no readable config.json"
+    ours = as_written(start_config(job))
+    differing = sorted(key for key in ours.keys() | written.keys() if ours.get(key) != written.get(key))
+    return f"its config.json differs in {', '.join(differing)}" if differing else None
+
+
+def sampling_run_dir(job: SamplingJob, log=print) -> Path:
+    """The run folder: a fresh `sample_NNN` under root_log_dir, or with `auto_resume` the newest one there when it
+    stopped before its end and was made by the same config (the log says why another is not continued)."""
+    root = job.config.root_log_dir
+    newest = latest_run_dir(root, "sample") if job.config.auto_resume else None
+    if newest is not None:
+        refusal = resume_refusal(job, newest)
+        if refusal is None:
+            log(f"auto_resume: continuing {newest}")
+            return newest
+        log(f"auto_resume: not continuing {newest}: {refusal}; starting a new run folder")
+    return new_run_dir(root, "sample")
+
+
 def write_start_files(job: SamplingJob, run_dir: Path) -> None:
     """Rank 0, before sampling: config.json, the mask selection reports, inpaint.json."""
-    write_json(run_dir / "config.json", {**config_to_dict(job.config), "resolved_model_path": str(job.checkpoint_path)})
+    write_json(run_dir / "config.json", start_config(job))
     if job.selection_report is not None:
         write_selection_reports(run_dir, job.selection_report)
     if job.masks_report is not None:
@@ -274,27 +342,36 @@ def write_start_files(job: SamplingJob, run_dir: Path) -> None:
         write_json(run_dir / "inpaint.json", job.plan.listing())
 
 
-def sample_my_batches(job: SamplingJob, writer: SampleWriter) -> list[tuple[int, tuple]]:
-    """Sample and write this rank's batches; the grid rows of its images among the first 8, by image index.
+def sample_my_batches(job: SamplingJob, writer: SampleWriter, record: SampledRecord,
+                      signals: StopSignals | None = None) -> tuple[list[tuple[int, tuple]], str | None]:
+    """Sample and write this rank's batches, but for those whose images `record` has all, and none after a stop
+    signal. Returns the grid rows of its images among the first 8, by image index (read back from the files for a
+    batch not sampled again), and the signal that left batches unsampled (None when all are done).
 
-    The bar counts whole steps: a batch's sampler step is one, so it ends at batches x steps; images done
-    are shown beside it."""
+    The bar counts whole steps: a batch's sampler step is one, so it ends at batches to sample x steps; images
+    done are shown beside it."""
     config, world = job.config, current_world()
-    batches = world.share(range(0, job.num_images, config.batch_size))
-    bar = tqdm(total=len(batches) * job.plan.steps_run, desc="sample", unit="step", dynamic_ncols=True,
+    batches = [list(range(start, min(start + config.batch_size, job.num_images)))
+               for start in world.share(range(0, job.num_images, config.batch_size))]
+    pending = [ids for ids in batches if not record.done.issuperset(ids)]
+    bar = tqdm(total=len(pending) * job.plan.steps_run, desc="sample", unit="step", dynamic_ncols=True,
                disable=world.bar_disabled)
-    mine = sum(min(config.batch_size, job.num_images - start) for start in batches)
-    grid_rows, done = [], 0
+    mine = sum(len(ids) for ids in batches)
+    grid_rows, done = [], mine - sum(len(ids) for ids in pending)
     try:
-        for start in batches:
-            ids = list(range(start, min(start + config.batch_size, job.num_images)))
+        for ids in batches:
+            if ids not in pending:
+                grid_rows += [(i, writer.read(image_stem(job, i))) for i in ids if i < 8]
+                continue
+            if signals is not None and signals.received:
+                return grid_rows, signals.received
             images, batch = sample_batch(job, ids, bar.update)
-            grid_rows += write_batch(job, ids, images, batch, writer)
+            grid_rows += write_batch(job, ids, images, batch, writer, record)
             done += len(ids)
             bar.set_postfix(images=f"{done}/{mine}")
     finally:
         bar.close()
-    return grid_rows
+    return grid_rows, None
 
 
 def sample_batch(job: SamplingJob, ids: list[int], progress) -> tuple[torch.Tensor, Batch]:
@@ -323,26 +400,37 @@ def sampling_denoiser(config: SampleConfig, model: torch.nn.Module, labels: torc
                                 guidance_interval=config.guidance_interval, time_range=diffusion.model_time_range)
 
 
-def write_batch(job: SamplingJob, ids: list[int], images: torch.Tensor, batch: Batch,
-                writer: SampleWriter) -> list[tuple[int, tuple]]:
-    """Write the batch's images, labels and real images; the grid rows (index, (mask, real, sample)) of the
-    first 8 images."""
+def image_stem(job: SamplingJob, index: int) -> str:
+    """The file stem of image `index`: its number and its mask's stem."""
+    return f"{index:05d}_{job.plan.sources[index].stem}"
+
+
+def write_batch(job: SamplingJob, ids: list[int], images: torch.Tensor, batch: Batch, writer: SampleWriter,
+                record: SampledRecord) -> list[tuple[int, tuple]]:
+    """Write the batch's images, labels and real images but those `record` has (the leftovers of an image a stop
+    cut short are replaced), recording each; the grid rows (index, (mask, real, sample)) of the first 8 images."""
     grid_rows = []
     for k, i in enumerate(ids):
         sample = batch.finish(k, to_uint8_image(images[k].float().cpu(), keep_gray=True))
         real, mask = batch.shown[k], batch.masks[k].numpy()
-        writer.write(f"{i:05d}_{job.plan.sources[i].stem}", sample, mask, real)
+        if i not in record.done:
+            writer.discard(image_stem(job, i))
+            writer.write(image_stem(job, i), sample, mask, real)
+            record.add(i)
         if i < 8:
             grid_rows.append((i, (mask, real, sample)))
     return grid_rows
 
 
-def sampling_summary(job: SamplingJob, seconds: float) -> dict[str, Any]:
-    """summary.json: what was sampled, how, and how long it took."""
+def sampling_summary(job: SamplingJob, seconds: float, kept: int = 0) -> dict[str, Any]:
+    """summary.json: what was sampled, how, and how long it took (`seconds` for the images sampled by this run:
+    all but the `kept` ones of a stopped run it continued)."""
     config = job.config
+    sampled = job.num_images - kept
     return {"num_samples": job.num_images, "checkpoint": str(job.checkpoint_path), "sampler": config.sampler,
             "steps": job.diffusion.num_timesteps, "guidance_scale": config.s, "mask_split": config.mask_split,
             **({"guidance_interval": config.guidance_interval} if config.guidance_interval is not None else {}),
             **({"mask_source": config.mask_source} if config.mask_source else {}),
-            "seconds": round(seconds, 3), "seconds_per_image": round(seconds / job.num_images, 4),
+            "seconds": round(seconds, 3), "seconds_per_image": round(seconds / sampled, 4) if sampled else None,
+            **({"kept_from_stopped_run": kept} if kept else {}),
             "device": str(job.device), **job.plan.summary()}

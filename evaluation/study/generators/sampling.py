@@ -48,10 +48,14 @@ def run_sample_unit(study: Study, unit: PlannedUnit, values: dict[str, Any]) -> 
     root = study.root / "synthetic" / fraction_tag(fraction) / f"{name}-{key}"
 
     def work() -> dict[str, Any]:
-        config, notes = config_from_dict("sample", {**values, "root_log_dir": str(root)}, f"study generators.{name}")
+        # auto_resume: a unit stopped mid-way (a session's end, a Slurm time limit) keeps the images it wrote
+        config, notes = config_from_dict("sample", {**values, "root_log_dir": str(root), "auto_resume": True},
+                                         f"study generators.{name}")
         for note in notes:
             study.log(f"note: {note}")
         summary = run_sampling(config, set(values), f"study generators.{name}", study.log, measure_hardness)
+        if summary.get("stop_signal"):
+            raise KeyboardInterrupt(f"sampling stopped by {summary['stop_signal']}")
         return {"run_dir": summary["run_dir"], "images": summary["num_samples"],
                 "seconds_per_image": summary.get("seconds_per_image"),
                 "precision": study.precision(config.precision)}
