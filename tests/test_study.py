@@ -423,6 +423,29 @@ def test_a_sample_unit_stopped_mid_way_keeps_the_images_it_wrote(demo_dir, tmp_p
     assert json.loads((runs[0] / "summary.json").read_text())["kept_from_stopped_run"] == 2
 
 
+def test_pinning_the_segmenter_precision_keeps_the_units_that_auto_ran_in_it(demo_dir, tmp_path):
+    """A study run with precision "auto" on one machine and pinned on a machine of another kind, so that its pairs
+    stay in one precision: the units done in the pinned precision are kept, those of the other are redone."""
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
+    run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False)
+    path = tmp_path / "study" / "ledger.jsonl"
+    ledger = [json.loads(line) for line in path.read_text().splitlines()]
+    [auto_ran] = {entry["precision"] for entry in ledger if entry["kind"] == "segmenter"}  # this machine's
+    pinned = {**values, "segmenter": {**values["segmenter"], "precision": auto_ran}}
+
+    def segmenters_run() -> int:
+        messages = []
+        run_study(study_from_dict(pinned, "test"), pinned, log=messages.append, progress=False)
+        return sum(m.startswith("[segmenter]") for m in messages)
+    assert segmenters_run() == 0
+    # the same units as if "auto" had run them on a machine of the other kind
+    other = {"fp32": "bf16", "bf16": "fp32"}[auto_ran]
+    path.write_text("".join(json.dumps({**entry, "precision": other} if entry["kind"] == "segmenter" else entry) + "\n"
+                            for entry in ledger))
+    assert segmenters_run() == 4
+
+
 def test_ledger_skips_a_line_cut_short_by_a_kill(tmp_path):
     path = tmp_path / "ledger.jsonl"
     path.write_text(json.dumps({"kind": "sample", "fingerprint": "abc", "seconds": 1.0}) + "\n{\"kind\": \"segm")

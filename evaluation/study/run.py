@@ -313,12 +313,20 @@ class SegmenterUnits:
 
     def __init__(self, study: Study, data: StudyData):
         self.study, self.data = study, data
-        config, split = study.config, study.split
-        # the seed list is left out (each unit's key has its seed): adding a seed redoes nothing else
-        self.protocol_key = fingerprint(config.segmenter.fingerprint_keys(), config.image_size, config.resize_mode,
-                                        config.val_fraction, config.seed, config.background_class,
-                                        config.ignore_index, [p.stem for p in split.val],
-                                        [p.stem for p in split.test])
+        keys = study.config.segmenter.fingerprint_keys()
+        self.protocol_key = self.protocol(keys)
+        # A pinned precision also takes the units done under "auto" that ran in it (the ledger records each unit's
+        # precision): pinning it to keep a study's pairs in one precision on a machine of another kind redoes
+        # nothing already done in that precision.
+        self.auto_protocol_key = self.protocol({**keys, "precision": "auto"}) if keys["precision"] != "auto" else None
+
+    def protocol(self, segmenter_keys: dict[str, Any]) -> str:
+        """The key of the segmenter protocol and of the study's split; the seed list is left out (each unit's key
+        has its seed): adding a seed redoes nothing else."""
+        config, split = self.study.config, self.study.split
+        return fingerprint(segmenter_keys, config.image_size, config.resize_mode, config.val_fraction, config.seed,
+                           config.background_class, config.ignore_index, [p.stem for p in split.val],
+                           [p.stem for p in split.test])
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.study.config.variants if v.name == name)
@@ -327,7 +335,14 @@ class SegmenterUnits:
         fraction, name, seed = unit.where
         variant = self.variant(name)
         sources = {generator: needs[generator]["fingerprint"] for generator in variant.synthetic}
-        key = fingerprint("segmenter", self.protocol_key, study.subset_key(fraction), variant.recipe(), sources, seed)
+
+        def key_of(protocol_key: str) -> str:
+            return fingerprint("segmenter", protocol_key, study.subset_key(fraction), variant.recipe(), sources, seed)
+        key = key_of(self.protocol_key)
+        if self.auto_protocol_key is not None and study.ledger.get("segmenter", key) is None:
+            under_auto = study.ledger.get("segmenter", key_of(self.auto_protocol_key))
+            if under_auto is not None and under_auto.get("precision") == study.config.segmenter.precision:
+                key = under_auto["fingerprint"]
 
         def work() -> dict[str, Any]:
             synthetic = {generator: self.data.generated(fraction, generator, needs[generator])
