@@ -257,11 +257,12 @@ def test_sample_template_with_srun_over_two_tasks_writes_the_files_of_one_proces
 
 def test_sample_template_stopped_before_the_time_limit_continues_its_run_folder_to_the_files_of_one_process(
         cluster, demo_dir, tmp_path, reference, capsys):
-    """SIGUSR1 to both tasks (what `--signal=USR1@300` sends before the time limit) while each samples its first
-    batch: they stop after it with status 75, the template requeues the job, and the requeued job (auto_resume)
-    samples the other two batches into the same folder, which ends as one uninterrupted process leaves its own."""
-    values = {**sampling_values(demo_dir, reference.checkpoint, tmp_path / "runs"), "num_samples": 8,
-              "timestep_respacing": "100"}  # 4 batches of 2, long enough for the signal to find one under way
+    """SIGUSR1 to both tasks (what `--signal=USR1@300` sends before the time limit) once the first image is
+    written: each stops after the batch under way, all exit with status 75, the template requeues the job, and
+    the requeued job (auto_resume) samples the batches left into the same folder, which ends as one uninterrupted
+    process leaves its own."""
+    values = {**sampling_values(demo_dir, reference.checkpoint, tmp_path / "runs"), "num_samples": 12,
+              "timestep_respacing": "100"}  # 6 batches of 2, long enough for the signal to find some left
     config = write_json_file(tmp_path / "sample.json", values)
     job_id = cluster.sbatch("sample", str(config), options=(f"--ntasks-per-node={PROCESSES}",))
     run_dir = tmp_path / "runs" / "sample_001"
@@ -271,10 +272,10 @@ def test_sample_template_stopped_before_the_time_limit_continues_its_run_folder_
     output = cluster.log(job_id)
     show_in_ci_log(capsys, job_summary(job_id, "sample", job, output))
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", output + cluster.daemon_logs()
-    written = re.search(r"stopped by SIGUSR1 with (\d) of 8 images written", output)
-    assert written and 2 <= int(written[1]) <= 6 and output.count("requeueing job") == 1, output  # whole batches
+    written = re.search(r"stopped by SIGUSR1 with (\d+) of 12 images written", output)
+    assert written and 2 <= int(written[1]) <= 10 and output.count("requeueing job") == 1, output  # whole batches
     kept = int(written[1])
-    resumed = f"({kept} kept from the stopped run, {8 - kept} to go)"
+    resumed = f"({kept} kept from the stopped run, {12 - kept} to go)"
     assert f"auto_resume: continuing {run_dir}" in output and resumed in output
     assert [run.name for run in (tmp_path / "runs").iterdir()] == ["sample_001"]
 
@@ -282,8 +283,8 @@ def test_sample_template_stopped_before_the_time_limit_continues_its_run_folder_
         one_config, _ = config_from_dict("sample", {**values, "root_log_dir": str(tmp_path / "one")})
         one_process = Path(run_sampling(one_config, log=silent)["run_dir"])
     digest = folder_digest(run_dir)
-    assert len(digest) == 4 * 8 + 1 and digest == folder_digest(one_process)
-    show_in_ci_log(capsys, f"slurm/sample.sbatch, 2 tasks stopped by SIGUSR1 after {kept} of 8 images and requeued: "
+    assert len(digest) == 4 * 12 + 1 and digest == folder_digest(one_process)
+    show_in_ci_log(capsys, f"slurm/sample.sbatch, 2 tasks stopped by SIGUSR1 after {kept} of 12 images and requeued: "
                            f"{len(digest)} files byte-identical to one uninterrupted process")
 
 

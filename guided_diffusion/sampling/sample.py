@@ -34,7 +34,7 @@ from ..balance import ChosenMask
 from ..config import MODEL_KEYS, SampleConfig, parse_number_list, config_from_dict, config_to_dict
 from ..data import Pair, SegmentationDataset, one_hot, read_class_names
 from ..diffusion import GaussianDiffusion, make_betas, space_timesteps
-from ..distributed import StopSignals, current_world, gather_to_main, made_by_main
+from ..distributed import StopSignals, any_rank, current_world, gather_to_main, made_by_main
 from ..errors import ConfigError
 from ..guidance import conditional_denoiser
 from ..masks.model import generate_for_sampling
@@ -257,11 +257,11 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
         grid_rows, stopped_by = sample_my_batches(job, SampleWriter(run_dir, config.num_classes, config.ignore_index),
                                                   record, signals)
     grid_rows = [row for _, row in sorted(gather_to_main(grid_rows), key=lambda entry: entry[0])]  # waits for all
-    stopped = [name for name in gather_to_main([stopped_by]) if name]
-    if stopped:
-        log(f"stopped by {stopped[0]} with {len(SampledRecord(run_dir).done)} of {job.num_images} images written "
+    if any_rank(stopped_by is not None, job.device):  # every rank returns the stop, so that all exit with 75
+        stopped_by = stopped_by or signals.received or "a stop signal on another rank"
+        log(f"stopped by {stopped_by} with {len(SampledRecord(run_dir).done)} of {job.num_images} images written "
             f"to {run_dir}: rerun with auto_resume to continue it")
-        return {"stop_signal": stopped[0], "run_dir": str(run_dir)}
+        return {"stop_signal": stopped_by, "run_dir": str(run_dir)}
     summary = sampling_summary(job, time.perf_counter() - started, kept)
     if world.is_main:
         write_grid(run_dir / "grid.png", grid_rows, config.num_classes, ignore_index=config.ignore_index)
