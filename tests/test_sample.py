@@ -313,3 +313,8 @@ def test_main_sample_asks_sbatch_to_requeue_when_a_stop_signal_ended_the_run(mon
     loaded = SimpleNamespace(config=SimpleNamespace(hardness_args=None), given=set())
     assert main.sample(loaded, "sample", "config.json") == distributed.REQUEUE_EXIT_STATUS == 75
     assert ignored  # the exit itself must not be cut short by a second signal
+
+
+def test_auto_resume_that_is_not_true_or_false_is_one_line_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="key 'auto_resume' must be true/false, got \"yes\""):
+        config_from_dict("sample", {"data_dir": str(tmp_path), "model_path": "x", "auto_resume": "yes"})
