@@ -423,6 +423,69 @@ def test_a_sample_unit_stopped_mid_way_keeps_the_images_it_wrote(demo_dir, tmp_p
     assert json.loads((runs[0] / "summary.json").read_text())["kept_from_stopped_run"] == 2
 
 
+def test_an_sdm_trained_longer_continues_the_shorter_one_and_ends_with_the_weights_of_a_run_from_scratch(
+        demo_dir, tmp_path):
+    """Training length is a lever (1x, 2x, 4x): an SDM that differs from another only in train.max_steps continues
+    that one's run, so the study trains 4x steps in all instead of 7x, and the estimate counts only the new steps."""
+    from guided_diffusion.config import config_from_dict
+    from guided_diffusion.train import run_training
+
+    generator = {"kind": "sdm", "sample": {"mask_split": "all", "num_samples": 2, "sampler": "ddim", "steps": 2}}
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
+                          segmenter={"steps": 2, "batch_size": 4, "select_every": 2, "seeds": [0, 1]},
+                          generators={"sdm": generator, "sdm_long": {**generator, "sdm": {"train": {"max_steps": 7}}}},
+                          variants=[{"name": "real"}, {"name": "sdm", "synthetic": ["sdm"]},
+                                    {"name": "sdm_long", "synthetic": ["sdm_long"]}])
+    config = study_from_dict(values, "test")
+    units = {unit.id: unit for unit in estimate.plan_units(config, 4, SplitSizes(
+        val=2, subsets={1.0: 10}, test=4))}
+    long = units["sdm-train/r100/sdm_long"]
+    assert long.needs == (("shorter", "sdm-train/r100/sdm"),)
+    assert [term.count for term in long.terms] == [4]  # 7 steps, the first 3 those of the shorter run
+    messages = []
+    run_study(config, values, log=messages.append, progress=False)
+
+    entries = {e["unit"]: e for e in map(json.loads, (tmp_path / "study" / "ledger.jsonl").read_text().splitlines())}
+    short, continued = entries["sdm-train/r100/sdm"], entries["sdm-train/r100/sdm_long"]
+    assert short["steps"] == 3 and continued["steps"] == 7
+    assert continued["continued"] == str(Path(short["run_dir"]) / "checkpoints" / "latest.pt")
+    assert any(m.startswith("continuing the SDM trained 3 steps (sdm-train/r100/sdm)") for m in messages)
+
+    run_config = json.loads((Path(continued["run_dir"]) / "config.json").read_text())
+    scratch_values = {**{k: v for k, v in run_config.items() if k != "resume_checkpoint"},
+                      "root_log_dir": str(tmp_path / "scratch"), "auto_resume": False}
+    scratch = run_training(config_from_dict("train", scratch_values, "test")[0], "train", log=lambda *_: None)
+    assert scratch.state.step == 7
+    for name in ("latest.pt", "best.pt"):
+        a = torch.load(scratch.run_dir / "checkpoints" / name, weights_only=False)
+        b = torch.load(Path(continued["run_dir"]) / "checkpoints" / name, weights_only=False)
+        assert a["train_state"] == b["train_state"], name
+        for part in ("model", "ema"):
+            for key, tensor in a[part].items():
+                assert torch.equal(tensor, b[part][key]), (name, part, key)
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"stop_reason": "patience reached"}, 'it ended with "patience reached", not at its max_steps'),
+    ({"precision": "bf16"}, "it ran in bf16, this run in fp32"),
+    ({"run_dir": "gone"}, "gone/checkpoints/latest.pt is missing"),
+])
+def test_an_sdm_trains_from_scratch_where_the_shorter_run_cannot_be_continued_and_says_why(change, reason, tmp_path):
+    from evaluation.study.generators.sdm import continued_from
+
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest.pt").write_bytes(b"")
+    messages = []
+    study = types.SimpleNamespace(precision=lambda wanted: "fp32", log=messages.append)
+    shorter = {"unit": "sdm-train/r025/sdm", "run_dir": str(tmp_path / "run"), "steps": 1500,
+               "stop_reason": "max_steps reached", "precision": "fp32"}
+    assert continued_from(study, shorter, {"precision": "auto"}) == tmp_path / "run" / "checkpoints" / "latest.pt"
+    change = {k: str(tmp_path / v) if k == "run_dir" else v for k, v in change.items()}
+    assert continued_from(study, {**shorter, **change}, {"precision": "auto"}) is None
+    assert messages[-1] == "training from scratch, not from the shorter run of sdm-train/r025/sdm: " + \
+        reason.replace("gone/", str(tmp_path / "gone") + "/")
+
+
 def test_pinning_the_segmenter_precision_keeps_the_units_that_auto_ran_in_it(demo_dir, tmp_path):
     """A study run with precision "auto" on one machine and pinned on a machine of another kind, so that its pairs
     stay in one precision: the units done in the pinned precision are kept, those of the other are redone."""

@@ -156,6 +156,8 @@ class Planner:
     num_classes: int
     sizes: SplitSizes
     sdms: dict[tuple[float, str], str] = field(default_factory=dict)  # (subset, settings_key) -> its last unit's id
+    # (subset, settings_key without train.max_steps) -> [(max_steps, its sdm-train unit's id)], in plan order
+    sdm_trains: dict[tuple[float, str], list[tuple[int, str]]] = field(default_factory=dict)
     made: dict[float, dict[str, tuple[int, str]]] = field(default_factory=dict)  # fraction -> name -> images, unit id
     scorers: dict[float, str] = field(default_factory=dict)  # fraction -> the unit that trains its FreeMask scorer
 

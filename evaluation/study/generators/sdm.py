@@ -67,10 +67,18 @@ def _sdm_units(planner: Planner, settings: dict[str, Any], fraction: float, name
     train, _ = config_from_dict("train", train_values, "study sdm.train")
     steps = training_steps(train, images)
     crop = f", {train.crop_size} px crops" if train.crop_size else f" at {train.image_size} px"
+    twins = planner.sdm_trains.setdefault((fraction, length_free_key(settings)), [])
+    shorter = max((twin for twin in twins if twin[0] < steps), default=None) if train.max_steps else None
+    work = f"{steps:,} steps of batch {train.batch_size}{crop}"
+    if shorter is not None:
+        work += f", the first {shorter[0]:,} those of {shorter[1]}"
     trained = PlannedUnit("sdm-train", (fraction, name), (Part(
-        f"SDM training ({tag}, as {name})", f"{steps:,} steps of batch {train.batch_size}{crop}",
-        (Term(steps, Rate("sdm", "train_step", train.batch_size, train.crop_size or train.image_size,
-                          train_values)),)),))
+        f"SDM training ({tag}, as {name})", work,
+        (Term(steps - (shorter[0] if shorter else 0), Rate(
+            "sdm", "train_step", train.batch_size, train.crop_size or train.image_size, train_values)),)),),
+        (("shorter", shorter[1]),) if shorter else ())
+    if train.max_steps:
+        twins.append((steps, trained.id))
     if settings.get("finetune") is None:
         return [trained]
     tune, _ = config_from_dict("finetune", {**planner.common, **model, **settings["finetune"],
@@ -82,6 +90,14 @@ def _sdm_units(planner: Planner, settings: dict[str, Any], fraction: float, name
         (Term(steps, Rate("sdm", "finetune_step", tune.batch_size, tune.crop_size or tune.image_size,
                           train_values)),)),), (("trained", trained.id),))
     return [trained, tuned]
+
+
+def length_free_key(settings: dict[str, Any]) -> str:
+    """What two SDMs that differ only in how long they train (`train.max_steps`) share: the longer one's run is
+    the shorter one's, continued (training is exact across a resume, and nothing in it depends on max_steps), so
+    the plan has it continue the shorter one instead of starting over."""
+    train = {k: v for k, v in settings["train"].items() if k != "max_steps"}
+    return settings_key({"model": settings.get("model", {}), "train": train})
 
 
 def with_best_epoch_rule(values: dict[str, Any]) -> dict[str, Any]:
@@ -99,9 +115,11 @@ def _common(study: Study, fraction: float, name: str) -> dict[str, Any]:
             **study.config.sdm_settings(name).get("model", {})}
 
 
-def _train(study: Study, unit: PlannedUnit, action: str, values: dict[str, Any], what: str
-           ) -> dict[str, Any] | None:
-    """Train (or finetune) the SDM of `values` on the unit's subset into generator/<fraction>/<train key>/."""
+def _train(study: Study, unit: PlannedUnit, action: str, values: dict[str, Any], what: str,
+           shorter: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Train (or finetune) the SDM of `values` on the unit's subset into generator/<fraction>/<train key>/; a
+    training continues the run of `shorter` (the ledger entry of the same SDM trained fewer steps) where it
+    can. Its key is that of a run from scratch: the weights are the same."""
     fraction, name = unit.where
     subset_key = study.subset_key(fraction)
     key = fingerprint(f"sdm-{action}", with_best_epoch_rule(values), subset_key)
@@ -112,7 +130,9 @@ def _train(study: Study, unit: PlannedUnit, action: str, values: dict[str, Any],
     def work() -> dict[str, Any]:
         from guided_diffusion.train import run_training
 
-        config, notes = config_from_dict(action, {**values, "root_log_dir": str(root), "auto_resume": True},
+        start = continued_from(study, shorter, values) if shorter is not None else None
+        config, notes = config_from_dict(action, {**values, "root_log_dir": str(root), "auto_resume": True,
+                                                  **({"resume_checkpoint": str(start)} if start else {})},
                                          f"study sdm.{action}")
         for note in notes:
             study.log(f"note: {note}")
@@ -121,9 +141,29 @@ def _train(study: Study, unit: PlannedUnit, action: str, values: dict[str, Any],
             raise KeyboardInterrupt(f"{action} stopped by {result.stop_signal}")
         return {"run_dir": str(result.run_dir), "best_epoch": result.state.best_epoch,
                 "precision": study.precision(config.precision),
-                "steps": result.state.step, "stop_reason": result.stop_reason}
+                "steps": result.state.step, "stop_reason": result.stop_reason,
+                **({"continued": str(start)} if start else {})}
 
     return study.unit(unit, key, what, work)
+
+
+def continued_from(study: Study, shorter: dict[str, Any], values: dict[str, Any]) -> Path | None:
+    """The latest.pt of `shorter`'s run, where this training can continue it, else None (and why, in the log): that
+    run must have ended at its max_steps, in the precision this one runs in, and its latest.pt must be there."""
+    latest = Path(shorter["run_dir"]) / "checkpoints" / "latest.pt"
+    precision = study.precision(values.get("precision", "auto"))
+    if shorter.get("stop_reason") != "max_steps reached":
+        why = f"it ended with \"{shorter.get('stop_reason')}\", not at its max_steps"
+    elif shorter.get("precision", "fp32") != precision:
+        why = f"it ran in {shorter.get('precision', 'fp32')}, this run in {precision}"
+    elif not latest.is_file():
+        why = f"{latest} is missing"
+    else:
+        study.log(f"continuing the SDM trained {shorter['steps']:,} steps ({shorter['unit']}) from {latest}: the "
+                  f"same weights as training from scratch")
+        return latest
+    study.log(f"training from scratch, not from the shorter run of {shorter['unit']}: {why}")
+    return None
 
 
 def _train_values(study: Study, fraction: float, name: str) -> dict[str, Any]:
@@ -134,7 +174,7 @@ def train(study: Study, unit: PlannedUnit, needs: dict[str, dict[str, Any]]) -> 
     fraction, name = unit.where
     images = len(study.split.subsets[fraction])
     return _train(study, unit, "train", _train_values(study, fraction, name),
-                  f"training the SDM on {images} images ({fraction_tag(fraction)})")
+                  f"training the SDM on {images} images ({fraction_tag(fraction)})", needs.get("shorter"))
 
 
 def finetune(study: Study, unit: PlannedUnit, needs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
