@@ -486,6 +486,29 @@ def test_an_sdm_trains_from_scratch_where_the_shorter_run_cannot_be_continued_an
         reason.replace("gone/", str(tmp_path / "gone") + "/")
 
 
+def test_a_study_resumed_with_its_folder_spelled_another_way_redoes_nothing(demo_dir, tmp_path, monkeypatch):
+    """`Results/x`, `./Results/x` and `/abs/.../Results/x` are one study: the subsets' paths in its units'
+    fingerprints keep the spelling its ledger recorded. A copy of the folder elsewhere is another study."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    values = study_values(demo_dir, "runs/study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
+    run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False)
+
+    def units_run(output_dir) -> list[str]:
+        messages = []
+        respelled = {**values, "output_dir": str(output_dir)}
+        run_study(study_from_dict(respelled, "test"), respelled, log=messages.append, progress=False)
+        return [m for m in messages if m.startswith(("[sample]", "[segmenter]"))]
+
+    assert units_run(tmp_path / "runs" / "study") == []
+    assert units_run("./runs/../runs/study") == []
+    shutil.copytree(tmp_path / "runs" / "study", tmp_path / "copy")
+    (tmp_path / "copy" / "report.md").unlink()
+    assert units_run(tmp_path / "copy")[0].startswith("[sample] generator paste (paste) at r100")
+
+
 def test_pinning_the_segmenter_precision_keeps_the_units_that_auto_ran_in_it(demo_dir, tmp_path):
     """A study run with precision "auto" on one machine and pinned on a machine of another kind, so that its pairs
     stay in one precision: the units done in the pinned precision are kept, those of the other are redone."""

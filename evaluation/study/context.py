@@ -9,6 +9,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,10 @@ from guided_diffusion.data import Pair
 from .config import StudyConfig
 from .progress import UnitProgress
 from .units import PlannedUnit, fraction_tag
+
+
+RUN_UNDER_ROOT = re.compile(r"^(?:(.*)/)?(?:generator|synthetic|masks)/r\d{3}/")
+"""A unit's run folder under the study folder (group 1: the study folder as spelled)."""
 
 
 def fingerprint(*parts: Any) -> str:
@@ -45,6 +50,18 @@ class Ledger:
 
     def get(self, kind: str, key: str) -> dict[str, Any] | None:
         return self.entries.get((kind, key))
+
+    def spelling_of(self, root: Path) -> Path:
+        """The study folder `root` as the ledger's units spelled it, where that spelling names the same folder
+        from here: the subsets' folder paths are part of the SDM, sample and mask units' fingerprints, so
+        `Results/x` and `/abs/.../Results/x` would otherwise be two studies. The spelling is read from the run
+        folders the units recorded (<root>/generator|synthetic|masks/rNNN/...), the last one first; else `root`."""
+        for entry in reversed(list(self.entries.values())):
+            found = RUN_UNDER_ROOT.match(str(entry.get("run_dir", "")))
+            if found:
+                spelled = Path(found.group(1) or ".")
+                return spelled if spelled != root and spelled.resolve() == root.resolve() else root
+        return root
 
     def add(self, kind: str, key: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
         """Append a finished unit. Units run as Slurm jobs append to one ledger at once: each line is written

@@ -451,8 +451,14 @@ def open_study(config: StudyConfig, log: Callable[[str], None], progress: bool, 
                                       segmenter.encoder_weights))
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(root / "ledger.jsonl")
+    spelled = ledger.spelling_of(root)
+    if spelled != root:
+        log(f"study folder {root} is spelled {spelled} in its ledger: using that spelling, which its units' "
+            f"fingerprints hold")
+        root = spelled
     planned = units if only is None else [unit for unit in units if unit.id == only]
-    study = Study(config, root, num_classes, names, Ledger(root / "ledger.jsonl"), device, bf16, log,
+    study = Study(config, root, num_classes, names, ledger, device, bf16, log,
                   UnitProgress(planned, log, started), split, processor_name(device), progress, report_only, only)
     check_same_split(study)
     for fraction, pairs in split.subsets.items():
