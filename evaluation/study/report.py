@@ -552,10 +552,14 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
     lines += (["![SDM training loss](generator_loss.png)", ""] if has_curve else ["no SDM in this study", ""])
     used = {name: config.generators[name] for fraction in config.real_fractions  # generators of no variant: unsaid
             for name in config.generators_at(fraction)}
-    lines += [f"- {name} at every fraction from {100 * fraction:g} % up samples the SDM trained on the "
-              f"{100 * fraction:g} % subset (`sdm_fraction`); every other SDM generator samples its own fraction's SDM"
-              for name, fraction in ((n, g.sdm_fraction) for n, g in used.items())
-              if fraction is not None]
+    by_subset: dict[float, list[str]] = {}
+    for name, generator in used.items():
+        if generator.sdm_fraction is not None:
+            by_subset.setdefault(generator.sdm_fraction, []).append(name)
+    lines += [f"- {', '.join(names)} at every fraction from {100 * fraction:g} % up "
+              f"{'samples' if len(names) == 1 else 'sample'} the SDM trained on the {100 * fraction:g} % subset "
+              f"(`sdm_fraction`); every other SDM generator samples its own fraction's SDM"
+              for fraction, names in by_subset.items()]
     lines += [f"- {name} samples an SDM of its own: the study's `sdm` with `{json.dumps(g.sdm)}`"
               for name, g in used.items() if g.sdm]
     lines += [""] if any(g.sdm_fraction is not None or g.sdm for g in used.values()) else []
