@@ -87,8 +87,18 @@ def test_every_unit_records_the_processor_and_precision_it_ran_with(finished_stu
     entries = [json.loads(line) for line in (root / "ledger.jsonl").read_text().splitlines()]
     assert {entry["processor"] for entry in entries} == {processor_name()}
     assert all(entry["precision"] in ("bf16", "fp32") for entry in entries)
+    assert {entry["threads"] for entry in entries} == {torch.get_num_threads()}
     # the toy study's segmenters and SDM leave precision at "auto": bf16 where the CPU has it natively
     assert {entry["kind"] for entry in entries} >= {"sdm-train", "sample", "segmenter"}
+
+
+def test_the_report_says_how_many_cpu_threads_the_segmenters_ran_with():
+    from evaluation.study.report import _threads_note
+
+    assert _threads_note([{"threads": 2}, {"threads": 2}]) == "; 2 CPU threads per segmenter"
+    assert _threads_note([{"threads": 1}, {}]) == "; 1 CPU thread per segmenter"
+    assert _threads_note([{"threads": 2}, {"threads": 1}]).startswith("; 1 or 2 CPU threads per segmenter (the count")
+    assert _threads_note([{"processor": "AMD EPYC"}]) == ""  # a ledger from before the record
 
 
 def test_paired_segmenters_from_different_processor_models_are_named():

@@ -146,9 +146,12 @@ class Study:
         self.unit_progress.start(kind, where, what)
         started = time.perf_counter()
         # where and how it ran: bf16 scores differ between processor models (the report warns on mixed pairs);
-        # a unit that trains or samples an SDM reports the precision its own config resolved to
+        # a unit that trains or samples an SDM reports the precision its own config resolved to. The CPU threads
+        # torch used change the rounding of sums, not what a seed draws (init, batch order), and are recorded.
+        import torch
+
         result = {"unit": unit.id, "processor": self.processor, "precision": "bf16" if self.bf16 else "fp32",
-                  **work()}
+                  "threads": torch.get_num_threads(), **work()}
         entry = self.ledger.add(kind, key, result, time.perf_counter() - started)
         self.unit_progress.finish(kind, where, entry["seconds"])
         return entry

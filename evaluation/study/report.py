@@ -135,6 +135,19 @@ def machine(row: dict[str, Any]) -> str:
     return f"{processor}, {row['precision']}" if processor and row.get("precision") else processor
 
 
+def _threads_note(rows: list[dict[str, Any]]) -> str:
+    """The CPU threads the segmenters ran with, where recorded: '; 2 CPU threads' or '; 1 or 2 CPU threads (...)'.
+    Units run side by side (several processes on one CPU) use fewer threads each; the count changes float rounding
+    only."""
+    threads = sorted({row["threads"] for row in rows if row.get("threads")})
+    if not threads:
+        return ""
+    if len(threads) == 1:
+        return f"; {threads[0]} CPU thread{'s' if threads[0] > 1 else ''} per segmenter"
+    return (f"; {' or '.join(map(str, threads))} CPU threads per segmenter (the count changes the rounding of "
+            "sums, not a seed's initial weights or batch order)")
+
+
 def mixed_processors(rows: list[dict[str, Any]]) -> list[str]:
     """The paired cells whose segmenters ran on different processor models or in different precisions, as
     "25 % seed 3: A, bf16 (real); B, fp32 (paste)" lines; bf16 scores differ between CPU models, and bf16 from
@@ -499,7 +512,8 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         f"{', '.join(map(str, protocol.seeds))} (paired: the same seed starts every variant from the same weights)",
         f"- 'w/o bg' leaves out class {config.background_class}" if config.background_class is not None
         else "- no background class: 'w/o bg' is the mean over every class",
-        f"- processor: {', '.join(processors) if processors else 'not recorded (a ledger from before the record)'}",
+        f"- processor: {', '.join(processors) if processors else 'not recorded (a ledger from before the record)'}"
+        + _threads_note(rows),
         "",
     ]
     if mixed:
