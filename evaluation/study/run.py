@@ -59,6 +59,7 @@ from ..segmenter.run import Scoring, SegmenterRun, score, train_and_test
 from ..segmenter.settings import ScorerSettings
 from .config import StudyConfig, Variant, load_beside, load_study
 from .context import Ledger, Split, Study, fingerprint
+from .jobs import check_jobs
 from .plan import plan_units
 from .units import PlannedUnit, SplitSizes, fraction_tag
 from .progress import UnitProgress
@@ -497,35 +498,88 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
               progress: bool = True, report_only: bool = False, only: str | None = None) -> Path:
     """Run the study's plan (or, with `report_only`, run nothing and report the units the ledger holds; with
     `only`, run that one unit, whose needs the ledger holds, and write no report: a Slurm job)."""
-    from .report import write_report
-
     started = time.perf_counter()
     study, units = open_study(config, log, progress, report_only, only, started)
-    root, split = study.root, study.split
     if only is None:
-        done = len(study.ledger.entries)
-        log(f"study folder: {root} ({f'resuming: {done} units done' if done else 'new'})"
-            + ("; report only: nothing is run" if report_only else ""))
-        if not report_only:
-            write_config(study, values, command)
-        write_json(root / "split.json", {"val": [p.stem for p in split.val],
-                                         **{fraction_tag(f): [p.stem for p in s] for f, s in split.subsets.items()}})
-        log(f"real data: {len(split.val)} validation, "
-            + ", ".join(f"{len(s)} at {fraction_tag(f)}" for f, s in split.subsets.items())
-            + f", {len(split.test)} test images (test used for scoring only)")
+        announce(study, values, command)
     entries, data = execute(study, units)
     if only is not None:
         if entries.get(only) is None:
-            raise ConfigError(f"--unit {only}: the units it needs are not all in the ledger of {root}")
-        return root
+            raise ConfigError(f"--unit {only}: the units it needs are not all in the ledger of {study.root}")
+        return study.root
     if not report_only:
         study.unit_progress.close()
-    rows, generator_runs = report_inputs(units, entries, config)
+    report(study, units, entries, data, command, started)
+    return study.root
+
+
+def announce(study: Study, values: dict[str, Any], command: str) -> None:
+    """The first lines of a run of the whole study (or of its report), its config beside the report and its
+    split.json."""
+    root, split = study.root, study.split
+    done = len(study.ledger.entries)
+    study.log(f"study folder: {root} ({f'resuming: {done} units done' if done else 'new'})"
+              + ("; report only: nothing is run" if study.report_only else ""))
+    if not study.report_only:
+        write_config(study, values, command)
+    write_json(root / "split.json", {"val": [p.stem for p in split.val],
+                                     **{fraction_tag(f): [p.stem for p in s] for f, s in split.subsets.items()}})
+    study.log(f"real data: {len(split.val)} validation, "
+              + ", ".join(f"{len(s)} at {fraction_tag(f)}" for f, s in split.subsets.items())
+              + f", {len(split.test)} test images (test used for scoring only)")
+
+
+def report(study: Study, units: list[PlannedUnit], entries: dict[str, dict[str, Any] | None], data: StudyData,
+           command: str, started: float) -> None:
+    """report.md, summary.json, results.csv and the plots of the units the ledger holds."""
+    from .report import write_report
+
+    rows, generator_runs = report_inputs(units, entries, study.config)
     looks = set_looks(study, data, generator_runs)
-    write_report(study, rows, generator_runs, split, command, time.perf_counter() - started, data.load_seconds,
-                 looks, beside_results(config))
-    log(f"report: {study.report_root / 'report.md'}")
-    return root
+    write_report(study, rows, generator_runs, study.split, command, time.perf_counter() - started,
+                 data.load_seconds, looks, beside_results(study.config))
+    study.log(f"report: {study.report_root / 'report.md'}")
+
+
+def run_study_jobs(config: StudyConfig, values: dict[str, Any], command: str, study_argv: list[str], jobs: int,
+                   log: Callable[[str], None] = print_flushed) -> int:
+    """`--jobs N`: the units not done as N processes side by side (jobs.py), then the report; the exit status
+    (1 when a unit failed: one line names it, its error and its log)."""
+    import signal
+
+    from .jobs import launcher, raise_on_sigterm, run_jobs, threads_per_job, unit_log
+
+    started = time.perf_counter()
+    study, units = open_study(config, log, False, False, None, started)
+    announce(study, values, command)
+    watcher = dataclasses.replace(study, report_only=True, used=set())  # reads the ledger, runs nothing
+    threads = threads_per_job(jobs, torch.get_num_threads())
+    log(f"{jobs} jobs side by side, {threads} CPU thread{'s' if threads > 1 else ''} each; each unit's output in "
+        f"{study.root / 'logs'}")
+
+    def read_done() -> set[str]:
+        watcher.ledger = Ledger(study.root / "ledger.jsonl")
+        return {unit_id for unit_id, entry in execute(watcher, units)[0].items() if entry is not None}
+
+    logs = study.root / "logs"
+    previous = signal.signal(signal.SIGTERM, raise_on_sigterm)
+    try:
+        failed = run_jobs(units, jobs, read_done, launcher(study_argv, logs, threads), log,
+                          lambda unit: unit_log(logs, unit))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for unit_id in failed:
+        path = unit_log(logs, next(unit for unit in units if unit.id == unit_id))
+        errors = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                  if line.startswith("error:")]
+        print(f"error: unit {unit_id} failed" + (f" ({errors[-1]})" if errors else "") + f"; its log: {path}",
+              file=sys.stderr)
+    if failed:
+        return 1
+    watcher.ledger = Ledger(study.root / "ledger.jsonl")
+    entries, data = execute(watcher, units)
+    report(watcher, units, entries, data, command, started)
+    return 0
 
 
 def beside_results(config: StudyConfig) -> list[Beside]:
@@ -598,6 +652,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bars (for log files); the one-line progress of each unit, with the time "
                              "elapsed and left, stays")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="run N units side by side on this machine, each a process of its own with 1/N of the "
+                             "CPU threads, once the units it needs are done (default 1: one after another)")
     parser.add_argument("--list-units", action="store_true",
                         help="print the plan: each unit in run order, done or to do, and the units it needs; run "
                              "nothing")
@@ -634,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_progress:  # for processes started from here; this one's tqdm read it at import (experiment.sh
         os.environ["TQDM_DISABLE"] = "1"  # sets it before Python starts)
 
-    def action() -> None:
+    def action() -> int | None:
         modes = [name for name, on in (("--slurm", args.slurm), ("--unit", args.unit),
                                        ("--report-only", args.report_only), ("--list-units", args.list_units),
                                        ("--estimate", args.estimate), ("--dry-run", args.dry_run)) if on]
@@ -642,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{' and '.join(modes)} do not go together: give one of them")
         if (args.wait or args.sbatch_args or args.sbatch_kind) and not args.slurm:
             raise ConfigError("--wait, --sbatch-args and --sbatch-kind only apply with --slurm")
+        check_jobs(args.jobs, modes)
         config, values = load_study(args.config, args.overrides, args.quick, args.output_dir)
         if args.dry_run:
             check_study(config, resolve_num_classes(config))
@@ -661,17 +719,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_units:
             list_units(config, print_flushed)
             return
+        study_argv = ["-c", args.config, *(["--quick"] if args.quick else []),
+                      *(["--output-dir", args.output_dir] if args.output_dir else []),
+                      *[part for override in args.overrides for part in ("--set", override)]]
         if args.slurm:
             from .slurm import parse_kind_args  # noqa: PLC0415 - only --slurm needs it
 
-            study_argv = ["-c", args.config, *(["--quick"] if args.quick else []),
-                          *(["--output-dir", args.output_dir] if args.output_dir else []),
-                          *[part for override in args.overrides for part in ("--set", override)]]
             submit(config, values, shlex.join([PROG, *argv]), study_argv, shlex.split(args.sbatch_args),
                    parse_kind_args(args.sbatch_kind), args.wait)
-            return
+            return None
+        if args.jobs is not None and args.jobs > 1:
+            return run_study_jobs(config, values, shlex.join([PROG, *argv]), study_argv, args.jobs)
         run_study(config, values, shlex.join([PROG, *argv]), progress=not args.no_progress,
                   report_only=args.report_only, only=args.unit)
+        return None
 
     return exit_status(action)
 

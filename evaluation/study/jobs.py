@@ -1,0 +1,144 @@
+"""`--jobs N`: the study's units as N processes side by side on this machine.
+
+Each unit runs as its own `--unit` process of the same command (what a Slurm job runs), started once every unit
+it needs is in the ledger, in plan order, with 1/N of the CPU threads one study would use (OMP_NUM_THREADS). On
+a small CPU one training does not use its cores fully: on a 2-core AMD EPYC (2026-12-07), two segmenter trainings
+of one thread each did 2.5 steps/s together, one of two threads 1.8. The thread count changes the rounding of
+sums, not a seed's initial weights or batch order; each unit records it (`threads`).
+
+A unit's output goes to `<output_dir>/logs/<unit id, / as ->.log`; this process prints one line when a unit
+starts and one when it ends. A unit that fails stops the launching of new ones: the running ones finish (their
+work is kept), then the study ends with one line naming the unit and its log. Ctrl-C or SIGTERM stops every
+unit as a stop of the study would (a training saves latest.pt, a sample keeps its finished images)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from guided_diffusion.errors import ConfigError
+
+from .progress import clock as progress_clock, format_duration
+from .units import PlannedUnit
+
+
+class Process(Protocol):
+    def poll(self) -> int | None: ...
+
+    def send_signal(self, signum: int) -> None: ...
+
+    def wait(self) -> int: ...
+
+
+@dataclass
+class Running:
+    unit: PlannedUnit
+    process: Process
+    started: float
+
+
+def runnable(units: Sequence[PlannedUnit], done: set[str], busy: set[str]) -> list[PlannedUnit]:
+    """The units, in plan order, that are neither done nor `busy` (running or failed) and whose needs are all
+    done."""
+    return [unit for unit in units if unit.id not in done and unit.id not in busy
+            and all(needed in done for _, needed in unit.needs)]
+
+
+def run_jobs(units: Sequence[PlannedUnit], jobs: int, read_done: Callable[[], set[str]],
+             launch: Callable[[PlannedUnit], Process], log: Callable[[str], None],
+             log_path: Callable[[PlannedUnit], Path], poll_seconds: float = 2.0,
+             clock: Callable[[], float] = time.perf_counter) -> list[str]:
+    """Run the units not done, `jobs` at a time, each once its needs are done (`read_done`: the ids in the
+    ledger now); returns the ids of the units that failed (empty when every unit ran). A unit failed when its
+    process ended with a status other than 0, or with 0 but without its ledger line."""
+    started = clock()
+    running: dict[str, Running] = {}
+    failed: list[str] = []
+    total = len(units)
+
+    def elapsed() -> str:
+        return progress_clock(clock() - started)
+
+    try:
+        while True:
+            ended = {unit_id: status for unit_id, job in running.items()
+                     if (status := job.process.poll()) is not None}
+            done = read_done()  # after the polls: a unit writes its ledger line before its process ends
+            for unit_id, status in ended.items():
+                job = running.pop(unit_id)
+                took = format_duration(clock() - job.started)
+                if status == 0 and unit_id in done:
+                    log(f"[done] {unit_id} in {took} | {len(done & {u.id for u in units})} of {total} units done "
+                        f"| elapsed {elapsed()}")
+                else:
+                    failed.append(unit_id)
+                    why = f"exit status {status}" if status != 0 else "it ended without its ledger line"
+                    log(f"[failed] {unit_id} after {took} ({why}); its log: {log_path(job.unit)}")
+            if not failed:
+                for unit in runnable(units, done, set(running)):
+                    if len(running) >= jobs:
+                        break
+                    running[unit.id] = Running(unit, launch(unit), clock())
+                    log(f"[start] {unit.id} | {len(running)} of {jobs} jobs running | elapsed {elapsed()}")
+            if not running:
+                return failed
+            time.sleep(poll_seconds)
+    except BaseException:  # Ctrl-C, SIGTERM (raised as KeyboardInterrupt below), or a bug: stop every unit
+        for job in running.values():
+            if job.process.poll() is None:
+                job.process.send_signal(signal.SIGTERM)
+        for job in running.values():
+            job.process.wait()
+        raise
+
+
+def threads_per_job(jobs: int, threads: int) -> int:
+    """The CPU threads each of `jobs` processes gets out of the `threads` one study process would use."""
+    return max(1, threads // jobs)
+
+
+def launcher(study_argv: Sequence[str], logs: Path, threads: int) -> Callable[[PlannedUnit], subprocess.Popen]:
+    """Start a unit as `python -m evaluation.study <the study's arguments> --unit <id> --no-progress`, with
+    `threads` CPU threads, its output appended to its log under `logs`."""
+    logs.mkdir(parents=True, exist_ok=True)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
+           "PYTHONPATH": repo + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+
+    def launch(unit: PlannedUnit) -> subprocess.Popen:
+        with open(unit_log(logs, unit), "a", encoding="utf-8") as handle:
+            handle.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {unit.id} ({threads} CPU thread"
+                         f"{'s' if threads > 1 else ''})\n")
+            handle.flush()
+            return subprocess.Popen([sys.executable, "-m", "evaluation.study", *study_argv, "--unit", unit.id,
+                                     "--no-progress"], stdout=handle, stderr=subprocess.STDOUT, env=env)
+    return launch
+
+
+def unit_log(logs: Path, unit: PlannedUnit) -> Path:
+    return logs / f"{unit.id.replace('/', '-')}.log"
+
+
+def check_jobs(jobs: int | None, other_modes: Sequence[str]) -> None:
+    """One line for a `--jobs` the study cannot use."""
+    if jobs is None:
+        return
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be 1 or more (units run side by side on this machine), got {jobs}")
+    if other_modes:
+        raise ConfigError(f"--jobs runs the whole study here; it does not go with {' or '.join(other_modes)}")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to a `--jobs` study: stop its units as Ctrl-C would."""
+
+
+def raise_on_sigterm(signum, frame) -> None:
+    raise Terminated(f"signal {signum}")

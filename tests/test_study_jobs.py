@@ -1,0 +1,157 @@
+"""`--jobs N`: the study's units as N processes side by side on one machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluation.study.jobs import run_jobs, runnable, threads_per_job
+from evaluation.study.run import main as study_main
+from evaluation.study.units import PlannedUnit
+
+from test_study import study_values
+
+
+def unit(name: str, *needs: str) -> PlannedUnit:
+    return PlannedUnit("segmenter", (1.0, name, 0), (), tuple((n, f"segmenter/r100/{n}/0") for n in needs))
+
+
+class FakeProcess:
+    """A unit's process that ends on its `lifetime`-th poll with `status`, adding its id to `ledger` on 0."""
+
+    def __init__(self, unit_id: str, ledger: set[str], status: int = 0, lifetime: int = 2, writes: bool = True):
+        self.unit_id, self.ledger, self.status, self.left, self.writes = unit_id, ledger, status, lifetime, writes
+        self.signals: list[int] = []
+
+    def poll(self) -> int | None:
+        self.left -= 1
+        if self.left > 0:
+            return None
+        if self.status == 0 and self.writes:
+            self.ledger.add(self.unit_id)
+        return self.status
+
+    def send_signal(self, signum: int) -> None:
+        self.signals.append(signum)
+
+    def wait(self) -> int:
+        return self.status
+
+
+def test_a_unit_is_runnable_once_every_unit_it_needs_is_done():
+    units = [unit("a"), unit("b", "a"), unit("c")]
+    assert [u.id for u in runnable(units, set(), set())] == ["segmenter/r100/a/0", "segmenter/r100/c/0"]
+    assert [u.id for u in runnable(units, {"segmenter/r100/a/0"}, {"segmenter/r100/c/0"})] == ["segmenter/r100/b/0"]
+
+
+def test_units_run_side_by_side_up_to_the_number_of_jobs_and_each_after_its_needs():
+    ledger: set[str] = set()
+    started: list[tuple[str, int]] = []
+    running: dict[str, FakeProcess] = {}
+
+    def launch(planned: PlannedUnit) -> FakeProcess:
+        running[planned.id] = FakeProcess(planned.id, ledger)
+        started.append((planned.id, sum(p.left > 0 for p in running.values())))
+        return running[planned.id]
+
+    units = [unit("a"), unit("b", "a"), unit("c"), unit("d")]
+    lines: list[str] = []
+    failed = run_jobs(units, 2, lambda: set(ledger), launch, lines.append, lambda u: Path("x.log"), poll_seconds=0)
+    assert failed == []
+    assert ledger == {u.id for u in units}
+    assert [name for name, _ in started] == ["segmenter/r100/a/0", "segmenter/r100/c/0", "segmenter/r100/b/0",
+                                             "segmenter/r100/d/0"]
+    assert max(count for _, count in started) == 2
+    assert sum(line.startswith("[done]") for line in lines) == 4
+
+
+def test_a_failed_unit_stops_new_launches_and_is_named_with_its_log():
+    ledger: set[str] = set()
+    launched: list[str] = []
+
+    def launch(planned: PlannedUnit) -> FakeProcess:
+        launched.append(planned.id)
+        return FakeProcess(planned.id, ledger, status=2 if planned.id.endswith("/a/0") else 0,
+                           lifetime=1 if planned.id.endswith("/a/0") else 3)
+
+    lines: list[str] = []
+    units = [unit("a"), unit("b"), unit("c")]
+    failed = run_jobs(units, 2, lambda: set(ledger), launch, lines.append, lambda u: Path(f"logs/{u.id}.log"),
+                      poll_seconds=0)
+    assert failed == ["segmenter/r100/a/0"]
+    assert launched == ["segmenter/r100/a/0", "segmenter/r100/b/0"]  # c was not started after a failed
+    assert ledger == {"segmenter/r100/b/0"}  # the unit running beside it finished
+    assert "[failed] segmenter/r100/a/0 after 0 s (exit status 2); its log: logs/segmenter/r100/a/0.log" in lines
+
+
+def test_a_unit_that_ends_without_its_ledger_line_counts_as_failed():
+    ledger: set[str] = set()
+    lines: list[str] = []
+    failed = run_jobs([unit("a")], 2, lambda: set(ledger),
+                      lambda planned: FakeProcess(planned.id, ledger, writes=False), lines.append,
+                      lambda u: Path("a.log"), poll_seconds=0)
+    assert failed == ["segmenter/r100/a/0"]
+    assert "it ended without its ledger line" in lines[-1]
+
+
+def test_a_stop_of_the_study_stops_every_running_unit():
+    processes: list[FakeProcess] = []
+
+    def launch(planned: PlannedUnit) -> FakeProcess:
+        processes.append(FakeProcess(planned.id, set(), lifetime=10 ** 6))
+        return processes[-1]
+
+    polls = iter(range(3))
+
+    def read_done() -> set[str]:
+        if next(polls, None) is None:
+            raise KeyboardInterrupt  # SIGTERM or Ctrl-C while the units run
+        return set()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs([unit("a"), unit("b")], 2, read_done, launch, lambda _: None, lambda u: Path("x"), poll_seconds=0)
+    assert [p.signals for p in processes] == [[15], [15]]
+
+
+def test_each_job_gets_its_share_of_the_threads_and_at_least_one():
+    assert threads_per_job(2, 2) == 1
+    assert threads_per_job(4, 16) == 4
+    assert threads_per_job(3, 2) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--jobs", "0"], "error: --jobs must be 1 or more (units run side by side on this machine), got 0"),
+    (["--jobs", "2", "--unit", "segmenter/r100/real/0"],
+     "error: --jobs runs the whole study here; it does not go with --unit"),
+    (["--jobs", "2", "--report-only"], "error: --jobs runs the whole study here; it does not go with --report-only"),
+])
+def test_a_jobs_option_the_study_cannot_use_is_one_line(extra, message, tmp_path, capsys):
+    config = tmp_path / "study.json"
+    config.write_text(json.dumps({"data_dir": "x", "output_dir": str(tmp_path / "out")}))
+    assert study_main(["-c", str(config), *extra]) == 2
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_a_study_run_as_two_jobs_runs_every_unit_once_records_its_threads_and_writes_the_report(
+        demo_dir, tmp_path, capsys):
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
+    config = tmp_path / "study.json"
+    config.write_text(json.dumps(values))
+    assert study_main(["-c", str(config), "--jobs", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    entries = [json.loads(line) for line in (tmp_path / "study" / "ledger.jsonl").read_text().splitlines()]
+    units = [entry["unit"] for entry in entries]
+    assert sorted(units) == sorted(["sample/r100/paste", "segmenter/r100/real/0", "segmenter/r100/real/1",
+                                    "segmenter/r100/paste/0", "segmenter/r100/paste/1", "alignment/r100/paste/0",
+                                    "alignment/r100/paste/1"])
+    assert {entry["threads"] for entry in entries} == {threads_per_job(2, torch.get_num_threads())}
+    assert out.count("[start] ") == out.count("[done] ") == 7
+    assert (tmp_path / "study" / "report.md").is_file()
+    assert len(list((tmp_path / "study" / "logs").glob("*.log"))) == 7
+    # a rerun finds everything done and only writes the report
+    assert study_main(["-c", str(config), "--jobs", "2", "--no-progress"]) == 0
+    assert "[start]" not in capsys.readouterr().out
