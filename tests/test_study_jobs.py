@@ -87,6 +87,16 @@ def test_a_failed_unit_stops_new_launches_and_is_named_with_its_log():
     assert "[failed] segmenter/r100/a/0 after 0 s (exit status 2); its log: logs/segmenter/r100/a/0.log" in lines
 
 
+def test_the_study_ends_with_one_line_naming_the_failed_unit_its_error_and_its_log(tmp_path):
+    from evaluation.study.jobs import failure_line
+
+    log = tmp_path / "segmenter-r100-real-0.log"
+    log.write_text("=== 2026-12-07 segmenter/r100/real/0 (1 CPU thread)\nerror: key 'x' is wrong\n")
+    assert failure_line("segmenter/r100/real/0", log) == \
+        f"error: unit segmenter/r100/real/0 failed: key 'x' is wrong (its log: {log})"
+    assert failure_line("a", tmp_path / "none.log") == f"error: unit a failed (its log: {tmp_path / 'none.log'})"
+
+
 def test_a_unit_that_ends_without_its_ledger_line_counts_as_failed():
     ledger: set[str] = set()
     lines: list[str] = []

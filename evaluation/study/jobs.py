@@ -53,7 +53,7 @@ def runnable(units: Sequence[PlannedUnit], done: set[str], busy: set[str]) -> li
 
 def run_jobs(units: Sequence[PlannedUnit], jobs: int, read_done: Callable[[], set[str]],
              launch: Callable[[PlannedUnit], Process], log: Callable[[str], None],
-             log_path: Callable[[PlannedUnit], Path], poll_seconds: float = 2.0,
+             log_path: Callable[[PlannedUnit], Path], poll_seconds: float = 5.0,
              clock: Callable[[], float] = time.perf_counter) -> list[str]:
     """Run the units not done, `jobs` at a time, each once its needs are done (`read_done`: the ids in the
     ledger now); returns the ids of the units that failed (empty when every unit ran). A unit failed when its
@@ -124,6 +124,13 @@ def launcher(study_argv: Sequence[str], logs: Path, threads: int) -> Callable[[P
 
 def unit_log(logs: Path, unit: PlannedUnit) -> Path:
     return logs / f"{unit.id.replace('/', '-')}.log"
+
+
+def failure_line(unit_id: str, log: Path) -> str:
+    """The study's last line for a unit that failed: its id, the last error line of its log, and the log."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines() if log.is_file() else []
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    return f"error: unit {unit_id} failed" + (f": {errors[-1]}" if errors else "") + f" (its log: {log})"
 
 
 def check_jobs(jobs: int | None, other_modes: Sequence[str]) -> None:

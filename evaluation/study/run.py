@@ -547,7 +547,7 @@ def run_study_jobs(config: StudyConfig, values: dict[str, Any], command: str, st
     (1 when a unit failed: one line names it, its error and its log)."""
     import signal
 
-    from .jobs import launcher, raise_on_sigterm, run_jobs, threads_per_job, unit_log
+    from .jobs import failure_line, launcher, raise_on_sigterm, run_jobs, threads_per_job, unit_log
 
     started = time.perf_counter()
     study, units = open_study(config, log, False, False, None, started)
@@ -569,10 +569,7 @@ def run_study_jobs(config: StudyConfig, values: dict[str, Any], command: str, st
     finally:
         signal.signal(signal.SIGTERM, previous)
     for unit_id in failed:
-        path = unit_log(logs, next(unit for unit in units if unit.id == unit_id))
-        errors = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
-                  if line.startswith("error:")]
-        print(f"error: unit {unit_id} failed" + (f" ({errors[-1]})" if errors else "") + f"; its log: {path}",
+        print(failure_line(unit_id, unit_log(logs, next(unit for unit in units if unit.id == unit_id))),
               file=sys.stderr)
     if failed:
         return 1
