@@ -575,6 +575,11 @@ def run_study_jobs(config: StudyConfig, values: dict[str, Any], command: str, st
         return 1
     watcher.ledger = Ledger(study.root / "ledger.jsonl")
     entries, data = execute(watcher, units)
+    left = [unit.id for unit in units if entries.get(unit.id) is None]
+    if left:  # a bug: every unit whose needs were done was run
+        print(f"error: {len(left)} units of the plan are not in the ledger after their jobs: {', '.join(left[:3])}",
+              file=sys.stderr)
+        return 1
     report(watcher, units, entries, data, command, started)
     return 0
 
