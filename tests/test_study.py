@@ -519,6 +519,26 @@ def test_a_study_resumed_with_its_folder_spelled_another_way_redoes_nothing(demo
     assert units_run(tmp_path / "copy")[0].startswith("[sample] generator paste (paste) at r100")
 
 
+def test_a_second_run_of_a_study_while_one_runs_is_one_line_and_changes_nothing(demo_dir, tmp_path):
+    """Two runs of one study at once would train and sample the same units into the same folders."""
+    from evaluation.study.context import StudyLock
+
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
+    (tmp_path / "study").mkdir()
+    first = StudyLock(tmp_path / "study")  # the run under way
+    with pytest.raises(ConfigError) as info:
+        run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False)
+    assert str(info.value) == (f"output_dir {tmp_path / 'study'} is in use: another run of this study holds "
+                               f"{tmp_path / 'study' / 'study.lock'}; let it end (or stop it) first, or give another "
+                               "output_dir")
+    assert sorted(p.name for p in (tmp_path / "study").iterdir()) == ["study.lock"]
+    run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False, report_only=True)
+    first.release()
+    run_study(study_from_dict(values, "test"), values, log=lambda *_: None, progress=False)
+    assert (tmp_path / "study" / "report.md").is_file()
+
+
 def test_pinning_the_segmenter_precision_keeps_the_units_that_auto_ran_in_it(demo_dir, tmp_path):
     """A study run with precision "auto" on one machine and pinned on a machine of another kind, so that its pairs
     stay in one precision: the units done in the pinned precision are kept, those of the other are redone."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from guided_diffusion.data import Pair
+from guided_diffusion.errors import ConfigError
 
 from .config import StudyConfig
 from .progress import UnitProgress
@@ -78,6 +79,25 @@ class Ledger:
         return entry
 
 
+class StudyLock:
+    """A run of the whole study holds its folder (an exclusive lock of `study.lock`): a second run of the same
+    study started meanwhile, which would train and sample the same units into the same folders, stops with one
+    line instead. The units that `--jobs` and Slurm start (`--unit`) and the report-only runs take no lock."""
+
+    def __init__(self, root: Path):
+        self.path = root / "study.lock"
+        self.handle = open(self.path, "a", encoding="utf-8")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise ConfigError(f"output_dir {root} is in use: another run of this study holds {self.path}; let it "
+                              "end (or stop it) first, or give another output_dir") from None
+
+    def release(self) -> None:
+        self.handle.close()
+
+
 @dataclass
 class Split:
     val: list[Pair]
@@ -104,6 +124,12 @@ class Study:
     report_only: bool = False  # run nothing: report what the ledger holds
     only: str | None = None  # run just the unit of this id (a Slurm job): the others are read from the ledger
     used: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # the units this run reads or runs
+    lock: StudyLock | None = None  # a run of the whole study holds its folder
+
+    def release(self) -> None:
+        """Let go of the study folder (the end of a run of the whole study)."""
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def report_root(self) -> Path:

@@ -58,7 +58,7 @@ from ..segmenter.model import SegmenterSpec, TrainSettings, build_segmenter
 from ..segmenter.run import Scoring, SegmenterRun, score, train_and_test
 from ..segmenter.settings import ScorerSettings
 from .config import StudyConfig, Variant, load_beside, load_study
-from .context import Ledger, Split, Study, fingerprint
+from .context import Ledger, Split, Study, StudyLock, fingerprint
 from .jobs import check_jobs
 from .plan import plan_units
 from .units import PlannedUnit, SplitSizes, fraction_tag
@@ -452,18 +452,25 @@ def open_study(config: StudyConfig, log: Callable[[str], None], progress: bool, 
                                       segmenter.encoder_weights))
     root = Path(config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(root / "ledger.jsonl")
-    spelled = ledger.spelling_of(root)
-    if spelled != root:
-        log(f"study folder {root} is spelled {spelled} in its ledger: using that spelling, which its units' "
-            f"fingerprints hold")
-        root = spelled
-    planned = units if only is None else [unit for unit in units if unit.id == only]
-    study = Study(config, root, num_classes, names, ledger, device, bf16, log,
-                  UnitProgress(planned, log, started), split, processor_name(device), progress, report_only, only)
-    check_same_split(study)
-    for fraction, pairs in split.subsets.items():
-        link_subset(pairs, study.subset_dir(fraction), config.data_dir)  # the SDM never sees val or test
+    lock = StudyLock(root) if not report_only and only is None else None
+    try:
+        ledger = Ledger(root / "ledger.jsonl")
+        spelled = ledger.spelling_of(root)
+        if spelled != root:
+            log(f"study folder {root} is spelled {spelled} in its ledger: using that spelling, which its units' "
+                f"fingerprints hold")
+            root = spelled
+        planned = units if only is None else [unit for unit in units if unit.id == only]
+        study = Study(config, root, num_classes, names, ledger, device, bf16, log,
+                      UnitProgress(planned, log, started), split, processor_name(device), progress, report_only,
+                      only, lock=lock)
+        check_same_split(study)
+        for fraction, pairs in split.subsets.items():
+            link_subset(pairs, study.subset_dir(fraction), config.data_dir)  # the SDM never sees val or test
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return study, units
 
 
@@ -500,17 +507,20 @@ def run_study(config: StudyConfig, values: dict[str, Any], command: str = "",
     `only`, run that one unit, whose needs the ledger holds, and write no report: a Slurm job)."""
     started = time.perf_counter()
     study, units = open_study(config, log, progress, report_only, only, started)
-    if only is None:
-        announce(study, values, command)
-    entries, data = execute(study, units)
-    if only is not None:
-        if entries.get(only) is None:
-            raise ConfigError(f"--unit {only}: the units it needs are not all in the ledger of {study.root}")
+    try:
+        if only is None:
+            announce(study, values, command)
+        entries, data = execute(study, units)
+        if only is not None:
+            if entries.get(only) is None:
+                raise ConfigError(f"--unit {only}: the units it needs are not all in the ledger of {study.root}")
+            return study.root
+        if not report_only:
+            study.unit_progress.close()
+        report(study, units, entries, data, command, started)
         return study.root
-    if not report_only:
-        study.unit_progress.close()
-    report(study, units, entries, data, command, started)
-    return study.root
+    finally:
+        study.release()
 
 
 def announce(study: Study, values: dict[str, Any], command: str) -> None:
@@ -545,12 +555,21 @@ def run_study_jobs(config: StudyConfig, values: dict[str, Any], command: str, st
                    log: Callable[[str], None] = print_flushed) -> int:
     """`--jobs N`: the units not done as N processes side by side (jobs.py), then the report; the exit status
     (1 when a unit failed: one line names it, its error and its log)."""
+    started = time.perf_counter()
+    study, units = open_study(config, log, False, False, None, started)
+    try:
+        return _run_jobs(study, units, values, command, study_argv, jobs, started)
+    finally:
+        study.release()
+
+
+def _run_jobs(study: Study, units: list[PlannedUnit], values: dict[str, Any], command: str, study_argv: list[str],
+              jobs: int, started: float) -> int:
     import signal
 
     from .jobs import failure_line, launcher, raise_on_sigterm, run_jobs, threads_per_job, unit_log
 
-    started = time.perf_counter()
-    study, units = open_study(config, log, False, False, None, started)
+    log = study.log
     announce(study, values, command)
     watcher = dataclasses.replace(study, report_only=True, used=set())  # reads the ledger, runs nothing
     threads = threads_per_job(jobs, torch.get_num_threads())
