@@ -45,8 +45,7 @@ class Running:
 
 
 def runnable(units: Sequence[PlannedUnit], done: set[str], busy: set[str]) -> list[PlannedUnit]:
-    """The units, in plan order, that are neither done nor `busy` (running or failed) and whose needs are all
-    done."""
+    """The units, in plan order, that are neither done nor `busy` (running) and whose needs are all done."""
     return [unit for unit in units if unit.id not in done and unit.id not in busy
             and all(needed in done for _, needed in unit.needs)]
 
