@@ -96,7 +96,8 @@ def test_the_report_says_how_many_cpu_threads_the_segmenters_ran_with():
     from evaluation.study.report import _threads_note
 
     assert _threads_note([{"threads": 2}, {"threads": 2}]) == "; 2 CPU threads per segmenter"
-    assert _threads_note([{"threads": 1}, {}]) == "; 1 CPU thread per segmenter"
+    assert _threads_note([{"threads": 1}, {}]) == \
+        "; 1 CPU thread per segmenter where recorded (1 segmenter ran before the record)"
     assert _threads_note([{"threads": 2}, {"threads": 1}]).startswith("; 1 or 2 CPU threads per segmenter (the count")
     assert _threads_note([{"processor": "AMD EPYC"}]) == ""  # a ledger from before the record
 

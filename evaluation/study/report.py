@@ -142,10 +142,13 @@ def _threads_note(rows: list[dict[str, Any]]) -> str:
     threads = sorted({row["threads"] for row in rows if row.get("threads")})
     if not threads:
         return ""
+    unrecorded = sum(not row.get("threads") for row in rows)
+    where = (f" where recorded ({unrecorded} segmenter{'s' if unrecorded > 1 else ''} ran before the record)"
+             if unrecorded else "")
     if len(threads) == 1:
-        return f"; {threads[0]} CPU thread{'s' if threads[0] > 1 else ''} per segmenter"
-    return (f"; {' or '.join(map(str, threads))} CPU threads per segmenter (the count changes the rounding of "
-            "sums, not a seed's initial weights or batch order)")
+        return f"; {threads[0]} CPU thread{'s' if threads[0] > 1 else ''} per segmenter{where}"
+    return (f"; {' or '.join(map(str, threads))} CPU threads per segmenter{where} (the count changes the rounding "
+            "of sums, not a seed's initial weights or batch order)")
 
 
 def mixed_processors(rows: list[dict[str, Any]]) -> list[str]:
