@@ -79,7 +79,7 @@ def test_a_failed_unit_stops_new_launches_and_is_named_with_its_log():
 
     lines: list[str] = []
     units = [unit("a"), unit("b"), unit("c")]
-    failed = run_jobs(units, 2, lambda: set(ledger), launch, lines.append, lambda u: Path(f"logs/{u.id}.log"),
+    failed = run_jobs(units, 2, lambda: set(ledger), launch, lines.append, lambda unit_id: Path(f"logs/{unit_id}.log"),
                       poll_seconds=0)
     assert failed == ["segmenter/r100/a/0"]
     assert launched == ["segmenter/r100/a/0", "segmenter/r100/b/0"]  # c was not started after a failed

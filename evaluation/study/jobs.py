@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Protocol
 from guided_diffusion.errors import ConfigError
 
 from .progress import clock as progress_clock, format_duration
+from .slurm import REPO, log_name, unit_python
 from .units import PlannedUnit
 
 
@@ -39,7 +39,6 @@ class Process(Protocol):
 
 @dataclass
 class Running:
-    unit: PlannedUnit
     process: Process
     started: float
 
@@ -52,7 +51,7 @@ def runnable(units: Sequence[PlannedUnit], done: set[str], busy: set[str]) -> li
 
 def run_jobs(units: Sequence[PlannedUnit], jobs: int, read_done: Callable[[], set[str]],
              launch: Callable[[PlannedUnit], Process], log: Callable[[str], None],
-             log_path: Callable[[PlannedUnit], Path], poll_seconds: float = 5.0,
+             log_path: Callable[[str], Path], poll_seconds: float = 5.0,
              clock: Callable[[], float] = time.perf_counter) -> list[str]:
     """Run the units not done, `jobs` at a time, each once its needs are done (`read_done`: the ids in the
     ledger now); returns the ids of the units that failed (empty when every unit ran). A unit failed when its
@@ -60,7 +59,7 @@ def run_jobs(units: Sequence[PlannedUnit], jobs: int, read_done: Callable[[], se
     started = clock()
     running: dict[str, Running] = {}
     failed: list[str] = []
-    total = len(units)
+    planned = {unit.id for unit in units}
 
     def elapsed() -> str:
         return progress_clock(clock() - started)
@@ -74,17 +73,17 @@ def run_jobs(units: Sequence[PlannedUnit], jobs: int, read_done: Callable[[], se
                 job = running.pop(unit_id)
                 took = format_duration(clock() - job.started)
                 if status == 0 and unit_id in done:
-                    log(f"[done] {unit_id} in {took} | {len(done & {u.id for u in units})} of {total} units done "
+                    log(f"[done] {unit_id} in {took} | {len(done & planned)} of {len(planned)} units done "
                         f"| elapsed {elapsed()}")
                 else:
                     failed.append(unit_id)
                     why = f"exit status {status}" if status != 0 else "it ended without its ledger line"
-                    log(f"[failed] {unit_id} after {took} ({why}); its log: {log_path(job.unit)}")
+                    log(f"[failed] {unit_id} after {took} ({why}); its log: {log_path(unit_id)}")
             if not failed:
                 for unit in runnable(units, done, set(running)):
                     if len(running) >= jobs:
                         break
-                    running[unit.id] = Running(unit, launch(unit), clock())
+                    running[unit.id] = Running(launch(unit), clock())
                     log(f"[start] {unit.id} | {len(running)} of {jobs} jobs running | elapsed {elapsed()}")
             if not running:
                 return failed
@@ -107,22 +106,22 @@ def launcher(study_argv: Sequence[str], logs: Path, threads: int) -> Callable[[P
     """Start a unit as `python -m evaluation.study <the study's arguments> --unit <id> --no-progress`, with
     `threads` CPU threads, its output appended to its log under `logs`."""
     logs.mkdir(parents=True, exist_ok=True)
-    repo = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
-           "PYTHONPATH": repo + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+           "PYTHONPATH": str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
 
     def launch(unit: PlannedUnit) -> subprocess.Popen:
-        with open(unit_log(logs, unit), "a", encoding="utf-8") as handle:
+        with open(unit_log(logs, unit.id), "a", encoding="utf-8") as handle:
             handle.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {unit.id} ({threads} CPU thread"
                          f"{'s' if threads > 1 else ''})\n")
             handle.flush()
-            return subprocess.Popen([sys.executable, "-m", "evaluation.study", *study_argv, "--unit", unit.id,
-                                     "--no-progress"], stdout=handle, stderr=subprocess.STDOUT, env=env)
+            return subprocess.Popen(unit_python(study_argv, ["--unit", unit.id]), stdout=handle,
+                                    stderr=subprocess.STDOUT, env=env)
     return launch
 
 
-def unit_log(logs: Path, unit: PlannedUnit) -> Path:
-    return logs / f"{unit.id.replace('/', '-')}.log"
+def unit_log(logs: Path, unit_id: str) -> Path:
+    """A `--jobs` unit's log: named as its Slurm job's is, without the job id."""
+    return logs / f"{log_name(unit_id)}.log"
 
 
 def failure_line(unit_id: str, log: Path) -> str:

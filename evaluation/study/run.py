@@ -576,24 +576,26 @@ def _run_jobs(study: Study, units: list[PlannedUnit], values: dict[str, Any], co
     log(f"{jobs} jobs side by side, {threads} CPU thread{'s' if threads > 1 else ''} each; each unit's output in "
         f"{study.root / 'logs'}")
 
-    def read_done() -> set[str]:
+    def read_ledger() -> tuple[dict[str, dict[str, Any] | None], StudyData]:
+        """The plan's entries in the ledger as the jobs have written it so far."""
         watcher.ledger = Ledger(study.root / "ledger.jsonl")
-        return {unit_id for unit_id, entry in execute(watcher, units)[0].items() if entry is not None}
+        return execute(watcher, units)
+
+    def read_done() -> set[str]:
+        return {unit_id for unit_id, entry in read_ledger()[0].items() if entry is not None}
 
     logs = study.root / "logs"
     previous = signal.signal(signal.SIGTERM, raise_on_sigterm)
     try:
         failed = run_jobs(units, jobs, read_done, launcher(study_argv, logs, threads), log,
-                          lambda unit: unit_log(logs, unit))
+                          lambda unit_id: unit_log(logs, unit_id))
     finally:
         signal.signal(signal.SIGTERM, previous)
     for unit_id in failed:
-        print(failure_line(unit_id, unit_log(logs, next(unit for unit in units if unit.id == unit_id))),
-              file=sys.stderr)
+        print(failure_line(unit_id, unit_log(logs, unit_id)), file=sys.stderr)
     if failed:
         return 1
-    watcher.ledger = Ledger(study.root / "ledger.jsonl")
-    entries, data = execute(watcher, units)
+    entries, data = read_ledger()
     left = [unit.id for unit in units if entries.get(unit.id) is None]
     if left:  # a bug: every unit whose needs were done was run
         print(f"error: {len(left)} units of the plan are not in the ledger after their jobs: {', '.join(left[:3])}",

@@ -44,10 +44,16 @@ def log_name(unit_id: str) -> str:
     return unit_id.replace("/", "-")
 
 
+def unit_python(study_argv: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """The study's own command line with `extra` (`--unit <id>` or `--report-only`), in this Python: what a Slurm
+    job and a `--jobs` process run."""
+    return [sys.executable, "-m", "evaluation.study", *study_argv, *extra, "--no-progress"]
+
+
 def unit_command(study_argv: Sequence[str], extra: Sequence[str]) -> str:
     """The shell line a job runs: this Python, the study's own command line with `extra` (`--unit <id>` or
     `--report-only`), from the folder the study was submitted from, with the repository on PYTHONPATH."""
-    python = [sys.executable, "-m", "evaluation.study", *study_argv, *extra, "--no-progress"]
+    python = unit_python(study_argv, extra)
     return (f"cd {shlex.quote(os.getcwd())} && export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}"
             f" TQDM_DISABLE=1 && exec {shlex.join(python)}")
 
