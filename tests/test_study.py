@@ -1109,6 +1109,18 @@ def test_the_estimate_counts_every_unit_of_the_study_at_the_timed_costs(demo_dir
     assert f"| **total** | | | | **{format_duration(total)}** |" in table
 
 
+def test_the_estimate_with_jobs_lays_out_the_same_units_at_the_same_costs(demo_dir, tmp_path):
+    """One job takes the table's total; two take less, but no less than half of it nor than the SDM's chain
+    (train, finetune, sample, then a segmenter on its images)."""
+    config = study_from_dict(study_values(demo_dir, tmp_path / "study"), "test")
+    sizes = SplitSizes(val=3, subsets={0.5: 4, 1.0: 8}, test=2)
+    total = sum(stage.total for stage in plan_study(config, 4, sizes, FixedTimings()))
+    assert estimate.jobs_wall_time(config, 4, sizes, FixedTimings(), 1) == pytest.approx(total)
+    two = estimate.jobs_wall_time(config, 4, sizes, FixedTimings(), 2)
+    segmenter = 4 * 0.1 + (2 * 3 + 2) * 0.01
+    assert max(total / 2, 6 + 6 + 16 + segmenter) <= two < total
+
+
 def test_the_estimate_counts_the_mask_generator_of_a_generator_that_paints_new_masks(demo_dir, tmp_path):
     values = study_values(demo_dir, tmp_path / "study", real_fractions=[0.5],
                           variants=[{"name": "real"}, {"name": "new", "synthetic": ["new"]}])

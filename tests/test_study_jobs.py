@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evaluation.study.jobs import run_jobs, runnable, threads_per_job
+from evaluation.study.jobs import laid_out, run_jobs, runnable, threads_per_job
 from evaluation.study.run import main as study_main
 from evaluation.study.units import PlannedUnit
 
@@ -45,6 +45,21 @@ def test_a_unit_is_runnable_once_every_unit_it_needs_is_done():
     units = [unit("a"), unit("b", "a"), unit("c")]
     assert [u.id for u in runnable(units, set(), set())] == ["segmenter/r100/a/0", "segmenter/r100/c/0"]
     assert [u.id for u in runnable(units, {"segmenter/r100/a/0"}, {"segmenter/r100/c/0"})] == ["segmenter/r100/b/0"]
+
+
+def test_the_estimate_lays_units_out_as_the_jobs_start_them():
+    """In plan order, each once its needs are done: b waits for a while c runs beside a; a need outside the
+    units (in a resumed study's ledger) counts as done."""
+    units = [unit("a"), unit("b", "a"), unit("c")]
+    seconds = {"segmenter/r100/a/0": 10.0, "segmenter/r100/b/0": 10.0, "segmenter/r100/c/0": 20.0}
+    assert laid_out(units, seconds, 1) == 40.0
+    assert laid_out(units, seconds, 2) == 20.0  # a and c at 0, b at 10
+    assert laid_out(units, seconds, 3) == 20.0
+    # c first in plan order: c and a at 0, b at 10, still 20; with a chain behind c it waits for c
+    units = [unit("c"), unit("d", "c"), unit("a"), unit("b", "a")]
+    assert laid_out(units, {**seconds, "segmenter/r100/d/0": 5.0}, 2) == 25.0
+    assert laid_out([unit("b", "x")], {"segmenter/r100/b/0": 3.0}, 2) == 3.0
+    assert laid_out([], {}, 2) == 0.0
 
 
 def test_units_run_side_by_side_up_to_the_number_of_jobs_and_each_after_its_needs():
@@ -165,3 +180,25 @@ def test_a_study_run_as_two_jobs_runs_every_unit_once_records_its_threads_and_wr
     # a rerun finds everything done and only writes the report
     assert study_main(["-c", str(config), "--jobs", "2", "--no-progress"]) == 0
     assert "[start]" not in capsys.readouterr().out
+
+
+def test_the_estimate_with_jobs_times_the_models_at_a_jobs_threads_and_lays_the_units_out(demo_dir, tmp_path,
+                                                                                           capsys):
+    """`--estimate --jobs 3` on 2 threads: each job gets 1 thread, as `--jobs` gives them, and 3 jobs share 2
+    cores, so the layout counts 2 at a time; the threads are as they were after."""
+    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
+                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]}])
+    config = tmp_path / "study.json"
+    config.write_text(json.dumps(values))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert study_main(["-c", str(config), "--estimate", "--jobs", "3"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "estimated wall time on this machine (cpu, 1 thread, " in out
+    assert "**with --jobs 3: about " in out and "laid out 2 at a time" in out
+    assert "--jobs 3 is more jobs than the 2 threads here" in out
+    assert not (tmp_path / "study").exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,27 @@ def run_jobs(units: Sequence[PlannedUnit], jobs: int, read_done: Callable[[], se
         raise
 
 
+def laid_out(units: Sequence[PlannedUnit], seconds: dict[str, float], jobs: int) -> float:
+    """The wall time of `units` run `jobs` at a time as run_jobs starts them (in plan order, each once its needs
+    are done), each taking its `seconds`. A need outside `units` counts as done (a resumed study's ledger)."""
+    planned = {unit.id for unit in units}
+    done = {needed for unit in units for _, needed in unit.needs if needed not in planned}
+    ends: dict[str, float] = {}  # the running units' end times
+    now = 0.0
+    while True:
+        for unit in runnable(units, done, set(ends))[:jobs - len(ends)]:
+            ends[unit.id] = now + seconds[unit.id]
+        if not ends:
+            left = planned - done
+            if left:
+                raise ValueError(f"units whose needs never end: {', '.join(sorted(left)[:3])}")
+            return now
+        now = min(ends.values())
+        for unit_id in [unit_id for unit_id, end in ends.items() if end <= now]:
+            done.add(unit_id)
+            del ends[unit_id]
+
+
 def threads_per_job(jobs: int, threads: int) -> int:
     """The CPU threads each of `jobs` processes gets out of the `threads` one study process would use."""
     return max(1, threads // jobs)
@@ -106,8 +128,7 @@ def launcher(study_argv: Sequence[str], logs: Path, threads: int) -> Callable[[P
     """Start a unit as `python -m evaluation.study <the study's arguments> --unit <id> --no-progress`, with
     `threads` CPU threads, its output appended to its log under `logs`."""
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
-           "PYTHONPATH": str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+    env = job_env(threads)
 
     def launch(unit: PlannedUnit) -> subprocess.Popen:
         with open(unit_log(logs, unit.id), "a", encoding="utf-8") as handle:
@@ -117,6 +138,21 @@ def launcher(study_argv: Sequence[str], logs: Path, threads: int) -> Callable[[P
             return subprocess.Popen(unit_python(study_argv, ["--unit", unit.id]), stdout=handle,
                                     stderr=subprocess.STDOUT, env=env)
     return launch
+
+
+def job_env(threads: int) -> dict[str, str]:
+    """The environment of a unit's process: `threads` CPU threads, no progress bars, the repository importable."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1",
+            "PYTHONPATH": str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+
+
+def start_seconds(threads: int) -> float:
+    """Seconds a unit's process spends before its work: Python importing the study (torch, smp), timed once in
+    a process started as `--jobs` starts one (it also reads the dataset and opens the study, not timed)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import evaluation.study.run"], env=job_env(threads), check=True,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
 
 
 def unit_log(logs: Path, unit_id: str) -> Path:

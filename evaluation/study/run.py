@@ -669,7 +669,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="check the config, print it resolved and exit")
     parser.add_argument("--estimate", action="store_true",
                         help="check the config, time a few steps of each of its models on this machine, print the "
-                             "study's estimated wall time by stage and exit (writes nothing; about a minute)")
+                             "study's estimated wall time by stage and exit (writes nothing; about a minute); "
+                             "with --jobs N, timed with the threads a job gets and laid out N units at a time")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write report.md and summary.json from the units finished so far")
     parser.add_argument("--no-progress", action="store_true",
@@ -722,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{' and '.join(modes)} do not go together: give one of them")
         if (args.wait or args.sbatch_args or args.sbatch_kind) and not args.slurm:
             raise ConfigError("--wait, --sbatch-args and --sbatch-kind only apply with --slurm")
-        check_jobs(args.jobs, modes)
+        check_jobs(args.jobs, [mode for mode in modes if mode != "--estimate"])
         config, values = load_study(args.config, args.overrides, args.quick, args.output_dir)
         if args.dry_run:
             check_study(config, resolve_num_classes(config))
@@ -737,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
             if done:
                 print(f"{config.output_dir}: {done} units are already in its ledger; a rerun skips them, the "
                       "estimate below counts the whole study")
-            print(estimate_study(config, num_classes, make_split(config, num_classes), print))
+            print(estimate_study(config, num_classes, make_split(config, num_classes), print, args.jobs or 1))
             return
         if args.list_units:
             list_units(config, print_flushed)
