@@ -304,7 +304,7 @@ def jobs_lines(jobs: int, threads: int, lanes: int, wall: float, total: float, s
              f"as timed, which takes {start:.0f} s here to import the study before its work) laid out {lanes} at a "
              f"time as --jobs starts them: in plan order, each once the units it needs are done "
              f"({format_duration(total)} one after another in one process). Not counted: the jobs slowing each "
-             "other as they share the memory (two 1-thread segmenter trainings side by side each ran 10-17 % "
+             "other as they share the memory (two 1-thread segmenter trainings side by side each ran up to 17 % "
              "slower than one alone on a 2-core AMD EPYC, 2026-12-07)."]
     if lanes < jobs:
         lines.append(f"--jobs {jobs} is more jobs than the {lanes} threads here: they share the cores, so the "
