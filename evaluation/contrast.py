@@ -5,7 +5,8 @@ grey level of a ring around them: the pixels 3 to 8 px away (square dilation) th
 class and are not ignored. Real images give each class its typical contrast (on magnetic-tile blowholes and cracks
 are dark, uneven areas bright); a generator's images should show the same numbers. A contrast near 0 where the
 real one is not says the generator paints that class invisibly, and a segmenter cannot learn it from those images;
-one far beyond the real says the painted objects stand out more than real ones do.
+one far beyond the real says the painted objects stand out more than real ones do. The report names the classes
+a generator draws further from the real mean than the real images' own spread (`contrast_off`).
 
 Roughness: for every image and class it holds, the mean |pixel - median of its 3x3 neighbourhood| in grey levels
 over the class's pixels. It is small on smooth texture and large on pixel noise. A generator whose classes are much
@@ -53,6 +54,15 @@ class ImageSetLook:
         return [c for c, mine in self.roughness.items()
                 if c in real.roughness and mine.images and real.roughness[c].images
                 and mine.mean > ROUGHER * real.roughness[c].mean]
+
+
+    def contrast_off(self, real: ImageSetLook) -> list[int]:
+        """The classes whose mean contrast here lies further from the real mean than the real images' spread
+        (their standard deviation): drawn clearly darker, brighter or fainter than the real objects. A class in
+        fewer than 2 real images (no spread), or not drawn here, is not compared."""
+        return [c for c, mine in self.contrast.items()
+                if c in real.contrast and mine.images and real.contrast[c].images >= 2
+                and abs(mine.mean - real.contrast[c].mean) > real.contrast[c].std]
 
 
 def _stats(values: dict[int, list[float]]) -> dict[int, ClassStat]:

@@ -189,11 +189,15 @@ def test_study_writes_report_summary_and_every_variant(finished_study):
     contrast = {(c["real_fraction"], c["images"]): c for c in summary["defect_contrast"]}
     assert set(contrast) == {(0.5, "real"), (0.5, "paste"), (0.5, "sdm"), (0.5, "sdm_inpaint"),
                              (0.5, "sdm_filtered"), (1.0, "real"), (1.0, "paste")}
-    for cell in contrast.values():
-        assert set(cell) == {"real_fraction", "images", "scratch", "spot", "crack"}  # the demo's classes
+    for (_, images), cell in contrast.items():
+        # the demo's classes; a generator's entry names the classes it draws off the real contrast
+        assert set(cell) == {"real_fraction", "images", "scratch", "spot", "crack"} | (
+            set() if images == "real" else {"off_real"})
         assert all(set(cell[name]) == {"mean", "std", "images"} for name in ("scratch", "spot", "crack"))
+        assert images == "real" or set(cell["off_real"]) <= {"scratch", "spot", "crack"}
     assert contrast[(0.5, "real")]["scratch"]["images"] > 0
     assert "| 50 % | real subset |" in report
+    assert ("Drawn off the real contrast" in report) == any(c.get("off_real") for c in contrast.values())
     # defect roughness: the same sets, every class including the background; alignment names the rougher classes
     roughness = {(c["real_fraction"], c["images"]): c for c in summary["defect_roughness"]}
     assert set(roughness) == set(contrast)
@@ -881,6 +885,31 @@ def test_label_alignment_names_the_classes_a_generator_draws_far_rougher_than_th
     assert _rougher(study, looks, 0.5, "noisy") == ["spot"]  # crack not drawn: not compared
     assert _rougher(study, looks, 0.5, "smooth") == []  # twice as rough is not more than twice
     assert _rougher(study, looks, 0.5, "other") is None and _rougher(study, looks, 1.0, "noisy") is None
+
+
+def test_the_report_names_the_classes_a_generator_draws_off_the_real_contrast():
+    """A class whose mean contrast lies further from the real mean than the real images' spread is named, with
+    both means: on the second draw the SDM's blowholes were -95.6 against the real -56.0 ± 23.6."""
+    from evaluation.contrast import ClassStat, ImageSetLook
+    from evaluation.study.report import _contrast_off, _contrast_off_lines
+    study = types.SimpleNamespace(class_names=["background", "blowhole", "break", "fray"])
+
+    def look(*stats: tuple[float, float, int]) -> ImageSetLook:
+        return ImageSetLook({c + 1: ClassStat(*stat) for c, stat in enumerate(stats)}, {})
+
+    real = look((-56.0, 23.6, 17), (-15.3, 13.5, 15), (-24.8, 0.0, 1))
+    looks = {0.25: {"real": real, "sdm": look((-95.6, 30.7, 26), (-10.8, 14.3, 25), (-60.0, 5.0, 7)),
+                    "faint": look((-20.0, 5.0, 9), (float("nan"), float("nan"), 0), (-24.8, 0.0, 3))},
+             1.0: {"real": real, "same": look((-56.0, 1.0, 3), (-28.8, 2.0, 4), (-24.8, 1.0, 2))}}
+    # fray is in 1 real image: no spread to compare against; break 4.5 from the real mean is within 13.5
+    assert _contrast_off(study, looks, 0.25, "sdm") == ["blowhole"]
+    assert _contrast_off(study, looks, 0.25, "faint") == ["blowhole"]  # break not drawn: not compared
+    assert _contrast_off(study, looks, 1.0, "same") == []  # 13.5 away is not further than 13.5
+    assert _contrast_off(study, looks, 0.25, "real") is None and _contrast_off(study, looks, 0.5, "sdm") is None
+    lines = _contrast_off_lines(study, looks)
+    assert "- 25 % sdm: blowhole (-95.6 against -56.0 ± 23.6)" in lines
+    assert "- 25 % faint: blowhole (-20.0 against -56.0 ± 23.6)" in lines and len(lines) == 5
+    assert _contrast_off_lines(study, {1.0: looks[1.0]})[0].startswith("No generator draws a class further")
 
 
 def test_the_sdm_share_pairs_each_sdm_variant_with_itself_without_the_sdm(finished_study, demo_dir, tmp_path):

@@ -289,6 +289,33 @@ def _rougher(study: Study, looks: dict[float, dict[str, ImageSetLook]], fraction
     return [study.class_names[c] for c in sets[name].rougher_than(sets["real"])]
 
 
+def _contrast_off(study: Study, looks: dict[float, dict[str, ImageSetLook]], fraction: float, name: str
+                  ) -> list[str] | None:
+    """The names of the classes generator `name` draws further from the real subset's mean contrast than the real
+    images' spread (ImageSetLook.contrast_off); None when either set's look was not measured."""
+    sets = looks.get(fraction, {})
+    if name == "real" or name not in sets or "real" not in sets:
+        return None
+    return [study.class_names[c] for c in sets[name].contrast_off(sets["real"])]
+
+
+def _contrast_off_lines(study: Study, looks: dict[float, dict[str, ImageSetLook]]) -> list[str]:
+    """One line per generator with a class off the real contrast: the class, its mean and the real one."""
+    lines = []
+    for fraction, sets in looks.items():
+        for name, look in sets.items():
+            off = look.contrast_off(sets["real"]) if name != "real" and "real" in sets else []
+            if off:
+                real = sets["real"].contrast
+                lines.append(f"- {100 * fraction:.0f} % {name}: " + ", ".join(
+                    f"{study.class_names[c]} ({look.contrast[c].mean:+.1f} against {real[c].mean:+.1f} ± "
+                    f"{real[c].std:.1f})" for c in off))
+    head = ("Drawn off the real contrast (a class's mean further from the real subset's mean than the real images' "
+            "own spread, ± std; a place to look, no verdict):")
+    return [head, "", *lines, ""] if lines else ["No generator draws a class further from the real subset's mean "
+                                                 "contrast than the real images' own spread.", ""]
+
+
 def _look_sections(study: Study, looks: dict[float, dict[str, ImageSetLook]]) -> list[str]:
     """The defect-contrast and defect-roughness tables: per fraction, the real subset's images and each
     generator's."""
@@ -308,7 +335,7 @@ def _look_sections(study: Study, looks: dict[float, dict[str, ImageSetLook]]) ->
             f"of a ring {INNER}-{OUTER} px around them, mean ± std over the images that hold the class (their "
             "count). A generator should draw each class about as the real subset's images show it; near 0 where "
             "the real contrast is not, the class is painted invisibly.", "",
-            table("contrast", True), "",
+            table("contrast", True), "", *_contrast_off_lines(study, looks),
             "## Defect roughness", "",
             "How noisy each class's pixels are: the mean |pixel - median of its 3x3 neighbourhood| in grey levels "
             "over the class's pixels, mean ± std over the images that hold the class (their count). A generator "
@@ -604,7 +631,9 @@ def write_report(study: Study, rows: list[dict[str, Any]], generator_runs: dict[
         "label_alignment": alignment,
         **{f"defect_{field}": [{"real_fraction": fraction, "images": name,
                                 **{study.class_names[c]: {"mean": v.mean, "std": v.std, "images": v.images}
-                                   for c, v in getattr(look, field).items()}}
+                                   for c, v in getattr(look, field).items()},
+                                **({"off_real": _contrast_off(study, looks, fraction, name)}
+                                   if field == "contrast" and name != "real" else {})}
                                for fraction, sets in looks.items() for name, look in sets.items()]
            for field in ("contrast", "roughness")},
         "stage_seconds": {k: round(v, 1) for k, v in times.items()},
