@@ -55,7 +55,6 @@ class ImageSetLook:
                 if c in real.roughness and mine.images and real.roughness[c].images
                 and mine.mean > ROUGHER * real.roughness[c].mean]
 
-
     def contrast_off(self, real: ImageSetLook) -> list[int]:
         """The classes whose mean contrast here lies further from the real mean than the real images' spread
         (their standard deviation): drawn clearly darker, brighter or fainter than the real objects. A class in
