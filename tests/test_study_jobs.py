@@ -55,7 +55,7 @@ def test_the_estimate_lays_units_out_as_the_jobs_start_them():
     assert laid_out(units, seconds, 1) == 40.0
     assert laid_out(units, seconds, 2) == 20.0  # a and c at 0, b at 10
     assert laid_out(units, seconds, 3) == 20.0
-    # c first in plan order: c and a at 0, b at 10, still 20; with a chain behind c it waits for c
+    # c and a at 0, b at 10 (to 20); d needs c, so it starts at 20 and ends at 25
     units = [unit("c"), unit("d", "c"), unit("a"), unit("b", "a")]
     assert laid_out(units, {**seconds, "segmenter/r100/d/0": 5.0}, 2) == 25.0
     assert laid_out([unit("b", "x")], {"segmenter/r100/b/0": 3.0}, 2) == 3.0
