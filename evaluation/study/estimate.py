@@ -281,14 +281,14 @@ def _segmenter_costs(config: StudyConfig, num_classes: int, device: torch.device
     return SegmenterCosts(step, predicting)
 
 
-def format_estimate(stages: list[Stage], machine: str, jobs_lines: list[str] | None = None) -> str:
+def format_estimate(stages: list[Stage], machine: str, extra: list[str] | None = None) -> str:
     lines = [f"estimated wall time on this machine ({machine}):", "",
              "| stage | runs | work per run | per run | total |", "|---|---|---|---|---|"]
     for stage in stages:
         lines.append(f"| {stage.name} | {stage.runs} | {stage.work} | {format_duration(stage.seconds)} | "
                      f"{format_duration(stage.total)} |")
     total = sum(stage.total for stage in stages)
-    lines += [f"| **total** | | | | **{format_duration(total)}** |", *(["", *jobs_lines] if jobs_lines else []), "",
+    lines += [f"| **total** | | | | **{format_duration(total)}** |", *(["", *extra] if extra else []), "",
               "From a few timed steps of each model here, times the work the config asks for. Not counted: "
               "data loading, checkpoints, reports and plots (a few minutes), masks drawn again (`mask_retries`), "
               "nor a run that patience stops early. "

@@ -283,32 +283,36 @@ def _alignment(study: Study, rows: list[dict[str, Any]]) -> list[dict[str, Any]]
 def _rougher(study: Study, looks: dict[float, dict[str, ImageSetLook]], fraction: float, name: str) -> list[str] | None:
     """The names of the classes generator `name` draws more than ROUGHER times as rough as the real subset of
     `fraction`; None when either set's look was not measured."""
+    pair = _beside_real(looks, fraction, name)
+    return None if pair is None else [study.class_names[c] for c in pair[0].rougher_than(pair[1])]
+
+
+def _beside_real(looks: dict[float, dict[str, ImageSetLook]], fraction: float, name: str
+                 ) -> tuple[ImageSetLook, ImageSetLook] | None:
+    """The look of set `name` at `fraction` and the real subset's, or None when either was not measured."""
     sets = looks.get(fraction, {})
-    if name not in sets or "real" not in sets:
-        return None
-    return [study.class_names[c] for c in sets[name].rougher_than(sets["real"])]
+    return (sets[name], sets["real"]) if name in sets and "real" in sets else None
 
 
 def _contrast_off(study: Study, looks: dict[float, dict[str, ImageSetLook]], fraction: float, name: str
                   ) -> list[str] | None:
     """The names of the classes generator `name` draws further from the real subset's mean contrast than the real
     images' spread (ImageSetLook.contrast_off); None when either set's look was not measured."""
-    sets = looks.get(fraction, {})
-    if name == "real" or name not in sets or "real" not in sets:
-        return None
-    return [study.class_names[c] for c in sets[name].contrast_off(sets["real"])]
+    pair = None if name == "real" else _beside_real(looks, fraction, name)
+    return None if pair is None else [study.class_names[c] for c in pair[0].contrast_off(pair[1])]
 
 
 def _contrast_off_lines(study: Study, looks: dict[float, dict[str, ImageSetLook]]) -> list[str]:
     """One line per generator with a class off the real contrast: the class, its mean and the real one."""
     lines = []
     for fraction, sets in looks.items():
-        for name, look in sets.items():
-            off = look.contrast_off(sets["real"]) if name != "real" and "real" in sets else []
+        for name in sets:
+            pair = None if name == "real" else _beside_real(looks, fraction, name)
+            off = [] if pair is None else pair[0].contrast_off(pair[1])
             if off:
-                real = sets["real"].contrast
+                mine, real = pair[0].contrast, pair[1].contrast
                 lines.append(f"- {100 * fraction:.0f} % {name}: " + ", ".join(
-                    f"{study.class_names[c]} ({look.contrast[c].mean:+.1f} against {real[c].mean:+.1f} ± "
+                    f"{study.class_names[c]} ({mine[c].mean:+.1f} against {real[c].mean:+.1f} ± "
                     f"{real[c].std:.1f})" for c in off))
     head = ("Drawn off the real contrast (a class's mean further from the real subset's mean than the real images' "
             "own spread, ± std; a place to look, no verdict):")
