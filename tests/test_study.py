@@ -646,6 +646,8 @@ def test_a_variant_without_the_synthetic_data_keys_keeps_the_fingerprint_of_befo
                                      "'..'), got \"../elsewhere\""),
     ({"beside": ["configs/missing.json"]}, "key 'beside[0]' names no file: \"configs/missing.json\""),
     ({"generators": {"p": {"kind": "copy"}}}, "key 'generators.p.kind' must be one of sdm, paste"),
+    ({"generators": {"real": {"kind": "paste"}}}, "key 'generators.real' is a reserved name: the report calls the "
+                                                  "real subset \"real\" beside the generated sets; rename it"),
     ({"generators": {"f": {"kind": "sdm", "labels": "filtered", "source": "sdn"}}},
      "key 'generators.f.source' must name the generator whose images are filtered"),
     ({"generators": {"s": {"kind": "sdm", "labels": "filtered", "source": "p"}, "p": {"kind": "paste"}}},

@@ -330,6 +330,8 @@ class StudyConfig:
                                     "does not hold")
 
     def _validate_generators(self) -> None:
+        require("real" not in self.generators, "generators.real",
+                "is a reserved name: the report calls the real subset \"real\" beside the generated sets; rename it")
         for name, generator in self.generators.items():
             with within(f"generators.{name}"):
                 generator.validate()
