@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .run_folder import atomic_write
+from .run_folder import RUN_LOCK, atomic_write, run_is_held
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Key prefixes added by DistributedDataParallel / DataParallel and by torch.compile."""
@@ -317,12 +317,19 @@ def resolve_checkpoint(path: str | Path, key: str, prefer: str = "best",
     return max(runs, key=lambda item: item[1].stat().st_mtime)[1]
 
 
-def find_resumable(root: str | Path, action: str) -> Path | None:
-    """For auto_resume: the newest `latest.pt` of an earlier `action` run under `root`, if any."""
+def find_resumable(root: str | Path, action: str, log=print) -> Path | None:
+    """For auto_resume: the newest `latest.pt` of an earlier `action` run under `root`, if any, but for runs that
+    another process is still running (it holds their folder): a requeued job resumes its own run, not the run of
+    a job of the same config still training beside it."""
     root = Path(root)
     if not root.is_dir():
         return None
     candidates = [child / "checkpoints" / "latest.pt" for child in root.iterdir()
                   if child.is_dir() and child.name.startswith(f"{action}_")]
     candidates = [c for c in candidates if c.is_file()]
+    running = {c for c in candidates if run_is_held(c.parent.parent)}
+    for checkpoint in sorted(running):
+        log(f"auto_resume: not resuming from {checkpoint}: another process is still running that run "
+            f"(it holds {checkpoint.parent.parent / RUN_LOCK})")
+    candidates = [c for c in candidates if c not in running]
     return max(candidates, key=lambda c: c.stat().st_mtime) if candidates else None

@@ -252,7 +252,8 @@ class TrainConfig(CommonConfig):
                 "0 = off", expect='a number of steps (0 = off) or "auto"')
     resume_checkpoint: str = option("", "a checkpoint, run folder or folder of runs: of this action = resume "
                                         "exactly; a train run = start from its weights", SAME)
-    auto_resume: bool = option(False, "resume from the newest `latest.pt` of this action under `root_log_dir`")
+    auto_resume: bool = option(False, "resume from the newest `latest.pt` of this action under `root_log_dir`, "
+                                      "but for runs another process is still running (they hold their run.lock)")
     drop_rate: float = option(0.0, "probability that a sample's mask is replaced by the null (all-zero) label", SAME)
     random_flip: bool = option(True, "random horizontal flips")
     lr_anneal_steps: int = option(0, "linear decay of lr to 0 over N steps (0 = off)", SAME)
@@ -495,7 +496,8 @@ class SampleConfig(CommonConfig):
     mask_split: Literal["train", "val", "test", "all"] = option(
         "val", "masks from `val` (held out of training), `train`, `test` or `all`")
     use_ema: bool = option(True, "sample with the EMA weights")
-    auto_resume: bool = option(False, "continue the newest `sample_NNN` run under `root_log_dir` when it stopped "
+    auto_resume: bool = option(False, "continue the newest `sample_NNN` run under `root_log_dir` that no other "
+                                      "process samples into (it would hold its run.lock), when it stopped "
                                       "before its end (no summary.json) and its config.json is this run's: the "
                                       "images it wrote are kept, the others sampled, the same as in an unbroken run; "
                                       "otherwise a new run folder (the log says why); `mode: \"paste\"` always "

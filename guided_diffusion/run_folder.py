@@ -14,6 +14,7 @@ from __future__ import annotations
 import colorsys
 import csv
 import dataclasses
+import fcntl
 import io
 import json
 import os
@@ -105,6 +106,64 @@ def new_run_dir(root: Path | str, action: str, max_attempts: int = 1000) -> Path
             continue  # another process (or a stray file) took this number; look again
         return candidate
     raise RuntimeError(f"could not create a new run folder for {action!r} under {root} in {max_attempts} tries")
+
+
+class FileLock:
+    """An exclusive lock of a file (flock), held until `release()` or the end of the process, however it ends: a
+    killed or preempted process leaves nothing to clean up. `FileLock.take` returns None when another process holds
+    it. On a file system that does not lock (some cluster mounts without flock) the lock is taken unlocked and every
+    file reads as free, as if there were no locks."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    @classmethod
+    def take(cls, path: Path | str) -> FileLock | None:
+        handle = open(path, "a", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        except OSError:  # ENOLCK, EOPNOTSUPP, ENOSYS: this file system does not lock
+            pass
+        return cls(handle)
+
+    def release(self) -> None:
+        self.handle.close()
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.release()
+
+
+RUN_LOCK = "run.lock"
+"""The file a run holds in its folder while it runs (`hold_run`), so that another process's `auto_resume` leaves
+that run to it."""
+
+
+def hold_run(run_dir: Path) -> FileLock | None:
+    """Hold the run folder `run_dir` for this process (None when another process holds it)."""
+    return FileLock.take(Path(run_dir) / RUN_LOCK)
+
+
+def run_is_held(run_dir: Path) -> bool:
+    """Whether a live process holds the run folder `run_dir` (a run that never held it, or ended, does not)."""
+    if not (Path(run_dir) / RUN_LOCK).exists():
+        return False
+    lock = hold_run(run_dir)
+    if lock is None:
+        return True
+    lock.release()
+    return False
+
+
+def run_dirs_newest_first(root: Path | str, action: str) -> list[Path]:
+    """The run folders of ``action`` under ``root``, the highest number first."""
+    return [path for _, path in sorted(_runs(Path(root), action), key=lambda run: (run[0], run[1].name),
+                                       reverse=True)]
 
 
 def latest_run_dir(root: Path | str, action: str | None = None) -> Path | None:

@@ -56,7 +56,7 @@ from .data import SegmentationDataset, index_dataset, one_hot, read_class_names,
 from .diffusion import GaussianDiffusion
 from .errors import ConfigError, UserError
 from .model_setup import bf16_autocast, build_model, cpu_bf16_support, resolve_image_channels, select_device
-from .run_folder import CsvLog, new_run_dir, write_json
+from .run_folder import CsvLog, hold_run, new_run_dir, write_json
 from .watch import Preview, Watch, make_preview, open_watch, write_loss_plot
 
 STEP_FIELDS = ["step", "epoch", "loss", "mse", "vb", "lr", "images_per_s"]
@@ -249,6 +249,8 @@ class Trainer:
                      f"{self.device}{cpu_note}")
         self.run_dir = distributed.made_by_main(lambda: new_run_dir(config.root_log_dir, action))
         self.checkpoint_dir = self.run_dir / "checkpoints"
+        # rank 0 holds the run folder until run() ends, so that auto_resume elsewhere leaves this run alone
+        self.run_lock = hold_run(self.run_dir) if self.world.is_main else None
         if self.world.is_main:
             self.checkpoint_dir.mkdir()
             write_json(self.run_dir / "config.json", config_to_dict(config))
@@ -449,9 +451,13 @@ class Trainer:
         self._log_start(plan)
         # Stop signals are recorded, not fatal, until the run has written its files and every rank is done.
         with distributed.StopSignals() as signals:
-            stop = self._train_and_save(plan, signals)
-            if self.world.is_main:
-                self._write_end_files(stop, plan)
+            try:
+                stop = self._train_and_save(plan, signals)
+                if self.world.is_main:
+                    self._write_end_files(stop, plan)
+            finally:
+                if self.run_lock is not None:
+                    self.run_lock.release()
             distributed.barrier()  # no rank exits (and ends an srun step) before rank 0 wrote its files
         if stop.diverged is not None:
             raise stop.diverged
@@ -715,9 +721,11 @@ class Trainer:
 
 def run_training(config: TrainConfig, action: str, log=print, trainer_class: type[Trainer] = Trainer) -> TrainResult:
     """`main.py train|finetune|masks`: start where the config says (auto_resume: the newest `latest.pt` of an
-    earlier run of this action under root_log_dir; else resume_checkpoint, a file or run folder) and train with
-    `trainer_class` (the mask generator's: masks.train.MaskTrainer)."""
-    start = ckpt.find_resumable(config.root_log_dir, action) if config.auto_resume else None
+    earlier run of this action under root_log_dir that no other process runs; else resume_checkpoint, a file or
+    run folder) and train with `trainer_class` (the mask generator's: masks.train.MaskTrainer)."""
+    # rank 0 looks (it may hold an old run's lock for a moment) and tells every rank
+    start = (distributed.made_by_main(lambda: ckpt.find_resumable(config.root_log_dir, action, log))
+             if config.auto_resume else None)
     if start is None and config.resume_checkpoint:
         prefer = "best" if action == "finetune" else "latest"
         start = ckpt.resolve_checkpoint(config.resume_checkpoint, key="resume_checkpoint", prefer=prefer,

@@ -18,12 +18,14 @@ from torch import nn
 
 from guided_diffusion.checkpoint import (
     extract_state_dict,
+    find_resumable,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from guided_diffusion.errors import CheckpointError
+from guided_diffusion.run_folder import hold_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -293,3 +295,20 @@ def test_rng_state_restores_all_generators(tmp_path: Path) -> None:
     first = _draw()
     set_rng_state(torch.load(path, weights_only=True)["rng"])
     assert _draw() == first
+
+
+def test_auto_resume_takes_the_newest_latest_pt_of_a_run_no_other_process_is_running(tmp_path: Path) -> None:
+    """A requeued Slurm job resumes its own stopped run, not the newer checkpoint of a job of the same config that
+    is still training beside it (that job holds its run folder)."""
+    for number, seconds in ((1, 1_000), (2, 2_000), (3, 3_000)):
+        latest = tmp_path / f"train_{number:03d}" / "checkpoints" / "latest.pt"
+        latest.parent.mkdir(parents=True)
+        save_checkpoint(latest, {"step": number})
+        os.utime(latest, (seconds, seconds))
+    assert find_resumable(tmp_path, "train", log=lambda *_: None) == tmp_path / "train_003/checkpoints/latest.pt"
+    log = []
+    with hold_run(tmp_path / "train_003"):
+        assert find_resumable(tmp_path, "train", log=log.append) == tmp_path / "train_002/checkpoints/latest.pt"
+    assert log == [f"auto_resume: not resuming from {tmp_path / 'train_003/checkpoints/latest.pt'}: another "
+                   f"process is still running that run (it holds {tmp_path / 'train_003/run.lock'})"]
+    assert find_resumable(tmp_path, "finetune", log=log.append) is None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,12 +16,17 @@ import torch
 from PIL import Image
 
 from guided_diffusion.run_folder import (
+    RUN_LOCK,
     CsvLog,
+    FileLock,
     SampleWriter,
     colorize,
+    hold_run,
     latest_run_dir,
     new_run_dir,
     palette,
+    run_dirs_newest_first,
+    run_is_held,
     to_uint8_image,
     write_grid,
     write_json,
@@ -92,6 +99,55 @@ def test_latest_run_dir_of_any_action_is_most_recent(tmp_path: Path) -> None:
     os.utime(older, ns=(1_000_000_000, 1_000_000_000))
     os.utime(newer, ns=(2_000_000_000, 2_000_000_000))
     assert latest_run_dir(tmp_path) == newer
+
+
+def test_run_dirs_newest_first_lists_one_actions_runs_by_number(tmp_path: Path) -> None:
+    for name in ("sample_002", "sample_010", "train_020", "sample_001"):
+        (tmp_path / name).mkdir()
+    assert run_dirs_newest_first(tmp_path, "sample") == [tmp_path / f"sample_{n:03d}" for n in (10, 2, 1)]
+    assert run_dirs_newest_first(tmp_path / "missing", "sample") == []
+
+
+HOLDER = """import fcntl, sys
+handle = open(sys.argv[1], "a")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_run_folder_held_by_a_live_process_reads_as_held_and_is_free_once_that_process_is_killed(
+        tmp_path: Path) -> None:
+    """What lets a requeued Slurm job tell its own stopped run from the run of a job still under way."""
+    run = new_run_dir(tmp_path, "sample")
+    assert not run_is_held(run) and not (run / RUN_LOCK).exists()  # looking leaves no file behind
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / RUN_LOCK)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert run_is_held(run) and hold_run(run) is None
+    finally:
+        holder.kill()  # as a preemption would: no clean-up runs
+        holder.wait()
+    assert not run_is_held(run)
+    with hold_run(run) as mine:
+        assert mine is not None and run_is_held(run)  # a second open of the file, as another process's
+    assert not run_is_held(run)
+
+
+def test_on_a_file_system_without_locks_every_run_reads_as_free(tmp_path: Path, monkeypatch) -> None:
+    """Some cluster mounts (Lustre without the flock option) answer flock with an error: runs go on unlocked."""
+    import errno
+    import fcntl
+
+    def unsupported(*_):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    run = new_run_dir(tmp_path, "train")
+    with FileLock.take(run / RUN_LOCK) as first, FileLock.take(run / RUN_LOCK) as second:
+        assert first is not None and second is not None
+        assert not run_is_held(run)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ from PIL import Image
 
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.errors import CheckpointError, ConfigError
-from guided_diffusion.run_folder import SAMPLE_FOLDERS
+from guided_diffusion.run_folder import SAMPLE_FOLDERS, hold_run, run_is_held
 from guided_diffusion.sampling import sample as sample_module
 from guided_diffusion.sampling.sample import run_sampling, sampling_diffusion
 
@@ -266,6 +267,34 @@ def test_auto_resume_starts_a_new_folder_beside_a_run_it_must_not_continue_and_s
     assert run_dir not in (stopped, refused) and len(pngs(run_dir / "samples")) == 5
     assert any(f"not continuing {refused}: {reason}" in line for line in log), log
     assert files(refused) == before  # the run not continued is left as it was
+
+
+def test_auto_resume_leaves_a_run_another_process_samples_into_and_continues_the_stopped_run_before_it(
+        demo_dir, trained_run, tmp_path, monkeypatch):
+    """Two Slurm jobs of one config: the requeued one continues its own stopped run, not the run beside it that
+    the other job is sampling into (that job holds its run.lock)."""
+    stopped = stopped_run(demo_dir, trained_run, tmp_path, monkeypatch)
+    under_way = tmp_path / "sample_002"
+    shutil.copytree(stopped, under_way)  # the other job's run, as far along
+    before = files(under_way)
+    sampled, log = batches_sampled(monkeypatch), []
+    with hold_run(under_way):
+        run_dir = sample(demo_dir, trained_run, tmp_path, log=log.append, num_samples=5, batch_size=2,
+                         auto_resume=True)
+    assert run_dir == stopped and sampled == [[4]]
+    assert any(f"not continuing {under_way}: another process is sampling into it" in line for line in log), log
+    assert files(under_way) == before and not (under_way / "summary.json").exists()
+
+
+def test_auto_resume_starts_a_new_folder_when_the_only_stopped_run_is_being_sampled_into(
+        demo_dir, trained_run, tmp_path, monkeypatch):
+    stopped = stopped_run(demo_dir, trained_run, tmp_path, monkeypatch)
+    before = files(stopped)
+    with hold_run(stopped):
+        run_dir = sample(demo_dir, trained_run, tmp_path, num_samples=5, batch_size=2, auto_resume=True)
+    assert run_dir.name == "sample_002" and len(pngs(run_dir / "samples")) == 5
+    assert files(stopped) == before
+    assert not run_is_held(run_dir)  # let go when the run ended
 
 
 def test_without_auto_resume_a_stopped_run_is_left_alone(demo_dir, trained_run, tmp_path, monkeypatch):

@@ -573,6 +573,25 @@ def test_ledger_skips_a_line_cut_short_by_a_kill(tmp_path):
     assert set(Ledger(path).entries) == {("sample", "abc")}
 
 
+def test_on_a_cluster_mount_without_locks_the_study_holds_its_folder_unlocked_and_still_records_units(
+        tmp_path, monkeypatch):
+    """Lustre without the flock mount option answers flock with ENOSYS: the study runs as if nothing else ran."""
+    import errno
+    import fcntl
+
+    from evaluation.study.context import StudyLock
+
+    def unsupported(*_):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    first, second = StudyLock(tmp_path), StudyLock(tmp_path)  # nothing can tell that another run holds it
+    Ledger(tmp_path / "ledger.jsonl").add("sample", "abc", {"unit": "sample/r100/paste"}, 1.0)
+    assert set(Ledger(tmp_path / "ledger.jsonl").entries) == {("sample", "abc")}
+    first.release()
+    second.release()
+
+
 def test_paired_interval_is_the_student_t_interval():
     mean, low, high = paired_interval([0.01, 0.03, 0.02])
     assert mean == pytest.approx(0.02)

@@ -13,6 +13,7 @@ from conftest import tiny_train_config
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.config import config_from_dict
 from guided_diffusion.errors import CheckpointError, ConfigError
+from guided_diffusion.run_folder import run_is_held
 from guided_diffusion import distributed
 from guided_diffusion import train as train_module
 from guided_diffusion.train import Trainer, train_action
@@ -31,6 +32,20 @@ def read_csv(path: Path) -> list[dict]:
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {**{f"model.{k}": v for k, v in trainer.model.state_dict().items()},
             **{f"ema.{k}": v for k, v in trainer.ema.state_dict().items()}}
+
+
+def test_a_run_holds_its_folder_while_it_trains_and_lets_go_when_it_ends(demo_dir, tmp_path, monkeypatch):
+    """So that auto_resume in another job of the same config does not train on from this run's latest.pt."""
+    trainer = make_trainer(demo_dir, tmp_path, max_steps=2)
+    real, seen = Trainer._train_and_save, []
+
+    def watched(self, *args):
+        seen.append(run_is_held(self.run_dir))
+        return real(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_and_save", watched)
+    trainer.run()
+    assert seen == [True] and not run_is_held(trainer.run_dir)
 
 
 def test_resume_continues_exactly(demo_dir, tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 
 from guided_diffusion.data import Pair
 from guided_diffusion.errors import ConfigError
+from guided_diffusion.run_folder import FileLock
 
 from .config import StudyConfig
 from .progress import UnitProgress
@@ -66,15 +67,15 @@ class Ledger:
 
     def add(self, kind: str, key: str, result: dict[str, Any], seconds: float) -> dict[str, Any]:
         """Append a finished unit. Units run as Slurm jobs append to one ledger at once: each line is written
-        whole, in one call, under an exclusive lock of the file."""
+        whole, in one call, under an exclusive lock of the file (where the file system locks: else as one append)."""
         entry = {"kind": kind, "fingerprint": key, "seconds": round(seconds, 2), **result}
         with open(self.path, "a", encoding="utf-8") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                handle.write(json.dumps(entry, default=float) + "\n")
-                handle.flush()
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError:  # ENOLCK, EOPNOTSUPP, ENOSYS: a cluster mount without flock; the line is one write
+                pass
+            handle.write(json.dumps(entry, default=float) + "\n")
+            handle.flush()  # closing the file lets the lock go
         self.entries[(kind, key)] = entry
         return entry
 
@@ -86,16 +87,14 @@ class StudyLock:
 
     def __init__(self, root: Path):
         self.path = root / "study.lock"
-        self.handle = open(self.path, "a", encoding="utf-8")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.close()
+        lock = FileLock.take(self.path)
+        if lock is None:
             raise ConfigError(f"output_dir {root} is in use: another run of this study holds {self.path}; let it "
-                              "end (or stop it) first, or give another output_dir") from None
+                              "end (or stop it) first, or give another output_dir")
+        self.lock = lock
 
     def release(self) -> None:
-        self.handle.close()
+        self.lock.release()
 
 
 @dataclass

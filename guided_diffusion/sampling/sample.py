@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,8 +41,8 @@ from ..guidance import conditional_denoiser
 from ..masks.model import generate_for_sampling
 from ..masks.report import write_mask_report
 from ..model_setup import bf16_autocast, build_model, select_device
-from ..run_folder import (SampleWriter, as_written, latest_run_dir, new_run_dir, to_uint8_image, write_grid,
-                          write_json, write_legend)
+from ..run_folder import (RUN_LOCK, SampleWriter, as_written, hold_run, new_run_dir, run_dirs_newest_first,
+                          to_uint8_image, write_grid, write_json, write_legend)
 from ..samplers import PerImageNoise, image_seed, log_snr_timesteps, run_sampler
 from .hardness import MeasureHardness, write_selection_reports
 from .inpaint import Batch, ModePlan, defect_candidates, plan_modes
@@ -240,7 +241,14 @@ def run_sampling(config: SampleConfig, given: set[str] = frozenset(), source: st
     world = current_world()
     log = log if world.is_main else (lambda *_: None)
     job = prepare_sampling(config, set(given), source, log, measure_hardness)
-    run_dir = made_by_main(lambda: sampling_run_dir(job, log))
+    with ExitStack() as held:  # rank 0 holds the run folder until the run ends
+        run_dir = made_by_main(lambda: sampling_run_dir(job, held, log))
+        return sample_into(job, run_dir, log)
+
+
+def sample_into(job: SamplingJob, run_dir: Path, log=print) -> dict[str, Any]:
+    """run_sampling in its run folder `run_dir`: the images not yet in its sampled.txt, then grid and summary."""
+    world = current_world()
     log(f"run folder: {run_dir}")
     record = SampledRecord(run_dir)
     kept = len(record.done & set(range(job.num_images)))
@@ -317,18 +325,29 @@ def resume_refusal(job: SamplingJob, run_dir: Path) -> str | None:
     return f"its config.json differs in {', '.join(differing)}" if differing else None
 
 
-def sampling_run_dir(job: SamplingJob, log=print) -> Path:
-    """The run folder: a fresh `sample_NNN` under root_log_dir, or with `auto_resume` the newest one there when it
-    stopped before its end and was made by the same config (the log says why another is not continued)."""
+def sampling_run_dir(job: SamplingJob, held: ExitStack, log=print) -> Path:
+    """The run folder, held (`hold_run`) until `held` closes: a fresh `sample_NNN` under root_log_dir, or with
+    `auto_resume` the newest one there that no other process is sampling into, when it stopped before its end and
+    was made by the same config (the log says why another is not continued)."""
     root = job.config.root_log_dir
-    newest = latest_run_dir(root, "sample") if job.config.auto_resume else None
-    if newest is not None:
-        refusal = resume_refusal(job, newest)
+    for run_dir in run_dirs_newest_first(root, "sample") if job.config.auto_resume else []:
+        refusal = resume_refusal(job, run_dir)
+        lock = hold_run(run_dir) if refusal is None else None
+        if refusal is None and lock is None:
+            log(f"auto_resume: not continuing {run_dir}: another process is sampling into it (it holds "
+                f"{run_dir / RUN_LOCK})")
+            continue
         if refusal is None:
-            log(f"auto_resume: continuing {newest}")
-            return newest
-        log(f"auto_resume: not continuing {newest}: {refusal}; starting a new run folder")
-    return new_run_dir(root, "sample")
+            held.enter_context(lock)
+            log(f"auto_resume: continuing {run_dir}")
+            return run_dir
+        log(f"auto_resume: not continuing {run_dir}: {refusal}; starting a new run folder")
+        break
+    run_dir = new_run_dir(root, "sample")
+    lock = hold_run(run_dir)
+    if lock is not None:  # None only if another process looked in at the same moment: go on without
+        held.enter_context(lock)
+    return run_dir
 
 
 def write_start_files(job: SamplingJob, run_dir: Path) -> None:
