@@ -14,7 +14,6 @@ from __future__ import annotations
 import colorsys
 import csv
 import dataclasses
-import fcntl
 import io
 import json
 import os
@@ -27,6 +26,11 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 from PIL import Image
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): no flock, so runs go on unlocked (FileLock)
+    fcntl = None
 
 SAMPLE_FOLDERS = ("images", "labels", "colored_labels", "samples")
 """The sub-folders of a sampling run, as ISDM names them."""
@@ -111,8 +115,8 @@ def new_run_dir(root: Path | str, action: str, max_attempts: int = 1000) -> Path
 class FileLock:
     """An exclusive lock of a file (flock), held until `release()` or the end of the process, however it ends: a
     killed or preempted process leaves nothing to clean up. `FileLock.take` returns None when another process holds
-    it. On a file system that does not lock (some cluster mounts without flock) the lock is taken unlocked and every
-    file reads as free, as if there were no locks."""
+    it. On a file system that does not lock (some cluster mounts without flock), or without flock at all (Windows),
+    the lock is taken unlocked and every file reads as free, as if there were no locks."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
@@ -120,6 +124,8 @@ class FileLock:
     @classmethod
     def take(cls, path: Path | str) -> FileLock | None:
         handle = open(path, "a", encoding="utf-8")
+        if fcntl is None:
+            return cls(handle)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

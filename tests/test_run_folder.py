@@ -135,15 +135,22 @@ def test_a_run_folder_held_by_a_live_process_reads_as_held_and_is_free_once_that
     assert not run_is_held(run)
 
 
-def test_on_a_file_system_without_locks_every_run_reads_as_free(tmp_path: Path, monkeypatch) -> None:
-    """Some cluster mounts (Lustre without the flock option) answer flock with an error: runs go on unlocked."""
+@pytest.mark.parametrize("where", ["a mount without flock", "a system without fcntl"])
+def test_where_files_cannot_be_locked_every_run_reads_as_free(tmp_path: Path, monkeypatch, where) -> None:
+    """Some cluster mounts (Lustre without the flock option) answer flock with an error, and Windows has no fcntl:
+    runs go on unlocked there."""
     import errno
     import fcntl
+
+    from guided_diffusion import run_folder
 
     def unsupported(*_):
         raise OSError(errno.ENOSYS, "Function not implemented")
 
-    monkeypatch.setattr(fcntl, "flock", unsupported)
+    if where == "a mount without flock":
+        monkeypatch.setattr(fcntl, "flock", unsupported)
+    else:
+        monkeypatch.setattr(run_folder, "fcntl", None)
     run = new_run_dir(tmp_path, "train")
     with FileLock.take(run / RUN_LOCK) as first, FileLock.take(run / RUN_LOCK) as second:
         assert first is not None and second is not None
