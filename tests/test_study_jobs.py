@@ -202,3 +202,18 @@ def test_the_estimate_with_jobs_times_the_models_at_a_jobs_threads_and_lays_the_
     assert "**with --jobs 3: about " in out and "laid out 2 at a time" in out
     assert "--jobs 3 is more jobs than the 2 threads here" in out
     assert not (tmp_path / "study").exists()
+
+
+def test_a_units_process_imports_the_segmenter_libraries_only_when_it_builds_a_segmenter():
+    """Each unit of --jobs and --slurm is a process of its own: smp, timm, torchvision and torchmetrics (4-6 s of
+    imports) are loaded by the segmenter units that use them, not by every sample or SDM unit."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, evaluation.study.run\n"
+             "print(sorted(m for m in ('segmentation_models_pytorch', 'timm', 'torchvision', 'torchmetrics') "
+             "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

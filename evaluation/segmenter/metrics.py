@@ -20,11 +20,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
-from torchmetrics.segmentation import MeanIoU
+
+if TYPE_CHECKING:  # imported where the metrics are made: torchmetrics pulls in torchvision (3 s)
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
+    from torchmetrics.segmentation import MeanIoU
 
 SUMMARY_METRICS = ("miou", "miou_no_bg", "image_miou", "image_miou_no_bg", "f1", "f1_no_bg", "accuracy",
                    "class_accuracy")
@@ -127,6 +130,9 @@ class MetricAccumulator:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
         if self.ignore_index is not None and 0 <= self.ignore_index < self.num_classes:
             raise ValueError(f"ignore_index {self.ignore_index} is a class id (0..{self.num_classes - 1})")
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassJaccardIndex
+        from torchmetrics.segmentation import MeanIoU
+
         common = {"num_classes": self.num_classes, "ignore_index": self.ignore_index}
         nan = math.nan
         self._dataset_iou = MulticlassJaccardIndex(average="none", zero_division=nan, **common)

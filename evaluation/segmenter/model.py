@@ -21,9 +21,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import segmentation_models_pytorch as smp
 import torch
-from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
 from tqdm import tqdm
 
@@ -33,13 +31,16 @@ from guided_diffusion.errors import CheckpointError, ConfigError
 from .pretrained import IMAGENET, install_hint, packaged_encoder_state
 from .settings import canonical_architecture
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "unetplusplus": smp.UnetPlusPlus,
-    "fpn": smp.FPN,
-    "deeplabv3plus": smp.DeepLabV3Plus,
-    "unet": smp.Unet,
-}
-"""The smp class behind each architecture name of settings.ARCHITECTURE_NAMES."""
+
+def smp_class(architecture: str) -> type[nn.Module]:
+    """The smp class behind an architecture name of settings.ARCHITECTURE_NAMES. smp is imported here, when a
+    segmenter is built, not with this module: it pulls in timm and torchvision (4 s), which a study unit that
+    only samples or trains an SDM never uses."""
+    import segmentation_models_pytorch as smp
+
+    return {"unetplusplus": smp.UnetPlusPlus, "fpn": smp.FPN, "deeplabv3plus": smp.DeepLabV3Plus,
+            "unet": smp.Unet}[architecture]
+
 
 # ImageNet statistics: what smp encoders expect when they start from pretrained weights; harmless from scratch
 _MEAN = (0.485, 0.456, 0.406)
@@ -142,8 +143,8 @@ def _smp_model(architecture: str, spec: SegmenterSpec, seed: int, weights: str |
     """smp's model, its random init drawn from `seed` (the caller's random state left as it was)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ARCHITECTURES[architecture](encoder_name=spec.encoder, encoder_weights=weights, in_channels=3,
-                                           classes=spec.num_classes)
+        return smp_class(architecture)(encoder_name=spec.encoder, encoder_weights=weights, in_channels=3,
+                                       classes=spec.num_classes)
 
 
 def _downloaded(architecture: str, spec: SegmenterSpec, seed: int) -> nn.Module:
@@ -309,6 +310,7 @@ def strong_augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Generat
 
 def segmentation_loss(num_classes: int, ignore_index: int | None = None) -> nn.Module:
     """Dice (smp) + cross-entropy, both skipping pixels labelled `ignore_index`."""
+    from segmentation_models_pytorch.losses import DiceLoss
 
     class DiceCrossEntropy(nn.Module):
         def __init__(self) -> None:

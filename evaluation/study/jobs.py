@@ -147,11 +147,13 @@ def job_env(threads: int) -> dict[str, str]:
 
 
 def start_seconds(threads: int) -> float:
-    """Seconds a unit's process spends before its work: Python importing the study (torch, smp), timed once in
-    a process started as `--jobs` starts one (it also reads the dataset and opens the study, not timed)."""
+    """Seconds a unit's process spends before its work: Python importing the study (torch) and the segmenter's
+    libraries (smp, timm, torchvision, torchmetrics: loaded by the segmenter and alignment units, most of a study,
+    not by the others), timed once in a process started as `--jobs` starts one (it also reads the dataset and
+    opens the study, not timed)."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import evaluation.study.run"], env=job_env(threads), check=True,
-                   stdout=subprocess.DEVNULL)
+    imports = "import evaluation.study.run, segmentation_models_pytorch, torchmetrics"
+    subprocess.run([sys.executable, "-c", imports], env=job_env(threads), check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
