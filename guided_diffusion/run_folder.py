@@ -122,12 +122,14 @@ class FileLock:
         self.handle = handle
 
     @classmethod
-    def take(cls, path: Path | str) -> FileLock | None:
+    def take(cls, path: Path | str, wait: bool = False) -> FileLock | None:
+        """The lock of `path` (opened for appending, created if missing); with `wait`, once the holder lets go
+        (never None)."""
         handle = open(path, "a", encoding="utf-8")
         if fcntl is None:
             return cls(handle)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
             return None

@@ -6,7 +6,6 @@ all import it and none imports another back."""
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import re
@@ -69,13 +68,9 @@ class Ledger:
         """Append a finished unit. Units run as Slurm jobs append to one ledger at once: each line is written
         whole, in one call, under an exclusive lock of the file (where the file system locks: else as one append)."""
         entry = {"kind": kind, "fingerprint": key, "seconds": round(seconds, 2), **result}
-        with open(self.path, "a", encoding="utf-8") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            except OSError:  # ENOLCK, EOPNOTSUPP, ENOSYS: a cluster mount without flock; the line is one write
-                pass
-            handle.write(json.dumps(entry, default=float) + "\n")
-            handle.flush()  # closing the file lets the lock go
+        with FileLock.take(self.path, wait=True) as lock:  # unlocked on a mount without flock: one write
+            lock.handle.write(json.dumps(entry, default=float) + "\n")
+            lock.handle.flush()
         self.entries[(kind, key)] = entry
         return entry
 

@@ -332,17 +332,17 @@ def sampling_run_dir(job: SamplingJob, held: ExitStack, log=print) -> Path:
     root = job.config.root_log_dir
     for run_dir in run_dirs_newest_first(root, "sample") if job.config.auto_resume else []:
         refusal = resume_refusal(job, run_dir)
-        lock = hold_run(run_dir) if refusal is None else None
-        if refusal is None and lock is None:
+        if refusal is not None:
+            log(f"auto_resume: not continuing {run_dir}: {refusal}; starting a new run folder")
+            break
+        lock = hold_run(run_dir)
+        if lock is None:
             log(f"auto_resume: not continuing {run_dir}: another process is sampling into it (it holds "
                 f"{run_dir / RUN_LOCK})")
             continue
-        if refusal is None:
-            held.enter_context(lock)
-            log(f"auto_resume: continuing {run_dir}")
-            return run_dir
-        log(f"auto_resume: not continuing {run_dir}: {refusal}; starting a new run folder")
-        break
+        held.enter_context(lock)
+        log(f"auto_resume: continuing {run_dir}")
+        return run_dir
     run_dir = new_run_dir(root, "sample")
     lock = hold_run(run_dir)
     if lock is not None:  # None only if another process looked in at the same moment: go on without
