@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
-from .run_folder import RUN_LOCK, atomic_write, run_is_held
+from .run_folder import RUN_LOCK, FileLock, atomic_write, hold_run
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Key prefixes added by DistributedDataParallel / DataParallel and by torch.compile."""
@@ -317,19 +317,22 @@ def resolve_checkpoint(path: str | Path, key: str, prefer: str = "best",
     return max(runs, key=lambda item: item[1].stat().st_mtime)[1]
 
 
-def find_resumable(root: str | Path, action: str, log=print) -> Path | None:
-    """For auto_resume: the newest `latest.pt` of an earlier `action` run under `root`, if any, but for runs that
-    another process is still running (it holds their folder): a requeued job resumes its own run, not the run of
-    a job of the same config still training beside it."""
+def find_resumable(root: str | Path, action: str, log=print) -> tuple[Path, FileLock] | None:
+    """For auto_resume: the newest `latest.pt` of an earlier `action` run under `root` that no other process runs
+    or continues, if any, with that run's folder held (`hold_run`) for the caller to keep while its own run
+    continues it. So a requeued job resumes its own run, not the run of a job of the same config still training
+    beside it, and of two jobs started together beside one stopped run, only one continues it (the other looks
+    on to older runs, then starts afresh)."""
     root = Path(root)
     if not root.is_dir():
         return None
     candidates = [child / "checkpoints" / "latest.pt" for child in root.iterdir()
                   if child.is_dir() and child.name.startswith(f"{action}_")]
     candidates = [c for c in candidates if c.is_file()]
-    running = {c for c in candidates if run_is_held(c.parent.parent)}
-    for checkpoint in sorted(running):
-        log(f"auto_resume: not resuming from {checkpoint}: another process is still running that run "
-            f"(it holds {checkpoint.parent.parent / RUN_LOCK})")
-    candidates = [c for c in candidates if c not in running]
-    return max(candidates, key=lambda c: c.stat().st_mtime) if candidates else None
+    for checkpoint in sorted(candidates, key=lambda c: (c.stat().st_mtime, str(c)), reverse=True):
+        lock = hold_run(checkpoint.parent.parent)
+        if lock is not None:
+            return checkpoint, lock
+        log(f"auto_resume: not resuming from {checkpoint}: another process is still running that run or "
+            f"continuing it (it holds {checkpoint.parent.parent / RUN_LOCK})")
+    return None

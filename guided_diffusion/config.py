@@ -253,7 +253,7 @@ class TrainConfig(CommonConfig):
     resume_checkpoint: str = option("", "a checkpoint, run folder or folder of runs: of this action = resume "
                                         "exactly; a train run = start from its weights", SAME)
     auto_resume: bool = option(False, "resume from the newest `latest.pt` of this action under `root_log_dir`, "
-                                      "but for runs another process is still running (they hold their run.lock)")
+                                      "but for runs another process is still running or continuing (they hold their run.lock)")
     drop_rate: float = option(0.0, "probability that a sample's mask is replaced by the null (all-zero) label", SAME)
     random_flip: bool = option(True, "random horizontal flips")
     lr_anneal_steps: int = option(0, "linear decay of lr to 0 over N steps (0 = off)", SAME)

@@ -39,7 +39,7 @@ import copy
 import dataclasses
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -723,17 +723,25 @@ def run_training(config: TrainConfig, action: str, log=print, trainer_class: typ
     """`main.py train|finetune|masks`: start where the config says (auto_resume: the newest `latest.pt` of an
     earlier run of this action under root_log_dir that no other process runs; else resume_checkpoint, a file or
     run folder) and train with `trainer_class` (the mask generator's: masks.train.MaskTrainer)."""
-    # rank 0 looks (it may hold an old run's lock for a moment) and tells every rank
-    start = (distributed.made_by_main(lambda: ckpt.find_resumable(config.root_log_dir, action, log))
-             if config.auto_resume else None)
-    if start is None and config.resume_checkpoint:
-        prefer = "best" if action == "finetune" else "latest"
-        start = ckpt.resolve_checkpoint(config.resume_checkpoint, key="resume_checkpoint", prefer=prefer,
-                                        actions=("train",) if action == "finetune" else (action,))
-    trainer = trainer_class(config, action, log)
-    if start is not None:
-        trainer.log(trainer.start_from(start))
-    return trainer.run()
+    with ExitStack() as held:
+        start = None
+        if config.auto_resume:  # rank 0 looks, holds the run it continues until this run ends, and tells every rank
+            def claim() -> Path | None:
+                found = ckpt.find_resumable(config.root_log_dir, action, log)
+                if found is None:
+                    return None
+                checkpoint, lock = found
+                held.enter_context(lock)
+                return checkpoint
+            start = distributed.made_by_main(claim)
+        if start is None and config.resume_checkpoint:
+            prefer = "best" if action == "finetune" else "latest"
+            start = ckpt.resolve_checkpoint(config.resume_checkpoint, key="resume_checkpoint", prefer=prefer,
+                                            actions=("train",) if action == "finetune" else (action,))
+        trainer = trainer_class(config, action, log)
+        if start is not None:
+            trainer.log(trainer.start_from(start))
+        return trainer.run()
 
 
 def train_action(config: TrainConfig, action: str, log=print, trainer_class: type[Trainer] = Trainer) -> int | None:

@@ -25,7 +25,7 @@ from guided_diffusion.checkpoint import (
     set_rng_state,
 )
 from guided_diffusion.errors import CheckpointError
-from guided_diffusion.run_folder import hold_run
+from guided_diffusion.run_folder import hold_run, run_is_held
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -297,18 +297,45 @@ def test_rng_state_restores_all_generators(tmp_path: Path) -> None:
     assert _draw() == first
 
 
+def _stopped_runs(root: Path, numbers=(1, 2, 3)) -> None:
+    """Runs train_001.. whose latest.pt were written in that order, none of them held."""
+    for number in numbers:
+        latest = root / f"train_{number:03d}" / "checkpoints" / "latest.pt"
+        latest.parent.mkdir(parents=True)
+        save_checkpoint(latest, {"step": number})
+        os.utime(latest, (number * 1_000, number * 1_000))
+
+
 def test_auto_resume_takes_the_newest_latest_pt_of_a_run_no_other_process_is_running(tmp_path: Path) -> None:
     """A requeued Slurm job resumes its own stopped run, not the newer checkpoint of a job of the same config that
     is still training beside it (that job holds its run folder)."""
-    for number, seconds in ((1, 1_000), (2, 2_000), (3, 3_000)):
-        latest = tmp_path / f"train_{number:03d}" / "checkpoints" / "latest.pt"
-        latest.parent.mkdir(parents=True)
-        save_checkpoint(latest, {"step": number})
-        os.utime(latest, (seconds, seconds))
-    assert find_resumable(tmp_path, "train", log=lambda *_: None) == tmp_path / "train_003/checkpoints/latest.pt"
+    _stopped_runs(tmp_path)
+    checkpoint, lock = find_resumable(tmp_path, "train", log=lambda *_: None)
+    assert checkpoint == tmp_path / "train_003/checkpoints/latest.pt"
+    lock.release()
     log = []
     with hold_run(tmp_path / "train_003"):
-        assert find_resumable(tmp_path, "train", log=log.append) == tmp_path / "train_002/checkpoints/latest.pt"
+        checkpoint, lock = find_resumable(tmp_path, "train", log=log.append)
+        assert checkpoint == tmp_path / "train_002/checkpoints/latest.pt"
+        lock.release()
     assert log == [f"auto_resume: not resuming from {tmp_path / 'train_003/checkpoints/latest.pt'}: another "
-                   f"process is still running that run (it holds {tmp_path / 'train_003/run.lock'})"]
+                   f"process is still running that run or continuing it (it holds {tmp_path / 'train_003/run.lock'})"]
     assert find_resumable(tmp_path, "finetune", log=log.append) is None
+
+
+def test_of_two_jobs_started_beside_one_stopped_run_only_one_continues_it(tmp_path: Path) -> None:
+    """Two Slurm jobs of one config started together (a requeued one beside a fresh submission) both look before
+    either has written a checkpoint: the first holds the stopped run it continues, so the second looks on to an
+    older run, then finds none and starts afresh."""
+    _stopped_runs(tmp_path, numbers=(1, 2))
+    quiet = lambda *_: None  # noqa: E731
+    first_checkpoint, first = find_resumable(tmp_path, "train", log=quiet)
+    second_checkpoint, second = find_resumable(tmp_path, "train", log=quiet)
+    assert (first_checkpoint.parent.parent.name, second_checkpoint.parent.parent.name) == ("train_002", "train_001")
+    assert run_is_held(tmp_path / "train_002") and run_is_held(tmp_path / "train_001")
+    assert find_resumable(tmp_path, "train", log=quiet) is None
+    first.release()
+    second.release()
+    checkpoint, lock = find_resumable(tmp_path, "train", log=quiet)  # once they end, the newest is free again
+    assert checkpoint.parent.parent.name == "train_002"
+    lock.release()

@@ -48,6 +48,25 @@ def test_a_run_holds_its_folder_while_it_trains_and_lets_go_when_it_ends(demo_di
     assert seen == [True] and not run_is_held(trainer.run_dir)
 
 
+def test_a_run_auto_resume_continues_holds_the_stopped_run_too_until_it_ends(demo_dir, tmp_path, monkeypatch):
+    """So that a second job of the same config, started beside this one, does not continue that run as well."""
+    make_trainer(demo_dir, tmp_path, max_steps=1, save_interval=1).run()
+    stopped = tmp_path / "train_001"
+    assert (stopped / "checkpoints" / "latest.pt").is_file() and not run_is_held(stopped)
+    real, seen = Trainer._train_and_save, []
+
+    def watched(self, *args):
+        seen.append((self.run_dir.name, run_is_held(stopped), run_is_held(self.run_dir)))
+        return real(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_and_save", watched)
+    config, _ = config_from_dict("train", tiny_train_config(demo_dir, tmp_path, max_steps=2, save_interval=1,
+                                                            auto_resume=True))
+    result = train_module.run_training(config, "train", log=lambda *_: None)
+    assert seen == [("train_002", True, True)] and result.state.step == 2
+    assert not run_is_held(stopped) and not run_is_held(tmp_path / "train_002")
+
+
 def test_resume_continues_exactly(demo_dir, tmp_path):
     # 12 demo images, val_fraction 0.2 -> 10 training images, batches of 4 -> 3 steps per epoch.
     straight = make_trainer(demo_dir, tmp_path / "a", max_steps=5, save_interval=2)
