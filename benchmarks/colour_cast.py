@@ -114,7 +114,8 @@ def main() -> None:
     real = mean_colours(data_dir / "train" / "images", args.image_size)
     halves = real[0::2], real[1::2]
     rows = [("real train images", describe(real), 0.0, "-", "-"),
-             ("real: even vs odd images (the FD's noise floor)", describe(halves[1]), frechet_distance(*halves), "-", "-")]
+             ("real: even vs odd images (the FD's noise floor)", describe(halves[1]), frechet_distance(*halves),
+              "-", "-")]
     for value in offsets:
         root = work / f"offset_{value:g}"
         root.mkdir(exist_ok=True)

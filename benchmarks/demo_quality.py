@@ -5,10 +5,10 @@
 A segmenter (Unet++ resnet18 from scratch, `--segmenter-steps` steps) is trained once on the dataset's real
 train/ images; it then segments each sample folder's synthetic images (samples/), and the mIoU of its predictions
 against the masks that conditioned them (labels/) is the folder's label alignment
-(evaluation/segmenter/run.py). The same segmenter on the real test images gives the ceiling. One segmenter scores every folder, so the folders are
-compared with each other, not with other runs of this script. Also printed per folder: the mean grey level and
-the mean absolute difference between neighbouring pixels (graininess) of the samples, against the real test
-images', since a grainy or washed-out grid can still be segmented.
+(evaluation/segmenter/run.py). The same segmenter on the real test images gives the ceiling. One segmenter scores
+every folder, so the folders are compared with each other, not with other runs of this script. Also printed per
+folder: the mean grey level and the mean absolute difference between neighbouring pixels (graininess) of the
+samples, against the real test images', since a grainy or washed-out grid can still be segmented.
 """
 
 from __future__ import annotations

@@ -328,8 +328,8 @@ def print_table(rows: list[Row]) -> None:
         share = None if peak is None or r.flops_per_s is None else 100 * r.flops_per_s / peak
         s_image = None if r.s_per_image is None else ("~" if r.estimated else "") + format(r.s_per_image, ".3f")
         cells = (r.config, r.device, r.path, r.dtype, str(r.batch), fmt(r.train_ips, ".2f"), fmt(r.peak_mib, ".0f"),
-                 r.sampler or "—", str(r.steps or "—"), s_image or "—", fmt(r.flops_per_s and r.flops_per_s / 1e12,
-                                                                          ".3f"), fmt(share, ".1f"))
+                 r.sampler or "—", str(r.steps or "—"), s_image or "—",
+                 fmt(r.flops_per_s and r.flops_per_s / 1e12, ".3f"), fmt(share, ".1f"))
         print("| " + " | ".join(cells) + " |")
 
 

@@ -169,9 +169,11 @@ class CommonConfig:
     def validate(self) -> None:
         require(bool(self.data_dir), "data_dir", "is required: the folder with train/ and test/")
         if self.num_classes is not None:
-            require(self.num_classes >= 2, "num_classes", f"must be at least 2 (background + 1 class), got {self.num_classes}")
+            require(self.num_classes >= 2, "num_classes",
+                    f"must be at least 2 (background + 1 class), got {self.num_classes}")
             if self.dataset_mode == "binary":
-                require(self.num_classes == 2, "num_classes", f"must be 2 for dataset_mode binary, got {self.num_classes}")
+                require(self.num_classes == 2, "num_classes",
+                        f"must be 2 for dataset_mode binary, got {self.num_classes}")
         if self.ignore_index is not None:
             require(isinstance(self.ignore_index, int) and not isinstance(self.ignore_index, bool)
                     and 0 <= self.ignore_index <= 255, "ignore_index",
@@ -253,7 +255,8 @@ class TrainConfig(CommonConfig):
     resume_checkpoint: str = option("", "a checkpoint, run folder or folder of runs: of this action = resume "
                                         "exactly; a train run = start from its weights", SAME)
     auto_resume: bool = option(False, "resume from the newest `latest.pt` of this action under `root_log_dir`, "
-                                      "but for runs another process is still running or continuing (they hold their run.lock)")
+                                      "but for runs another process is still running or continuing (they hold "
+                                      "their run.lock)")
     drop_rate: float = option(0.0, "probability that a sample's mask is replaced by the null (all-zero) label", SAME)
     random_flip: bool = option(True, "random horizontal flips")
     lr_anneal_steps: int = option(0, "linear decay of lr to 0 over N steps (0 = off)", SAME)

@@ -3,7 +3,8 @@
 Every config of the project is a dataclass read by `read`: the actions' configs (config.py) with their nested
 objects (`balance_args`, `hardness_args`), the evaluation's config (evaluation/evaluate/config.py), FreeMask's
 scorer and filter settings (evaluation/segmenter/settings.py, evaluation/freemask.py) and the low-data study's
-config with its segmenter, generators and variants (evaluation/study/config.py). Reading a config is two steps, always in this order:
+config with its segmenter, generators and variants (evaluation/study/config.py). Reading a config is two steps,
+always in this order:
 
 1. `read(cls, values, where)`: where the dict is read. Comment keys ('_...', '#...') are skipped, an alias
    (a field's `alias`, e.g. ISDM's `weights_decay`) becomes its key, an unknown key is refused (or handed to the

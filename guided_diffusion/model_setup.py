@@ -123,8 +123,9 @@ def bf16_autocast(precision: str, device: torch.device) -> bool:
 
 
 def resolve_image_channels(config: ConfigT, pairs: list[Pair], log=print) -> ConfigT:
-    """The (train or sample) config with `image_channels` a number: "auto" becomes 1 when every image of `pairs` (the dataset's
-    train/ images) is grayscale (a grey file, or RGB with three equal channels), else 3; one log line says which."""
+    """The (train or sample) config with `image_channels` a number: "auto" becomes 1 when every image of `pairs`
+    (the dataset's train/ images) is grayscale (a grey file, or RGB with three equal channels), else 3; one log line
+    says which."""
     if config.image_channels != "auto":
         return config
     colour = first_colour_image([pair.image for pair in pairs])

@@ -277,7 +277,8 @@ class ResBlock(_ResidualBlock):
                  down: bool = False):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self._init_shared(channels, out_channels, emb_channels, use_scale_shift_norm, use_checkpoint, up, down)
         self.out_layers = nn.Sequential(
             normalization(out_channels), nn.SiLU(), nn.Dropout(p=dropout),

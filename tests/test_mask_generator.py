@@ -168,7 +168,8 @@ def test_min_snr_for_a_v_model_weights_the_x0_error_as_for_an_eps_model():
     eps_model, v_model = (GaussianDiffusion.create(1000, "cosine", prediction=p) for p in ("eps", "v"))
     alpha_bar = eps_model.alphas_cumprod[t]
     snr = alpha_bar / (1 - alpha_bar)
-    # the squared eps error is SNR x the squared x0 error, the squared v error (SNR + 1) x it: both weight it min(SNR, 5)
+    # the squared eps error is SNR x the squared x0 error, the squared v error (SNR + 1) x it:
+    # both weight it min(SNR, 5)
     torch.testing.assert_close(eps_model.min_snr_weights(t, 5.0) * snr, snr.clamp(max=5.0))
     torch.testing.assert_close(v_model.min_snr_weights(t, 5.0) * (snr + 1), snr.clamp(max=5.0))
 

@@ -161,7 +161,7 @@ def test_with_ema_warmup_an_ema_rate_the_run_never_reaches_changes_nothing_and_t
         trainer.run()
         return trainer, lines
 
-    (high, high_log), (higher, higher_log), (low, low_log) = run(0.9, "a"), run(0.9999, "b"), run(0.2, "c")
+    (high, _), (higher, higher_log), (low, low_log) = run(0.9, "a"), run(0.9999, "b"), run(0.2, "c")
     for name, tensor in high.ema.state_dict().items():
         assert torch.equal(tensor, higher.ema.state_dict()[name]), name
     assert not all(torch.equal(t, low.ema.state_dict()[n]) for n, t in high.ema.state_dict().items())

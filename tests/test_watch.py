@@ -135,7 +135,8 @@ def preview_setup(demo_dir):
 
 def test_the_preview_shows_the_held_out_masks_topped_up_with_training_masks(preview_setup):
     _, preview, val = preview_setup
-    assert len(val) == 2 and preview.masks.shape == (4, 32, 32) and preview.diffusion.num_timesteps == watch.PREVIEW_STEPS == 50
+    assert len(val) == 2 and preview.masks.shape == (4, 32, 32)
+    assert preview.diffusion.num_timesteps == watch.PREVIEW_STEPS == 50
     assert preview.guidance_scale == 1.0  # train: no null label to guide with
 
 

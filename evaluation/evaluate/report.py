@@ -1,7 +1,7 @@
 """Tables and plots of an evaluation run: mean ± std over seeds, markdown and CSV, mIoU and per-class IoU plots.
 
-Rows are plain dicts, the same as the lines of metrics.csv / alignment.csv. The std is the sample standard deviation over seeds (n - 1 in the denominator); with one seed there is
-none and tables show the mean alone.
+Rows are plain dicts, the same as the lines of metrics.csv / alignment.csv. The std is the sample standard deviation
+over seeds (n - 1 in the denominator); with one seed there is none and tables show the mean alone.
 """
 
 from __future__ import annotations

@@ -289,9 +289,9 @@ def paste_defects(background: np.ndarray, image: np.ndarray, mask: np.ndarray,
 
 
 def defect_candidates(config: SampleConfig, splits: dict[str, list[Pair]]) -> tuple[dict[str, list[Pair]], int]:
-    """For the modes that place defects (inpaint, harmonize, paste): the `mask_split` pairs reduced to those with defect pixels at image_size (a
-    mask without them has nothing to paint or paste), and how many were left out. Other modes: the splits as
-    they are."""
+    """For the modes that place defects (inpaint, harmonize, paste): the `mask_split` pairs reduced to those with
+    defect pixels at image_size (a mask without them has nothing to paint or paste), and how many were left out.
+    Other modes: the splits as they are."""
     if config.mode not in PLACING_MODES:
         return splits, 0
     pairs = splits[config.mask_split]
