@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,41 @@ TINY_MODEL = {
     "attention_resolutions": "16",
     "num_head_channels": 32,
 }
+
+
+SLURM_FILES = ("test_slurm.py", "test_study_slurm.py")
+"""The files whose module fixture starts a local Slurm cluster (2 CPUs): one worker runs them all, one cluster at
+a time, as a plain run does."""
+
+MOST_WORKERS = 4
+"""`-n auto` starts one worker per core, at most this many: each worker's tests and the processes they start share
+the cores, and a worker holds a few hundred MB."""
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    return max(1, min(MOST_WORKERS, _cores()))
+
+
+def pytest_configure(config) -> None:
+    """In a worker of pytest-xdist (`-n`): torch, and the Python processes its tests start, use the worker's share
+    of the cores (OMP_NUM_THREADS, unless set already), so that the workers' threads do not outnumber the cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // workers))
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """For `-n auto --dist loadgroup`: every test file is one group, run by one worker, so that its module fixtures
+    are built once; the Slurm files are one group between them. A plain run ignores the marks."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("slurm" if name in SLURM_FILES else name))
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TEST_COMMAND = "python3 -m pytest -q tests"
+TEST_COMMAND = "python3 -m pytest -q -n auto --dist loadgroup tests"
 CONDA_ONLY = {"python", "pip"}
 """Packages an environment file names for conda itself, not as a requirement of the project."""
 
@@ -169,6 +169,7 @@ def test_ci_script_is_executable_strict_bash() -> None:
     assert text.startswith("#!/usr/bin/env bash\n")
     assert "set -euo pipefail" in text
     assert TEST_COMMAND in text
+    assert f"python3 -m pip install -q -r requirements.txt && {TEST_COMMAND}\n" in (REPO_ROOT / "README.md").read_text()
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
@@ -197,7 +198,7 @@ def test_ci_script_exit_status(tmp_path: Path, pytest_status: int, expected: int
     assert result.returncode == expected, result.stderr
     assert calls.read_text().splitlines() == [
         f"{repo}|-m pip install -q -r requirements.txt",
-        f"{repo}|-m pytest -q tests",
+        f"{repo}|{TEST_COMMAND.removeprefix('python3 ')}",
     ]
     if pytest_status == 5:
         assert "no tests collected" in result.stderr
