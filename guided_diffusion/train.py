@@ -722,7 +722,8 @@ class Trainer:
 def run_training(config: TrainConfig, action: str, log=print, trainer_class: type[Trainer] = Trainer) -> TrainResult:
     """`main.py train|finetune|masks`: start where the config says (auto_resume: the newest `latest.pt` of an
     earlier run of this action under root_log_dir that no other process runs or continues, held until this run
-    ends; else resume_checkpoint, a file or run folder) and train with `trainer_class` (the mask generator's: masks.train.MaskTrainer)."""
+    ends; else resume_checkpoint, a file or run folder) and train with `trainer_class` (the mask generator's:
+    masks.train.MaskTrainer)."""
     with ExitStack() as held:
         start = None
         if config.auto_resume:  # rank 0 looks, holds the run it continues until this run ends, and tells every rank
