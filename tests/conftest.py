@@ -28,6 +28,13 @@ SLURM_FILES = ("test_slurm.py", "test_study_slurm.py")
 """The files whose module fixture starts a local Slurm cluster (2 CPUs): one worker runs them all, one cluster at
 a time, as a plain run does."""
 
+LONGEST_FIRST = ("slurm", "test_study.py", "test_benchmarks.py", "test_study_progress.py", "test_train.py",
+                 "test_distributed.py", "test_study_jobs.py", "test_watch.py", "test_samplers.py", "test_gpu_check.py")
+"""The work units that took longest, longest first (seconds summed per file from `--durations=0` with two workers,
+2026-12-07: 473, 370, 239, 164, 126, 96, 83, 73, 70, 62; the rest take under a minute each). `-n auto --dist
+loadfile` hands them out first, so that no worker is left alone with a long file at the end; the others follow
+in xdist's order (most tests first)."""
+
 MOST_WORKERS = 4
 """`-n auto` starts one worker per core, at most this many: each worker's tests and the processes they start share
 the cores, and a worker holds a few hundred MB."""
@@ -51,12 +58,37 @@ def pytest_configure(config) -> None:
             sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    """For `-n auto --dist loadgroup`: every test file is one group, run by one worker, so that its module fixtures
-    are built once; the Slurm files are one group between them. A plain run ignores the marks."""
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("slurm" if name in SLURM_FILES else name))
+def work_unit(nodeid: str) -> str:
+    """What one worker runs whole under `--dist loadfile`: a test's file, so that each module fixture is built
+    once, or "slurm" for the Slurm files, so that one worker runs both, one cluster at a time."""
+    path = nodeid.split("::", 1)[0]
+    return "slurm" if Path(path).name in SLURM_FILES else path
+
+
+def _longest_first(unit: str) -> int:
+    name = Path(unit).name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with the Slurm files as one unit and the longest units handed out first. (xdist's own
+    `loadgroup` cannot group by file here: under pytest 9 it cannot rename the tests it groups, found 2026-12-07,
+    and every file's tests were spread over both workers, their module fixtures built twice.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            for unit in sorted(self.workqueue, key=_longest_first):  # stable: the rest keep xdist's order
+                self.workqueue.move_to_end(unit)
+            super()._assign_work_unit(node)
+
+    return FileScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

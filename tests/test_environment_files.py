@@ -11,13 +11,14 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TEST_COMMAND = "python3 -m pytest -q -n auto --dist loadgroup tests"
+TEST_COMMAND = "python3 -m pytest -q -n auto --dist loadfile tests"
 CONDA_ONLY = {"python", "pip"}
 """Packages an environment file names for conda itself, not as a requirement of the project."""
 
@@ -202,3 +203,37 @@ def test_ci_script_exit_status(tmp_path: Path, pytest_status: int, expected: int
     ]
     if pytest_status == 5:
         assert "no tests collected" in result.stderr
+
+
+def test_the_test_command_runs_each_file_on_one_worker_the_slurm_files_on_the_same_one_longest_first(
+        tmp_path: Path) -> None:
+    """The README's `-n auto --dist loadfile` with tests/conftest.py's scheduler, on stand-in files whose module
+    fixture logs the worker that builds it: each file's fixture is built once (its tests stay on one worker), the
+    two Slurm files share a worker (one local cluster at a time), and the longest unit, the Slurm files, starts
+    first on its worker."""
+    project_conftest = str(REPO_ROOT / "tests" / "conftest.py")
+    (tmp_path / "conftest.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('project_conftest', {project_conftest!r})\n"
+        "project = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(project)\n"
+        "pytest_xdist_make_scheduler = project.pytest_xdist_make_scheduler\n")
+    files = ["test_a.py", "test_b.py", "test_c.py", "test_slurm.py", "test_study_slurm.py"]
+    for name in files:
+        (tmp_path / name).write_text(
+            "import os, pytest\n"
+            "@pytest.fixture(scope='module')\n"
+            "def built():\n"
+            "    with open('built.log', 'a') as log:\n"
+            f"        log.write('{name} ' + os.environ['PYTEST_XDIST_WORKER'] + '\\n')\n"
+            + "".join(f"def test_{i}(built): pass\n" for i in range(4)))
+    command = [sys.executable, *TEST_COMMAND.split()[1:-1], "-p", "no:cacheprovider", "."]
+    command[command.index("auto")] = "2"  # two workers whatever the cores here
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    built = [line.split() for line in (tmp_path / "built.log").read_text().splitlines()]
+    assert sorted(name for name, _ in built) == files, "each file's module fixture built exactly once"
+    workers = dict(built)
+    assert workers["test_slurm.py"] == workers["test_study_slurm.py"] and len(set(workers.values())) == 2
+    first_on_its_worker = next(name for name, worker in built if worker == workers["test_slurm.py"])
+    assert first_on_its_worker in ("test_slurm.py", "test_study_slurm.py")
