@@ -984,27 +984,6 @@ def test_one_sdm_serves_every_fraction_with_sdm_fraction(demo_dir, tmp_path):
     assert (root / "ledger.jsonl").read_text().splitlines() == before
 
 
-def test_no_progress_leaves_no_bar_in_the_log(demo_dir, tmp_path):
-    """--no-progress: not one progress bar, the SDM's training, the sampler's and the paste mode's included (tqdm
-    reads its switch at import, so experiment.sh sets it before Python starts, and the bars that pass `disable`
-    themselves read it too)."""
-    import os
-    import subprocess
-    values = study_values(demo_dir, tmp_path / "study", real_fractions=[1.0],
-                          variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]},
-                                    {"name": "sdm_inpaint", "synthetic": ["sdm_inpaint"]}])
-    values["generators"] = {name: values["generators"][name] for name in ("paste", "sdm_inpaint")}
-    path = tmp_path / "study.json"
-    path.write_text(json.dumps(values))
-    script = Path(__file__).resolve().parents[1] / "evaluation" / "experiment.sh"
-    done = subprocess.run(["bash", str(script), "-c", str(path), "--no-progress"], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "report:" in done.stdout and "[sdm-train]" in done.stdout and "[sample] generator sdm_inpaint" in done.stdout
-    assert "it/s" not in done.stderr + done.stdout and "image/s" not in done.stderr + done.stdout
-    assert "|" not in done.stderr, done.stderr
-
-
 def test_a_generator_can_change_the_sdm_keys_for_a_lever_ablation(demo_dir, tmp_path, capsys):
     """generators.<name>.sdm changes keys of the study's SDM for that generator alone: it trains an SDM of its
     own (the other generators share the study's), and a bad changed key stops the study in one line."""

@@ -8,6 +8,8 @@ import contextlib
 import io
 import json
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +46,8 @@ def run(argv: list[str]) -> list[str]:
 
 @pytest.fixture(scope="module")
 def quick_study(demo_dir, tmp_path_factory):
-    """The quick study (--quick --no-progress) of paste and SDM inpainting at 100 %, run once from nothing."""
+    """The quick study of paste and SDM inpainting at 100 %, run once from nothing as a user runs it:
+    `evaluation/experiment.sh -c study.json --quick --no-progress`. Its stdout lines, and its stderr."""
     folder = tmp_path_factory.mktemp("progress")
     values = study_values(demo_dir, folder / "study", real_fractions=[1.0],
                           variants=[{"name": "real"}, {"name": "paste", "synthetic": ["paste"]},
@@ -53,11 +56,14 @@ def quick_study(demo_dir, tmp_path_factory):
     path = folder / "study.json"
     path.write_text(json.dumps(values))
     argv = ["-c", str(path), "--quick", "--no-progress"]
-    return argv, folder / "study_quick", run(argv)
+    done = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "evaluation" / "experiment.sh"), *argv],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    return argv, folder / "study_quick", done.stdout.splitlines(), done.stderr
 
 
 def test_the_quick_study_prints_a_start_and_a_done_line_for_every_unit_in_order(quick_study):
-    _, root, lines = quick_study
+    _, root, lines, _ = quick_study
     progress = [line for line in lines if START.match(line) or DONE.match(line)]
     starts, dones = progress[0::2], progress[1::2]
     assert len(starts) == len(dones) == len(KINDS)
@@ -81,8 +87,19 @@ def test_the_quick_study_prints_a_start_and_a_done_line_for_every_unit_in_order(
     assert lines[-1].startswith("report: ")
 
 
+def test_no_progress_leaves_no_bar_in_the_log(quick_study):
+    """--no-progress: not one progress bar, the SDM's training, the sampler's and the paste mode's included (tqdm
+    reads its switch at import, so experiment.sh sets it before Python starts, and the bars that pass `disable`
+    themselves read it too)."""
+    _, _, lines, stderr = quick_study
+    stdout = "\n".join(lines)
+    assert "report:" in stdout and "[sdm-train]" in stdout and "[sample] generator sdm_inpaint" in stdout
+    assert "it/s" not in stderr + stdout and "image/s" not in stderr + stdout
+    assert "|" not in stderr, stderr
+
+
 def test_a_resumed_study_says_how_many_units_are_done_and_starts_only_the_others(quick_study):
-    argv, root, _ = quick_study
+    argv, root, _, _ = quick_study
     ledger = root / "ledger.jsonl"
     finished = ledger.read_text().splitlines()
     ledger.write_text("\n".join(finished[:11]) + "\n")  # as a kill during unit 12 leaves it
@@ -105,7 +122,7 @@ def test_a_resumed_study_says_how_many_units_are_done_and_starts_only_the_others
 def test_a_one_unit_run_prices_its_unit_from_the_times_the_ledger_holds(quick_study):
     """--unit (a Slurm job, or a unit run by hand): the rest of the plan is only read from the ledger, and the
     seconds recorded there calibrate the unit's estimate, as they do a resumed study's."""
-    argv, root, _ = quick_study
+    argv, root, _, _ = quick_study
     ledger = root / "ledger.jsonl"
     finished = ledger.read_text().splitlines()
     last = json.loads(finished[-1])["unit"]
