@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from evaluation.study import run as study_run
 from evaluation.study.run import main as study_main
 from evaluation.study.units import Part, PlannedUnit, Rate, Term
 from evaluation.study.progress import (PRIOR_SECONDS_PER_MEGAPIXEL, Timed, UnitCost, UnitProgress, time_left,
@@ -96,6 +98,21 @@ def test_no_progress_leaves_no_bar_in_the_log(quick_study):
     assert "report:" in stdout and "[sdm-train]" in stdout and "[sample] generator sdm_inpaint" in stdout
     assert "it/s" not in stderr + stdout and "image/s" not in stderr + stdout
     assert "|" not in stderr, stderr
+
+
+def test_no_progress_turns_the_bars_off_while_the_study_runs_and_leaves_the_variable_as_it_was(demo_dir, tmp_path,
+                                                                                            monkeypatch):
+    """In-process callers of the study's `main` (tests, scripts) keep their own bars afterwards."""
+    seen = []
+    monkeypatch.setattr(study_run, "run_study", lambda *args, **kwargs: seen.append(os.environ.get("TQDM_DISABLE")))
+    path = tmp_path / "study.json"
+    path.write_text(json.dumps(study_values(demo_dir, tmp_path / "study")))
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert study_main(["-c", str(path), "--no-progress"]) == 0
+    assert seen == ["1"] and "TQDM_DISABLE" not in os.environ
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert study_main(["-c", str(path), "--no-progress"]) == 0 and study_main(["-c", str(path)]) == 0
+    assert seen == ["1", "1", "0"] and os.environ["TQDM_DISABLE"] == "0"
 
 
 def test_a_resumed_study_says_how_many_units_are_done_and_starts_only_the_others(quick_study):

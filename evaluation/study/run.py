@@ -32,13 +32,14 @@ of the time left (progress.py), with or without --no-progress (which turns off t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -712,9 +713,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
 
-    if args.no_progress:  # for processes started from here; this one's tqdm read it at import (experiment.sh
-        os.environ["TQDM_DISABLE"] = "1"  # sets it before Python starts)
-
     def action() -> int | None:
         modes = [name for name, on in (("--slurm", args.slurm), ("--unit", args.unit),
                                        ("--report-only", args.report_only), ("--list-units", args.list_units),
@@ -758,7 +756,26 @@ def main(argv: list[str] | None = None) -> int:
                   report_only=args.report_only, only=args.unit)
         return None
 
-    return exit_status(action)
+    with no_progress_bars(args.no_progress):
+        return exit_status(action)
+
+
+@contextlib.contextmanager
+def no_progress_bars(on: bool) -> Iterator[None]:
+    """With `on` (--no-progress), TQDM_DISABLE=1 while the study runs: the bars that pass tqdm a `disable=` of their
+    own read it when they start, and the processes the study starts inherit it (tqdm itself reads it at import, so
+    experiment.sh sets it before Python starts). Afterwards the variable is as it was: a caller of `main` in the same
+    process, a test for one, keeps its bars."""
+    before = os.environ.get("TQDM_DISABLE")
+    if on:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 if __name__ == "__main__":
