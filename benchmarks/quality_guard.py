@@ -9,6 +9,8 @@ seeds) with guidance scale s. Printed per sampler and step count:
   that run ("ancestral 300, other step noise") is printed as the floor of what "the same quality" can mean.
 - `dist ode`: difference to DPM-Solver++ at 100 steps (the converged deterministic result from that x_T);
   shows how far each run is from converged.
+- `--reference-steps N` shortens both ancestral references to ISDM's rescaled N-step schedule: only for a quick run
+  of this script (the tests), since the question is the 300-step one.
 - `label alignment mIoU`: a segmenter (evaluation/, Unet++ resnet18 from scratch) trained on the real training
   split segments each run's images; mIoU against the masks that conditioned them (SDM's measure of whether the
   samples follow their masks). The same segmenter on the real val images gives the ceiling.
@@ -31,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guided_diffusion.config import config_from_dict  # noqa: E402
+from guided_diffusion.errors import ConfigError  # noqa: E402
 from guided_diffusion.data import SegmentationDataset, index_dataset, one_hot, split_train_val  # noqa: E402
 from guided_diffusion.run_folder import to_uint8_image  # noqa: E402
 from guided_diffusion.sampling.sample import load_sampling_model, sampling_denoiser, sampling_diffusion  # noqa: E402
@@ -38,12 +41,15 @@ from guided_diffusion.samplers import SAMPLERS, PerImageNoise, image_seed, run_s
 
 
 def sample_run(model, config, trained, masks: torch.Tensor, sampler: str, steps: int, seed: int,
-               step_noise_seed: int, batch_size: int, bf16: bool = False) -> tuple[np.ndarray, float]:
+               step_noise_seed: int, batch_size: int, bf16: bool = False,
+               schedule_steps: int = 300) -> tuple[np.ndarray, float]:
     """uint8 images (N, H, W, 3) for `masks` (a grey model's repeated to RGB) and the seconds per image. x_T comes
     from the per-image seeds of `seed`; the noise drawn during sampling from those of `step_noise_seed` (equal
-    seeds: one stream). `bf16`: the model runs under bf16 autocast (the solver's arithmetic stays fp32)."""
+    seeds: one stream). `bf16`: the model runs under bf16 autocast (the solver's arithmetic stays fp32). `steps` 0:
+    ISDM's rescaled schedule of `schedule_steps` steps."""
     run_config, _ = config_from_dict("sample", {**vars(config), "sampler": sampler, "steps": steps,
-                                                "use_ddim": False, "timestep_respacing": "", "balance_args": None})
+                                                "diffusion_steps": schedule_steps, "use_ddim": False,
+                                                "timestep_respacing": "", "balance_args": None})
     diffusion = sampling_diffusion(run_config, trained)
     size, channels, outputs, start = config.image_size, config.image_channels, [], time.perf_counter()
     for first in range(0, len(masks), batch_size):
@@ -75,11 +81,18 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="also run each fast sampler under bf16 autocast (the "
                         "references stay fp32)")
     parser.add_argument("--segmenter-steps", type=int, default=400, help="0 = skip the label-alignment score")
+    parser.add_argument("--reference-steps", type=int, default=300, help="steps of ISDM's rescaled schedule for the "
+                        "ancestral references (300, ISDM's; fewer only for a quick run of this script)")
     args = parser.parse_args()
     unknown = [name for name in args.solvers.split(",") if name not in SAMPLERS]
     if unknown:
         parser.error(f"--solvers: unknown sampler(s) {', '.join(unknown)}; expected some of {', '.join(SAMPLERS)}")
 
+    try:  # the references' schedule, checked as the sample config checks it
+        config_from_dict("sample", {"data_dir": args.data_dir, "model_path": args.model,
+                                    "diffusion_steps": args.reference_steps})
+    except ConfigError as error:
+        parser.error(f"--reference-steps {args.reference_steps}: {str(error).removeprefix('config: ')}")
     base, _ = config_from_dict("sample", {"data_dir": args.data_dir, "model_path": args.model, "s": args.s,
                                           "guidance_interval": args.guidance_interval, "seed": args.seed,
                                           "device": "cpu"})
@@ -102,10 +115,10 @@ def main() -> None:
     results = {}
     for sampler, steps, noise_seed, bf16 in runs:
         images, seconds = sample_run(model, config, trained, masks, sampler, steps, args.seed, noise_seed,
-                                     args.batch_size, bf16)
+                                     args.batch_size, bf16, args.reference_steps)
         results[sampler, steps, noise_seed, bf16] = (images, seconds)
-        print(f"  sampled {sampler} {steps or 300} steps (step noise seed {noise_seed}{', bf16' if bf16 else ''}): "
-              f"{seconds:.2f} s/image", flush=True)
+        print(f"  sampled {sampler} {steps or args.reference_steps} steps (step noise seed {noise_seed}"
+              f"{', bf16' if bf16 else ''}): {seconds:.2f} s/image", flush=True)
 
     alignment = {}
     if args.segmenter_steps:
@@ -125,7 +138,7 @@ def main() -> None:
 
     reference = results["ancestral", 0, args.seed, False][0].astype(np.float64)
     ode = results["dpm++2m", 100, args.seed, False][0].astype(np.float64)
-    print("\n| sampler | steps | dist ancestral300 | dist ode | label alignment mIoU | s/image |")
+    print(f"\n| sampler | steps | dist ancestral{args.reference_steps} | dist ode | label alignment mIoU | s/image |")
     print("|---|---|---|---|---|---|")
     if alignment:
         print(f"| real val images (ceiling) | — | — | — | {alignment['real val images (ceiling)']:.3f} | — |")
@@ -135,7 +148,8 @@ def main() -> None:
         dist_ref = np.abs(images - reference).mean()
         dist_ode = np.abs(images - ode).mean()
         score = f"{alignment[key]:.3f}" if key in alignment else "—"
-        print(f"| {name} | {steps or 300} | {dist_ref:.2f} | {dist_ode:.2f} | {score} | {seconds:.2f} |")
+        print(f"| {name} | {steps or args.reference_steps} | {dist_ref:.2f} | {dist_ode:.2f} | {score} "
+              f"| {seconds:.2f} |")
 
 
 if __name__ == "__main__":

@@ -59,13 +59,16 @@ def test_loader_benchmark_times_uncached_ahead_and_cached_loading_per_size(tmp_p
 def test_quality_guard_compares_fast_samplers_in_fp32_and_bf16_with_the_references(demo_dir, trained_run):
     command = [sys.executable, "benchmarks/quality_guard.py", "--model", str(trained_run), "--data-dir",
                str(demo_dir), "--num-images", "2", "--batch-size", "2", "--solver-steps", "3", "--bf16",
-               "--segmenter-steps", "0"]
+               "--segmenter-steps", "0", "--reference-steps", "25"]  # ISDM's schedule shortened from 300: quick
     result = run(command)
     assert result.returncode == 0, result.stderr
     rows = {line.split(" | ")[0].lstrip("| "): line for line in result.stdout.splitlines()
             if line.startswith("| ") and " | " in line}
     assert {"ancestral", "ancestral, other step noise", "dpm++2m", "dpm++2m, bf16", "ddim"} <= set(rows)
     assert rows["dpm++2m, bf16"].split(" | ")[1] == "3"
+    assert "| sampler | steps | dist ancestral25 | dist ode |" in result.stdout
+    assert "| ancestral | 25 | 0.00 |" in result.stdout  # the reference, against itself
+    assert rows["ancestral, other step noise"].split(" | ")[1] == "25"
 
 
 def test_quality_guard_refuses_an_unknown_solver_in_one_line():
@@ -75,6 +78,10 @@ def test_quality_guard_refuses_an_unknown_solver_in_one_line():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == ("quality_guard.py: error: --solvers: unknown sampler(s) euler; "
                                                       "expected some of ancestral, ddim, dpm++2m")
+    result = run([*command[:-2], "--reference-steps", "20"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("quality_guard.py: error: --reference-steps 20: key "
+                                                             "'diffusion_steps' must be at least 21 with the linear")
 
 
 def test_mask_generator_check_refuses_a_guidance_scale_below_one_before_training():
