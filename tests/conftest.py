@@ -29,11 +29,11 @@ SLURM_FILES = ("test_slurm.py", "test_study_slurm.py")
 a time, as a plain run does."""
 
 LONGEST_FIRST = ("slurm", "test_study.py", "test_benchmarks.py", "test_study_progress.py", "test_train.py",
-                 "test_distributed.py", "test_study_jobs.py", "test_watch.py", "test_samplers.py", "test_gpu_check.py")
-"""The work units that took longest, longest first (seconds summed per file from `--durations=0` with two workers,
-2026-12-07: 473, 370, 239, 164, 126, 96, 83, 73, 70, 62; the rest take under a minute each). `-n auto --dist
-loadfile` hands them out first, so that no worker is left alone with a long file at the end; the others follow
-in xdist's order (most tests first)."""
+                 "test_distributed.py", "test_study_jobs.py", "test_samplers.py", "test_gpu_check.py", "test_watch.py")
+"""The work units that take longest, longest first (seconds summed per unit from `--durations=0` of `.ci/run`,
+2026-12-07, 2-core AVX2 machine: 423, 323, 247, 119, 87, 85, 76, 72, 62, 60, of 1,952 in all; every other file takes
+under a minute). `-n auto --dist loadfile` hands them out first, so that no worker is left alone with a long file at
+the end; the others follow in xdist's order (most tests first)."""
 
 MOST_WORKERS = 4
 """`-n auto` starts one worker per core, at most this many: each worker's tests and the processes they start share
